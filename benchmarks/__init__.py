@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks --list``; see harness.py and docs/benchmarks.md."""

@@ -1,0 +1,6 @@
+import sys
+
+from .cases import CASES
+from .harness import main
+
+sys.exit(main(CASES))

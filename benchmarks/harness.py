@@ -1,0 +1,261 @@
+"""The benchmark harness: named cases, each run as eager / inductor / [inductor with
+freezing] / ger (plus case-specific variants) in ONE process on the SAME inputs.
+
+Per variant: warm-up calls (compilation and the first slow calls excluded), then
+``repeat`` timed calls; we report the median and the spread (min..max), the ratio to
+the ``inductor`` variant, and the peak extra memory of one call:
+
+* CPU: growth of the process's peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) over the resident set before the call. Meaningful with the
+  default glibc allocator, which returns large blocks to the OS; under the warm
+  allocator freed blocks stay resident, so memory is reported from default-allocator
+  runs only.
+* CUDA: torch.cuda.max_memory_allocated() over memory_allocated() before the call.
+
+Allocators (CPU): ``--alloc default|warm|both``. ``warm`` re-runs the process with
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set high, as jemalloc/tcmalloc give
+CPU deployments (and the caching allocator gives GPUs): a fresh 250 MiB tensor then
+costs no page faults. Kernels are judged warm; both are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch._dynamo
+
+WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
+
+
+@dataclasses.dataclass
+class Variant:
+    """One way to run a case. ``build(inputs)`` returns a zero-argument step."""
+
+    name: str
+    build: Callable[[dict[str, Any]], Callable[[], Any]]
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    description: str
+    setup: Callable[[torch.device], dict[str, Any]]
+    variants: list[Variant]
+    #: bytes a perfect implementation must move (for achieved-bandwidth figures)
+    min_bytes: Callable[[dict[str, Any]], int] | None = None
+    check: Callable[[dict[str, Any], dict[str, Any]], str] | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+@dataclasses.dataclass
+class Result:
+    case: str
+    variant: str
+    device: str
+    allocator: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeat: int
+    peak_mib: float | None
+    ratio_to_inductor: float | None = None
+    note: str = ""
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------- measurement
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _rss() -> tuple[int, int]:
+    with open("/proc/self/status") as f:
+        s = f.read()
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", s).group(1)) * 1024
+    rss = int(re.search(r"VmRSS:\s+(\d+)", s).group(1)) * 1024
+    return hwm, rss
+
+
+def peak_extra_bytes(step: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak memory one call needs beyond what is allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return None  # warm allocator: freed blocks stay resident, RSS says nothing
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    _, base = _rss()
+    step()
+    hwm, _ = _rss()
+    return max(hwm - base, 0)
+
+
+# ----------------------------------------------------------------------------- running
+def run_case(case: Case, device: torch.device, warmup: int, repeat: int, allocator: str, log=print) -> list[Result]:
+    torch.manual_seed(0)
+    inputs = case.setup(device)
+    results: list[Result] = []
+    outputs: dict[str, Any] = {}
+    for v in case.variants:
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        try:
+            step = v.build(inputs)
+            times = time_step(step, device, warmup, repeat)
+            peak = peak_extra_bytes(step, device)
+            outputs[v.name] = step()
+            res = Result(
+                case.name, v.name, str(device), allocator, statistics.median(times), min(times), max(times), repeat,
+                None if peak is None else peak / 2**20, note=v.note,
+            )
+        except Exception as e:  # a variant that cannot run is reported, not fatal
+            res = Result(case.name, v.name, str(device), allocator, float("nan"), float("nan"), float("nan"), 0, None,
+                         note=v.note, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        log(f"  {case.name}/{v.name}: {res.median_ms:.2f} ms ({time.perf_counter() - t0:.1f}s incl. compile)"
+            + (f" ERROR {res.error}" if res.error else ""))
+        results.append(res)
+    ind = next((r.median_ms for r in results if r.variant == "inductor" and r.error is None), None)
+    for r in results:
+        if ind and r.error is None:
+            r.ratio_to_inductor = r.median_ms / ind
+    if case.check is not None and outputs:
+        msg = case.check(inputs, outputs)
+        if msg:
+            log(f"  {case.name}: check: {msg}")
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("case", "variant", "alloc", "median ms", "min..max", "× inductor", "peak MiB")]
+    for r in results:
+        rows.append((
+            r.case, r.variant, r.allocator,
+            "error" if r.error else f"{r.median_ms:.2f}",
+            "" if r.error else f"{r.min_ms:.1f}..{r.max_ms:.1f}",
+            "" if r.ratio_to_inductor is None else f"{r.ratio_to_inductor:.2f}",
+            "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for i, row in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="eager / inductor / ger, side by side")
+    ap.add_argument("cases", nargs="*", help="case names (default: all); --list shows them")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--alloc", choices=("default", "warm", "both"), default="both")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--json", default=None, help="write results here (JSON)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, c in cases.items():
+            print(f"{name:24s} {c.description}")
+        return 0
+    names = args.cases or list(cases)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {', '.join(cases)}")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if device.type == "cpu" and args.alloc == "both":
+        results: list[dict[str, Any]] = []
+        for alloc in ("default", "warm"):
+            env = dict(os.environ)
+            env.update(WARM_ENV if alloc == "warm" else {})
+            if alloc == "default":
+                for k in WARM_ENV:
+                    env.pop(k, None)
+            tmp = f"/tmp/ger_bench_{os.getpid()}_{alloc}.json"
+            cmd = [sys.executable, "-m", "benchmarks", *names, "--device", args.device, "--alloc", alloc,
+                   "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--json", tmp]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            print(f"== allocator: {alloc}", flush=True)
+            rc = subprocess.call(cmd, env=env)
+            if rc != 0:
+                return rc
+            with open(tmp) as f:
+                results += json.load(f)["results"]
+            os.unlink(tmp)
+        res_objs = [Result(**r) for r in results]
+        print("\n== both allocators\n" + format_table(res_objs))
+        _write(args.json, res_objs, device)
+        return 0
+
+    alloc = args.alloc
+    if device.type == "cpu" and alloc == "warm" and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], {**os.environ, **WARM_ENV})
+    all_results: list[Result] = []
+    for name in names:
+        case = cases[name]
+        if device.type not in case.devices:
+            print(f"  {name}: skipped on {device.type}")
+            continue
+        print(f"case {name}: {case.description}", flush=True)
+        all_results += run_case(case, device, args.warmup, args.repeat, alloc if device.type == "cpu" else "caching")
+    print(format_table(all_results))
+    _write(args.json, all_results, device)
+    return 0
+
+
+def _write(path: str | None, results: list[Result], device: torch.device) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    print(f"wrote {path}")

@@ -1,0 +1,33 @@
+"""ger_inductor: a torch.compile backend for conv->BN->activation stacks and
+cross-entropy losses with entropy regularisers (label smoothing, confidence penalty,
+Generalized Entropy Regularization).
+
+    model = torch.compile(model, backend="ger")          # no import needed
+    from ger_inductor import ger_loss, GERLoss           # the GER loss family
+
+Importing this package is light: it registers the ``ger::`` custom ops (schemas only)
+and nothing else - no Inductor import, no CUDA initialisation, no pattern tracing.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .debug import GraphReport, clear_reports, last_report, reports
+from .fleet import PINNED_PROFILES, DeviceProfile
+from .losses import GERLoss, ger_loss, ger_loss_reference
+from .options import GerOptions
+
+__all__ = [
+    "__version__",
+    "ger_loss",
+    "GERLoss",
+    "ger_loss_reference",
+    "GerOptions",
+    "DeviceProfile",
+    "PINNED_PROFILES",
+    "GraphReport",
+    "last_report",
+    "reports",
+    "clear_reports",
+]

@@ -1,0 +1,229 @@
+"""Every private torch import of the package lives here.
+
+Private APIs of TorchInductor / Dynamo move between releases; a release bump should
+touch this file only. Imports are lazy (inside functions) so that ``import
+ger_inductor`` stays light: no Inductor import, no CUDA initialisation.
+
+Supported: torch >= 2.11 (GPU machines carry 2.11 with triton 3.6; CI pins 2.13.0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+# --------------------------------------------------------------------------- inductor
+def inductor_config():
+    import torch._inductor.config as config
+
+    return config
+
+
+def compile_fx(gm, example_inputs, *, inner_compile, config_patches, decompositions=None):
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    kwargs: dict[str, Any] = dict(inner_compile=inner_compile, config_patches=config_patches)
+    if decompositions is not None:
+        kwargs["decompositions"] = decompositions
+    return _compile_fx(gm, example_inputs, **kwargs)
+
+
+def compile_fx_inner(gm, example_inputs, **kwargs):
+    from torch._inductor.compile_fx import compile_fx_inner as _inner
+
+    return _inner(gm, example_inputs, **kwargs)
+
+
+def list_mode_options(mode: str, dynamic: bool | None = None) -> dict[str, Any]:
+    from torch._inductor import list_mode_options as _lmo
+
+    return dict(_lmo(mode, dynamic))
+
+
+def mode_names() -> tuple[str, ...]:
+    # the modes torch.compile documents; list_mode_options raises on others
+    return ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@functools.cache
+def eager_output_code_class():
+    """An ``OutputCode`` that runs an FX graph eagerly (boxed calling convention).
+
+    Returned by ger's ``inner_compile`` when Inductor fails on a forward or backward
+    graph, so AOTAutograd keeps working and the graph runs in eager ATen.
+    """
+    from torch._inductor.output_code import OutputCode
+
+    @dataclasses.dataclass
+    class EagerGraphOutputCode(OutputCode):  # type: ignore[misc]
+        gm: Any = None
+
+        def __post_init__(self) -> None:
+            self._boxed_call = True
+
+        def __call__(self, inputs: Sequence[Any]) -> Any:
+            args = list(inputs)
+            if isinstance(inputs, list):
+                inputs.clear()  # boxed convention: the callee frees its inputs
+            return self.gm(*args)
+
+        def post_compile(self, example_inputs, constants, graph_kwargs) -> None:
+            pass
+
+        def prepare_for_serialization(self) -> None:
+            pass
+
+        def set_triton_bundle(self, triton_bundle: Any) -> None:
+            pass
+
+    return EagerGraphOutputCode
+
+
+def custom_graph_pass_base():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def get_hash_for_files(paths: Sequence[str], extra: str = "") -> bytes:
+    from torch._inductor.custom_graph_pass import get_hash_for_files as _h
+
+    return _h(tuple(paths), extra)
+
+
+def register_lowering(op, **kwargs):
+    from torch._inductor.lowering import register_lowering as _rl
+
+    return _rl(op, **kwargs)
+
+
+def inductor_lowerings() -> dict:
+    from torch._inductor.lowering import lowerings
+
+    return lowerings
+
+
+def inductor_ir():
+    import torch._inductor.ir as ir
+
+    return ir
+
+
+def inductor_ops():
+    from torch._inductor.virtualized import V, ops
+
+    return V, ops
+
+
+def online_softmax_ok(device, dtype, inner_fn, ranges, reduction_ranges) -> bool:
+    """Whether ``ir.OnlineSoftmaxReduction`` can serve this reduction unsplit.
+
+    Inductor's C++ backend has no ``online_softmax_reduce``; torch 2.11's Triton
+    backend cannot split it (2.13 can), so we only use it when it is not split.
+    """
+    import sympy
+    from torch._inductor import config, ir
+    from torch._inductor.utils import is_gpu, sympy_product
+    from torch._inductor.virtualized import V
+
+    if not hasattr(ir, "OnlineSoftmaxReduction") or not is_gpu(device.type):
+        return False
+    if device.type == "cuda" and getattr(config, "cuda_backend", "triton") != "triton":
+        return False
+    rnumel = V.graph.sizevars.simplify(sympy_product(reduction_ranges))
+    if not V.graph.sizevars.statically_known_geq(rnumel, config.unroll_reductions_threshold):
+        return False
+    _hint, split = ir.Reduction.num_splits(
+        device, dtype, dtype, inner_fn, ranges, reduction_ranges,
+        reduction_type="online_softmax_reduce", reduction_numel=rnumel,
+    )
+    return split == 1 or (isinstance(split, sympy.Integer) and int(split) == 1)
+
+
+def fresh_cache():
+    from torch._inductor import utils
+
+    fn = getattr(utils, "fresh_cache", None) or getattr(utils, "fresh_inductor_cache")
+    return fn()
+
+
+def run_and_get_code(fn: Callable, *args, **kwargs):
+    from torch._inductor.utils import run_and_get_code as _r
+
+    return _r(fn, *args, **kwargs)
+
+
+def has_inductor_backend(device_type: str) -> bool:
+    """Whether Inductor can generate code for ``device_type`` in this process."""
+    if device_type == "meta":
+        return False
+    try:
+        from torch._inductor.codegen.common import get_scheduling_for_device, init_backend_registration
+
+        init_backend_registration()
+        return get_scheduling_for_device(device_type) is not None
+    except Exception:  # pragma: no cover - very old/new torch: be conservative
+        return device_type in ("cpu", "cuda")
+
+
+# --------------------------------------------------------------------------- dynamo
+def counters():
+    from torch._dynamo.utils import counters as _c
+
+    return _c
+
+
+def dynamo_reset() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def normalize_gm(text: str) -> str:
+    from torch._dynamo.testing import normalize_gm as _n
+
+    return _n(text)
+
+
+def detect_fake_mode(inputs=None):
+    from torch._guards import detect_fake_mode as _d
+
+    return _d(inputs)
+
+
+def tracing_context():
+    from torch._guards import TracingContext
+
+    return TracingContext.try_get()
+
+
+def capability_partitioner():
+    from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+    from torch.fx.passes.operator_support import OperatorSupportBase
+
+    return CapabilityBasedPartitioner, OperatorSupportBase
+
+
+# --------------------------------------------------------------------------- logging
+def register_log_artifact(name: str, description: str) -> None:
+    from torch._logging._internal import register_artifact
+
+    register_artifact(name, description, off_by_default=True)
+
+
+def artifact_logger(module: str, name: str):
+    import torch._logging
+
+    return torch._logging.getArtifactLogger(module, name)
+
+
+def trace_structured(name: str, payload_fn: Callable[[], str], encoding: str = "string") -> None:
+    from torch._logging import trace_structured as _ts
+
+    _ts("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload_fn)

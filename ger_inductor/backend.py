@@ -1,0 +1,122 @@
+"""The ``ger`` torch.compile backend: orchestration only.
+
+    options -> profile -> rewrite passes -> eager cut -> Inductor -> report
+
+No pattern, kernel or fallback logic lives here; see passes/, lowerings/, fallback.py.
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="ger")`` needs no import of ger_inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import _compat, debug, fallback, fleet, passes
+from .options import GerOptions
+
+log = logging.getLogger("ger_inductor")
+
+__all__ = ["ger"]
+
+
+def _mode_patches(mode: str | None) -> dict[str, Any]:
+    if mode is None or mode == "default":
+        return {}
+    if mode not in _compat.mode_names():
+        raise ValueError(f"ger: unknown mode {mode!r}; valid modes: {', '.join(_compat.mode_names())}")
+    return _compat.list_mode_options(mode)
+
+
+def ger(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | GerOptions | None = None,
+) -> Callable[..., Any]:
+    """Compile a Dynamo graph: ger's pattern rewrites, then Inductor; eager on failure.
+
+    >>> import torch
+    >>> f = torch.compile(lambda x: torch.relu(x) * 2, backend="ger", options={"strict": True})
+    >>> f(torch.ones(2)).tolist()
+    [2.0, 2.0]
+    """
+    settings = GerOptions.parse(options)  # bad options raise here, before any work
+    mode_patches = _mode_patches(mode)
+
+    from . import lowerings
+
+    lowerings.ensure_registered()
+
+    devices = fleet.devices_of(_example_values(gm, example_inputs))
+    report = debug.new_report(
+        name=_graph_name(gm), devices=[str(d) for d in devices], options=settings.to_json_dict(), mode=mode
+    )
+    dumper = debug.GraphDumper(settings.dump_dir, report)
+    timer = debug.Timer()
+    pristine = copy.deepcopy(gm.graph)
+    try:
+        profile = fleet.select_profile(devices, settings.device_profile)
+        report.profile = profile.to_json_dict()
+        report.symbolic_inputs = _symbolic_inputs(gm)
+
+        ctx = passes.PassContext(settings, profile, report)
+        passes.run_pipeline(gm, ctx, dumper)
+
+        config_patches = {
+            **mode_patches,
+            **dict(settings.inductor_config),
+            "post_grad_custom_post_pass": passes.make_post_grad_pass(settings, profile, dumper),
+        }
+        inner = fallback.guarded_inner_compile(report, settings, dumper)
+
+        def compile_region(region: fx.GraphModule, inputs: Sequence[Any]):
+            return _compat.compile_fx(region, list(inputs), inner_compile=inner, config_patches=config_patches)
+
+        eager_nodes = fallback.plan_eager_nodes(gm, settings)
+        if eager_nodes:
+            compiled: Callable[..., Any] = fallback.split_into_regions(gm, eager_nodes, compile_region, report, settings)
+            dumper.graph("regions", compiled)  # type: ignore[arg-type]
+        else:
+            compiled = compile_region(gm, example_inputs)
+    except Exception as e:
+        if settings.strict:
+            raise
+        gm.graph = pristine
+        gm.recompile()
+        report.add_fallback("graph", "compiling the graph failed; the whole graph runs eagerly", exc=e)
+        compiled = gm.forward
+    report.compile_seconds = timer.elapsed()
+    dumper.finish()
+    log.info(debug.summary_line(report))
+    return compiled
+
+
+def _example_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
+    vals = list(example_inputs)
+    for node in gm.graph.nodes:
+        v = node.meta.get("example_value")
+        if v is not None:
+            vals.extend(torch.utils._pytree.tree_leaves(v))
+    return vals
+
+
+def _symbolic_inputs(gm: fx.GraphModule) -> list[str]:
+    out = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        v = node.meta.get("example_value")
+        if isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape):
+            out.append(f"{node.name}: {list(v.shape)}")
+        elif isinstance(v, torch.SymInt):
+            out.append(f"{node.name}: {v}")
+    return out
+
+
+def _graph_name(gm: fx.GraphModule) -> str:
+    cid = gm.meta.get("dynamo_compile_id") if hasattr(gm, "meta") else None
+    return str(cid) if cid is not None else type(gm).__name__

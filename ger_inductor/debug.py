@@ -1,0 +1,331 @@
+"""Reports, graph dumps, TORCH_LOGS / TORCH_TRACE integration.
+
+* :class:`GraphReport` - one per graph ``ger`` compiles: device profile, passes run,
+  matches and near-misses per pattern, fallbacks with their causes, timings. The
+  latest is :func:`last_report`; :func:`reports` keeps the last :data:`MAX_REPORTS`.
+* :class:`GraphDumper` - with ``dump_dir`` set, each compiled graph gets a folder
+  holding the graph before/after every pass (readable FX text + unified diff), the
+  report as JSON and Inductor's output code.
+* Logging: the module logger ``ger_inductor`` (``TORCH_LOGS="+ger_inductor"``) logs a
+  one-line summary per graph at INFO and the graphs at DEBUG; the artifact
+  ``ger_graphs`` (``torch._logging.set_logs(ger_graphs=True)``) logs the graphs alone;
+  every dump is also a ``TORCH_TRACE`` artifact that tlparse shows beside Inductor's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import difflib
+import itertools
+import json
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any, Iterator
+
+import torch
+
+from . import _compat
+
+log = logging.getLogger("ger_inductor")
+
+GRAPHS_ARTIFACT = "ger_graphs"
+MAX_REPORTS = 64
+
+_artifact_log: logging.Logger | None = None
+
+
+def _graphs_log() -> logging.Logger:
+    global _artifact_log
+    if _artifact_log is None:
+        _compat.register_log_artifact(GRAPHS_ARTIFACT, "ger_inductor: graphs before/after each ger pass")
+        _artifact_log = _compat.artifact_logger(__name__, GRAPHS_ARTIFACT)
+    return _artifact_log
+
+
+# ----------------------------------------------------------------------------- report
+@dataclasses.dataclass
+class Match:
+    family: str
+    pattern: str
+    nodes: list[str]
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class NearMiss:
+    family: str
+    pattern: str
+    node: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Fallback:
+    stage: str  # graph | forward | backward | region | pass:<name> | node
+    reason: str
+    node: str | None = None
+    op: str | None = None
+    exc_type: str | None = None
+    message: str | None = None
+
+    def one_line(self) -> str:
+        where = f" node={self.node}" if self.node else ""
+        op = f" op={self.op}" if self.op else ""
+        exc = f" [{self.exc_type}: {self.message}]" if self.exc_type else ""
+        return f"{self.stage}:{where}{op} {self.reason}{exc}"
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    changed: bool
+    matches: list[Match] = dataclasses.field(default_factory=list)
+    near_misses: list[NearMiss] = dataclasses.field(default_factory=list)
+    strategy: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_graph_counter = itertools.count()
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """What ger did with one graph. Print it for a table; ``to_json()`` for tools."""
+
+    graph_id: int
+    name: str
+    devices: list[str]
+    profile: dict[str, Any] | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mode: str | None = None
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    fallbacks: list[Fallback] = dataclasses.field(default_factory=list)
+    eager_nodes: list[str] = dataclasses.field(default_factory=list)
+    regions: int = 0
+    compile_seconds: float = 0.0
+    backward_compile_seconds: float = 0.0
+    inductor: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    symbolic_inputs: list[str] = dataclasses.field(default_factory=list)
+    dump_path: str | None = None
+
+    # ---- recording
+    @property
+    def matches(self) -> list[Match]:
+        return [m for p in self.passes for m in p.matches]
+
+    @property
+    def near_misses(self) -> list[NearMiss]:
+        return [m for p in self.passes for m in p.near_misses]
+
+    def match_count(self, family: str | None = None, pattern: str | None = None) -> int:
+        return sum(
+            1
+            for m in self.matches
+            if (family is None or m.family == family) and (pattern is None or m.pattern == pattern)
+        )
+
+    def add_fallback(self, stage: str, reason: str, exc: BaseException | None = None, node=None, op=None) -> Fallback:
+        fb = Fallback(
+            stage=stage,
+            reason=reason,
+            node=None if node is None else str(node),
+            op=None if op is None else str(op),
+            exc_type=None if exc is None else type(exc).__name__,
+            message=None if exc is None else _short(str(exc)),
+        )
+        self.fallbacks.append(fb)
+        log.warning("ger fell back to eager (graph %s): %s", self.name, fb.one_line())
+        return fb
+
+    # ---- output
+    def to_json_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["match_count"] = len(self.matches)
+        d["near_miss_count"] = len(self.near_misses)
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_json_dict(), indent=indent, default=str, sort_keys=False)
+
+    def table(self) -> str:
+        prof = self.profile or {}
+        lines = [
+            f"ger report: graph {self.name} on {', '.join(self.devices) or '?'}"
+            f" (profile {prof.get('name', '?')}, {self.compile_seconds:.2f}s"
+            + (f" + backward {self.backward_compile_seconds:.2f}s" if self.backward_compile_seconds else "")
+            + ")",
+        ]
+        rows = [("pass", "matches", "near-misses", "time")]
+        for p in self.passes:
+            rows.append((p.name, str(len(p.matches)), str(len(p.near_misses)), f"{p.seconds * 1e3:.1f} ms"))
+        lines += _format_rows(rows)
+        for m in self.matches:
+            det = ", ".join(f"{k}={v}" for k, v in m.detail.items())
+            lines.append(f"  match     {m.family}/{m.pattern} at {', '.join(m.nodes[:4])}{'…' if len(m.nodes) > 4 else ''}" + (f" ({det})" if det else ""))
+        for n in self.near_misses:
+            lines.append(f"  near-miss {n.family}/{n.pattern} at {n.node}: {n.reason}")
+        for p in self.passes:
+            if p.strategy:
+                lines.append(f"  strategy  {p.name}: " + ", ".join(f"{k}={v}" for k, v in p.strategy.items()))
+        if self.eager_nodes:
+            lines.append(f"  eager     {len(self.eager_nodes)} node(s) in {self.regions} compiled region(s): {', '.join(self.eager_nodes[:6])}")
+        for f in self.fallbacks:
+            lines.append(f"  fallback  {f.one_line()}")
+        if not self.fallbacks:
+            lines.append("  fallbacks none")
+        for i in self.inductor:
+            lines.append(f"  inductor  {i.get('kind')}: cache {i.get('cache', '?')}" + (f", {i['kernels']} kernel(s)" if i.get("kernels") is not None else ""))
+        if self.dump_path:
+            lines.append(f"  dumps     {self.dump_path}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _format_rows(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _short(msg: str, limit: int = 500) -> str:
+    msg = msg.strip()
+    return msg if len(msg) <= limit else msg[:limit] + "…"
+
+
+_reports: collections.deque[GraphReport] = collections.deque(maxlen=MAX_REPORTS)
+_reports_lock = threading.Lock()
+
+
+def new_report(name: str, devices: list[str], options: dict[str, Any], mode: str | None) -> GraphReport:
+    rep = GraphReport(graph_id=next(_graph_counter), name=name, devices=devices, options=options, mode=mode)
+    with _reports_lock:
+        _reports.append(rep)
+    return rep
+
+
+def last_report() -> GraphReport | None:
+    """The report of the graph ger compiled last in this process (None before any).
+
+    >>> import torch, ger_inductor
+    >>> f = torch.compile(lambda x: x.relu() + 1, backend="ger")
+    >>> _ = f(torch.randn(4))
+    >>> ger_inductor.last_report().fallbacks
+    []
+    """
+    with _reports_lock:
+        return _reports[-1] if _reports else None
+
+
+def reports() -> list[GraphReport]:
+    """Reports of the last graphs ger compiled in this process, oldest first."""
+    with _reports_lock:
+        return list(_reports)
+
+
+def clear_reports() -> None:
+    with _reports_lock:
+        _reports.clear()
+
+
+# ----------------------------------------------------------------------------- dumps
+def graph_text(gm: torch.fx.GraphModule) -> str:
+    """Readable FX text, stable across runs (no object ids)."""
+    text = gm.print_readable(print_output=False)
+    return re.sub(r" +\n", "\n", text)
+
+
+class GraphDumper:
+    """Writes one folder per graph under ``dump_dir``; a no-op without it.
+
+    Layout: ``graph_<id>_<name>/00_input.py``, ``NN_<pass>.py`` (after each pass),
+    ``NN_<pass>.diff``, ``report.json``, ``inductor_<kind>_<n>.py``.
+    """
+
+    def __init__(self, root: str | None, report: GraphReport):
+        self.report = report
+        self.step = 0
+        self.last_text: str | None = None
+        self.last_name = "input"
+        self.path: str | None = None
+        if root:
+            self.path = os.path.join(root, f"graph_{report.graph_id:03d}_{_safe(report.name)}")
+            os.makedirs(self.path, exist_ok=True)
+            report.dump_path = self.path
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def _want_text(self) -> bool:
+        return self.enabled or log.isEnabledFor(logging.DEBUG) or _graphs_log().isEnabledFor(logging.DEBUG)
+
+    def graph(self, stage: str, gm: torch.fx.GraphModule) -> None:
+        """Record the graph after ``stage`` (``input`` first), with a diff to the previous."""
+        _compat.trace_structured(f"ger_{stage}_graph", lambda: graph_text(gm))
+        if not self._want_text():
+            return
+        text = graph_text(gm)
+        _graphs_log().debug("ger graph %s after %s:\n%s", self.report.name, stage, text)
+        log.debug("ger graph %s after %s:\n%s", self.report.name, stage, text)
+        if self.enabled:
+            self._write(f"{self.step:02d}_{_safe(stage)}.py", text)
+            if self.last_text is not None:
+                diff = "".join(
+                    difflib.unified_diff(
+                        self.last_text.splitlines(keepends=True),
+                        text.splitlines(keepends=True),
+                        fromfile=f"before_{self.last_name}",
+                        tofile=f"after_{stage}",
+                    )
+                )
+                self._write(f"{self.step:02d}_{_safe(stage)}.diff", diff or "(no change)\n")
+        self.last_text, self.last_name = text, stage
+        self.step += 1
+
+    def inductor_code(self, kind: str, source: str | None, cache_key: str | None) -> None:
+        if not self.enabled or source is None:
+            return
+        n = sum(1 for i in self.report.inductor if i.get("kind") == kind)
+        name = f"inductor_{kind}_{n}.py"
+        self._write(name, f"# Inductor output code ({kind}), FX graph cache key {cache_key}\n" + source)
+
+    def finish(self) -> None:
+        _compat.trace_structured("ger_report", lambda: self.report.to_json(), encoding="json")
+        if self.enabled:
+            self._write("report.json", self.report.to_json())
+            self._write("report.txt", self.report.table() + "\n")
+
+    def _write(self, name: str, text: str) -> None:
+        assert self.path is not None
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(text)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "graph"
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def summary_line(report: GraphReport) -> str:
+    return (
+        f"ger compiled graph {report.name}: {len(report.matches)} match(es), "
+        f"{len(report.near_misses)} near-miss(es), {len(report.fallbacks)} fallback(s), "
+        f"{report.compile_seconds:.2f}s"
+    )
+
+
+def iter_node_names(nodes) -> Iterator[str]:
+    for n in nodes:
+        yield getattr(n, "name", str(n))

@@ -1,0 +1,254 @@
+"""Never a crash where eager would have run.
+
+Three mechanisms, each recording its cause in the graph's report:
+
+1. **Eager nodes, compiled regions.** Nodes the user lists in ``eager_ops`` and nodes
+   on a device Inductor cannot generate code for are cut out of the graph; the rest
+   is split into regions (``CapabilityBasedPartitioner``), each compiled by Inductor
+   on its first call (per input signature). Eager nodes run between the regions, in
+   plain PyTorch, so autograd flows across the cuts.
+2. **Inductor failures.** ``guarded_inner_compile`` wraps Inductor's inner compiler,
+   which compiles the forward graph at ``torch.compile`` time and the backward graph
+   lazily at the first ``.backward()``. If it raises, that AOT graph runs eagerly
+   (ATen ops, ger ops through their eager kernels).
+3. **Anything else** (a pass crashing, AOT tracing failing) is handled in backend.py:
+   the pass's changes are dropped, or the whole Dynamo graph runs eagerly.
+
+``strict=True`` re-raises the original exception in every case.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import _compat
+from .debug import GraphDumper, GraphReport, Timer
+from .options import GerOptions, op_name
+
+log = logging.getLogger("ger_inductor")
+
+CompileFn = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+
+
+# ----------------------------------------------------------------------------- support
+def node_op_aliases(node: fx.Node) -> set[str]:
+    """Names a user may use for this node's op in ``eager_ops``."""
+    names: set[str] = set()
+    t = node.target
+    if node.op == "call_function":
+        if isinstance(t, torch._ops.OpOverload):
+            names |= {f"{t.namespace}.{t._opname}", f"{t.namespace}.{t._opname}.{t._overloadname}", t._opname, str(t)}
+        else:
+            full = op_name(t)
+            short = full.rsplit(".", 1)[-1]
+            names |= {full, short, f"aten.{short}", f"torch.{short}"}
+    elif node.op == "call_method":
+        names |= {str(t), f"Tensor.{t}", f"torch.Tensor.{t}", f"aten.{t}", f"torch.{t}"}
+    elif node.op == "call_module":
+        names |= {str(t)}
+    return names
+
+
+def _tensor_devices(value: Any) -> set[torch.device]:
+    out: set[torch.device] = set()
+    for v in torch.utils._pytree.tree_leaves(value):
+        if isinstance(v, torch.Tensor):
+            out.add(v.device)
+    return out
+
+
+def eager_reason(node: fx.Node, options: GerOptions) -> str | None:
+    """Why this node must run eagerly, or None if Inductor may compile it."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    listed = node_op_aliases(node) & options.eager_ops
+    if listed:
+        return f"listed in eager_ops ({sorted(listed)[0]})"
+    devices = _tensor_devices(node.meta.get("example_value", node.meta.get("val")))
+    for arg in node.all_input_nodes:
+        devices |= _tensor_devices(arg.meta.get("example_value", arg.meta.get("val")))
+    for d in sorted(devices, key=str):
+        if not _compat.has_inductor_backend(d.type):
+            return f"device {d} has no Inductor code generator"
+    return None
+
+
+def plan_eager_nodes(gm: fx.GraphModule, options: GerOptions) -> dict[fx.Node, str]:
+    out = {}
+    for node in gm.graph.nodes:
+        reason = eager_reason(node, options)
+        if reason is not None:
+            out[node] = reason
+    return out
+
+
+# ----------------------------------------------------------------------------- regions
+class LazyRegion(torch.nn.Module):
+    """A compiled region of a partitioned graph.
+
+    Compiled on first call for each input signature (shapes, strides, dtypes, devices,
+    requires_grad, grad mode) with real inputs, as a standalone Inductor graph. A
+    region whose compile fails runs eagerly (recorded; re-raised under ``strict``).
+    """
+
+    def __init__(self, name: str, gm: fx.GraphModule, compile_fn: CompileFn, report: GraphReport, options: GerOptions):
+        super().__init__()
+        self.region_name = name
+        self.gm = gm
+        self._compile_fn = compile_fn
+        self._report = report
+        self._options = options
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _signature(args: Sequence[Any]) -> tuple:
+        sig: list[Any] = [torch.is_grad_enabled()]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                sig.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+            else:
+                sig.append(("const", type(a).__name__, a if isinstance(a, (int, float, bool, str)) else id(a)))
+        return tuple(sig)
+
+    def forward(self, *args):
+        key = self._signature(args)
+        fn = self._compiled.get(key)
+        if fn is None:
+            with self._lock:
+                fn = self._compiled.get(key)
+                if fn is None:
+                    fn = self._compile(list(args))
+                    self._compiled[key] = fn
+        return fn(*args)
+
+    def _compile(self, args: list[Any]) -> Callable[..., Any]:
+        try:
+            return self._compile_fn(copy.deepcopy(self.gm), args)
+        except Exception as e:
+            if self._options.strict:
+                raise
+            self._report.add_fallback("region", f"region {self.region_name} failed to compile; it runs eagerly", exc=e)
+            return self.gm
+
+
+def split_into_regions(
+    gm: fx.GraphModule,
+    eager: dict[fx.Node, str],
+    compile_fn: CompileFn,
+    report: GraphReport,
+    options: GerOptions,
+) -> fx.GraphModule:
+    """Cut ``eager`` nodes out of ``gm``; the rest becomes lazily compiled regions."""
+    Partitioner, OperatorSupportBase = _compat.capability_partitioner()
+
+    eager_names = {n.name for n in eager}
+
+    class Support(OperatorSupportBase):  # type: ignore[misc, valid-type]
+        def is_node_supported(self, submodules, node):
+            return node.name not in eager_names
+
+    partitioner = Partitioner(gm, Support(), allows_single_node_partition=True)
+    partitions = partitioner.propose_partitions()
+    split = partitioner.fuse_partitions(partitions)
+    n_regions = 0
+    for node in list(split.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("fused_"):
+            sub = split.get_submodule(node.target)
+            setattr(split, node.target, LazyRegion(str(node.target), sub, compile_fn, report, options))
+            n_regions += 1
+    split.recompile()
+    report.regions = n_regions
+    report.eager_nodes = [f"{n.name} ({reason})" for n, reason in eager.items()]
+    return split
+
+
+# ----------------------------------------------------------------------------- inductor failures
+def _pristine_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _failing_op(exc: BaseException) -> str | None:
+    # Inductor's LoweringException carries the target; others don't
+    for attr in ("target", "op"):
+        v = getattr(exc, attr, None)
+        if v is not None:
+            return str(v)
+    inner = exc.__cause__ or exc.__context__
+    if inner is not None and inner is not exc:
+        return _failing_op(inner)
+    return None
+
+
+def _failing_node(exc: BaseException) -> str | None:
+    for e in (exc, exc.__cause__, exc.__context__):
+        node = getattr(e, "node", None)
+        if node is not None:
+            return getattr(node, "name", str(node))
+    return None
+
+
+def guarded_inner_compile(report: GraphReport, options: GerOptions, dumper: GraphDumper) -> Callable[..., Any]:
+    """Inductor's inner compiler, made to fall back to eager per AOT graph."""
+    counters = _compat.counters()
+
+    def inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+        kind = "backward" if kwargs.get("is_backward") else ("inference" if kwargs.get("is_inference") else "forward")
+        timer = Timer()
+        pristine = None if options.strict else _pristine_copy(gm)
+        hits0 = counters["inductor"]["fxgraph_cache_hit"]
+        miss0 = counters["inductor"]["fxgraph_cache_miss"]
+        byp0 = counters["inductor"]["fxgraph_cache_bypass"]
+        try:
+            out = _compat.compile_fx_inner(gm, example_inputs, **kwargs)
+        except Exception as e:
+            if options.strict:
+                raise
+            report.add_fallback(
+                kind,
+                f"Inductor failed to compile the {kind} graph; it runs eagerly",
+                exc=e,
+                node=_failing_node(e),
+                op=_failing_op(e),
+            )
+            return _compat.eager_output_code_class()(gm=pristine)
+        cache = (
+            "hit" if counters["inductor"]["fxgraph_cache_hit"] > hits0
+            else "miss" if counters["inductor"]["fxgraph_cache_miss"] > miss0
+            else "bypass" if counters["inductor"]["fxgraph_cache_bypass"] > byp0
+            else "off"
+        )
+        source = getattr(out, "source_code", None)
+        key = getattr(out, "cache_key", None)
+        dumper.inductor_code(kind, source, key)
+        report.inductor.append(
+            {
+                "kind": kind,
+                "cache": cache,
+                "cache_key": key,
+                "kernels": None if source is None else _count_kernels(source),
+                "seconds": round(timer.elapsed(), 3),
+            }
+        )
+        if kind == "backward":
+            report.backward_compile_seconds += timer.elapsed()
+            dumper.finish()  # refresh report.json with the backward's record
+        return out
+
+    return inner
+
+
+def _count_kernels(source: str) -> int:
+    # C++ kernels are declared through cpp_fused_* / Triton kernels as triton_* defs
+    import re
+
+    return len(set(re.findall(r"\b(cpp_fused_\w+|triton_\w+_fused_\w+|triton_(?:poi|red|per)_\w+)\s*=", source)))

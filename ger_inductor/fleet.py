@@ -1,0 +1,189 @@
+"""Device profiles: what ger knows about the device a graph runs on.
+
+A profile is detected per device from a graph's example inputs (a graph on cuda:0 and
+one on the CPU in the same process get different profiles) or pinned by name with
+the ``device_profile`` option, so every per-device choice can be tested on a CPU
+machine. Pinned profiles are data, in one table (:data:`PINNED_PROFILES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    """What ger needs to know about a device to choose a strategy."""
+
+    name: str
+    device_type: str  # torch device type: cpu, cuda (also ROCm), xpu, mps, meta, ...
+    vendor: str  # nvidia, amd, intel, arm, apple, unknown
+    arch: str  # sm90, gfx942, avx512, ...
+    warp_size: int = 1  # threads per warp/wavefront; 1 on CPUs
+    multiprocessors: int | None = None  # SMs / CUs / cores
+    shared_mem_per_block: int | None = None  # bytes
+    l2_bytes: int | None = None
+    bf16: bool = True
+    fp16: bool = True
+    fp8: bool = False
+    inductor_codegen: str = "cpp"  # what Inductor generates: cpp, triton, none
+    layout_opt: bool = True  # whether Inductor's channels_last layout optimisation applies
+    pinned: bool = False
+    note: str = ""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def family(self) -> str:
+        """Coarse family used by strategy tables: cpu, nvidia, amd, other."""
+        if self.device_type == "cpu":
+            return "cpu"
+        if self.vendor in ("nvidia", "amd"):
+            return self.vendor
+        return "other"
+
+
+def _p(**kw) -> DeviceProfile:
+    return DeviceProfile(pinned=True, **kw)
+
+
+#: The parts a fleet mixes. Figures from vendor data sheets (per device).
+PINNED_PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        _p(name="a100", device_type="cuda", vendor="nvidia", arch="sm80", warp_size=32, multiprocessors=108,
+           shared_mem_per_block=166912, l2_bytes=40 * 2**20, fp8=False, inductor_codegen="triton"),
+        _p(name="h100", device_type="cuda", vendor="nvidia", arch="sm90", warp_size=32, multiprocessors=132,
+           shared_mem_per_block=232448, l2_bytes=50 * 2**20, fp8=True, inductor_codegen="triton"),
+        _p(name="h200", device_type="cuda", vendor="nvidia", arch="sm90", warp_size=32, multiprocessors=132,
+           shared_mem_per_block=232448, l2_bytes=60 * 2**20, fp8=True, inductor_codegen="triton"),
+        _p(name="mi250x", device_type="cuda", vendor="amd", arch="gfx90a", warp_size=64, multiprocessors=110,
+           shared_mem_per_block=65536, l2_bytes=8 * 2**20, fp8=False, inductor_codegen="triton", layout_opt=False),
+        _p(name="mi300x", device_type="cuda", vendor="amd", arch="gfx942", warp_size=64, multiprocessors=304,
+           shared_mem_per_block=65536, l2_bytes=4 * 2**20, fp8=True, inductor_codegen="triton", layout_opt=False),
+        _p(name="cpu-avx512", device_type="cpu", vendor="x86", arch="avx512", bf16=True, inductor_codegen="cpp"),
+        _p(name="cpu-avx2", device_type="cpu", vendor="x86", arch="avx2", bf16=False, inductor_codegen="cpp"),
+        _p(name="cpu-arm", device_type="cpu", vendor="arm", arch="neon/sve", bf16=False, inductor_codegen="cpp"),
+    )
+}
+
+
+def _cpu_profile() -> DeviceProfile:
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        cap = "DEFAULT"
+    cap_l = cap.lower()
+    if "avx512" in cap_l:
+        base = PINNED_PROFILES["cpu-avx512"]
+    elif "avx2" in cap_l:
+        base = PINNED_PROFILES["cpu-avx2"]
+    elif "sve" in cap_l or "neon" in cap_l or torch.backends.cpu.get_cpu_capability is None:
+        base = PINNED_PROFILES["cpu-arm"]
+    else:
+        import platform
+
+        base = PINNED_PROFILES["cpu-arm" if platform.machine() in ("aarch64", "arm64") else "cpu-avx2"]
+    import os
+
+    return dataclasses.replace(base, pinned=False, arch=cap_l, multiprocessors=os.cpu_count(), name=f"{base.name}(detected)")
+
+
+def _cuda_profile(index: int) -> DeviceProfile:
+    props = torch.cuda.get_device_properties(index)
+    is_hip = torch.version.hip is not None
+    sm = getattr(props, "multi_processor_count", None)
+    smem = getattr(props, "shared_memory_per_block_optin", None) or getattr(props, "shared_memory_per_block", None)
+    l2 = getattr(props, "L2_cache_size", None)
+    if is_hip:
+        arch = getattr(props, "gcnArchName", "gfx").split(":")[0]
+        warp = getattr(props, "warp_size", 64)
+        known = {"gfx90a": "mi250x", "gfx942": "mi300x"}.get(arch)
+        vendor = "amd"
+    else:
+        arch = f"sm{props.major}{props.minor}"
+        warp = getattr(props, "warp_size", 32)
+        known = {"sm80": "a100", "sm90": "h100"}.get(arch)
+        if known == "h100" and "H200" in props.name:
+            known = "h200"
+        vendor = "nvidia"
+    if known is None:
+        known = nearest_known(vendor, arch)
+        log.warning(
+            "ger: device %s (%s, %s) has no pinned profile; using the nearest known family %r",
+            props.name, vendor, arch, known,
+        )
+    base = PINNED_PROFILES[known]
+    return dataclasses.replace(
+        base,
+        name=f"{base.name}(detected)",
+        arch=arch,
+        warp_size=warp,
+        multiprocessors=sm or base.multiprocessors,
+        shared_mem_per_block=smem or base.shared_mem_per_block,
+        l2_bytes=l2 or base.l2_bytes,
+        bf16=bool(torch.cuda.is_bf16_supported()) if hasattr(torch.cuda, "is_bf16_supported") else base.bf16,
+        pinned=False,
+        note=props.name,
+    )
+
+
+def nearest_known(vendor: str, arch: str) -> str:
+    """Nearest pinned profile for an unknown GPU: same vendor, closest older arch."""
+    if vendor == "amd":
+        return "mi300x" if arch >= "gfx94" else "mi250x"
+    try:
+        num = int("".join(ch for ch in arch if ch.isdigit()))
+    except ValueError:
+        return "a100"
+    return "h100" if num >= 90 else "a100"
+
+
+def unsupported_profile(device: torch.device, reason: str) -> DeviceProfile:
+    return DeviceProfile(
+        name=f"{device.type}(no-inductor)", device_type=device.type, vendor="unknown", arch="unknown",
+        inductor_codegen="none", note=reason,
+    )
+
+
+def profile_for_device(device: torch.device) -> DeviceProfile:
+    from . import _compat
+
+    if not _compat.has_inductor_backend(device.type):
+        return unsupported_profile(device, f"Inductor has no code generator for device type {device.type!r}")
+    if device.type == "cpu":
+        return _cpu_profile()
+    if device.type == "cuda":
+        return _cuda_profile(device.index if device.index is not None else torch.cuda.current_device())
+    return DeviceProfile(name=f"{device.type}(generic)", device_type=device.type, vendor="unknown", arch="unknown",
+                         inductor_codegen="triton")
+
+
+def devices_of(values: Iterable[Any]) -> list[torch.device]:
+    seen: list[torch.device] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            d = v.device
+            if d not in seen:
+                seen.append(d)
+    return seen
+
+
+def select_profile(devices: list[torch.device], pinned: str) -> DeviceProfile:
+    """The profile for a graph: pinned by option, else detected from its main device.
+
+    The main device is the first accelerator among the graph's devices, else the CPU.
+    """
+    if pinned != "auto":
+        return PINNED_PROFILES[pinned]
+    if not devices:
+        return _cpu_profile()
+    main = next((d for d in devices if d.type != "cpu"), devices[0])
+    return profile_for_device(main)

@@ -1,0 +1,373 @@
+"""The GER loss family: ``ger_loss`` / ``GERLoss`` and the plain-torch reference.
+
+Generalized Entropy Regularization (Meister, Salesky & Cotterell, ACL 2020): per
+position, with p = softmax(logits), target y and a baseline distribution u,
+
+    loss = -log p_y + beta * J_alpha(p || u)
+
+where J_alpha is the skew-Jensen divergence; alpha = 0 is the confidence penalty
+(KL(p||u)), alpha = 1 the label-smoothing type (KL(u||p)). See docs/ger.md and
+../shared/ger-math.md. ``label_smoothing=eps`` reproduces
+``F.cross_entropy(label_smoothing=eps)`` exactly (alpha = 1, beta = eps / (1 - eps)),
+also with class weights and ignore_index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .ops import ger_loss as _op
+
+REDUCTIONS = ("mean", "sum", "none")
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: |sum(base) - 1| allowed, relative to float32 rounding of a V-term sum
+BASE_SUM_TOL = 1e-4
+
+
+class GERLossOutput(NamedTuple):
+    """``ger_loss(..., return_extras=True)``: the loss and two by-products.
+
+    entropy: mean H(p) over non-ignored positions (a scalar; NaN if all are ignored).
+    lse:     log-sum-exp of the logits per position (target's shape), for a z-loss.
+    Both are differentiable.
+    """
+
+    loss: Tensor
+    entropy: Tensor
+    lse: Tensor
+
+
+# ----------------------------------------------------------------------------- validation
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _runtime_check(cond: Tensor, message: str) -> None:
+    """A data-dependent check: raises ValueError eagerly, an async assert when compiled."""
+    if _is_compiling():
+        torch._assert_async(cond, message)
+    elif not bool(cond):
+        raise ValueError(message)
+
+
+def _check_number(name: str, value, lo: float, hi: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"ger_loss: {name} must be a Python float, got {type(value).__name__}")
+    v = float(value)
+    if not (v >= lo and (hi is None or v <= hi)):  # also rejects NaN
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"ger_loss: {name} must be in {rng}, got {value}")
+    return v
+
+
+def _class_dim(logits: Tensor, target: Tensor, class_dim: int | None) -> int:
+    nd = logits.dim()
+    if nd == 0:
+        raise ValueError("ger_loss: logits must have at least 1 dimension (the classes)")
+    if class_dim is not None:
+        if not isinstance(class_dim, int) or isinstance(class_dim, bool):
+            raise TypeError("ger_loss: class_dim must be an int")
+        cd = class_dim % nd if -nd <= class_dim < nd else None
+        if cd is None:
+            raise ValueError(f"ger_loss: class_dim={class_dim} out of range for {nd}-d logits")
+        return cd
+    if nd <= 2:
+        return nd - 1
+    shape = tuple(logits.shape)
+    tshape = tuple(target.shape)
+    last_ok = tshape == shape[:-1]
+    torch_ok = tshape == shape[:1] + shape[2:]
+    if last_ok and torch_ok:
+        raise ValueError(
+            f"ger_loss: logits {list(shape)} with target {list(tshape)} is ambiguous: the classes may be "
+            "dim 1 (F.cross_entropy's layout) or the last dim; pass class_dim"
+        )
+    if last_ok:
+        return nd - 1
+    if torch_ok:
+        return 1
+    raise ValueError(
+        f"ger_loss: target shape {list(tshape)} does not match logits {list(shape)}: expected "
+        f"{list(shape[:-1])} (classes last) or {list(shape[:1] + shape[2:])} (classes in dim 1)"
+    )
+
+
+def _as_rows(logits: Tensor, target: Tensor, class_dim: int | None) -> tuple[Tensor, Tensor]:
+    """View logits as (A, V, D) and target as (A, D), D = product of dims after the classes."""
+    cd = _class_dim(logits, target, class_dim)
+    V = logits.shape[cd]
+    expected_t = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1 :])
+    if tuple(target.shape) != expected_t:
+        raise ValueError(
+            f"ger_loss: target shape {list(target.shape)} does not match logits {list(logits.shape)} "
+            f"with classes in dim {cd} (expected {list(expected_t)})"
+        )
+    A = math.prod(logits.shape[:cd])
+    D = math.prod(logits.shape[cd + 1 :])
+    return logits.reshape(A, V, D), target.reshape(A, D)
+
+
+def _check_distribution(name: str, t: Tensor, V: int, logits: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"ger_loss: {name} must be a tensor of shape ({V},)")
+    if t.dim() != 1 or t.shape[0] != V:
+        raise ValueError(f"ger_loss: {name} must have shape ({V},) (one entry per class), got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"ger_loss: {name} must be floating point, got {t.dtype}")
+    if t.device != logits.device:
+        raise ValueError(f"ger_loss: {name} is on {t.device} but logits are on {logits.device}")
+
+
+# ----------------------------------------------------------------------------- the loss
+def ger_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float | None = None,
+    beta: float | Tensor | None = None,
+    base: Tensor | None = None,
+    ignore_index: int = -100,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float | None = None,
+    class_dim: int | None = None,
+    return_extras: bool = False,
+) -> Tensor | GERLossOutput:
+    """Cross-entropy with Generalized Entropy Regularization.
+
+    Args:
+        logits: (N, V), (B, T, V) or (N, V, d1, ...) like ``F.cross_entropy``; fp32,
+            bf16, fp16 (math in fp32) or fp64.
+        target: class indices, the logits' shape without the class dimension.
+        alpha: in [0, 1]; 0 = confidence penalty, 1 = label-smoothing type.
+        beta: strength >= 0 (a float or a 0-d tensor).
+        base: baseline distribution u over the V classes (uniform when None).
+        ignore_index, weight, reduction: as in ``F.cross_entropy``; with ``weight``,
+            each position's loss is scaled by the weight of its target class and
+            'mean' divides by the sum of those weights.
+        label_smoothing: eps instead of (alpha, beta): exactly
+            ``F.cross_entropy(label_smoothing=eps)``, weights and ignore_index included.
+        class_dim: where the classes are, when the shapes leave it ambiguous.
+        return_extras: also return the mean entropy and the per-position log-sum-exp.
+
+    >>> import torch
+    >>> z, y = torch.randn(8, 100), torch.randint(0, 100, (8,))
+    >>> a = ger_loss(z, y, label_smoothing=0.1)
+    >>> torch.allclose(a, torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1))
+    True
+    """
+    # ---- arguments
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("ger_loss: logits and target must be tensors")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"ger_loss: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"ger_loss: target must hold class indices (an integer tensor), got {target.dtype}; "
+            "soft targets are not supported"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"ger_loss: target is on {target.device} but logits are on {logits.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"ger_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError("ger_loss: ignore_index must be an int")
+    if label_smoothing is not None:
+        if alpha is not None or beta is not None:
+            raise ValueError("ger_loss: pass either label_smoothing or (alpha, beta), not both")
+        eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+        alpha_f = 1.0
+    else:
+        if alpha is None or beta is None:
+            raise TypeError("ger_loss: alpha and beta are required (or pass label_smoothing)")
+        alpha_f = _check_number("alpha", alpha, 0.0, 1.0)
+        eps = None
+        if isinstance(beta, Tensor):
+            if beta.dim() != 0 or not beta.is_floating_point():
+                raise ValueError(f"ger_loss: a tensor beta must be a 0-d floating tensor, got shape {list(beta.shape)} {beta.dtype}")
+            _runtime_check(beta >= 0, "ger_loss: beta must be >= 0")
+        else:
+            beta = _check_number("beta", beta, 0.0, None)
+
+    logits3, target2 = _as_rows(logits, target, class_dim)
+    A, V, D = logits3.shape
+    cdt = _op.compute_dtype(logits.dtype)
+    if V == 0:
+        raise ValueError("ger_loss: logits have 0 classes")
+    if weight is not None:
+        _check_distribution("weight", weight, V, logits)
+    if base is not None:
+        _check_distribution("base", base, V, logits)
+        _runtime_check((base >= 0).all(), "ger_loss: base must be a distribution: found a negative entry")
+        _runtime_check(
+            (base.to(torch.float64).sum() - 1).abs() <= BASE_SUM_TOL,
+            f"ger_loss: base must sum to 1 (within {BASE_SUM_TOL})",
+        )
+        if alpha_f == 0.0:
+            _runtime_check(
+                (base > 0).all(),
+                "ger_loss: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
+            )
+
+    # ---- the distribution the regulariser compares with
+    smooth_scale = None  # label smoothing: eps * sum_j w_j u_j
+    smooth_const = None  # label smoothing: H(u~)
+    u = None
+    if eps is not None:
+        if weight is None and base is None:
+            smooth_scale = eps
+            smooth_const = math.log(V)
+        else:
+            wu = (weight.to(cdt) if weight is not None else 1.0) * (base.to(cdt) if base is not None else 1.0 / V)
+            c = wu.sum()
+            u = wu / c
+            smooth_scale = eps * c
+            smooth_const = -torch.special.xlogy(u, u).sum()
+    elif base is not None:
+        u = base.to(cdt)
+    log_u = None if u is None else torch.log(u)
+
+    # ---- per-row statistics: one fused op (one read of the logits forward)
+    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, alpha_f, ignore_index, return_extras)
+
+    valid = target2 != ignore_index
+    wy = None
+    if weight is not None:
+        wy = weight.to(cdt)[torch.where(valid, target2, torch.zeros_like(target2))]
+    if eps is not None:
+        data = nll * (1.0 - eps) if wy is None else (1.0 - eps) * wy * nll
+        per = data + smooth_scale * (reg + smooth_const)
+    else:
+        use_reg = isinstance(beta, Tensor) or beta != 0.0
+        per = nll + beta * reg if use_reg else nll
+        if wy is not None:
+            per = wy * per
+    zero = torch.zeros((), dtype=per.dtype, device=per.device)
+    per = torch.where(valid, per, zero)
+
+    if reduction == "none":
+        loss = per.reshape(target.shape)
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        denom = valid.sum().to(per.dtype) if wy is None else torch.where(valid, wy, zero).sum()
+        loss = per.sum() / denom
+    loss = loss.to(logits.dtype)
+    if not return_extras:
+        return loss
+    n_valid = valid.sum().to(ent.dtype)
+    entropy = torch.where(valid, ent, torch.zeros((), dtype=ent.dtype, device=ent.device)).sum() / n_valid
+    return GERLossOutput(loss, entropy, lse.reshape(target.shape))
+
+
+class GERLoss(nn.Module):
+    """Module form of :func:`ger_loss` (same arguments).
+
+    >>> import torch
+    >>> crit = GERLoss(alpha=0.5, beta=0.7)
+    >>> loss = crit(torch.randn(4, 10, requires_grad=True), torch.tensor([1, 2, 3, -100]))
+    >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float | None = None,
+        beta: float | None = None,
+        base: Tensor | None = None,
+        ignore_index: int = -100,
+        weight: Tensor | None = None,
+        reduction: str = "mean",
+        label_smoothing: float | None = None,
+        class_dim: int | None = None,
+        return_extras: bool = False,
+    ):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"GERLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.alpha, self.beta = alpha, beta
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.class_dim, self.return_extras = label_smoothing, class_dim, return_extras
+        self.register_buffer("base", base)
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: Tensor, target: Tensor):
+        return ger_loss(
+            logits, target, alpha=self.alpha, beta=self.beta, base=self.base, ignore_index=self.ignore_index,
+            weight=self.weight, reduction=self.reduction, label_smoothing=self.label_smoothing,
+            class_dim=self.class_dim, return_extras=self.return_extras,
+        )
+
+    def extra_repr(self) -> str:
+        if self.label_smoothing is not None:
+            return f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        return f"alpha={self.alpha}, beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+# ----------------------------------------------------------------------------- reference
+def ger_loss_reference(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float | None = None,
+    beta: float | Tensor | None = None,
+    base: Tensor | None = None,
+    ignore_index: int = -100,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float | None = None,
+    class_dim: int | None = None,
+) -> Tensor:
+    """The same loss in plain torch, straight from the definitions (the test oracle).
+
+    J_alpha is computed from its definition [alpha G(p) + (1-alpha) G(u) - G(m)] /
+    (alpha (1-alpha)) with G(q) = sum q log q (closed forms at alpha in {0, 1}), and
+    label smoothing as the cross-entropy with the soft target (1-eps) onehot + eps u,
+    weighted per class like F.cross_entropy. Materialises several N x V tensors; run
+    it in float64 for reference-grade numbers.
+    """
+    cd = _class_dim(logits, target, class_dim)
+    z = logits.movedim(cd, -1)
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = z.to(dt).reshape(-1, z.shape[-1])
+    y = target.reshape(-1)
+    V = z.shape[-1]
+    lp = torch.log_softmax(z, -1)
+    p = lp.exp()
+    u = torch.full((V,), 1.0 / V, dtype=dt, device=z.device) if base is None else base.to(dt)
+    valid = y != ignore_index
+    ys = torch.where(valid, y, torch.zeros_like(y))
+    nll = -lp.gather(1, ys[:, None])[:, 0]
+    w = weight.to(dt) if weight is not None else torch.ones(V, dtype=dt, device=z.device)
+    wy = w[ys]
+
+    def G(q):
+        return torch.special.xlogy(q, q).sum(-1)
+
+    if label_smoothing is not None:
+        eps = float(label_smoothing)
+        q = (1 - eps) * torch.nn.functional.one_hot(ys, V).to(dt) + eps * u
+        per = -(w * q * lp).sum(-1)
+    else:
+        a = float(alpha)
+        if a == 0.0:
+            J = (p * (lp - torch.log(u))).sum(-1)
+        elif a == 1.0:
+            J = (torch.special.xlogy(u, u) - u * lp).sum(-1)
+        else:
+            m = a * p + (1 - a) * u
+            J = (a * G(p) + (1 - a) * G(u) - G(m)) / (a * (1 - a))
+        per = wy * (nll + beta * J)
+    per = torch.where(valid, per, torch.zeros_like(per))
+    if reduction == "none":
+        out = per.reshape(target.shape)
+    elif reduction == "sum":
+        out = per.sum()
+    else:
+        out = per.sum() / torch.where(valid, wy, torch.zeros_like(wy)).sum()
+    return out.to(logits.dtype)

@@ -1,0 +1,321 @@
+"""Inductor IR lowerings of ``ger::loss_fwd`` and ``ger::loss_bwd``.
+
+Written once in Inductor IR (``ir.Reduction`` / ``ir.Pointwise`` and the ``ops``
+handlers), so the same code becomes C++/OpenMP on CPU and Triton on GPUs.
+
+Forward, per row of logits z (V classes), everything Inductor fuses into ONE kernel:
+  loop 1 (online): M = max z, S = sum e^(z-M)       (online_softmax_reduce)
+                   Z = sum z (alpha=1, uniform u), U = sum u z (alpha=1, given u)
+  loop 2 (after M, only when needed): T = sum e^(z-M) z   (entropy, alpha=0)
+                   R = sum e^(z-M) log u                    (alpha=0, given u)
+                   KL(p||m), KL(u||m)                       (general alpha)
+  epilogue: nll, reg, lse, ent, aux per row.
+Label smoothing and plain cross-entropy (alpha=1 without entropy) read the logits
+once. Loop 2 re-reads the row while it is still in cache on CPUs (a row of V=32000
+fp32 is 128 KiB); on GPUs with large V it is a second read - see docs/benchmarks.md.
+
+Backward: ONE elementwise pass reading the logits and writing the gradient,
+p_j = exp(z_j - L) recomputed from the saved log-sum-exp. No N x V buffer besides
+the gradient itself.
+
+The math is the eager kernel's (ops/ger_loss.py); tests compare the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+
+from .. import _compat
+from ..ops.ger_loss import LOG_FORM_ALPHAS, compute_dtype
+
+aten = torch.ops.aten
+
+
+
+
+def _realized(box):
+    """Reductions must be realized into buffers before other IR loads them."""
+    box.realize()
+    return box
+
+
+class _Row:
+    """Loaders and IR helpers shared by the forward and backward lowerings."""
+
+    def __init__(self, logits, target, base, log_base):
+        self.ir = _compat.inductor_ir()
+        _, self.ops = _compat.inductor_ops()
+        A, V, D = logits.get_size()
+        self.A, self.V, self.D = A, V, D
+        self.device = logits.get_device()
+        self.in_dtype = logits.get_dtype()
+        self.cdt = compute_dtype(self.in_dtype)
+        self._z = logits.make_loader()
+        self._t = target.make_loader()
+        self.t_dtype = target.get_dtype()
+        self._u = base.make_loader() if base is not None else None
+        self._lu = log_base.make_loader() if log_base is not None else None
+        self.uniform = base is None
+        self.V_static = int(V) if isinstance(V, (int, sympy.Integer)) else None
+
+    def v_float(self):
+        """V as a compute-dtype value (a literal when static)."""
+        if self.V_static is not None:
+            return self.const(float(self.V_static))
+        return self.ops.index_expr(self.V, self.cdt)
+
+    def log_v(self):
+        if self.V_static is not None:
+            return self.const(math.log(self.V_static))
+        return self.ops.log(self.v_float())
+
+    # ---- scalar helpers
+    def const(self, v: float):
+        return self.ops.constant(v, self.cdt)
+
+    def xmul(self, w, x):
+        """w * x, with 0 where w == 0 (0 * -inf = 0, as x log x at 0)."""
+        ops = self.ops
+        return ops.where(ops.eq(w, self.const(0.0)), self.const(0.0), ops.mul(w, x))
+
+    # ---- loads
+    def z(self, a, j, d):
+        return self.ops.to_dtype(self._z([a, j, d]), self.cdt)
+
+    def u(self, j):
+        if self._u is None:
+            if self.V_static is not None:
+                return self.const(1.0 / self.V_static)
+            return self.ops.truediv(self.const(1.0), self.v_float())
+        return self.ops.to_dtype(self._u([j]), self.cdt)
+
+    def log_u(self, j):
+        if self._lu is None:
+            return self.ops.neg(self.log_v())
+        return self.ops.to_dtype(self._lu([j]), self.cdt)
+
+    def target(self, a, d):
+        return self._t([a, d])
+
+    def valid(self, t, ignore_index: int):
+        return self.ops.ne(t, self.ops.constant(ignore_index, self.t_dtype))
+
+    # ---- IR nodes
+    def reduction(self, fn, rtype: str, ranges=None):
+        out = self.ir.Reduction.create(
+            device=self.device,
+            dst_dtype=self.cdt,
+            src_dtype=self.cdt,
+            inner_fn=(lambda idx, ridx: fn(idx[0], ridx[0], idx[1])) if ranges is None else fn,
+            ranges=[self.A, self.D] if ranges is None else ranges,
+            reduction_ranges=[self.V],
+            reduction_type=rtype,
+        )
+        return _realized(out)
+
+    def online_softmax(self):
+        """(M, S) per row: one online pass on GPUs, else max then sum (two loops).
+
+        Inductor generates ``online_softmax_reduce`` for Triton only, and torch 2.11
+        cannot split it; we use it where the reduction is not split.
+        """
+        inner = lambda idx, ridx: self.z(idx[0], ridx[0], idx[1])  # noqa: E731
+        if _compat.online_softmax_ok(self.device, self.cdt, inner, [self.A, self.D], [self.V]):
+            M, S = self.ir.OnlineSoftmaxReduction.create(
+                device=self.device,
+                dst_dtype=self.cdt,
+                src_dtype=self.cdt,
+                inner_fn=inner,
+                ranges=[self.A, self.D],
+                reduction_ranges=[self.V],
+                num_output=2,
+            )
+            return _realized(M), _realized(S)
+        M = self.reduction(lambda a, j, d: self.z(a, j, d), "max")
+        m = M.make_loader()
+        S = self.reduction(lambda a, j, d: self.ops.exp(self.ops.sub(self.z(a, j, d), m([a, d]))), "sum")
+        return M, S
+
+    def pointwise(self, fn, ranges=None, dtype=None):
+        return self.ir.Pointwise.create(
+            device=self.device,
+            dtype=dtype or self.cdt,
+            inner_fn=fn,
+            ranges=list(ranges if ranges is not None else [self.A, self.D]),
+        )
+
+    def log_ratios(self, lp, lu, p, u, alpha: float):
+        """(log(p/m), log(u/m)): the expressions of ops.ger_loss.log_ratio_p_m."""
+        ops = self.ops
+        one = self.const(1.0)
+        zero = self.const(0.0)
+        lo, hi = LOG_FORM_ALPHAS
+        if lo <= alpha <= hi:
+            log_m = ops.log(ops.add(ops.mul(self.const(alpha), p), ops.mul(self.const(1.0 - alpha), u)))
+            return ops.sub(lp, log_m), ops.sub(lu, log_m)
+        if alpha >= 0.5:
+            log_p_m = ops.neg(ops.log1p(ops.mul(self.const(1.0 - alpha), ops.sub(ops.truediv(u, p), one))))
+            log_u_m = ops.where(
+                ops.eq(p, zero), self.const(-math.log1p(-alpha)), ops.add(ops.sub(lu, lp), log_p_m)
+            )
+        else:
+            log_u_m = ops.neg(ops.log1p(ops.mul(self.const(alpha), ops.sub(ops.truediv(p, u), one))))
+            log_p_m = ops.where(
+                ops.eq(u, zero), self.const(-math.log(alpha)), ops.add(ops.sub(lp, lu), log_u_m)
+            )
+        return log_p_m, log_u_m
+
+
+def _register() -> None:
+    ops_fwd = torch.ops.ger.loss_fwd.default
+    ops_bwd = torch.ops.ger.loss_bwd.default
+
+    @_compat.register_lowering(ops_fwd, type_promotion_kind=None)
+    def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras):
+        r = _Row(logits, target, base, log_base)
+        ops = r.ops
+        alpha = float(alpha)
+
+        # loop 1: one online pass
+        M, S = r.online_softmax()
+        m_, s_ = M.make_loader(), S.make_loader()
+
+        def L(a, d):
+            return ops.add(m_([a, d]), ops.log(s_([a, d])))
+
+        def e(a, j, d):  # e^(z - M)
+            return ops.exp(ops.sub(r.z(a, j, d), m_([a, d])))
+
+        Z = U = T = R = KLpm = KLum = None
+        if alpha == 1.0:
+            if r.uniform:
+                Z = r.reduction(lambda a, j, d: r.z(a, j, d), "sum")
+            else:
+                U = r.reduction(lambda a, j, d: r.xmul(r.u(j), r.z(a, j, d)), "sum")
+        # loop 2: statistics that need the row's max / log-sum-exp
+        if extras or alpha == 0.0:
+            T = r.reduction(lambda a, j, d: r.xmul(e(a, j, d), r.z(a, j, d)), "sum")
+        if alpha == 0.0 and not r.uniform:
+            R = r.reduction(lambda a, j, d: r.xmul(e(a, j, d), r.log_u(j)), "sum")
+        if 0.0 < alpha < 1.0:
+
+            def lp(a, j, d):
+                return ops.sub(r.z(a, j, d), L(a, d))
+
+            def ratios(a, j, d):
+                lpj = lp(a, j, d)
+                pj = ops.exp(lpj)
+                return pj, r.log_ratios(lpj, r.log_u(j), pj, r.u(j), alpha)
+
+            def kl_pm(a, j, d):
+                pj, (log_p_m, _) = ratios(a, j, d)
+                return r.xmul(pj, log_p_m)
+
+            def kl_um(a, j, d):
+                _, (_, log_u_m) = ratios(a, j, d)
+                return r.xmul(r.u(j), log_u_m)
+
+            KLpm = r.reduction(kl_pm, "sum")
+            KLum = r.reduction(kl_um, "sum")
+
+        ld = {k: (v.make_loader() if v is not None else None) for k, v in dict(Z=Z, U=U, T=T, R=R, KLpm=KLpm, KLum=KLum).items()}
+        if alpha == 1.0 and not r.uniform:
+            # sum_j u_j log u_j: a V-sized reduction, once
+            ulogu = r.reduction(
+                lambda idx, ridx: r.xmul(r.u(ridx[0]), r.log_u(ridx[0])), "sum", ranges=[]
+            ).make_loader()
+
+        def ez(a, d):  # E_p[z] = T / S
+            return ops.truediv(ld["T"]([a, d]), s_([a, d]))
+
+        def nll_fn(idx):
+            a, d = idx
+            t = r.target(a, d)
+            ok = r.valid(t, ignore_index)
+            ts = ops.where(ok, t, ops.constant(0, r.t_dtype))
+            j = ops.indirect_indexing(ts, r.V, check=True, wrap_neg=False)
+            return ops.where(ok, ops.sub(L(a, d), r.z(a, j, d)), r.const(0.0))
+
+        def reg_fn(idx):
+            a, d = idx
+            if alpha == 1.0:  # KL(u||p) = sum u log u - sum u z + L
+                if r.uniform:
+                    return ops.sub(ops.sub(L(a, d), ops.truediv(ld["Z"]([a, d]), r.v_float())), r.log_v())
+                return ops.add(ops.sub(ulogu([]), ld["U"]([a, d])), L(a, d))
+            if alpha == 0.0:  # KL(p||u) = E_p[z] - L - E_p[log u]
+                kl = ops.sub(ez(a, d), L(a, d))
+                if r.uniform:
+                    return ops.add(kl, r.log_v())
+                return ops.sub(kl, ops.truediv(ld["R"]([a, d]), s_([a, d])))
+            return ops.add(
+                ops.truediv(ld["KLpm"]([a, d]), r.const(1.0 - alpha)),
+                ops.truediv(ld["KLum"]([a, d]), r.const(alpha)),
+            )
+
+        def aux_fn(idx):
+            if 0.0 < alpha < 1.0:
+                return ld["KLpm"](idx)
+            if alpha == 0.0:
+                return reg_fn(idx)
+            return r.const(0.0)
+
+        nll = r.pointwise(nll_fn)
+        reg = r.pointwise(reg_fn)
+        lse = r.pointwise(lambda idx: L(*idx))
+        aux = r.pointwise(aux_fn)
+        if extras:
+            ent = r.pointwise(lambda idx: ops.sub(L(*idx), ez(*idx)))
+        else:
+            ent = _compat.inductor_lowerings()[aten.empty.memory_format]([0], dtype=r.cdt, device=r.device)
+        return nll, reg, lse, ent, aux
+
+    @_compat.register_lowering(ops_bwd, type_promotion_kind=None)
+    def loss_bwd(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base, log_base, lse, ent, reg, aux, alpha, ignore_index):
+        r = _Row(logits, target, base, log_base)
+        ops = r.ops
+        alpha = float(alpha)
+        L_ = lse.make_loader()
+        gn = grad_nll.make_loader() if grad_nll is not None else None
+        gr = grad_reg.make_loader() if grad_reg is not None else None
+        gl = grad_lse.make_loader() if grad_lse is not None else None
+        ge = grad_ent.make_loader() if grad_ent is not None else None
+        ent_ = ent.make_loader() if grad_ent is not None else None
+        reg_ = reg.make_loader()
+        aux_ = aux.make_loader()
+
+        def fn(idx):
+            a, j, d = idx
+            z = r.z(a, j, d)
+            L = L_([a, d])
+            lp = ops.sub(z, L)
+            p = ops.exp(lp)
+            g = r.const(0.0)
+            if gn is not None:
+                t = r.target(a, d)
+                ok = r.valid(t, ignore_index)
+                is_y = ops.eq(ops.index_expr(j, r.t_dtype), t)
+                coef = ops.where(ok, ops.to_dtype(gn([a, d]), r.cdt), r.const(0.0))
+                g = ops.add(g, ops.mul(coef, ops.sub(p, ops.where(is_y, r.const(1.0), r.const(0.0)))))
+            if gr is not None:
+                if alpha == 0.0:
+                    dj = r.xmul(p, ops.sub(ops.sub(lp, r.log_u(j)), reg_([a, d])))
+                elif alpha == 1.0:
+                    dj = ops.sub(p, r.u(j))
+                else:
+                    lpm = r.log_ratios(lp, r.log_u(j), p, r.u(j), alpha)[0]
+                    dj = ops.truediv(r.xmul(p, ops.sub(lpm, aux_([a, d]))), r.const(1.0 - alpha))
+                g = ops.add(g, ops.mul(ops.to_dtype(gr([a, d]), r.cdt), dj))
+            if gl is not None:
+                g = ops.add(g, ops.mul(ops.to_dtype(gl([a, d]), r.cdt), p))
+            if ge is not None:
+                ezv = ops.sub(L, ent_([a, d]))
+                g = ops.sub(g, ops.mul(ops.to_dtype(ge([a, d]), r.cdt), r.xmul(p, ops.sub(z, ezv))))
+            return ops.to_dtype(g, r.in_dtype)
+
+        return r.pointwise(fn, ranges=[r.A, r.V, r.D], dtype=r.in_dtype)
+
+
+_register()

@@ -1,0 +1,231 @@
+"""``ger::loss_fwd`` / ``ger::loss_bwd``: the GER loss as two custom ops.
+
+The ops work on *rows*: logits viewed as ``(A, V, D)`` (class dimension in the middle,
+so ``(N, V)``, ``(B, T, V)`` and ``(N, V, d1, ...)`` are all views, never copies) and
+targets ``(A, D)``. They know nothing of weights, beta or the reduction: the forward
+returns per-row statistics, the caller (``ger_inductor.losses``) combines them with
+O(rows) torch ops. Per row, with p = softmax(z), L = logsumexp(z), u the base:
+
+    nll = L - z_y                (0 where target == ignore_index)
+    reg = J_alpha(p || u)        alpha=0: KL(p||u); alpha=1: KL(u||p);
+                                 else KL(p||m)/(1-alpha) + KL(u||m)/alpha, m = alpha p + (1-alpha) u
+    lse = L
+    ent = H(p)                   (only with extras=True; else an empty tensor)
+    aux = KL(p||m)               (what the backward of general alpha needs; 0 for alpha in {0,1})
+
+The backward takes the gradients of those outputs (None where unused) and returns
+
+    dz_j = g_nll (p_j - [j=y]) + g_reg dJ/dz_j + g_lse p_j - g_ent p_j (z_j - E_p[z])
+
+    dJ/dz_j = p_j (z_j - log u_j - L - KL(p||u))           alpha = 0
+            = p_j - u_j                                    alpha = 1
+            = p_j (log(p_j/m_j) - KL(p||m)) / (1 - alpha)   otherwise
+
+(ger-math.md). Statistics are computed in float32 (float64 for float64 logits).
+
+The eager kernels below are the fallback (and run whenever Inductor does not lower the
+ops); ``lowerings/ger_loss.py`` lowers the same math into Inductor IR.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+OPS_NAMESPACE = "ger"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for logits of ``dtype``: fp32, or fp64 for fp64 logits."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- shared math
+#: alphas for which log(p/m) is formed as log p - log m (see log_ratio_p_m)
+LOG_FORM_ALPHAS = (0.25, 0.75)
+
+
+def log_ratio_p_m(lp: Tensor, lu: Tensor, p: Tensor, u: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """(log(p/m), log(u/m)) for m = alpha p + (1-alpha) u, accurate for every alpha in (0, 1).
+
+    For alpha in LOG_FORM_ALPHAS, log m = log(alpha p + (1-alpha) u) directly (one log:
+    the cheapest; its rounding, ~eps |log p|, is divided by at most 1/0.25 = 4).
+    Nearer the ends, one log1p per element, of a small argument where it matters:
+      alpha >= 1/2:  log(p/m) = -log1p((1-alpha) (u/p - 1)),  log(u/m) = log(u/p) + log(p/m)
+      alpha <  1/2:  log(u/m) = -log1p(alpha (p/u - 1)),      log(p/m) = log(p/u) + log(u/m)
+    The term divided by the small (1-alpha) or alpha is the log1p one, so the division
+    never amplifies a cancellation. Underflowed p (or zero u) take the exact limits.
+    The lowering spells the same expressions in Inductor IR.
+    """
+    lo, hi = LOG_FORM_ALPHAS
+    if lo <= alpha <= hi:
+        log_m = torch.log(alpha * p + (1.0 - alpha) * u)
+        return lp - log_m, lu - log_m
+    if alpha >= 0.5:
+        log_p_m = -torch.log1p((1.0 - alpha) * (u / p - 1.0))
+        log_u_m = torch.where(p == 0, torch.full_like(lp, -math.log1p(-alpha)), (lu - lp) + log_p_m)
+    else:
+        log_u_m = -torch.log1p(alpha * (p / u - 1.0))
+        log_p_m = torch.where(u == 0, torch.full_like(lp, -math.log(alpha)), (lp - lu) + log_u_m)
+    return log_p_m, log_u_m
+
+
+def _xmul(w: Tensor, x: Tensor) -> Tensor:
+    """w * x with 0 where w == 0 (so 0 * -inf = 0, as in x log x at 0)."""
+    return torch.where(w == 0, torch.zeros((), dtype=x.dtype, device=x.device), w * x)
+
+
+def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Eager check (host sync) that every non-ignored target is a valid class."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        first = target[bad].flatten()[0].item()
+        raise IndexError(
+            f"ger_loss: target {first} is out of bounds for {num_classes} classes "
+            f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
+        )
+
+
+# ----------------------------------------------------------------------------- forward
+@torch.library.custom_op(f"{OPS_NAMESPACE}::loss_fwd", mutates_args=())
+def loss_fwd(
+    logits: Tensor,
+    target: Tensor,
+    base: Optional[Tensor],
+    log_base: Optional[Tensor],
+    alpha: float,
+    ignore_index: int,
+    extras: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    A, V, D = logits.shape
+    check_targets(target, V, ignore_index)
+    cd = compute_dtype(logits.dtype)
+    z = logits.to(cd)
+    lse = torch.logsumexp(z, dim=1)  # (A, D)
+    valid = target != ignore_index
+    t = torch.where(valid, target, torch.zeros_like(target))
+    zy = z.gather(1, t.unsqueeze(1)).squeeze(1)
+    nll = torch.where(valid, lse - zy, torch.zeros_like(lse))
+    lp = z - lse.unsqueeze(1)
+    p = lp.exp()
+    if base is None:
+        lu = torch.full((), -math.log(V), dtype=cd, device=z.device)
+        u = torch.full((), 1.0 / V, dtype=cd, device=z.device)
+    else:
+        u = base.to(cd).view(1, V, 1)
+        lu = log_base.to(cd).view(1, V, 1)  # type: ignore[union-attr]
+    ent = -_xmul(p, lp).sum(1) if extras else z.new_empty((0,), dtype=cd)
+    if alpha == 0.0:
+        reg = _xmul(p, lp - lu).sum(1)
+        aux = reg.clone()
+    elif alpha == 1.0:
+        reg = _xmul(u.expand_as(lp), lu - lp).sum(1)
+        aux = torch.zeros_like(reg)
+    else:
+        log_p_m, log_u_m = log_ratio_p_m(lp, lu.expand_as(lp), p, u.expand_as(lp), alpha)
+        kl_pm = _xmul(p, log_p_m).sum(1)
+        kl_um = _xmul(u.expand_as(lp), log_u_m).sum(1)
+        reg = kl_pm / (1.0 - alpha) + kl_um / alpha
+        aux = kl_pm
+    return nll, reg, lse, ent, aux
+
+
+@loss_fwd.register_fake
+def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras):
+    A, V, D = logits.shape
+    cd = compute_dtype(logits.dtype)
+    row = logits.new_empty((A, D), dtype=cd)
+    ent = logits.new_empty((A, D) if extras else (0,), dtype=cd)
+    return row, torch.empty_like(row), torch.empty_like(row), ent, torch.empty_like(row)
+
+
+# ----------------------------------------------------------------------------- backward
+@torch.library.custom_op(f"{OPS_NAMESPACE}::loss_bwd", mutates_args=())
+def loss_bwd(
+    grad_nll: Optional[Tensor],
+    grad_reg: Optional[Tensor],
+    grad_lse: Optional[Tensor],
+    grad_ent: Optional[Tensor],
+    logits: Tensor,
+    target: Tensor,
+    base: Optional[Tensor],
+    log_base: Optional[Tensor],
+    lse: Tensor,
+    ent: Tensor,
+    reg: Tensor,
+    aux: Tensor,
+    alpha: float,
+    ignore_index: int,
+) -> Tensor:
+    A, V, D = logits.shape
+    cd = compute_dtype(logits.dtype)
+    z = logits.to(cd)
+    L = lse.unsqueeze(1)
+    lp = z - L
+    p = lp.exp()
+    grad = torch.zeros_like(z)
+    if grad_nll is not None:
+        valid = target != ignore_index
+        g = torch.where(valid, grad_nll, torch.zeros_like(grad_nll)).unsqueeze(1)
+        t = torch.where(valid, target, torch.full_like(target, -1)).unsqueeze(1)
+        onehot = torch.arange(V, device=z.device).view(1, V, 1) == t
+        grad = grad + g * (p - onehot.to(cd))
+    if grad_reg is not None:
+        if base is None:
+            lu = torch.full((), -math.log(V), dtype=cd, device=z.device)
+            u = torch.full((), 1.0 / V, dtype=cd, device=z.device)
+        else:
+            u = base.to(cd).view(1, V, 1)
+            lu = log_base.to(cd).view(1, V, 1)  # type: ignore[union-attr]
+        gr = grad_reg.unsqueeze(1)
+        if alpha == 0.0:
+            d = p * (lp - lu - reg.unsqueeze(1))
+        elif alpha == 1.0:
+            d = p - u
+        else:
+            log_p_m, _ = log_ratio_p_m(lp, lu.expand_as(lp), p, u.expand_as(lp), alpha)
+            d = p * (log_p_m - aux.unsqueeze(1)) / (1.0 - alpha)
+        grad = grad + gr * d
+    if grad_lse is not None:
+        grad = grad + grad_lse.unsqueeze(1) * p
+    if grad_ent is not None:
+        ez = (lse - ent).unsqueeze(1)  # E_p[z] = L - H
+        grad = grad - grad_ent.unsqueeze(1) * p * (z - ez)
+    return grad.to(logits.dtype)
+
+
+@loss_bwd.register_fake
+def _loss_bwd_fake(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base, log_base, lse, ent, reg, aux, alpha, ignore_index):
+    return torch.empty_like(logits)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    logits, target, base, log_base, alpha, ignore_index, extras = inputs
+    nll, reg, lse, ent, aux = output
+    ctx.save_for_backward(logits, target, base, log_base, lse, ent, reg, aux)
+    ctx.alpha = alpha
+    ctx.ignore_index = ignore_index
+    ctx.extras = extras
+    # unused outputs (e.g. reg when beta == 0, lse/ent without extras) get None, and
+    # the backward kernel then skips their terms
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(aux)
+
+
+def _backward(ctx, g_nll, g_reg, g_lse, g_ent, g_aux):
+    logits, target, base, log_base, lse, ent, reg, aux = ctx.saved_tensors
+    if not ctx.extras:
+        g_ent = None
+    if g_nll is None and g_reg is None and g_lse is None and g_ent is None:
+        return None, None, None, None, None, None, None
+    grad = loss_bwd(
+        g_nll, g_reg, g_lse, g_ent, logits, target, base, log_base, lse, ent, reg, aux, ctx.alpha, ctx.ignore_index
+    )
+    return grad, None, None, None, None, None, None
+
+
+loss_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,200 @@
+"""``GerOptions``: the typed, frozen settings parsed from ``torch.compile(options=...)``.
+
+Unknown keys raise ``ValueError`` listing the valid keys; a wrongly typed value raises
+``TypeError`` naming the key and the expected type. Nothing here touches global state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from types import MappingProxyType
+from typing import Any, Mapping
+
+#: Pattern families, in pipeline order. One source of truth: passes/, docs and tests
+#: import this tuple.
+PASS_FAMILIES: tuple[str, ...] = ("conv_bn_act", "loss_entropy")
+
+DUMP_DIR_ENV = "GER_DUMP_DIR"
+
+
+def _fields_doc() -> dict[str, str]:
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(GerOptions)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GerOptions:
+    """Settings of one ``ger`` compile. Build with :meth:`GerOptions.parse`.
+
+    >>> GerOptions.parse({"strict": True}).strict
+    True
+    """
+
+    strict: bool = dataclasses.field(
+        default=False, metadata={"doc": "re-raise any compile/pass error instead of falling back to eager"}
+    )
+    dump_dir: str | None = dataclasses.field(
+        default=None,
+        metadata={"doc": f"folder for graph dumps (before/after every pass, diff, report); env {DUMP_DIR_ENV}"},
+    )
+    passes: Mapping[str, bool] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({name: True for name in PASS_FAMILIES}),
+        metadata={"doc": "enable/disable pattern families by name, e.g. {'conv_bn_act': False}"},
+    )
+    eager_ops: frozenset[str] = dataclasses.field(
+        default_factory=frozenset,
+        metadata={"doc": "ops forced to run eagerly, by name ('aten.mm', 'torch.matmul', 'relu') or callable"},
+    )
+    device_profile: str = dataclasses.field(
+        default="auto", metadata={"doc": "'auto' (detect per device) or a pinned profile name (see `python -m ger_inductor fleet`)"}
+    )
+    inductor_config: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}),
+        metadata={"doc": "extra torch._inductor.config patches for this compile only"},
+    )
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | "GerOptions" | None) -> "GerOptions":
+        if isinstance(options, GerOptions):
+            return options
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise TypeError(f"ger options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown ger option(s) {unknown}; valid options are: "
+                + ", ".join(f"{k} ({d})" for k, d in _fields_doc().items())
+            )
+        kw: dict[str, Any] = {}
+        if "strict" in options:
+            kw["strict"] = _expect_bool("strict", options["strict"])
+        dump_dir = options.get("dump_dir", os.environ.get(DUMP_DIR_ENV) or None)
+        if dump_dir is not None:
+            if not isinstance(dump_dir, (str, os.PathLike)):
+                raise TypeError(f"ger option 'dump_dir' must be a str or os.PathLike, got {type(dump_dir).__name__}")
+            kw["dump_dir"] = os.fspath(dump_dir)
+        if "passes" in options:
+            kw["passes"] = _parse_passes(options["passes"])
+        if "eager_ops" in options:
+            kw["eager_ops"] = _parse_eager_ops(options["eager_ops"])
+        if "device_profile" in options:
+            prof = options["device_profile"]
+            if not isinstance(prof, str):
+                raise TypeError(f"ger option 'device_profile' must be a str, got {type(prof).__name__}")
+            from .fleet import PINNED_PROFILES
+
+            if prof != "auto" and prof not in PINNED_PROFILES:
+                raise ValueError(
+                    f"ger option 'device_profile'={prof!r} is not a known profile; valid: "
+                    + ", ".join(["auto", *PINNED_PROFILES])
+                )
+            kw["device_profile"] = prof
+        if "inductor_config" in options:
+            kw["inductor_config"] = _parse_inductor_config(options["inductor_config"])
+        return cls(**kw)
+
+    # ------------------------------------------------------------------ helpers
+    def pass_enabled(self, name: str) -> bool:
+        return bool(self.passes.get(name, True))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "strict": self.strict,
+            "dump_dir": self.dump_dir,
+            "passes": dict(sorted(self.passes.items())),
+            "eager_ops": sorted(self.eager_ops),
+            "device_profile": self.device_profile,
+            "inductor_config": {k: repr(v) for k, v in sorted(self.inductor_config.items())},
+        }
+
+    def cache_key(self) -> str:
+        """What of the options affects generated code (dump_dir and strict do not)."""
+        d = self.to_json_dict()
+        d.pop("dump_dir")
+        d.pop("strict")
+        return json.dumps(d, sort_keys=True)
+
+
+def _expect_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"ger option {key!r} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _parse_passes(value: Any) -> Mapping[str, bool]:
+    if isinstance(value, Mapping):
+        items = dict(value)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        # a collection lists the families to run; the others are disabled
+        if not all(isinstance(v, str) for v in value):
+            raise TypeError("ger option 'passes' given as a collection must hold family names (str)")
+        items = {name: (name in value) for name in PASS_FAMILIES}
+        unknown = set(value) - set(PASS_FAMILIES)
+        if unknown:
+            items.update({u: True for u in unknown})
+    else:
+        raise TypeError(
+            f"ger option 'passes' must be a dict {{family: bool}} or a list of family names, got {type(value).__name__}"
+        )
+    unknown = sorted(set(items) - set(PASS_FAMILIES))
+    if unknown:
+        raise ValueError(f"ger option 'passes': unknown pattern family {unknown}; valid families: {', '.join(PASS_FAMILIES)}")
+    for k, v in items.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"ger option 'passes'[{k!r}] must be a bool, got {type(v).__name__}")
+    full = {name: True for name in PASS_FAMILIES}
+    full.update(items)
+    return MappingProxyType(full)
+
+
+def op_name(op: Any) -> str:
+    """Canonical string for an op given by the user or found on an FX node."""
+    if isinstance(op, str):
+        return op
+    import torch
+
+    if isinstance(op, torch._ops.OpOverload):
+        return f"{op.namespace}.{op._opname}"  # e.g. aten.mm (overload-insensitive)
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return f"{op._qualified_op_name.replace('::', '.')}"
+    mod = getattr(op, "__module__", None) or ""
+    name = getattr(op, "__qualname__", None) or getattr(op, "__name__", None) or repr(op)
+    if mod.startswith("torch._C._nn") or mod == "torch._C._nn":
+        mod = "torch.nn.functional"
+    return f"{mod}.{name}" if mod else name
+
+
+def _parse_eager_ops(value: Any) -> frozenset[str]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"ger option 'eager_ops' must be a list of op names or callables, got {type(value).__name__}"
+        )
+    out = set()
+    for v in value:
+        if isinstance(v, str):
+            if not v:
+                raise ValueError("ger option 'eager_ops' holds an empty op name")
+            out.add(v)
+        elif callable(v):
+            out.add(op_name(v))
+        else:
+            raise TypeError(f"ger option 'eager_ops' entries must be str or callable, got {type(v).__name__}")
+    return frozenset(out)
+
+
+def _parse_inductor_config(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"ger option 'inductor_config' must be a dict, got {type(value).__name__}")
+    from . import _compat
+
+    cfg = _compat.inductor_config()
+    current = cfg.get_config_copy()
+    for key in value:
+        if key not in current:
+            raise ValueError(f"ger option 'inductor_config': {key!r} is not a torch._inductor.config key")
+    return MappingProxyType(dict(value))

@@ -1,0 +1,138 @@
+"""The ordered pipeline of ger's graph passes.
+
+Pattern families run on the Dynamo graph (torch IR) before AOTAutograd, one module
+per family (``passes/<family>.py`` exposing ``run(gm, ctx) -> bool``), in the order of
+:data:`ger_inductor.options.PASS_FAMILIES`. Each pass records matches and near-misses
+in the report through its :class:`PassContext`; the graph is dumped after every pass.
+A pass that raises has its changes dropped (the graph is restored from a copy) and
+the failure recorded; ``strict`` re-raises.
+
+:class:`GerPostGradPass` is the ``CustomGraphPass`` ger installs in Inductor's
+post-grad hook: it dumps the ATen graphs Inductor lowers, and its ``uuid()`` - a hash
+of ger's codegen-relevant sources, the options and the device profile - keys
+Inductor's FX graph and AOTAutograd caches, so an edit to a lowering never serves
+stale code and equal options hit the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import importlib
+import json
+import os
+from typing import Any
+
+import torch.fx as fx
+
+from .. import _compat
+from ..debug import GraphDumper, GraphReport, Match, NearMiss, PassRecord, Timer
+from ..fleet import DeviceProfile
+from ..options import PASS_FAMILIES, GerOptions
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pattern pass may read (options, profile) and where it records."""
+
+    options: GerOptions
+    profile: DeviceProfile
+    report: GraphReport
+    record: PassRecord | None = None
+
+    def match(self, pattern: str, nodes, **detail: Any) -> None:
+        assert self.record is not None
+        self.record.matches.append(
+            Match(self.record.name, pattern, [getattr(n, "name", str(n)) for n in nodes], {k: _jsonable(v) for k, v in detail.items()})
+        )
+
+    def near_miss(self, pattern: str, node, reason: str) -> None:
+        assert self.record is not None
+        self.record.near_misses.append(NearMiss(self.record.name, pattern, getattr(node, "name", str(node)), reason))
+
+    def strategy(self, **choices: Any) -> None:
+        assert self.record is not None
+        self.record.strategy.update({k: _jsonable(v) for k, v in choices.items()})
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+def family_module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> None:
+    dumper.graph("input", gm)
+    for name in PASS_FAMILIES:
+        if not ctx.options.pass_enabled(name):
+            continue
+        record = PassRecord(name=name, seconds=0.0, changed=False)
+        ctx.report.passes.append(record)
+        ctx.record = record
+        snapshot = copy.deepcopy(gm.graph)
+        timer = Timer()
+        try:
+            record.changed = bool(family_module(name).run(gm, ctx))
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as e:
+            if ctx.options.strict:
+                raise
+            gm.graph = snapshot
+            gm.recompile()
+            record.matches.clear()
+            ctx.report.add_fallback(f"pass:{name}", f"pass {name} raised; its rewrites were dropped", exc=e)
+        record.seconds = timer.elapsed()
+        ctx.record = None
+        dumper.graph(name, gm)
+
+
+# ----------------------------------------------------------------------------- inductor hook
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: files that cannot change generated code (CLI, reports/dumps)
+_NOT_CODEGEN = {"__main__.py", "debug.py"}
+
+
+@functools.cache
+def codegen_source_files() -> tuple[str, ...]:
+    out = []
+    for root, _dirs, files in os.walk(_PKG_DIR):
+        for f in sorted(files):
+            if f.endswith(".py") and not (root == _PKG_DIR and f in _NOT_CODEGEN):
+                out.append(os.path.join(root, f))
+    return tuple(sorted(out))
+
+
+@functools.cache
+def _sources_hash() -> str:
+    return _compat.get_hash_for_files(codegen_source_files()).hex()
+
+
+def make_post_grad_pass(options: GerOptions, profile: DeviceProfile, dumper: GraphDumper):
+    base = _compat.custom_graph_pass_base()
+
+    class GerPostGradPass(base):  # type: ignore[misc, valid-type]
+        """Dumps Inductor's post-grad graphs; keys Inductor's caches to ger's sources."""
+
+        def __init__(self) -> None:
+            self.count = 0
+
+        def __call__(self, graph: fx.Graph) -> None:
+            if dumper.enabled:
+                dumper._write(f"post_grad_{self.count}.py", str(graph))
+            self.count += 1
+
+        def uuid(self) -> Any:
+            extra = json.dumps(
+                {"options": options.cache_key(), "profile": profile.to_json_dict()}, sort_keys=True, default=str
+            )
+            return _sources_hash() + ":" + _compat.get_hash_for_files((), extra).hex()
+
+    return GerPostGradPass()
