@@ -9,7 +9,6 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Callable, Sequence
 
@@ -59,7 +58,7 @@ def ger(
     )
     dumper = debug.GraphDumper(settings.dump_dir, report)
     timer = debug.Timer()
-    pristine = copy.deepcopy(gm.graph)
+    pristine = passes.snapshot_graph(gm.graph)
     try:
         profile = fleet.select_profile(devices, settings.device_profile)
         report.profile = profile.to_json_dict()

@@ -152,7 +152,7 @@ def split_into_regions(
 
     class Support(OperatorSupportBase):  # type: ignore[misc, valid-type]
         def is_node_supported(self, submodules, node):
-            return node.name not in eager_names
+            return node.op in ("call_function", "call_method", "call_module") and node.name not in eager_names
 
     partitioner = Partitioner(gm, Support(), allows_single_node_partition=True)
     partitions = partitioner.propose_partitions()

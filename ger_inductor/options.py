@@ -134,9 +134,7 @@ def _parse_passes(value: Any) -> Mapping[str, bool]:
         if not all(isinstance(v, str) for v in value):
             raise TypeError("ger option 'passes' given as a collection must hold family names (str)")
         items = {name: (name in value) for name in PASS_FAMILIES}
-        unknown = set(value) - set(PASS_FAMILIES)
-        if unknown:
-            items.update({u: True for u in unknown})
+        items.update({u: True for u in set(value) - set(PASS_FAMILIES)})  # reported below
     else:
         raise TypeError(
             f"ger option 'passes' must be a dict {{family: bool}} or a list of family names, got {type(value).__name__}"
@@ -164,7 +162,11 @@ def op_name(op: Any) -> str:
         return f"{op._qualified_op_name.replace('::', '.')}"
     mod = getattr(op, "__module__", None) or ""
     name = getattr(op, "__qualname__", None) or getattr(op, "__name__", None) or repr(op)
-    if mod.startswith("torch._C._nn") or mod == "torch._C._nn":
+    if name.startswith("_VariableFunctionsClass."):  # torch.relu and other builtins
+        mod, name = "torch", name.split(".", 1)[1]
+    elif name.startswith(("TensorBase.", "_TensorBase.")):
+        mod, name = "torch", "Tensor." + name.split(".", 1)[1]
+    if mod.startswith("torch._C._nn"):
         mod = "torch.nn.functional"
     return f"{mod}.{name}" if mod else name
 

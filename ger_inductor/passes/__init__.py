@@ -64,6 +64,20 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+def snapshot_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` to restore if a pass fails (node meta shared, not copied).
+
+    ``Graph`` deep copies drop attributes Dynamo sets on nodes (``_dynamo_source`` on
+    placeholders, which AOTAutograd needs); they are carried over here.
+    """
+    new = copy.deepcopy(graph)
+    for old_node, new_node in zip(graph.nodes, new.nodes):
+        for k, v in vars(old_node).items():
+            if k not in vars(new_node):
+                setattr(new_node, k, v)
+    return new
+
+
 def family_module(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
@@ -76,7 +90,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
         record = PassRecord(name=name, seconds=0.0, changed=False)
         ctx.report.passes.append(record)
         ctx.record = record
-        snapshot = copy.deepcopy(gm.graph)
+        snapshot = snapshot_graph(gm.graph)
         timer = Timer()
         try:
             record.changed = bool(family_module(name).run(gm, ctx))

@@ -1,0 +1,36 @@
+"""Shared test fixtures: isolated compile state, expect-test base class, GPU skips."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import ger_inductor
+from ger_inductor import _compat
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA/ROCm GPU (this machine has none)")
+
+
+@pytest.fixture(autouse=True)
+def compile_state():
+    """Each test starts with a reset Dynamo, cleared counters and reports, and a fresh
+    (empty, private) Inductor cache, so cache hits can only come from the test itself."""
+    _compat.dynamo_reset()
+    _compat.counters().clear()
+    ger_inductor.clear_reports()
+    with _compat.fresh_cache():
+        yield
+    _compat.dynamo_reset()
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0
+
+
+def pytest_report_header(config):
+    return [f"torch {torch.__version__}, cuda available: {HAS_CUDA}, threads: {torch.get_num_threads()}"]

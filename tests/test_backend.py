@@ -1,0 +1,397 @@
+"""The ger backend: options, Inductor delegation and caching, eager fallbacks, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import ger_inductor
+from ger_inductor import GerOptions, _compat, passes
+from ger_inductor.backend import ger
+
+
+def _run(code: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# ----------------------------------------------------------------------------- package
+def test_entry_point_discovery_without_import():
+    """A fresh interpreter that never imports ger_inductor can compile with backend="ger"."""
+    r = _run(
+        """
+        import sys, torch
+        f = torch.compile(lambda x: (x.sin() * 2).sum(), backend="ger")
+        out = f(torch.ones(8))
+        assert abs(out.item() - 2 * 8 * torch.ones(1).sin().item()) < 1e-5, out
+        import torch._dynamo
+        assert "ger" in torch._dynamo.list_backends(), torch._dynamo.list_backends()
+        print("OK", "ger_inductor" in sys.modules)
+        """
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK True" in r.stdout  # imported by the entry point, not by the user
+
+
+def test_import_is_light():
+    r = _run(
+        """
+        import sys, torch
+        import ger_inductor
+        heavy = [m for m in sys.modules if m.startswith("torch._inductor")]
+        assert not heavy, heavy
+        assert not torch.cuda.is_initialized()
+        from ger_inductor import lowerings
+        assert lowerings._registered is False
+        print("OK")
+        """
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK" in r.stdout
+
+
+# ----------------------------------------------------------------------------- options
+def test_options_defaults_and_parse():
+    o = GerOptions.parse(None)
+    assert o.strict is False and o.device_profile == "auto" and all(o.passes.values())
+    o = GerOptions.parse({"strict": True, "passes": {"conv_bn_act": False}, "eager_ops": ["aten.mm", torch.relu]})
+    assert o.strict and not o.pass_enabled("conv_bn_act") and o.pass_enabled("loss_entropy")
+    assert "aten.mm" in o.eager_ops and "torch.relu" in o.eager_ops
+    with pytest.raises(Exception):
+        o.strict = False  # frozen
+    assert GerOptions.parse({"passes": ["loss_entropy"]}).passes == {"conv_bn_act": False, "loss_entropy": True}
+
+
+@pytest.mark.parametrize(
+    "options, exc, words",
+    [
+        ({"strct": True}, ValueError, ["strct", "strict", "dump_dir", "passes", "eager_ops", "device_profile"]),
+        ({"strict": "yes"}, TypeError, ["strict", "bool", "str"]),
+        ({"passes": {"nope": True}}, ValueError, ["nope", "conv_bn_act", "loss_entropy"]),
+        ({"passes": {"conv_bn_act": 1}}, TypeError, ["conv_bn_act", "bool"]),
+        ({"passes": 3}, TypeError, ["passes"]),
+        ({"eager_ops": "aten.mm"}, TypeError, ["eager_ops", "list"]),
+        ({"eager_ops": [3]}, TypeError, ["eager_ops"]),
+        ({"device_profile": "tpu-v9"}, ValueError, ["tpu-v9", "h100", "mi300x", "cpu-avx512"]),
+        ({"device_profile": 3}, TypeError, ["device_profile", "str"]),
+        ({"dump_dir": 3}, TypeError, ["dump_dir"]),
+        ({"inductor_config": {"no_such_key": 1}}, ValueError, ["no_such_key"]),
+        ([("strict", True)], TypeError, ["dict"]),
+    ],
+)
+def test_bad_options_raise_clear_errors(options, exc, words):
+    with pytest.raises(exc) as ei:
+        GerOptions.parse(options)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+
+
+def test_bad_options_through_torch_compile():
+    f = torch.compile(lambda x: x + 1, backend="ger", options={"bogus": 1})
+    with pytest.raises(Exception) as ei:
+        f(torch.ones(2))
+    assert "bogus" in str(ei.value) and "strict" in str(ei.value)
+
+
+def test_dump_dir_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("GER_DUMP_DIR", str(tmp_path))
+    assert GerOptions.parse({}).dump_dir == str(tmp_path)
+    assert GerOptions.parse({"dump_dir": "x"}).dump_dir == "x"
+
+
+def test_mode_forwarded_and_checked():
+    f = torch.compile(lambda x: x.cos() + 1, backend="ger", mode="max-autotune-no-cudagraphs")
+    x = torch.randn(16)
+    torch.testing.assert_close(f(x), x.cos() + 1)
+    assert ger_inductor.last_report().mode == "max-autotune-no-cudagraphs"
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    with pytest.raises(ValueError, match="unknown mode"):
+        ger(gm, [torch.ones(2)], mode="turbo")
+
+
+def test_global_config_not_mutated():
+    cfg = _compat.inductor_config()
+    before = cfg.get_config_copy()
+    f = torch.compile(lambda x: x.exp().sum(), backend="ger", options={"inductor_config": {"max_autotune": False}})
+    f(torch.randn(8))
+    after = cfg.get_config_copy()
+    changed = {k for k in before if before[k] is not after.get(k) and before[k] != after.get(k)}
+    assert not changed, changed
+
+
+# ----------------------------------------------------------------------------- caching
+def _compile_and_run(options=None):
+    _compat.dynamo_reset()
+    f = torch.compile(lambda x, w: torch.tanh(x @ w).sum(), backend="ger", options=options)
+    x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8)
+    f(x, w).backward()
+    return x.grad
+
+
+def _cache_counts():
+    c = _compat.counters()
+    return {
+        "fx_hit": c["inductor"]["fxgraph_cache_hit"],
+        "fx_miss": c["inductor"]["fxgraph_cache_miss"],
+        "fx_bypass": c["inductor"]["fxgraph_cache_bypass"],
+        "aot_hit": c["aot_autograd"]["autograd_cache_hit"],
+        "aot_miss": c["aot_autograd"]["autograd_cache_miss"],
+        "aot_bypass": c["aot_autograd"]["autograd_cache_bypass"],
+    }
+
+
+def test_cache_hits_with_equal_options_and_misses_when_they_change(monkeypatch):
+    _compile_and_run({"strict": True})
+    first = _cache_counts()
+    assert first["fx_miss"] >= 1 and first["fx_bypass"] == 0 and first["aot_bypass"] == 0, first
+    _compile_and_run({"strict": True})
+    second = _cache_counts()
+    assert second["aot_hit"] > first["aot_hit"] or second["fx_hit"] > first["fx_hit"], (first, second)
+    assert second["fx_miss"] == first["fx_miss"] and second["fx_bypass"] == 0, second
+    # options that affect code generation change the key
+    _compile_and_run({"strict": True, "passes": {"conv_bn_act": False}})
+    third = _cache_counts()
+    assert third["fx_miss"] > second["fx_miss"] and third["fx_bypass"] == 0, third
+    # so does any edit of ger's codegen-relevant sources
+    monkeypatch.setattr(passes, "_sources_hash", lambda: "edited-sources")
+    _compile_and_run({"strict": True})
+    fourth = _cache_counts()
+    assert fourth["fx_miss"] > third["fx_miss"] and fourth["fx_bypass"] == 0, fourth
+
+
+def test_uuid_covers_lowerings_and_passes():
+    files = passes.codegen_source_files()
+    names = {os.path.relpath(f, os.path.dirname(ger_inductor.__file__)) for f in files}
+    assert {"lowerings/ger_loss.py", "ops/ger_loss.py", "passes/loss_entropy.py", "passes/conv_bn_act.py", "fleet.py"} <= names
+    assert "__main__.py" not in names
+
+
+# ----------------------------------------------------------------------------- fallbacks
+_test_lib = torch.library.Library("gertest", "FRAGMENT")  # noqa: F841 (keeps the namespace alive)
+
+
+@torch.library.custom_op("gertest::boom_fwd", mutates_args=())
+def boom_fwd(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+boom_fwd.register_fake(lambda x: torch.empty_like(x))
+boom_fwd.register_autograd(lambda ctx, g: g * 3)
+
+
+@torch.library.custom_op("gertest::scale_bwd", mutates_args=())
+def scale_bwd(g: torch.Tensor) -> torch.Tensor:
+    return g * 5
+
+
+scale_bwd.register_fake(lambda g: torch.empty_like(g))
+
+
+@torch.library.custom_op("gertest::times5", mutates_args=())
+def times5(x: torch.Tensor) -> torch.Tensor:
+    return x * 5
+
+
+times5.register_fake(lambda x: torch.empty_like(x))
+times5.register_autograd(lambda ctx, g: scale_bwd(g))
+
+
+class LoweringBoom(RuntimeError):
+    pass
+
+
+def _install_raising_lowering(op):
+    def lowering(*args, **kwargs):
+        raise LoweringBoom(f"deliberate failure lowering {op}")
+
+    lowerings = _compat.inductor_lowerings()
+    saved = lowerings.get(op)
+    _compat.register_lowering(op, type_promotion_kind=None)(lowering)
+    return saved
+
+
+def _restore_lowering(op, saved):
+    lowerings = _compat.inductor_lowerings()
+    if saved is None:
+        lowerings.pop(op, None)
+    else:
+        lowerings[op] = saved
+
+
+@pytest.fixture
+def raising_forward_lowering():
+    op = torch.ops.gertest.boom_fwd.default
+    saved = _install_raising_lowering(op)
+    yield op
+    _restore_lowering(op, saved)
+
+
+@pytest.fixture
+def raising_backward_lowering():
+    op = torch.ops.gertest.scale_bwd.default
+    saved = _install_raising_lowering(op)
+    yield op
+    _restore_lowering(op, saved)
+
+
+def test_forward_compile_failure_falls_back_with_reason(raising_forward_lowering, caplog):
+    def fn(x):
+        return torch.ops.gertest.boom_fwd(x.sin()).cos().sum()
+
+    x = torch.randn(16, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="ger_inductor"):
+        out = torch.compile(fn, backend="ger")(x)
+    out.backward()
+    x2 = x.detach().clone().requires_grad_()
+    ref = fn(x2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    rep = ger_inductor.last_report()
+    fbs = [f for f in rep.fallbacks if f.stage in ("forward", "inference")]
+    assert len(fbs) == 1, rep.fallbacks
+    assert fbs[0].exc_type in ("LoweringException", "InductorError", "LoweringBoom")
+    assert "deliberate failure" in fbs[0].message and "boom_fwd" in (fbs[0].op or "") + fbs[0].message
+    assert sum("fell back to eager" in r.message for r in caplog.records) == 1
+
+
+def test_forward_failure_strict_reraises(raising_forward_lowering):
+    f = torch.compile(lambda x: torch.ops.gertest.boom_fwd(x).sum(), backend="ger", options={"strict": True})
+    with pytest.raises(Exception, match="deliberate failure"):
+        f(torch.randn(4))
+
+
+def test_backward_compile_failure_falls_back_with_reason(raising_backward_lowering):
+    def fn(x):
+        return (torch.ops.gertest.times5(x.exp()) * x).sum()
+
+    x = torch.randn(16, requires_grad=True)
+    out = torch.compile(fn, backend="ger")(x)
+    rep = ger_inductor.last_report()
+    assert rep.fallbacks == []  # the forward compiled; the backward is compiled lazily
+    out.backward()
+    x2 = x.detach().clone().requires_grad_()
+    fn(x2).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    fbs = [f for f in rep.fallbacks if f.stage == "backward"]
+    assert len(fbs) == 1 and "deliberate failure" in fbs[0].message, rep.fallbacks
+    assert [i["kind"] for i in rep.inductor] == ["forward"]
+
+
+def test_backward_failure_strict_reraises(raising_backward_lowering):
+    f = torch.compile(lambda x: torch.ops.gertest.times5(x).sum(), backend="ger", options={"strict": True})
+    x = torch.randn(4, requires_grad=True)
+    out = f(x)
+    with pytest.raises(Exception, match="deliberate failure"):
+        out.backward()
+
+
+def test_eager_ops_cut_regions_and_keep_autograd():
+    def fn(x, w):
+        h = torch.tanh(x @ w)  # matmul forced eager; tanh and the rest compiled
+        return (h * h).sum(1).sin().sum()
+
+    x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    f = torch.compile(fn, backend="ger", options={"eager_ops": ["torch.matmul", "operator.matmul", "matmul"], "strict": True})
+    out = f(x, w)
+    out.backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = fn(x2, w2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    rep = ger_inductor.last_report()
+    assert len(rep.eager_nodes) == 1 and "eager_ops" in rep.eager_nodes[0], rep.eager_nodes
+    assert rep.regions >= 1
+    assert any(i["kind"] == "backward" for i in rep.inductor)  # compiled regions were differentiated
+
+
+def test_unsupported_device_runs_eagerly_rest_compiled():
+    def fn(x, m):
+        a = (x.sin() + 1).cos()
+        b = (m * 2).sum(0)  # on the meta device: no Inductor code generator
+        return a * 3, b
+
+    x, m = torch.randn(8, requires_grad=True), torch.randn(4, 8, device="meta")
+    a, b = torch.compile(fn, backend="ger", options={"strict": True})(x, m)
+    assert b.device.type == "meta" and b.shape == (8,)
+    torch.testing.assert_close(a, (x.sin() + 1).cos() * 3)
+    a.sum().backward()
+    torch.testing.assert_close(x.grad, -3 * (x.detach().sin() + 1).sin() * x.detach().cos())
+    rep = ger_inductor.last_report()
+    assert any("meta" in e for e in rep.eager_nodes), rep.eager_nodes
+    assert rep.regions >= 1 and rep.fallbacks == []
+
+
+def test_failing_pass_is_dropped_not_fatal(monkeypatch):
+    from ger_inductor.passes import loss_entropy
+
+    def broken(gm, ctx):
+        for n in gm.graph.nodes:  # mutate, then fail: the mutation must be undone
+            if n.op == "call_function":
+                n.meta["ger_touched"] = True
+        gm.graph.create_node("call_function", torch.relu, (), {})
+        raise RuntimeError("pass exploded")
+
+    monkeypatch.setattr(loss_entropy, "run", broken)
+    f = torch.compile(lambda x: torch.nn.functional.cross_entropy(x, torch.zeros(4, dtype=torch.long)), backend="ger")
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(f(x), torch.nn.functional.cross_entropy(x, torch.zeros(4, dtype=torch.long)))
+    rep = ger_inductor.last_report()
+    assert [f.stage for f in rep.fallbacks] == ["pass:loss_entropy"]
+    assert "pass exploded" in rep.fallbacks[0].message
+    monkeypatch.setattr(loss_entropy, "run", broken)
+    _compat.dynamo_reset()
+    g = torch.compile(lambda x: x.relu().sum(), backend="ger", options={"strict": True})
+    with pytest.raises(Exception, match="pass exploded"):
+        g(x)
+
+
+# ----------------------------------------------------------------------------- report / dumps
+def test_report_table_and_json():
+    f = torch.compile(lambda x: (x * 2).relu().sum(), backend="ger")
+    f(torch.randn(8))
+    rep = ger_inductor.last_report()
+    table = str(rep)
+    assert "ger report" in table and "loss_entropy" in table and "fallbacks none" in table
+    d = json.loads(rep.to_json())
+    assert d["devices"] == ["cpu"] and d["profile"]["device_type"] == "cpu"
+    assert [p["name"] for p in d["passes"]] == ["conv_bn_act", "loss_entropy"]
+    assert d["compile_seconds"] > 0
+
+
+def test_torch_trace_artifacts(tmp_path):
+    r = _run(
+        """
+        import torch
+        f = torch.compile(lambda x: (x * 2).relu().sum(), backend="ger")
+        f(torch.randn(8))
+        """,
+        env={"TORCH_TRACE": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = "".join(open(os.path.join(tmp_path, p)).read() for p in os.listdir(tmp_path))
+    assert "ger_input_graph" in text and "ger_report" in text
+
+
+def test_torch_logs_module_logger():
+    r = _run(
+        """
+        import torch
+        f = torch.compile(lambda x: (x * 2).relu().sum(), backend="ger")
+        f(torch.randn(8))
+        """,
+        env={"TORCH_LOGS": "+ger_inductor"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ger compiled graph" in r.stderr and "ger graph" in r.stderr

@@ -1,0 +1,357 @@
+"""The GER loss family: every check of ger-math.md, fused (Inductor) vs eager kernel vs
+plain-torch reference, the label-smoothing identity, bad input, generated code."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import FileCheck
+
+import ger_inductor
+from ger_inductor import GERLoss, ger_loss, ger_loss_reference
+from ger_inductor import _compat
+
+ALPHAS = [0.0, 1e-3, 0.1, 0.5, 0.9, 1 - 1e-3, 1.0]
+
+
+def _inputs(N=6, V=11, dtype=torch.float64, scale=2.0, ignore=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(N, V, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+    if ignore:
+        y[1] = -100
+    return z, y
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# ----------------------------------------------------------------------------- ger-math.md checks
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_gradcheck_float64_finite_differences(alpha):
+    """The op's analytic backward (the ger-math.md formulas) vs float64 finite differences."""
+    z, y = _inputs()
+    base = torch.softmax(torch.randn(11, dtype=torch.float64), 0)
+    for kw in (dict(), dict(base=base)):
+        torch.autograd.gradcheck(lambda z: ger_loss(z, y, alpha=alpha, beta=0.7, **kw), (z,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_eager_kernel_matches_definition(alpha):
+    """The op (KL forms, log1p near the ends) vs the reference (skew-Jensen definition)."""
+    z, y = _inputs(N=8, V=50)
+    a = ger_loss(z, y, alpha=alpha, beta=0.7)
+    b = ger_loss_reference(z, y, alpha=alpha, beta=0.7)
+    assert _rel(a, b) < 1e-12
+    (ga,) = torch.autograd.grad(a, z)
+    (gb,) = torch.autograd.grad(b, z)
+    assert _rel(ga, gb) < 1e-9
+
+
+def test_limits_are_continuous():
+    z, y = _inputs(N=8, V=50)
+    for end, near in ((0.0, 1e-7), (1.0, 1 - 1e-7)):
+        a = ger_loss(z, y, alpha=end, beta=0.5)
+        b = ger_loss(z, y, alpha=near, beta=0.5)
+        (ga,) = torch.autograd.grad(a, z)
+        (gb,) = torch.autograd.grad(b, z)
+        assert abs(float(a - b)) < 1e-5 and _rel(ga, gb) < 1e-5, (end, float(a - b))
+    # and in float32 the fused formulas stay close to the float64 truth near the ends
+    for near in (1e-4, 1 - 1e-4):
+        z32 = z.detach().float().requires_grad_()
+        a = ger_loss(z32, y, alpha=near, beta=0.5)
+        b = ger_loss_reference(z, y, alpha=near, beta=0.5)
+        (ga,) = torch.autograd.grad(a, z32)
+        (gb,) = torch.autograd.grad(b, z)
+        assert _rel(a, b) < 1e-6 and _rel(ga, gb) < 1e-5, near
+
+
+def test_closed_forms_at_the_ends():
+    z, y = _inputs(N=8, V=50, ignore=False)
+    V = 50
+    p = torch.softmax(z.detach(), -1)
+    lp = torch.log_softmax(z.detach(), -1)
+    nll = F.cross_entropy(z.detach(), y, reduction="none")
+    H = -(p * lp).sum(-1)
+    cp = ger_loss(z, y, alpha=0.0, beta=0.3, reduction="none")
+    torch.testing.assert_close(cp.detach(), nll + 0.3 * (math.log(V) - H))  # KL(p||u) = log V - H(p)
+    ls = ger_loss(z, y, alpha=1.0, beta=0.3, reduction="none")
+    kl_up = (-lp.mean(-1)) - math.log(V)  # KL(u||p) = -mean log p - log V
+    torch.testing.assert_close(ls.detach(), nll + 0.3 * kl_up)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3, 1.0])
+def test_label_smoothing_identity(eps):
+    """F.cross_entropy(ls=eps) - (1-eps) GER(alpha=1, beta=eps/(1-eps)) = eps log V."""
+    z, y = _inputs(N=8, V=50, ignore=False)
+    ce = F.cross_entropy(z, y, label_smoothing=eps)
+    if eps < 1.0:
+        g = ger_loss(z, y, alpha=1.0, beta=eps / (1 - eps))
+        assert abs(float(ce - (1 - eps) * g - eps * math.log(50))) < 1e-12
+        (gce,) = torch.autograd.grad(ce, z)
+        (gg,) = torch.autograd.grad(g, z)
+        assert _rel(gce, (1 - eps) * gg) < 1e-12  # LS gradient = (1-eps) x GER gradient
+    torch.testing.assert_close(ger_loss(z, y, label_smoothing=eps), ce, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_smoothing_matches_torch_with_weights_and_ignore_index(reduction, weighted):
+    z, y = _inputs(N=12, V=9, dtype=torch.float32, ignore=False)
+    y[3] = y[7] = 4  # the ignored value below
+    w = torch.rand(9) + 0.5 if weighted else None
+    kw = dict(label_smoothing=0.2, ignore_index=4, weight=w, reduction=reduction)
+    a = ger_loss(z, y, **kw)
+    b = F.cross_entropy(z, y, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    (ga,) = torch.autograd.grad(a.sum(), z)
+    (gb,) = torch.autograd.grad(b.sum(), z)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+
+
+def _optimum_tail(alpha: float, beta: float, V: int = 1000) -> torch.Tensor:
+    torch.manual_seed(0)
+    z = (torch.randn(1, V, dtype=torch.float64) * 0.1).requires_grad_()
+    y = torch.tensor([0])
+    opt = torch.optim.LBFGS([z], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ger_loss(z, y, alpha=alpha, beta=beta)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return torch.softmax(z.detach(), -1)[0, 1:]
+
+
+def test_sparsity_demonstration():
+    """Only alpha=1 forbids sparse distributions (the paper's claim)."""
+    beta, V = 0.05, 1000
+    eps = beta / (1 + beta)
+    tail_ls = _optimum_tail(1.0, beta, V)
+    torch.testing.assert_close(tail_ls, torch.full_like(tail_ls, eps / V), rtol=1e-3, atol=0)  # pinned at eps/V (to the optimizer's tolerance)
+    tail_cp = _optimum_tail(0.0, beta, V)
+    assert tail_cp.max() < 1e-7 and tail_cp.max() < (eps / V) / 100, tail_cp.max()  # about 2e-9
+
+
+def test_ignored_positions_and_all_ignored():
+    z, y = _inputs(N=6, V=7)
+    for alpha in (0.0, 0.5, 1.0):
+        per = ger_loss(z, y, alpha=alpha, beta=0.4, reduction="none")
+        assert per[1].item() == 0.0
+        (g,) = torch.autograd.grad(per.sum(), z)
+        assert torch.all(g[1] == 0)
+    yall = torch.full((6,), -100)
+    for kw in (dict(alpha=0.5, beta=0.4), dict(label_smoothing=0.1)):
+        s = ger_loss(z, yall, reduction="sum", **kw)
+        m = ger_loss(z, yall, reduction="mean", **kw)
+        n = ger_loss(z, yall, reduction="none", **kw)
+        assert s.item() == 0.0 and math.isnan(m.item()) and torch.all(n == 0)
+        assert math.isnan(F.cross_entropy(z, yall).item())  # the convention we follow
+        (g,) = torch.autograd.grad(s, z)
+        assert torch.all(g == 0)
+
+
+# ----------------------------------------------------------------------------- API surface
+def test_shapes_btv_and_class_dim_1():
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 13, (2, 5))
+    a = ger_loss(z, y, alpha=0.3, beta=0.2, reduction="none")
+    assert a.shape == (2, 5)
+    torch.testing.assert_close(a, ger_loss(z.reshape(10, 13), y.reshape(10), alpha=0.3, beta=0.2, reduction="none").view(2, 5))
+    zc = torch.randn(3, 13, 4, 2, dtype=torch.float64, requires_grad=True)  # F.cross_entropy's (N, C, d1, d2)
+    yc = torch.randint(0, 13, (3, 4, 2))
+    b = ger_loss(zc, yc, label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(b, F.cross_entropy(zc, yc, label_smoothing=0.1, reduction="none"))
+    c = ger_loss(zc, yc, alpha=0.5, beta=0.3)
+    torch.testing.assert_close(c, ger_loss_reference(zc, yc, alpha=0.5, beta=0.3))
+    with pytest.raises(ValueError, match="ambiguous"):
+        ger_loss(torch.randn(4, 4, 4), torch.zeros(4, 4, dtype=torch.long), label_smoothing=0.1)
+    ger_loss(torch.randn(4, 4, 4), torch.zeros(4, 4, dtype=torch.long), label_smoothing=0.1, class_dim=-1)
+
+
+def test_extras_entropy_and_lse():
+    z, y = _inputs(N=8, V=20)
+    out = ger_loss(z, y, alpha=0.5, beta=0.3, return_extras=True)
+    valid = y != -100
+    p = torch.softmax(z, -1)
+    H = -(p * torch.log_softmax(z, -1)).sum(-1)
+    torch.testing.assert_close(out.entropy, H[valid].mean())
+    torch.testing.assert_close(out.lse, torch.logsumexp(z, -1))
+    torch.testing.assert_close(out.loss, ger_loss(z, y, alpha=0.5, beta=0.3))
+    # gradients through the extras (z-loss and an entropy bonus) are exact
+    total = out.loss + 1e-2 * (out.lse[valid] ** 2).mean() - 0.1 * out.entropy
+    (g,) = torch.autograd.grad(total, z)
+    z2 = z.detach().clone().requires_grad_()
+    H2 = -(torch.softmax(z2, -1) * torch.log_softmax(z2, -1)).sum(-1)
+    ref = ger_loss_reference(z2, y, alpha=0.5, beta=0.3) + 1e-2 * (torch.logsumexp(z2, -1)[valid] ** 2).mean() - 0.1 * H2[valid].mean()
+    (g2,) = torch.autograd.grad(ref, z2)
+    torch.testing.assert_close(g, g2)
+
+
+def test_module_matches_function_and_non_uniform_base():
+    z, y = _inputs(N=8, V=20)
+    base = torch.softmax(torch.randn(20, dtype=torch.float64), 0)
+    w = torch.rand(20, dtype=torch.float64) + 0.1
+    crit = GERLoss(alpha=0.7, beta=0.2, base=base, weight=w, reduction="sum")
+    torch.testing.assert_close(crit(z, y), ger_loss_reference(z, y, alpha=0.7, beta=0.2, base=base, weight=w, reduction="sum"))
+    assert "alpha=0.7" in repr(crit)
+    beta_t = torch.tensor(0.2, dtype=torch.float64)  # a 0-d tensor beta
+    torch.testing.assert_close(ger_loss(z, y, alpha=0.7, beta=beta_t, base=base), ger_loss_reference(z, y, alpha=0.7, beta=0.2, base=base))
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda z, y: ger_loss(z, y, alpha=1.5, beta=0.1), ValueError, ["alpha", "[0.0, 1.0]"]),
+        (lambda z, y: ger_loss(z, y, alpha=-0.1, beta=0.1), ValueError, ["alpha"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=-1.0), ValueError, ["beta", ">= 0"]),
+        (lambda z, y: ger_loss(z, y, alpha=float("nan"), beta=0.1), ValueError, ["alpha"]),
+        (lambda z, y: ger_loss(z, y, alpha=torch.tensor(0.5), beta=0.1), TypeError, ["alpha", "float"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5), TypeError, ["alpha and beta"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1, label_smoothing=0.1), ValueError, ["either"]),
+        (lambda z, y: ger_loss(z, y, label_smoothing=1.5), ValueError, ["label_smoothing"]),
+        (lambda z, y: ger_loss(z.long(), y, alpha=0.5, beta=0.1), TypeError, ["logits", "float"]),
+        (lambda z, y: ger_loss(z, y.float(), alpha=0.5, beta=0.1), TypeError, ["target", "integer"]),
+        (lambda z, y: ger_loss(z, y[:3], alpha=0.5, beta=0.1), ValueError, ["target shape"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1, reduction="avg"), ValueError, ["reduction"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1, base=torch.full((5,), 0.2)), ValueError, ["base", "(7,)"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1, base=torch.full((7,), 0.2)), ValueError, ["sum to 1"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1, base=torch.tensor([1.5, -0.5, 0, 0, 0, 0, 0.0])), ValueError, ["negative"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.0, beta=0.1, base=torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0.0])), ValueError, ["zero"]),
+        (lambda z, y: ger_loss(z, y, label_smoothing=0.1, weight=torch.ones(6)), ValueError, ["weight", "(7,)"]),
+        (lambda z, y: ger_loss(z, torch.full_like(y, 7), alpha=0.5, beta=0.1), IndexError, ["out of bounds", "7"]),
+        (lambda z, y: ger_loss(z, torch.full_like(y, -1), alpha=0.5, beta=0.1), IndexError, ["out of bounds"]),
+    ],
+)
+def test_bad_input_eager(call, exc, words):
+    z, y = _inputs(N=4, V=7, dtype=torch.float32)
+    with pytest.raises(exc) as ei:
+        call(z, y)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+
+
+def test_bad_input_compiled():
+    z, y = _inputs(N=4, V=7, dtype=torch.float32, ignore=False)
+    f = torch.compile(lambda z, y, a: ger_loss(z, y, alpha=a, beta=0.1), backend="ger")
+    with pytest.raises(ValueError, match="alpha"):
+        f(z, y, 1.5)
+    g = torch.compile(lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1), backend="ger", options={"strict": True})
+    bad = y.clone()
+    bad[2] = 9
+    with pytest.raises(Exception, match="out of bounds|index"):
+        g(z, bad)
+    bad[2] = -3  # negative targets are not wrapped around
+    _compat.dynamo_reset()
+    with pytest.raises(Exception, match="out of bounds|index"):
+        torch.compile(lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1), backend="ger", options={"strict": True})(z, bad)
+    h = torch.compile(lambda z, y, b: ger_loss(z, y, alpha=0.5, beta=0.1, base=b), backend="ger", options={"strict": True})
+    with pytest.raises(Exception, match="sum to 1"):
+        h(z, y, torch.full((7,), 0.2))
+
+
+# ----------------------------------------------------------------------------- fused vs reference vs eager
+FUSED_CASES = [
+    ("ce", dict(alpha=1.0, beta=0.0), (64, 300), None),
+    ("ls", dict(label_smoothing=0.1), (64, 300), None),
+    ("ls_w_ii", dict(label_smoothing=0.2, weight="w", ignore_index=3), (64, 300), None),
+    ("cp", dict(alpha=0.0, beta=0.3), (64, 300), None),
+    ("cp_base", dict(alpha=0.0, beta=0.3, base="u"), (64, 300), None),
+    ("ger", dict(alpha=0.5, beta=0.7), (64, 300), None),
+    ("ger_lo", dict(alpha=0.02, beta=0.7, reduction="sum"), (64, 300), None),
+    ("ger_hi", dict(alpha=0.98, beta=0.7, base="u", weight="w"), (64, 300), None),
+    ("ls_btv_none", dict(label_smoothing=0.1, reduction="none"), (4, 16, 300), None),
+    ("ger_nvd", dict(alpha=0.5, beta=0.7), (8, 300, 3), "dim1"),
+    ("extras", dict(alpha=0.0, beta=0.1, return_extras=True), (64, 300), None),
+]
+
+
+def _materialise(kw, V, dtype):
+    out = dict(kw)
+    if out.get("weight") == "w":
+        out["weight"] = torch.rand(V, generator=torch.Generator().manual_seed(1)) + 0.5
+    if out.get("base") == "u":
+        out["base"] = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(2)), 0)
+    return out
+
+
+def _total(out):
+    if isinstance(out, ger_inductor.losses.GERLossOutput):
+        return out.loss + 0.01 * (out.lse ** 2).mean() - 0.1 * out.entropy
+    return out.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name, kw, shape, layout", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_fused_matches_reference_and_eager(name, kw, shape, layout, dtype):
+    if dtype == torch.bfloat16 and name not in ("ls", "cp", "ger", "ls_btv_none"):
+        pytest.skip("bf16 covered by the main variants")
+    torch.manual_seed(0)
+    V = shape[1] if layout == "dim1" else shape[-1]
+    kw = _materialise(kw, V, dtype)
+    z = (torch.randn(*shape) * 3).to(dtype).requires_grad_()
+    tshape = (shape[0],) + shape[2:] if layout == "dim1" else shape[:-1]
+    y = torch.randint(0, V, tshape)
+    y.view(-1)[::5] = kw.get("ignore_index", -100)
+    fused = torch.compile(lambda z, y: ger_loss(z, y, **kw), backend="ger", options={"strict": True})
+    out_f = fused(z, y)
+    (g_f,) = torch.autograd.grad(_total(out_f), z)
+    out_e = ger_loss(z, y, **kw)  # the op's eager kernel
+    (g_e,) = torch.autograd.grad(_total(out_e), z)
+    z64 = z.detach().double().requires_grad_()
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items() if k != "return_extras"}
+    if kw.get("return_extras"):
+        out_r = ger_loss(z64, y, return_extras=True, **kw64)  # extras: eager op in float64
+    else:
+        out_r = ger_loss_reference(z64, y, **kw64)
+    (g_r,) = torch.autograd.grad(_total(out_r), z64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    lf = out_f.loss if hasattr(out_f, "loss") else out_f
+    lr = out_r.loss if hasattr(out_r, "loss") else out_r
+    le = out_e.loss if hasattr(out_e, "loss") else out_e
+    assert _rel(lf.float(), lr) < tol and _rel(le.float(), lr) < tol, (_rel(lf.float(), lr), _rel(le.float(), lr))
+    assert _rel(g_f.float(), g_r) < tol and _rel(g_e.float(), g_r) < tol, (_rel(g_f.float(), g_r), _rel(g_e.float(), g_r))
+    assert g_f.dtype == dtype
+    rep = ger_inductor.last_report()
+    assert rep.fallbacks == [] and [i["kind"] for i in rep.inductor] == ["forward", "backward"]
+
+
+# ----------------------------------------------------------------------------- generated code
+def _fwd_bwd_code(fn, z, y):
+    def step(z, y):
+        loss = fn(z, y)
+        loss.backward()
+        return loss
+
+    _, code = _compat.run_and_get_code(torch.compile(step, backend="ger", options={"strict": True}), z, y)
+    return code
+
+
+@pytest.mark.parametrize("kw", [dict(label_smoothing=0.1), dict(alpha=0.0, beta=0.1), dict(alpha=0.5, beta=0.7)], ids=["ls", "cp", "ger"])
+def test_generated_code_one_kernel_over_logits_no_nxv_buffer(kw):
+    N, V = 32, 1000
+    z = torch.randn(N, V, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    fwd, bwd = _fwd_bwd_code(lambda z, y: ger_loss(z, y, **kw), z, y)
+    # forward: one C++ kernel holds every reduction over the logits (it takes the logits
+    # as its only N x V input); no N x V buffer is allocated
+    kernels = re.findall(r"cpp_fused_\w+", fwd)
+    assert len(set(kernels)) == 1, set(kernels)
+    FileCheck().check("cpp_fused").check("loss_fwd").check("for(int64_t x1").run(fwd)
+    nxv = rf"empty_strided_cpu\(\({N}, {V}(, 1)?\)"
+    assert not re.search(nxv, fwd), "N x V buffer in the forward"
+    # backward: one elementwise kernel; the only N x V buffer is the gradient
+    assert len(set(re.findall(r"cpp_fused_\w+", bwd))) == 1
+    assert len(re.findall(nxv, bwd)) == 1
+    FileCheck().check("loss_bwd").check_not("log_softmax").run(bwd)
