@@ -146,6 +146,20 @@ def online_softmax_ok(device, dtype, inner_fn, ranges, reduction_ranges) -> bool
     return split == 1 or (isinstance(split, sympy.Integer) and int(split) == 1)
 
 
+def ceil_div(a, b):
+    from torch.utils._sympy.functions import CeilDiv
+
+    if isinstance(a, int) or getattr(a, "is_Integer", False):
+        return -(-int(a) // int(b))
+    return CeilDiv(a, b)
+
+
+def reduction_hint_inner():
+    from torch._inductor.ir import ReductionHint
+
+    return ReductionHint.INNER
+
+
 def fresh_cache():
     from torch._inductor import utils
 

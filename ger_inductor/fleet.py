@@ -187,3 +187,78 @@ def select_profile(devices: list[torch.device], pinned: str) -> DeviceProfile:
         return _cpu_profile()
     main = next((d for d in devices if d.type != "cpu"), devices[0])
     return profile_for_device(main)
+
+
+# ----------------------------------------------------------------------------- strategies
+#: What each pattern family does on each profile family, and why. One table, read by
+#: the passes and lowerings (through the functions below), the tests, the docs and
+#: ``python -m ger_inductor fleet``.
+STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
+    "loss_entropy": {
+        "cpu": dict(forward="rows", chunk=0, why=(
+            "a vocabulary row stays in L2 between the max loop and the loop of sums (C++ has no "
+            "online-softmax reduction); a split adds a combine kernel for nothing")),
+        "nvidia": dict(forward="chunks", chunk=1024, why=(
+            "split reduction: each chunk of 1024 classes is a persistent reduction (held in "
+            "registers), so the logits are read once for the max and every sum; whole-row loops "
+            "over 128k classes re-read the row from HBM")),
+        "amd": dict(forward="chunks", chunk=1024, why=(
+            "as on NVIDIA (Inductor's persistent-reduction limit is 1024 whatever the 64-wide "
+            "wavefront); fewer, larger rows per CU suit the 304 CUs of an MI300X")),
+        "other": dict(forward="rows", chunk=0, why="no profile-specific tuning: Inductor's defaults"),
+    },
+}
+
+
+def strategy(family: str, profile: DeviceProfile) -> dict[str, Any]:
+    """The strategy ``family`` uses on ``profile`` (a copy, with the profile's name)."""
+    table = STRATEGIES[family]
+    choice = dict(table.get(profile.family, table["other"]))
+    choice["profile"] = profile.name
+    return choice
+
+
+def loss_chunk(device: torch.device, num_classes: int | None = None, profile: DeviceProfile | None = None) -> int:
+    """Chunk size of the GER loss forward on this device (0: whole-row reductions).
+
+    Rows that fit one chunk are reduced whole (a single persistent reduction already).
+    """
+    prof = profile if profile is not None else _profile_cached(device)
+    k = int(strategy("loss_entropy", prof)["chunk"])
+    if k and isinstance(num_classes, int) and num_classes <= k:
+        return 0
+    return k
+
+
+_PROFILE_CACHE: dict[str, DeviceProfile] = {}
+
+
+def _profile_cached(device: torch.device) -> DeviceProfile:
+    key = str(device)
+    if key not in _PROFILE_CACHE:
+        _PROFILE_CACHE[key] = profile_for_device(device)
+    return _PROFILE_CACHE[key]
+
+
+def strategy_table(include_local: bool = True) -> list[dict[str, Any]]:
+    """Rows of (profile, family, strategy) for every pinned profile and the local devices."""
+    profiles = list(PINNED_PROFILES.values())
+    if include_local:
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        profiles += [profile_for_device(d) for d in devices]
+    rows = []
+    for p in profiles:
+        for fam in STRATEGIES:
+            s = strategy(fam, p)
+            rows.append({"profile": p.name, "family": fam, **{k: v for k, v in s.items() if k != "profile"}})
+    return rows
+
+
+def format_strategy_table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        choice = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("profile", "family", "why"))
+        out.append(f"{r['profile']:22s} {r['family']:13s} {choice}\n{'':36s}why: {r['why']}")
+    return "\n".join(out)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import fleet as _fleet
 from .ops import ger_loss as _op
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -233,7 +234,11 @@ def ger_loss(
     log_u = None if u is None else torch.log(u)
 
     # ---- per-row statistics: one fused op (one read of the logits forward)
-    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, alpha_f, ignore_index, return_extras)
+    # the lowering's strategy for this device (eager calls don't lower: no detection)
+    chunk = _fleet.loss_chunk(logits.device, V) if _is_compiling() else 0
+    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(
+        logits3, target2, u, log_u, alpha_f, ignore_index, return_extras, chunk
+    )
 
     valid = target2 != ignore_index
     wy = None

@@ -3,16 +3,24 @@
 Written once in Inductor IR (``ir.Reduction`` / ``ir.Pointwise`` and the ``ops``
 handlers), so the same code becomes C++/OpenMP on CPU and Triton on GPUs.
 
-Forward, per row of logits z (V classes), everything Inductor fuses into ONE kernel:
-  loop 1 (online): M = max z, S = sum e^(z-M)       (online_softmax_reduce)
-                   Z = sum z (alpha=1, uniform u), U = sum u z (alpha=1, given u)
-  loop 2 (after M, only when needed): T = sum e^(z-M) z   (entropy, alpha=0)
-                   R = sum e^(z-M) log u                    (alpha=0, given u)
-                   KL(p||m), KL(u||m)                       (general alpha)
-  epilogue: nll, reg, lse, ent, aux per row.
-Label smoothing and plain cross-entropy (alpha=1 without entropy) read the logits
-once. Loop 2 re-reads the row while it is still in cache on CPUs (a row of V=32000
-fp32 is 128 KiB); on GPUs with large V it is a second read - see docs/benchmarks.md.
+Forward: per row of logits z (V classes) the statistics
+  M = max z, S = sum e^(z-M)                       always
+  Z = sum z, U = sum u z                           alpha = 1 (uniform / given u)
+  T = sum e^(z-M) z                                entropy, alpha = 0
+  R = sum e^(z-M) log u                            alpha = 0, given u
+  KL(p||m), KL(u||m) (need L = M + log S first)    0 < alpha < 1: the one extra pass
+then nll, reg, lse, ent, aux per row in the same kernel's epilogue. Two strategies,
+chosen per device profile (``fleet.loss_strategy``) and carried by the op's ``chunk``
+argument, so the graph and the cache key say which one runs:
+
+* rows (chunk = 0; CPUs): reductions over whole rows, which Inductor fuses into one
+  kernel: a max loop, then one loop for every sum - a second pass over a row that is
+  still in cache (a row of V = 32000 fp32 is 128 KiB). On GPUs, the max and S come
+  from one online-softmax pass.
+* chunks (chunk = K; GPUs): a split reduction. Each chunk of K classes is reduced by a
+  persistent reduction (the chunk sits in registers: the logits are read once for the
+  max AND every sum), writing small per-chunk partials; a second tiny reduction
+  combines them (sums of e^(z - M_c) rescaled by e^(M_c - M)).
 
 Backward: ONE elementwise pass reading the logits and writing the gradient,
 p_j = exp(z_j - L) recomputed from the saved log-sum-exp. No N x V buffer besides
@@ -169,44 +177,133 @@ class _Row:
         return log_p_m, log_u_m
 
 
+class _Stats:
+    """Row statistics over the vocabulary, by the ``rows`` or the ``chunks`` strategy."""
+
+    def __init__(self, r: _Row, chunk: int):
+        self.r = r
+        self.K = int(chunk) if chunk and chunk > 0 else 0
+        if self.K:
+            self.C = _compat.ceil_div(r.V, self.K)
+
+    # ---- chunked helpers: class j = c * K + k, masked past V
+    def _masked(self, c, k, fn, other: float):
+        r, ops = self.r, self.r.ops
+        j = c * self.K + k
+        inside = ops.lt(ops.index_expr(j, torch.int64), ops.index_expr(r.V, torch.int64))
+        return ops.masked(inside, lambda: fn(j), other)  # other: a Python scalar
+
+    def _partial(self, fn, rtype: str):
+        """Per-chunk reduction over K classes: ranges (A, C, D), a persistent reduction on GPUs."""
+        r = self.r
+        return _realized(
+            r.ir.Reduction.create(
+                device=r.device, dst_dtype=r.cdt, src_dtype=r.cdt,
+                inner_fn=lambda idx, ridx: fn(idx[0], idx[1], ridx[0], idx[2]),
+                ranges=[r.A, self.C, r.D], reduction_ranges=[self.K], reduction_type=rtype,
+                reduction_hint=_compat.reduction_hint_inner(),
+            )
+        )
+
+    def _over_chunks(self, fn, rtype: str):
+        r = self.r
+        return _realized(
+            r.ir.Reduction.create(
+                device=r.device, dst_dtype=r.cdt, src_dtype=r.cdt,
+                inner_fn=lambda idx, ridx: fn(idx[0], ridx[0], idx[1]),
+                ranges=[r.A, r.D], reduction_ranges=[self.C], reduction_type=rtype,
+            )
+        )
+
+    # ---- the statistics
+    def softmax_stats(self, scaled: dict, plain: dict):
+        """M, S and sums per row: ``scaled[name](a, j, d, e)`` is summed as e * value with
+        e = e^(z - M) (0 where e == 0); ``plain[name](a, j, d)`` is summed as is."""
+        r, ops = self.r, self.r.ops
+        if not self.K:
+            M, S = r.online_softmax()
+            m_ = M.make_loader()
+
+            def e(a, j, d):
+                return ops.exp(ops.sub(r.z(a, j, d), m_([a, d])))
+
+            out = {n: r.reduction(lambda a, j, d, f=f: r.xmul(e(a, j, d), f(a, j, d)), "sum").make_loader() for n, f in scaled.items()}
+            out.update({n: r.reduction(f, "sum").make_loader() for n, f in plain.items()})
+            return M.make_loader(), S.make_loader(), out
+        ninf = -math.inf
+        Mc = self._partial(lambda a, c, k, d: self._masked(c, k, lambda j: r.z(a, j, d), ninf), "max")
+        mc = Mc.make_loader()
+
+        def ec(a, c, k, d):
+            return self._masked(c, k, lambda j: ops.exp(ops.sub(r.z(a, j, d), mc([a, c, d]))), 0.0)
+
+        Sc = self._partial(ec, "sum").make_loader()
+        parts = {
+            n: self._partial(
+                lambda a, c, k, d, f=f: r.xmul(ec(a, c, k, d), self._masked(c, k, lambda j: f(a, j, d), 0.0)), "sum"
+            ).make_loader()
+            for n, f in scaled.items()
+        }
+        plain_parts = {
+            n: self._partial(lambda a, c, k, d, f=f: self._masked(c, k, lambda j: f(a, j, d), 0.0), "sum").make_loader()
+            for n, f in plain.items()
+        }
+        M = self._over_chunks(lambda a, c, d: mc([a, c, d]), "max")
+        m_ = M.make_loader()
+
+        def rescale(a, c, d):  # e^(M_c - M)
+            return ops.exp(ops.sub(mc([a, c, d]), m_([a, d])))
+
+        S = self._over_chunks(lambda a, c, d: ops.mul(Sc([a, c, d]), rescale(a, c, d)), "sum")
+        out = {
+            n: self._over_chunks(lambda a, c, d, p=p: r.xmul(rescale(a, c, d), p([a, c, d])), "sum").make_loader()
+            for n, p in parts.items()
+        }
+        out.update({n: self._over_chunks(lambda a, c, d, p=p: p([a, c, d]), "sum").make_loader() for n, p in plain_parts.items()})
+        return m_, S.make_loader(), out
+
+    def sums(self, terms: dict):
+        """Plain per-row sums (the extra pass of general alpha, after L is known)."""
+        r = self.r
+        if not self.K:
+            return {n: r.reduction(f, "sum").make_loader() for n, f in terms.items()}
+        out = {}
+        for n, f in terms.items():
+            part = self._partial(lambda a, c, k, d, f=f: self._masked(c, k, lambda j: f(a, j, d), 0.0), "sum").make_loader()
+            out[n] = self._over_chunks(lambda a, c, d, p=part: p([a, c, d]), "sum").make_loader()
+        return out
+
+
 def _register() -> None:
     ops_fwd = torch.ops.ger.loss_fwd.default
     ops_bwd = torch.ops.ger.loss_bwd.default
 
     @_compat.register_lowering(ops_fwd, type_promotion_kind=None)
-    def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras):
+    def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras, chunk):
         r = _Row(logits, target, base, log_base)
         ops = r.ops
         alpha = float(alpha)
+        stats = _Stats(r, chunk)
 
-        # loop 1: one online pass
-        M, S = r.online_softmax()
-        m_, s_ = M.make_loader(), S.make_loader()
+        scaled, plain = {}, {}
+        if extras or alpha == 0.0:
+            scaled["T"] = lambda a, j, d: r.z(a, j, d)
+        if alpha == 0.0 and not r.uniform:
+            scaled["R"] = lambda a, j, d: r.log_u(j)
+        if alpha == 1.0:
+            if r.uniform:
+                plain["Z"] = lambda a, j, d: r.z(a, j, d)
+            else:
+                plain["U"] = lambda a, j, d: r.xmul(r.u(j), r.z(a, j, d))
+        m_, s_, ld = stats.softmax_stats(scaled, plain)
 
         def L(a, d):
             return ops.add(m_([a, d]), ops.log(s_([a, d])))
 
-        def e(a, j, d):  # e^(z - M)
-            return ops.exp(ops.sub(r.z(a, j, d), m_([a, d])))
-
-        Z = U = T = R = KLpm = KLum = None
-        if alpha == 1.0:
-            if r.uniform:
-                Z = r.reduction(lambda a, j, d: r.z(a, j, d), "sum")
-            else:
-                U = r.reduction(lambda a, j, d: r.xmul(r.u(j), r.z(a, j, d)), "sum")
-        # loop 2: statistics that need the row's max / log-sum-exp
-        if extras or alpha == 0.0:
-            T = r.reduction(lambda a, j, d: r.xmul(e(a, j, d), r.z(a, j, d)), "sum")
-        if alpha == 0.0 and not r.uniform:
-            R = r.reduction(lambda a, j, d: r.xmul(e(a, j, d), r.log_u(j)), "sum")
-        if 0.0 < alpha < 1.0:
-
-            def lp(a, j, d):
-                return ops.sub(r.z(a, j, d), L(a, d))
+        if 0.0 < alpha < 1.0:  # the extra pass: KL(p||m) and KL(u||m) need L
 
             def ratios(a, j, d):
-                lpj = lp(a, j, d)
+                lpj = ops.sub(r.z(a, j, d), L(a, d))
                 pj = ops.exp(lpj)
                 return pj, r.log_ratios(lpj, r.log_u(j), pj, r.u(j), alpha)
 
@@ -218,10 +315,8 @@ def _register() -> None:
                 _, (_, log_u_m) = ratios(a, j, d)
                 return r.xmul(r.u(j), log_u_m)
 
-            KLpm = r.reduction(kl_pm, "sum")
-            KLum = r.reduction(kl_um, "sum")
+            ld.update(stats.sums({"KLpm": kl_pm, "KLum": kl_um}))
 
-        ld = {k: (v.make_loader() if v is not None else None) for k, v in dict(Z=Z, U=U, T=T, R=R, KLpm=KLpm, KLum=KLum).items()}
         if alpha == 1.0 and not r.uniform:
             # sum_j u_j log u_j: a V-sized reduction, once
             ulogu = r.reduction(

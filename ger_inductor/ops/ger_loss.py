@@ -99,7 +99,10 @@ def loss_fwd(
     alpha: float,
     ignore_index: int,
     extras: bool,
+    chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # ``chunk`` selects the lowering's reduction strategy (0: whole rows, K: chunks of
+    # K classes); the math, and so this eager kernel, do not depend on it.
     A, V, D = logits.shape
     check_targets(target, V, ignore_index)
     cd = compute_dtype(logits.dtype)
@@ -134,7 +137,7 @@ def loss_fwd(
 
 
 @loss_fwd.register_fake
-def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras):
+def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras, chunk):
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
     row = logits.new_empty((A, D), dtype=cd)
@@ -204,7 +207,7 @@ def _loss_bwd_fake(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base,
 
 # ----------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    logits, target, base, log_base, alpha, ignore_index, extras = inputs
+    logits, target, base, log_base, alpha, ignore_index, extras, _chunk = inputs
     nll, reg, lse, ent, aux = output
     ctx.save_for_backward(logits, target, base, log_base, lse, ent, reg, aux)
     ctx.alpha = alpha
@@ -221,11 +224,11 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, g_aux):
     if not ctx.extras:
         g_ent = None
     if g_nll is None and g_reg is None and g_lse is None and g_ent is None:
-        return None, None, None, None, None, None, None
+        return (None,) * 8
     grad = loss_bwd(
         g_nll, g_reg, g_lse, g_ent, logits, target, base, log_base, lse, ent, reg, aux, ctx.alpha, ctx.ignore_index
     )
-    return grad, None, None, None, None, None, None
+    return (grad,) + (None,) * 7
 
 
 loss_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,130 @@
+"""``python -m ger_inductor``: env | demo | dump SCRIPT | fleet.
+
+    python -m ger_inductor env               versions, devices, detected profiles (for bug reports)
+    python -m ger_inductor demo [--quick]    eager / inductor / ger on small CNN and LM workloads
+    python -m ger_inductor dump [--out DIR] SCRIPT [ARGS...]
+                                             run a script; every graph ger compiles is dumped
+    python -m ger_inductor fleet [--json]    the strategy each pattern family uses per device profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import runpy
+import sys
+
+
+def cmd_env(args) -> int:
+    import torch
+
+    import ger_inductor
+    from ger_inductor import fleet
+
+    lines = [
+        f"ger_inductor {ger_inductor.__version__} ({os.path.dirname(ger_inductor.__file__)})",
+        f"python {platform.python_version()} on {platform.platform()}",
+        f"torch {torch.__version__} (cuda {torch.version.cuda}, hip {torch.version.hip})",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton not installed")
+    lines.append(f"cpu: {platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
+                 f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        for i in range(torch.cuda.device_count()):
+            lines.append(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
+    else:
+        lines.append("cuda: not available")
+    from ger_inductor import _compat
+
+    cfg = _compat.inductor_config()
+    lines.append(f"inductor: fx_graph_cache={cfg.fx_graph_cache}, cpp_wrapper={cfg.cpp_wrapper}, freezing={cfg.freezing}")
+    for d in devices:
+        p = fleet.profile_for_device(d)
+        lines.append(f"profile for {d}: {p.name} (vendor {p.vendor}, arch {p.arch}, warp {p.warp_size}, "
+                     f"units {p.multiprocessors}, codegen {p.inductor_codegen})")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from ger_inductor.demo import run_demo
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    print("ger demo: time per step (median), each backend checked against eager")
+    rows = run_demo(quick=args.quick)
+    bad = [r for r in rows if r.max_err > 1e-3]
+    print("\nworkload              backend    ms/step   vs inductor  ger rewrote")
+    for r in rows:
+        ind = next(x.ms for x in rows if x.workload == r.workload and x.backend == "inductor")
+        print(f"{r.workload:21s} {r.backend:9s} {r.ms:8.2f}   {r.ms / ind:6.2f}x     {r.rewrites}")
+    if bad:
+        print(f"\nFAILED: {len(bad)} result(s) differ from eager by more than 1e-3: {[(r.workload, r.backend) for r in bad]}")
+        return 1
+    print("\nall results match eager")
+    return 0
+
+
+def cmd_dump(args) -> int:
+    import ger_inductor
+
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    os.environ["GER_DUMP_DIR"] = out
+    sys.argv = [args.script, *args.script_args]
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    finally:
+        reps = ger_inductor.reports()
+        print(f"\nger dump: {len(reps)} graph(s) compiled with backend='ger', dumps in {out}")
+        for r in reps:
+            print(f"  {r.name}: {len(r.matches)} match(es), {len(r.near_misses)} near-miss(es), "
+                  f"{len(r.fallbacks)} fallback(s) -> {r.dump_path}")
+    return 0
+
+
+def cmd_fleet(args) -> int:
+    from ger_inductor import fleet
+
+    table = fleet.strategy_table(include_local=not args.no_local)
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(fleet.format_strategy_table(table))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ger_inductor", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("env", help="versions, devices and detected profiles").set_defaults(fn=cmd_env)
+    d = sub.add_parser("demo", help="eager / inductor / ger on small CNN and LM workloads")
+    d.add_argument("--quick", action="store_true", help="smaller batches")
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(fn=cmd_demo)
+    du = sub.add_parser("dump", help="run a script, dumping every graph ger compiles")
+    du.add_argument("--out", default="ger_dump")
+    du.add_argument("script")
+    du.add_argument("script_args", nargs=argparse.REMAINDER)
+    du.set_defaults(fn=cmd_dump)
+    fl = sub.add_parser("fleet", help="strategy per device profile")
+    fl.add_argument("--json", action="store_true")
+    fl.add_argument("--no-local", action="store_true", help="pinned profiles only")
+    fl.set_defaults(fn=cmd_fleet)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
