@@ -215,22 +215,7 @@ def ger_loss(
                 "ger_loss: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
             )
 
-    # ---- the distribution the regulariser compares with
-    smooth_scale = None  # label smoothing: eps * sum_j w_j u_j
-    smooth_const = None  # label smoothing: H(u~)
-    u = None
-    if eps is not None:
-        if weight is None and base is None:
-            smooth_scale = eps
-            smooth_const = math.log(V)
-        else:
-            wu = (weight.to(cdt) if weight is not None else 1.0) * (base.to(cdt) if base is not None else 1.0 / V)
-            c = wu.sum()
-            u = wu / c
-            smooth_scale = eps * c
-            smooth_const = -torch.special.xlogy(u, u).sum()
-    elif base is not None:
-        u = base.to(cdt)
+    u, smooth_scale, smooth_const = _smoothing_target(eps, weight, base, V, cdt)
     log_u = None if u is None else torch.log(u)
 
     # ---- per-row statistics: one fused op (one read of the logits forward)
@@ -239,7 +224,37 @@ def ger_loss(
     nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(
         logits3, target2, u, log_u, alpha_f, ignore_index, return_extras, chunk
     )
+    loss = combine_rows(
+        nll, reg, target2, target.shape, beta=beta, eps=eps, smooth_scale=smooth_scale, smooth_const=smooth_const,
+        weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype,
+    )
+    if not return_extras:
+        return loss
+    valid = target2 != ignore_index
+    n_valid = valid.sum().to(ent.dtype)
+    entropy = torch.where(valid, ent, torch.zeros((), dtype=ent.dtype, device=ent.device)).sum() / n_valid
+    return GERLossOutput(loss, entropy, lse.reshape(target.shape))
 
+
+def _smoothing_target(eps, weight, base, V, cdt):
+    """For label smoothing: (u~, eps * sum_j w_j u_j, H(u~)), the base the regulariser
+    compares with when F.cross_entropy weights the smoothing term per class (u~ = w u /
+    sum w u); (base, None, None) otherwise."""
+    if eps is None:
+        return (None if base is None else base.to(cdt)), None, None
+    if weight is None and base is None:
+        return None, eps, math.log(V)
+    wu = (weight.to(cdt) if weight is not None else 1.0) * (base.to(cdt) if base is not None else 1.0 / V)
+    c = wu.sum()
+    u = wu / c
+    return u, eps * c, -torch.special.xlogy(u, u).sum()
+
+
+def combine_rows(nll, reg, target2, target_shape, *, beta, eps, smooth_scale, smooth_const, weight, ignore_index,
+                 reduction, out_dtype):
+    """The loss from the op's per-row statistics: weights, ignore_index and the reduction,
+    with F.cross_entropy's conventions. O(rows) work."""
+    cdt = nll.dtype
     valid = target2 != ignore_index
     wy = None
     if weight is not None:
@@ -254,20 +269,14 @@ def ger_loss(
             per = wy * per
     zero = torch.zeros((), dtype=per.dtype, device=per.device)
     per = torch.where(valid, per, zero)
-
     if reduction == "none":
-        loss = per.reshape(target.shape)
+        loss = per.reshape(target_shape)
     elif reduction == "sum":
         loss = per.sum()
     else:
         denom = valid.sum().to(per.dtype) if wy is None else torch.where(valid, wy, zero).sum()
         loss = per.sum() / denom
-    loss = loss.to(logits.dtype)
-    if not return_extras:
-        return loss
-    n_valid = valid.sum().to(ent.dtype)
-    entropy = torch.where(valid, ent, torch.zeros((), dtype=ent.dtype, device=ent.device)).sum() / n_valid
-    return GERLossOutput(loss, entropy, lse.reshape(target.shape))
+    return loss.to(out_dtype)
 
 
 class GERLoss(nn.Module):
@@ -376,3 +385,102 @@ def ger_loss_reference(
     else:
         out = per.sum() / torch.where(valid, wy, torch.zeros_like(wy)).sum()
     return out.to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------- rewrite helpers
+# The loss-rewrite pass (passes/loss_entropy.py) replaces subgraphs of user code with
+# calls to these functions, which AOTAutograd traces like any other torch code.
+class RowStats(NamedTuple):
+    nll: Tensor
+    reg: Tensor
+    lse: Tensor
+    ent: Tensor
+    aux: Tensor
+
+
+def row_stats(logits: Tensor, target: Tensor, alpha: float, ignore_index: int, extras: bool, chunk: int,
+              class_dim: int = -1, smooth_eps: float | None = None, smooth_weight: Tensor | None = None) -> RowStats:
+    """The op's statistics for every row of ``logits`` (classes in ``class_dim``), each
+    shaped like the logits without the class dimension. With ``smooth_eps`` and
+    ``smooth_weight`` (F.cross_entropy's weighted label smoothing) the regulariser
+    compares with u~ = w / sum w."""
+    cd = class_dim % logits.dim()
+    V = logits.shape[cd]
+    A = math.prod(logits.shape[:cd])
+    D = math.prod(logits.shape[cd + 1:])
+    cdt = _op.compute_dtype(logits.dtype)
+    u = None
+    if smooth_weight is not None:
+        u, _, _ = _smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+    out = torch.ops.ger.loss_fwd(
+        logits.reshape(A, V, D), target.reshape(A, D), u, None if u is None else torch.log(u),
+        float(alpha), int(ignore_index), bool(extras), int(chunk),
+    )
+    rows = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1:])
+    nll, reg, lse, ent, aux = out
+    return RowStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows),
+                    ent.reshape(rows) if extras else ent, aux.reshape(rows))
+
+
+def cross_entropy_from_stats(stats: RowStats, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                             reduction: str, label_smoothing: float, out_dtype: torch.dtype, class_dim: int = -1) -> Tensor:
+    """``F.cross_entropy`` (and ``F.nll_loss`` of log-softmax) from the op's row statistics."""
+    cd = class_dim % logits.dim()
+    V = logits.shape[cd]
+    cdt = stats.nll.dtype
+    eps = float(label_smoothing) if label_smoothing else None
+    _, smooth_scale, smooth_const = _smoothing_target(eps, weight, None, V, cdt)
+    return combine_rows(
+        stats.nll.reshape(target.shape), stats.reg.reshape(target.shape), target, target.shape, beta=0.0, eps=eps, smooth_scale=smooth_scale,
+        smooth_const=smooth_const, weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=out_dtype,
+    )
+
+
+def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float], ...], keepdim: bool, alpha: float,
+                  out_dtype: torch.dtype) -> Tensor:
+    """A linear combination of per-row statistics of the logits ``like`` (classes last),
+    shaped like ``like`` reduced over its last dimension.
+
+    Statistics: L (log-sum-exp), zy (target logit), zsum (sum of logits), ez (E_p[z]),
+    plogm (sum p log m), ulogm (sum u log m), one (1); m = alpha p + (1-alpha)/V.
+    """
+    V = like.shape[-1]
+    logv = math.log(V)
+
+    def stat(name: str) -> Tensor | float:
+        if name == "L":
+            return stats.lse
+        if name == "zy":
+            return stats.lse - stats.nll
+        if name == "ez":
+            return stats.lse - stats.ent
+        if name == "zsum":  # from KL(u||p) = L - zsum / V - log V (alpha = 1)
+            return V * (stats.lse - logv - stats.reg)
+        if name == "plogm":  # sum p log m = -H - KL(p||m)
+            return -stats.ent - stats.aux
+        if name == "ulogm":  # sum u log m = -log V - KL(u||m), KL(u||m) = alpha (J - KL(p||m) / (1 - alpha))
+            return -logv - alpha * (stats.reg - stats.aux / (1.0 - alpha))
+        if name == "one":
+            return 1.0
+        raise KeyError(name)
+
+    total: Tensor | float = 0.0
+    for name, c in coefs:
+        total = total + c * stat(name)
+    if not isinstance(total, Tensor):
+        total = torch.full_like(stats.lse, float(total))
+    shape = tuple(like.shape[:-1]) + ((1,) if keepdim else ())
+    return total.reshape(shape).to(out_dtype)
+
+
+def kl_div_reduce(rows: Tensor, like: Tensor, reduction: str, out_dtype: torch.dtype) -> Tensor:
+    """F.kl_div's reduction of per-row KL values of ``like`` (the input log-probabilities)."""
+    if reduction == "sum":
+        out = rows.sum()
+    elif reduction == "batchmean":
+        out = rows.sum() / like.shape[0]
+    elif reduction == "mean":
+        out = rows.sum() / like.numel()
+    else:
+        raise ValueError(f"kl_div reduction {reduction!r} is not per row")
+    return out.to(out_dtype)
