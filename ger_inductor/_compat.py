@@ -186,6 +186,24 @@ def has_inductor_backend(device_type: str) -> bool:
         return device_type in ("cpu", "cuda")
 
 
+def mark_recompute_in_backward(node) -> None:
+    """Ask AOTAutograd's partitioner to recompute ``node`` in the backward, never save it.
+
+    Selective activation checkpointing's tag: AOTAutograd copies the ``recompute`` meta
+    of each Dynamo node onto the ATen nodes traced from it (torch.fx.proxy's
+    ``_COPY_META_FIELDS``, 2.11 and 2.13), and the min-cut partitioner recomputes
+    nodes tagged MUST_RECOMPUTE.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
+def has_onednn_conv_fusion() -> bool:
+    """Whether oneDNN's convolution with fused post-ops (and its Inductor lowering) exists."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 # --------------------------------------------------------------------------- dynamo
 def counters():
     from torch._dynamo.utils import counters as _c

@@ -18,5 +18,6 @@ def ensure_registered() -> None:
         if _registered:
             return
         from . import ger_loss  # noqa: F401  (registers on import)
+        from . import conv_bn  # noqa: F401  (registers on import)
 
         _registered = True

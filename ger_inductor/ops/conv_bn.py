@@ -1,0 +1,402 @@
+"""conv -> BN -> activation: what the ``conv_bn_act`` pass puts into the graph.
+
+Inference (BN with running statistics): :func:`conv_bn_act_eval` folds BN into the
+convolution at run time, in fp32 (fp64 for fp64 models), casts the folded weight and
+bias back to the conv's dtype once, and runs one convolution with the activation
+after it. Plain differentiable torch ops: it works with and without grad-enabled
+parameters, under ``torch.no_grad()`` or not, and AOTAutograd derives gradients
+that match eager's. With ``onednn=True`` (CPU, no gradient needed) the convolution
+is oneDNN's, with the activation as a fused post-op.
+
+Training (BN with batch statistics), two ``ger::`` ops::
+
+    mean, invstd = update_batch_stats(x, running_mean, running_var, momentum, eps)
+    y = ger::batch_norm_act(x, mean, invstd, weight, bias, act, act_min, act_max)
+
+``ger::batch_norm_train_stats`` computes the per-channel batch statistics (one pass
+over x) and the new running statistics, which :func:`update_batch_stats` copies into
+the buffers exactly as ``F.batch_norm`` does (momentum, unbiased variance;
+``num_batches_tracked`` is incremented by the module's own code, which stays in the
+graph). ``ger::batch_norm_act`` normalises, scales, shifts and activates (one pass);
+its backward, ``ger::batch_norm_act_backward``, is the FULL batch-norm training
+gradient, through the statistics included. That is valid because ``mean`` and
+``invstd`` are x's own batch statistics; the statistics op therefore sees a detached
+x and contributes no gradient of its own.
+
+The backward needs x (the conv output), never y: the derivative of the activation is
+evaluated at the recomputed pre-activation. The pass marks the ``batch_norm_act``
+node "recompute in backward", so AOTAutograd's partitioner saves x and recomputes y
+where the next convolution's backward needs it: one activation-sized tensor saved
+per block instead of two. (Recovering x-hat from y instead, InPlace-ABN's way, only
+works for invertible activations: BN's input gradient needs x-hat at EVERY position,
+also where ReLU clipped; see docs/patterns.md.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ger_loss import OPS_NAMESPACE, compute_dtype
+
+#: Activations the pass fuses, by the name the ops take. relu6 is hardtanh(0, 6).
+ACTIVATIONS = ("none", "relu", "hardtanh", "silu", "gelu", "gelu_tanh")
+
+#: oneDNN post-op (attr, algorithm) per activation; scalars are (min, max) for hardtanh
+ONEDNN_POST_OPS = {
+    "none": ("none", ""),
+    "relu": ("relu", ""),
+    "hardtanh": ("hardtanh", ""),
+    "silu": ("swish", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+}
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_TANH_CUBIC = 0.044715
+
+
+def check_activation(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"ger conv_bn: unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+
+
+def activation(z: Tensor, act: str, act_min: float, act_max: float) -> Tensor:
+    """The activation as eager torch ops (the reference the lowerings are tested against)."""
+    if act == "none":
+        return z
+    if act == "relu":
+        return torch.relu(z)
+    if act == "hardtanh":
+        return F.hardtanh(z, act_min, act_max)
+    if act == "silu":
+        return F.silu(z)
+    if act == "gelu":
+        return F.gelu(z)
+    if act == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    check_activation(act)
+    raise AssertionError("unreachable")
+
+
+def activation_derivative(z: Tensor, act: str, act_min: float, act_max: float) -> Tensor:
+    """d act / dz at z, with eager's conventions at the kinks (0 at relu's 0 and at
+    hardtanh's bounds, as ``threshold_backward`` / ``hardtanh_backward`` give)."""
+    if act == "none":
+        return torch.ones_like(z)
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    if act == "hardtanh":
+        return ((z > act_min) & (z < act_max)).to(z.dtype)
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if act == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * math.sqrt(0.5)))
+        pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        return cdf + z * pdf
+    if act == "gelu_tanh":
+        t = torch.tanh(SQRT_2_OVER_PI * (z + GELU_TANH_CUBIC * z * z * z))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_CUBIC * z * z)
+    check_activation(act)
+    raise AssertionError("unreachable")
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    """(C,) -> (1, C, 1, ...) for broadcasting against an (N, C, *spatial) tensor."""
+    return t.view([1, -1] + [1] * (ndim - 2))
+
+
+# ----------------------------------------------------------------------------- inference
+def fold_bn_into_conv(
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    eps: float,
+    transposed: bool,
+    groups: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of the convolution that equals conv followed by eval-mode BN.
+
+    scale = bn_weight / sqrt(running_var + eps) per OUTPUT channel,
+    weight' = weight * scale over the output-channel dimension,
+    bias' = (conv_bias - running_mean) * scale + bn_bias.
+
+    A transposed convolution's weight is laid out (in, out / groups, *k): output channel
+    g * (out / groups) + j lives at [g * (in / groups) + i, j]. Scaling dimension 0, as
+    Inductor's freezing does, scales INPUT channels - wrong unless in == out and scale
+    is constant. Computed in fp32 (fp64 for fp64 weights) and cast once to ``dtype``, the
+    dtype the convolution computes in (the weight's, or autocast's).
+    """
+    cd = compute_dtype(conv_weight.dtype)
+    scale = torch.rsqrt(running_var.to(cd) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(cd)
+    shift = -running_mean.to(cd) if conv_bias is None else conv_bias.to(cd) - running_mean.to(cd)
+    bias = shift * scale
+    if bn_bias is not None:
+        bias = bias + bn_bias.to(cd)
+    w = conv_weight.to(cd)
+    kernel_dims = [1] * (w.dim() - 2)
+    if transposed:
+        c_in, c_out_per_group = w.shape[0], w.shape[1]
+        w = w.reshape(groups, c_in // groups, c_out_per_group, *w.shape[2:])
+        w = (w * scale.view(groups, 1, c_out_per_group, *kernel_dims)).reshape(conv_weight.shape)
+    else:
+        w = w * scale.view(-1, 1, *kernel_dims)
+    return w.to(dtype), bias.to(dtype)
+
+
+_CONV_FNS = {
+    (1, False): F.conv1d,
+    (2, False): F.conv2d,
+    (3, False): F.conv3d,
+    (1, True): F.conv_transpose1d,
+    (2, True): F.conv_transpose2d,
+    (3, True): F.conv_transpose3d,
+}
+
+
+def conv_bn_act_eval(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    eps: float,
+    stride: Sequence[int],
+    padding: Union[Sequence[int], str],
+    dilation: Sequence[int],
+    groups: int,
+    transposed: bool,
+    output_padding: Sequence[int],
+    act: str,
+    act_min: float,
+    act_max: float,
+    dtype: torch.dtype,
+    onednn: bool,
+) -> Tensor:
+    """act(BN_eval(conv(x))) as ONE convolution with BN folded in at run time.
+
+    ``onednn=True``: :func:`onednn_conv_act` (CPU, no autograd: the pass picks it only
+    when no gradient can be asked for, for 2d/3d convs with integer padding). Otherwise the framework's convolution with the folded bias,
+    the activation after it (Inductor fuses it into its neighbours).
+    """
+    w, b = fold_bn_into_conv(
+        conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, transposed, groups, dtype
+    )
+    if onednn:
+        return onednn_conv_act(x, w, b, list(padding), list(stride), list(dilation), groups, act, act_min, act_max)
+    conv = _CONV_FNS[(conv_weight.dim() - 2, transposed)]
+    if transposed:
+        y = conv(x, w, b, stride, padding, output_padding, groups, dilation)
+    else:
+        y = conv(x, w, b, stride, padding, dilation, groups)
+    return activation(y, act, act_min, act_max)
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::onednn_conv_act", mutates_args=())
+def onednn_conv_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    act_min: float,
+    act_max: float,
+) -> Tensor:
+    """act(conv(x)): oneDNN's convolution with the activation as a fused post-op.
+
+    A ger op rather than ``mkldnn._convolution_pointwise`` itself because that op's
+    fake implementation claims a channels_last output whatever the input, while the
+    kernel (and eager's conv) return the input's memory format: traced views and graph
+    outputs would see strides eager never produces. This op's fake is eager's conv,
+    and its lowering is Inductor's for the oneDNN op (channels_last inside the graph;
+    Inductor restrides what leaves it).
+    """
+    attr, algorithm = ONEDNN_POST_OPS[act]
+    scalars = [act_min, act_max] if act == "hardtanh" else []
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, attr, scalars, algorithm)
+
+
+@onednn_conv_act.register_fake
+def _onednn_conv_act_fake(x, weight, bias, padding, stride, dilation, groups, act, act_min, act_max):
+    check_activation(act)
+    return _CONV_FNS[(weight.dim() - 2, False)](x, weight, bias, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------- training
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _values_per_channel(x: Tensor) -> int:
+    return x.numel() // x.shape[1]
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::batch_norm_train_stats", mutates_args=())
+def batch_norm_train_stats(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel batch statistics and the updated running statistics.
+
+    Returns (mean, invstd) in the compute dtype and (running_mean', running_var') in the
+    buffers' dtype: running' = (1 - momentum) running + momentum * batch, with the
+    unbiased (Bessel-corrected) batch variance, as ``F.batch_norm`` updates them.
+    """
+    cd = compute_dtype(x.dtype)
+    var, mean = torch.var_mean(x.to(cd), _reduce_dims(x), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    n = _values_per_channel(x)
+    new_mean = (1 - momentum) * running_mean.to(cd) + momentum * mean
+    new_var = (1 - momentum) * running_var.to(cd) + momentum * var * (n / (n - 1))
+    return mean, invstd, new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+@batch_norm_train_stats.register_fake
+def _batch_norm_train_stats_fake(x, running_mean, running_var, momentum, eps):
+    cd = compute_dtype(x.dtype)
+    c = x.shape[1]
+    return (
+        x.new_empty((c,), dtype=cd),
+        x.new_empty((c,), dtype=cd),
+        torch.empty_like(running_mean),
+        torch.empty_like(running_var),
+    )
+
+
+def update_batch_stats(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Batch statistics of x for ``batch_norm_act``; updates the running buffers in place.
+
+    x is detached: ``batch_norm_act``'s backward carries the gradient through the
+    statistics itself.
+    """
+    mean, invstd, new_mean, new_var = batch_norm_train_stats(x.detach(), running_mean, running_var, momentum, eps)
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    return mean, invstd
+
+
+def _normalized(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    cd = mean.dtype
+    return (x.to(cd) - _channel_view(mean, x.dim())) * _channel_view(invstd, x.dim())
+
+
+def _scale_shift(x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    z = x_hat
+    if weight is not None:
+        z = z * _channel_view(weight.to(x_hat.dtype), x_hat.dim())
+    if bias is not None:
+        z = z + _channel_view(bias.to(x_hat.dtype), x_hat.dim())
+    return z
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::batch_norm_act", mutates_args=())
+def batch_norm_act(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    act: str,
+    act_min: float,
+    act_max: float,
+) -> Tensor:
+    """act((x - mean) * invstd * weight + bias), computed in mean's dtype, returned in x's.
+
+    Contract: mean and invstd are x's own batch statistics (``batch_norm_train_stats``);
+    the backward is batch norm's training gradient, which differentiates through them.
+    """
+    check_activation(act)
+    z = _scale_shift(_normalized(x, mean, invstd), weight, bias)
+    return activation(z, act, act_min, act_max).to(x.dtype)
+
+
+@batch_norm_act.register_fake
+def _batch_norm_act_fake(x, mean, invstd, weight, bias, act, act_min, act_max):
+    check_activation(act)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    act: str,
+    act_min: float,
+    act_max: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias) of ``batch_norm_act`` in training mode.
+
+    With M values per channel, x_hat = (x - mean) invstd, z = weight x_hat + bias and
+    g = grad_out * act'(z):
+        grad_bias = sum g,  grad_weight = sum g x_hat,
+        grad_x = weight invstd (g - grad_bias / M - x_hat grad_weight / M).
+    grad_weight / grad_bias come in the compute dtype (the caller casts or drops them).
+    """
+    check_activation(act)
+    dims = _reduce_dims(x)
+    x_hat = _normalized(x, mean, invstd)
+    z = _scale_shift(x_hat, weight, bias)
+    g = grad_out.to(mean.dtype) * activation_derivative(z, act, act_min, act_max)
+    sum_g = g.sum(dims)
+    sum_g_xhat = (g * x_hat).sum(dims)
+    m = _values_per_channel(x)
+    k = invstd if weight is None else invstd * weight.to(mean.dtype)
+    ndim = x.dim()
+    grad_x = _channel_view(k, ndim) * (
+        g - _channel_view(sum_g / m, ndim) - x_hat * _channel_view(sum_g_xhat / m, ndim)
+    )
+    return grad_x.to(x.dtype), sum_g_xhat, sum_g
+
+
+@batch_norm_act_backward.register_fake
+def _batch_norm_act_backward_fake(grad_out, x, mean, invstd, weight, bias, act, act_min, act_max):
+    c = x.shape[1]
+    return torch.empty_like(x), mean.new_empty((c,)), mean.new_empty((c,))
+
+
+def _batch_norm_act_setup_context(ctx, inputs, output):
+    x, mean, invstd, weight, bias, act, act_min, act_max = inputs
+    # x, not the output: the next convolution keeps the output alive only in the
+    # forward; the backward recomputes it from x (see the module docstring)
+    ctx.save_for_backward(x, mean, invstd, weight, bias)
+    ctx.act = (act, act_min, act_max)
+
+
+def _batch_norm_act_backward(ctx, grad_out):
+    x, mean, invstd, weight, bias = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = batch_norm_act_backward(grad_out, x, mean, invstd, weight, bias, *ctx.act)
+    needs = ctx.needs_input_grad
+    return (
+        grad_x if needs[0] else None,
+        None,
+        None,
+        grad_weight.to(weight.dtype) if weight is not None and needs[3] else None,
+        grad_bias.to(bias.dtype) if bias is not None and needs[4] else None,
+        None,
+        None,
+        None,
+    )
+
+
+batch_norm_act.register_autograd(_batch_norm_act_backward, setup_context=_batch_norm_act_setup_context)
