@@ -207,6 +207,19 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
             "wavefront); fewer, larger rows per CU suit the 304 CUs of an MI300X")),
         "other": dict(forward="rows", chunk=0, why="no profile-specific tuning: Inductor's defaults"),
     },
+    "conv_bn_act": {
+        "cpu": dict(eval_conv="onednn_post_op", train="stats_normalize_recompute", why=(
+            "eval: oneDNN conv with the activation as post-op when no gradient is needed (no pass "
+            "over the activations after the conv; channels_last inside the graph), else aten conv + "
+            "folded bias; train: batch stats + normalize/activate, activation recomputed in backward")),
+        "nvidia": dict(eval_conv="vendor_conv_bias", train="stats_normalize_recompute", why=(
+            "eval: cuDNN conv with the folded bias, activation in Inductor's epilogue kernel (fused "
+            "with what follows, e.g. a residual add); Inductor's layout optimisation picks channels_last")),
+        "amd": dict(eval_conv="vendor_conv_bias", train="stats_normalize_recompute", why=(
+            "as on NVIDIA with MIOpen; the profile keeps Inductor's layout optimisation off")),
+        "other": dict(eval_conv="vendor_conv_bias", train="stats_normalize_recompute", why=(
+            "framework conv with the folded bias; activation fused by Inductor")),
+    },
 }
 
 

@@ -1,6 +1,476 @@
-"""loss + entropy subgraphs -> ger::loss_fwd (work in progress)."""
+"""conv -> BN -> activation on the Dynamo graph (torch IR, nn modules inlined).
+
+Recognised spellings (arguments positional or keyword, normalised against the
+signatures below):
+
+* convolution: ``torch.conv1d/2d/3d`` (= ``F.conv*d``, what ``nn.Conv*d`` becomes; a
+  ``padding_mode`` other than 'zeros' shows up as ``F.pad`` before it, padding may be
+  a string) and ``torch.conv_transpose1d/2d/3d`` (= ``F.conv_transpose*d``);
+* batch norm: ``F.batch_norm`` (what ``nn.BatchNorm*d`` becomes; ``training`` is an
+  argument, ``num_batches_tracked += 1`` is a separate node that stays) and
+  ``torch.batch_norm``;
+* activation (optional): ``F.relu``, ``torch.relu(_)``, ``Tensor.relu(_)``,
+  ``F.relu6``, ``F.hardtanh(_)`` (what ``nn.ReLU6`` / ``nn.Hardtanh`` become),
+  ``F.silu``, ``F.gelu`` (both approximations).
+
+Rewrites:
+
+* BN eval (``training=False``): the three nodes become ONE call of
+  :func:`~ger_inductor.ops.conv_bn.conv_bn_act_eval` - BN folded into the conv at run
+  time in fp32, one cast back, differentiable. On CPUs, when no gradient can be asked
+  for, the conv is oneDNN's with the activation as a fused post-op (Inductor lowers it
+  to an extern kernel writing channels_last); elsewhere the vendor convolution with the
+  folded bias and the activation left to Inductor's fusion.
+* BN train (``training=True`` with running statistics): the conv stays; BN and the
+  activation become ``update_batch_stats`` (``ger::batch_norm_train_stats`` + running
+  buffer update) and ``ger::batch_norm_act``, whose output is recomputed in backward
+  (one activation-sized tensor saved per block instead of two).
+
+Anything not provably equivalent is left alone and reported as a near-miss with its
+reason (see :data:`NEAR_MISS_REASONS`; docs/patterns.md lists them).
+"""
+
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
+import operator
+from typing import Any
 
-def run(gm, ctx) -> bool:
-    return False
+import torch
+import torch.fx as fx
+
+from .. import _compat, fleet
+from ..ops import conv_bn as conv_bn_ops
+from ..options import op_name
+
+PATTERN_EVAL = "conv_bn_act.eval"
+PATTERN_TRAIN = "conv_bn_act.train"
+PATTERN_ACT = "conv_bn_act.activation"
+
+#: Every reason a candidate is refused, one source of truth for docs and tests.
+NEAR_MISS_REASONS = {
+    "conv_users": "the conv output has other users besides batch norm; folding would need the unfolded conv too",
+    "no_running_stats": "batch norm without running statistics (track_running_stats=False): batch statistics in eval too",
+    "training_flag": "batch norm's training flag is not a constant bool",
+    "non_constant": "a conv or batch-norm hyper-parameter (stride, padding, momentum, eps, ...) is computed in the graph",
+    "signature": "the call's arguments do not match the op's signature",
+    "no_example_value": "no example value (fake tensor) on a node, so shapes and dtypes are unknown",
+    "dtype": "a tensor is not floating point, or batch norm's output dtype differs from the conv's",
+    "device": "conv and batch-norm tensors are on different devices",
+    "other_norm": "the conv feeds a normalisation ger does not fuse",
+    "activation": "the activation after batch norm is not one ger fuses",
+    "hardtanh_bounds": "hardtanh bounds are not constants with min < max",
+}
+
+#: fused activations by op name (call_function) or method name (call_method)
+_SIG_INPUT_INPLACE = (("input", inspect.Parameter.empty), ("inplace", False))
+_ACTIVATION_FUNCTIONS: dict[str, tuple[str, tuple]] = {
+    "torch.nn.functional.relu": ("relu", _SIG_INPUT_INPLACE),
+    "torch.relu": ("relu", (("input", inspect.Parameter.empty),)),
+    "torch.relu_": ("relu", (("input", inspect.Parameter.empty),)),
+    "torch.nn.functional.relu6": ("relu6", _SIG_INPUT_INPLACE),
+    "torch.nn.functional.hardtanh": (
+        "hardtanh",
+        (("input", inspect.Parameter.empty), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
+    ),
+    "torch.nn.functional.hardtanh_": (
+        "hardtanh",
+        (("input", inspect.Parameter.empty), ("min_val", -1.0), ("max_val", 1.0)),
+    ),
+    "torch.nn.functional.silu": ("silu", _SIG_INPUT_INPLACE),
+    "torch.nn.functional.gelu": ("gelu", (("input", inspect.Parameter.empty), ("approximate", "none"))),
+}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
+
+#: activations users put after BN that ger does not fuse (reported, not matched)
+_UNFUSED_ACTIVATIONS = {
+    "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+    "mish", "softplus", "prelu", "rrelu", "logsigmoid", "clamp", "clamp_", "clip", "clip_", "threshold",
+}  # fmt: skip
+
+#: normalisations that may follow a conv but are not batch norm with its own statistics
+_OTHER_NORMS = {
+    "torch.batch_norm_stats": "SyncBatchNorm (cross-process statistics)",
+    "torch.nn.functional.instance_norm": "instance norm",
+    "torch.nn.functional.group_norm": "group norm",
+    "torch.nn.functional.layer_norm": "layer norm",
+}
+
+_REQUIRED = inspect.Parameter.empty
+
+
+def _signature(params) -> inspect.Signature:
+    return inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for name, d in params]
+    )
+
+
+_CONV_SIG = _signature(
+    [("input", _REQUIRED), ("weight", _REQUIRED), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+     ("groups", 1)]
+)  # fmt: skip
+_CONV_TRANSPOSE_SIG = _signature(
+    [("input", _REQUIRED), ("weight", _REQUIRED), ("bias", None), ("stride", 1), ("padding", 0),
+     ("output_padding", 0), ("groups", 1), ("dilation", 1)]
+)  # fmt: skip
+#: spatial dims and transposed, by op name
+_CONVS = {
+    "torch.conv1d": (1, False),
+    "torch.conv2d": (2, False),
+    "torch.conv3d": (3, False),
+    "torch.conv_transpose1d": (1, True),
+    "torch.conv_transpose2d": (2, True),
+    "torch.conv_transpose3d": (3, True),
+}
+_BATCH_NORMS = {
+    "torch.nn.functional.batch_norm": _signature(
+        [("input", _REQUIRED), ("running_mean", _REQUIRED), ("running_var", _REQUIRED), ("weight", None),
+         ("bias", None), ("training", False), ("momentum", 0.1), ("eps", 1e-5)]
+    ),
+    "torch.batch_norm": _signature(
+        [("input", _REQUIRED), ("weight", _REQUIRED), ("bias", _REQUIRED), ("running_mean", _REQUIRED),
+         ("running_var", _REQUIRED), ("training", _REQUIRED), ("momentum", _REQUIRED), ("eps", _REQUIRED),
+         ("cudnn_enabled", _REQUIRED)]
+    ),
+}  # fmt: skip
+
+
+class NearMiss(Exception):
+    """A candidate ger leaves alone: ``key`` into NEAR_MISS_REASONS, plus specifics."""
+
+    def __init__(self, key: str, specifics: str = ""):
+        self.key = key
+        self.reason = NEAR_MISS_REASONS[key] + (f" ({specifics})" if specifics else "")
+        super().__init__(self.reason)
+
+
+# ----------------------------------------------------------------------------- matching
+@dataclasses.dataclass
+class Activation:
+    name: str  # one of conv_bn_ops.ACTIVATIONS
+    lo: float = 0.0
+    hi: float = 0.0
+
+
+@dataclasses.dataclass
+class Candidate:
+    conv: fx.Node
+    bn: fx.Node
+    act_node: fx.Node | None
+    act: Activation
+    conv_args: dict[str, Any]
+    bn_args: dict[str, Any]
+    spatial_dims: int
+    transposed: bool
+
+    @property
+    def last(self) -> fx.Node:
+        return self.act_node if self.act_node is not None else self.bn
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in (self.conv, self.bn, self.act_node) if n is not None]
+
+
+def _name(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        return op_name(node.target)
+    if node.op == "call_method":
+        return str(node.target)
+    return None
+
+
+def _bind(sig: inspect.Signature, node: fx.Node) -> dict[str, Any]:
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+    except TypeError as e:
+        raise NearMiss("signature", f"{_name(node)}: {e}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _value(node: Any):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def _ints(v: Any, n: int, what: str) -> tuple[int, ...]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        return tuple(v) * n if len(v) == 1 else tuple(v)
+    raise NearMiss("non_constant", f"{what}={v!r}")
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    raise NearMiss("non_constant", f"{what}={v!r}")
+
+
+def _conv_args(conv: fx.Node, dims: int, transposed: bool) -> dict[str, Any]:
+    a = _bind(_CONV_TRANSPOSE_SIG if transposed else _CONV_SIG, conv)
+    a["stride"] = _ints(a["stride"], dims, "stride")
+    a["dilation"] = _ints(a["dilation"], dims, "dilation")
+    if isinstance(a["padding"], str) and not transposed:
+        if a["padding"] not in ("same", "valid"):
+            raise NearMiss("non_constant", f"padding={a['padding']!r}")
+    else:
+        a["padding"] = _ints(a["padding"], dims, "padding")
+    a["output_padding"] = _ints(a.get("output_padding", 0), dims, "output_padding")
+    if not isinstance(a["groups"], int) or isinstance(a["groups"], bool):
+        raise NearMiss("non_constant", f"groups={a['groups']!r}")
+    return a
+
+
+def _bn_args(bn: fx.Node) -> dict[str, Any]:
+    a = _bind(_BATCH_NORMS[_name(bn)], bn)
+    if not isinstance(a["training"], bool):
+        raise NearMiss("training_flag", f"training={a['training']!r}")
+    a["momentum"] = _number(a["momentum"], "momentum")
+    a["eps"] = _number(a["eps"], "eps")
+    if a["running_mean"] is None or a["running_var"] is None:
+        raise NearMiss("no_running_stats")
+    return a
+
+
+def _training_flag(bn: fx.Node) -> Any:
+    try:
+        return _bind(_BATCH_NORMS[_name(bn)], bn)["training"]
+    except NearMiss:
+        return None
+
+
+def _activation(node: fx.Node, bn: fx.Node) -> Activation | None:
+    """The fused activation ``node`` applies to ``bn``'s output; None if it is no activation.
+
+    Raises NearMiss for an activation ger does not fuse.
+    """
+    name = _name(node)
+    if node.op == "call_method" and name in _ACTIVATION_METHODS:
+        if node.args[:1] != (bn,) or len(node.args) > 1 or node.kwargs:
+            return None
+        return Activation(_ACTIVATION_METHODS[name])
+    if node.op == "call_function" and name in _ACTIVATION_FUNCTIONS:
+        kind, params = _ACTIVATION_FUNCTIONS[name]
+        a = _bind(_signature(params), node)
+        if a["input"] is not bn:
+            return None
+        if kind == "relu6":
+            return Activation("hardtanh", 0.0, 6.0)
+        if kind == "hardtanh":
+            lo, hi = a["min_val"], a["max_val"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
+                raise NearMiss("hardtanh_bounds", f"min_val={lo!r}, max_val={hi!r}")
+            return Activation("hardtanh", float(lo), float(hi))
+        if kind == "gelu":
+            approx = a["approximate"]
+            if approx not in ("none", "tanh"):
+                raise NearMiss("non_constant", f"approximate={approx!r}")
+            return Activation("gelu" if approx == "none" else "gelu_tanh")
+        return Activation(kind)
+    if name is not None and name.rsplit(".", 1)[-1] in _UNFUSED_ACTIVATIONS:
+        raise NearMiss("activation", f"{name}; ger fuses relu, relu6, hardtanh, silu, gelu")
+    return None
+
+
+def _check_dtypes_and_devices(conv_args: dict[str, Any], bn_args: dict[str, Any], conv: fx.Node, bn: fx.Node) -> None:
+    """The conv's output dtype is the dtype it computes in; batch norm must keep it.
+
+    Conv input and weight may be in another floating dtype only under autocast (eager
+    raises otherwise); the fold then casts to the conv's compute dtype, as autocast
+    would cast the weight.
+    """
+    tensors = {
+        "conv input": conv_args["input"],
+        "conv weight": conv_args["weight"],
+        "conv bias": conv_args["bias"],
+        "conv output": conv,
+        "bn output": bn,
+        "running_mean": bn_args["running_mean"],
+        "running_var": bn_args["running_var"],
+        "bn weight": bn_args["weight"],
+        "bn bias": bn_args["bias"],
+    }
+    values = {}
+    for what, n in tensors.items():
+        if n is None:
+            continue
+        v = _value(n)
+        if not isinstance(v, torch.Tensor):
+            raise NearMiss("no_example_value", what)
+        if not v.dtype.is_floating_point:
+            raise NearMiss("dtype", f"{what} {v.dtype}")
+        values[what] = v
+    if values["bn output"].dtype != values["conv output"].dtype:
+        raise NearMiss("dtype", f"conv output {values['conv output'].dtype}, bn output {values['bn output'].dtype}")
+    devices = {v.device for v in values.values()}
+    if len(devices) > 1:
+        raise NearMiss("device", ", ".join(sorted(map(str, devices))))
+
+
+def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
+    dims, transposed = _CONVS[_name(conv)]
+    if len(conv.users) > 1:
+        raise NearMiss("conv_users", f"{len(conv.users)} users: {', '.join(u.name for u in conv.users)}")
+    bn_args = _bn_args(bn)
+    if bn_args["input"] is not conv:
+        raise NearMiss("signature", "batch norm's input is not the conv output")
+    conv_args = _conv_args(conv, dims, transposed)
+    _check_dtypes_and_devices(conv_args, bn_args, conv, bn)
+    act_node, act = None, Activation("none")
+    if len(bn.users) == 1:
+        user = next(iter(bn.users))
+        try:
+            found = _activation(user, bn)
+        except NearMiss as miss:
+            ctx.near_miss(PATTERN_ACT, user, miss.reason)
+            found = None
+        if found is not None:
+            act_node, act = user, found
+    return Candidate(conv, bn, act_node, act, conv_args, bn_args, dims, transposed)
+
+
+# ----------------------------------------------------------------------------- rewriting
+def _fake_run(fn, args: tuple, like: fx.Node, requires_grad: bool):
+    """fn on the example values of args, under their fake mode (for node meta).
+
+    Run without autograd (a saved-tensor hook active around the compiling call must
+    not see fake tensors); ``requires_grad`` is set on the result as the graph has it.
+    """
+    fake_mode = getattr(_value(like), "fake_mode", None) or contextlib.nullcontext()
+
+    def val(a):
+        return _value(a) if isinstance(a, fx.Node) else a
+
+    with fake_mode, torch.no_grad():
+        out = fn(*[val(a) for a in args])
+    if requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+def _copy_source_meta(new: fx.Node, old: fx.Node) -> None:
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
+def _onednn_padding(c: Candidate) -> tuple[int, ...] | None:
+    """Integer padding equal to c's padding, or None (asymmetric 'same' padding)."""
+    padding = c.conv_args["padding"]
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return (0,) * c.spatial_dims
+    kernel = _value(c.conv_args["weight"]).shape[2:]
+    total = [d * (k - 1) for d, k in zip(c.conv_args["dilation"], kernel)]
+    if any(t % 2 for t in total):
+        return None
+    return tuple(t // 2 for t in total)
+
+
+def _use_onednn(c: Candidate, strategy: dict[str, Any], profile) -> tuple[bool, str]:
+    """Whether oneDNN's conv with a fused post-op serves c, and why (not)."""
+    if strategy["eval_conv"] != "onednn_post_op":
+        return False, f"strategy of profile {profile.name}: {strategy['eval_conv']}"
+    if not _compat.has_onednn_conv_fusion():
+        return False, "this torch build has no oneDNN post-op convolution"
+    out = _value(c.last)
+    if out.requires_grad:
+        return False, "a gradient may be asked for (oneDNN's fused conv has no autograd)"
+    if c.transposed or c.spatial_dims == 1:
+        return False, "transposed or 1d convolution"
+    if out.dtype not in (torch.float32, torch.bfloat16) or (out.dtype == torch.bfloat16 and not profile.bf16):
+        return False, f"dtype {out.dtype}"
+    if _value(c.conv_args["input"]).dtype != out.dtype:
+        return False, "autocast casts the conv input (oneDNN's fused conv is not autocast-aware)"
+    if any(not isinstance(s, int) for s in out.shape) or any(
+        not isinstance(s, int) for s in _value(c.conv_args["input"]).shape
+    ):
+        return False, "dynamic shapes"
+    if _onednn_padding(c) is None:
+        return False, "asymmetric 'same' padding"
+    return True, "no gradient needed"
+
+
+def _rewrite_eval(gm: fx.GraphModule, c: Candidate, ctx, strategy: dict[str, Any]) -> None:
+    onednn, why = _use_onednn(c, strategy, ctx.profile)
+    ca, ba = c.conv_args, c.bn_args
+    padding = _onednn_padding(c) if onednn else ca["padding"]
+    args = (
+        ca["input"], ca["weight"], ca["bias"], ba["running_mean"], ba["running_var"], ba["weight"], ba["bias"],
+        ba["eps"], ca["stride"], padding, ca["dilation"], ca["groups"], c.transposed, ca["output_padding"],
+        c.act.name, c.act.lo, c.act.hi, _value(c.conv).dtype, onednn,
+    )  # fmt: skip
+    with gm.graph.inserting_before(c.bn):
+        new = gm.graph.call_function(conv_bn_ops.conv_bn_act_eval, args)
+    new.meta["example_value"] = _fake_run(conv_bn_ops.conv_bn_act_eval, args, c.conv, _value(c.last).requires_grad)
+    _copy_source_meta(new, c.bn)
+    _replace(gm, c, new)
+    ctx.match(
+        PATTERN_EVAL, c.nodes, conv=_name(c.conv), groups=ca["groups"], act=c.act.name,
+        conv_impl="onednn post-op" if onednn else "aten conv + folded bias", why=why,
+    )  # fmt: skip
+
+
+def _rewrite_train(gm: fx.GraphModule, c: Candidate, ctx) -> None:
+    ba = c.bn_args
+    stats_args = (c.conv, ba["running_mean"], ba["running_var"], ba["momentum"], ba["eps"])
+    graph = gm.graph
+    with graph.inserting_before(c.bn):
+        stats = graph.call_function(conv_bn_ops.update_batch_stats, stats_args)
+        mean = graph.call_function(operator.getitem, (stats, 0))
+        invstd = graph.call_function(operator.getitem, (stats, 1))
+        act_args = (c.conv, mean, invstd, ba["weight"], ba["bias"], c.act.name, c.act.lo, c.act.hi)
+        y = graph.call_function(torch.ops.ger.batch_norm_act.default, act_args)
+    stats_val = _fake_run(conv_bn_ops.update_batch_stats, stats_args, c.conv, False)
+    stats.meta["example_value"] = stats_val
+    mean.meta["example_value"], invstd.meta["example_value"] = stats_val
+    y.meta["example_value"] = _fake_run(
+        torch.ops.ger.batch_norm_act.default, act_args, c.conv, _value(c.last).requires_grad
+    )
+    for n in (stats, mean, invstd, y):
+        _copy_source_meta(n, c.bn)
+    _compat.mark_recompute_in_backward(y)
+    _replace(gm, c, y, keep_conv=True)
+    ctx.match(
+        PATTERN_TRAIN, c.nodes, conv=_name(c.conv), groups=c.conv_args["groups"], act=c.act.name,
+        backward="saves the conv output; activation recomputed",
+    )  # fmt: skip
+
+
+def _replace(gm: fx.GraphModule, c: Candidate, new: fx.Node, keep_conv: bool = False) -> None:
+    c.last.replace_all_uses_with(new)
+    for n in (c.act_node, c.bn, None if keep_conv else c.conv):
+        if n is not None:
+            gm.graph.erase_node(n)
+
+
+def run(gm: fx.GraphModule, ctx) -> bool:
+    """Rewrite every conv -> BN [-> activation] of ``gm``; record matches and near-misses."""
+    strategy = fleet.strategy("conv_bn_act", ctx.profile)
+    ctx.strategy(**strategy)
+    changed = False
+    for conv in list(gm.graph.nodes):
+        if conv.op != "call_function" or _name(conv) not in _CONVS:
+            continue
+        bns = [u for u in conv.users if _name(u) in _BATCH_NORMS]
+        if not bns:
+            others = [u for u in conv.users if _name(u) in _OTHER_NORMS]
+            for u in others:
+                ctx.near_miss(PATTERN_EVAL, u, NEAR_MISS_REASONS["other_norm"] + f" ({_OTHER_NORMS[_name(u)]})")
+            continue
+        bn = bns[0]
+        try:
+            c = _candidate(conv, bn, ctx)
+        except NearMiss as miss:
+            ctx.near_miss(PATTERN_TRAIN if _training_flag(bn) is True else PATTERN_EVAL, bn, miss.reason)
+            continue
+        if c.bn_args["training"]:
+            _rewrite_train(gm, c, ctx)
+        else:
+            _rewrite_eval(gm, c, ctx, strategy)
+        changed = True
+    return changed
