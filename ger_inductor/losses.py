@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import fleet as _fleet
 from .ops import ger_loss as _op
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -219,11 +218,8 @@ def ger_loss(
     log_u = None if u is None else torch.log(u)
 
     # ---- per-row statistics: one fused op (one read of the logits forward)
-    # the lowering's strategy for this device (eager calls don't lower: no detection)
-    chunk = _fleet.loss_chunk(logits.device, V) if _is_compiling() else 0
-    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(
-        logits3, target2, u, log_u, alpha_f, ignore_index, return_extras, chunk
-    )
+    # chunk=0: whole-row reductions; the ger backend sets the device profile's strategy
+    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, alpha_f, ignore_index, return_extras, 0)
     loss = combine_rows(
         nll, reg, target2, target.shape, beta=beta, eps=eps, smooth_scale=smooth_scale, smooth_const=smooth_const,
         weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype,
@@ -442,31 +438,31 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
     shaped like ``like`` reduced over its last dimension.
 
     Statistics: L (log-sum-exp), zy (target logit), zsum (sum of logits), ez (E_p[z]),
-    plogm (sum p log m), ulogm (sum u log m), one (1); m = alpha p + (1-alpha)/V.
+    plogm (sum p log m), ulogm (sum u log m), one (1); m = alpha p + (1-alpha)/V. Each is
+    first written in the op's outputs, so that terms cancel exactly (e.g. E_p[z] - L is
+    -H, not (L - H) - L).
     """
     V = like.shape[-1]
     logv = math.log(V)
-
-    def stat(name: str) -> Tensor | float:
-        if name == "L":
-            return stats.lse
-        if name == "zy":
-            return stats.lse - stats.nll
-        if name == "ez":
-            return stats.lse - stats.ent
-        if name == "zsum":  # from KL(u||p) = L - zsum / V - log V (alpha = 1)
-            return V * (stats.lse - logv - stats.reg)
-        if name == "plogm":  # sum p log m = -H - KL(p||m)
-            return -stats.ent - stats.aux
-        if name == "ulogm":  # sum u log m = -log V - KL(u||m), KL(u||m) = alpha (J - KL(p||m) / (1 - alpha))
-            return -logv - alpha * (stats.reg - stats.aux / (1.0 - alpha))
-        if name == "one":
-            return 1.0
-        raise KeyError(name)
-
-    total: Tensor | float = 0.0
+    in_outputs = {
+        "L": {"lse": 1.0},
+        "zy": {"lse": 1.0, "nll": -1.0},
+        "ez": {"lse": 1.0, "ent": -1.0},
+        "zsum": {"lse": float(V), "reg": -float(V), "one": -V * logv},  # KL(u||p) = L - zsum/V - log V
+        "plogm": {"ent": -1.0, "aux": -1.0},  # sum p log m = -H - KL(p||m)
+        # sum u log m = -log V - KL(u||m),  KL(u||m) = alpha (J - KL(p||m) / (1 - alpha))
+        "ulogm": {"one": -logv, "reg": -alpha, "aux": alpha / (1.0 - alpha) if alpha != 1.0 else 0.0},
+        "one": {"one": 1.0},
+    }
+    total_coefs: dict[str, float] = {}
     for name, c in coefs:
-        total = total + c * stat(name)
+        for out, k in in_outputs[name].items():
+            total_coefs[out] = total_coefs.get(out, 0.0) + c * k
+    total: Tensor | float = 0.0
+    for out, c in total_coefs.items():
+        if c == 0.0:
+            continue
+        total = total + (c if out == "one" else c * getattr(stats, out))
     if not isinstance(total, Tensor):
         total = torch.full_like(stats.lse, float(total))
     shape = tuple(like.shape[:-1]) + ((1,) if keepdim else ())

@@ -40,7 +40,7 @@ import torch.fx as fx
 from .. import fleet, losses
 
 FAMILY = "loss_entropy"
-LOSS_FWD = torch.ops.ger.loss_fwd.default
+LOSS_FWD = (torch.ops.ger.loss_fwd, torch.ops.ger.loss_fwd.default)
 #: ignore_index for statistics read through gather (every target is then a valid class)
 NO_IGNORE = -(2**62)
 
@@ -726,7 +726,7 @@ def _set_strategy_of_existing_ops(gm: fx.GraphModule, ctx) -> bool:
     """ger_loss called directly: give its op the chunk size of this graph's profile."""
     changed = False
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is LOSS_FWD:
+        if n.op == "call_function" and n.target in LOSS_FWD:
             V = (_shape(n.args[0]) or (None, None))[1]
             chunk = fleet.loss_chunk(torch.device(ctx.profile.device_type), V if isinstance(V, int) else None, profile=ctx.profile)
             args = list(n.args)
@@ -829,7 +829,8 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
     logits = root.base
     shp = _shape(logits)
     ce = plan.ce
-    class_dim = ce.ce["class_dim"] if ce is not None else len(shp) - 1
+    # the (N, C, d...) layout keeps the loss input as its root; class-last roots may be views
+    class_dim = ce.ce["class_dim"] if ce is not None and ce.root.base is ce.node.args[0] else len(shp) - 1
     V = shp[class_dim]
     chunk = fleet.loss_chunk(torch.device(ctx.profile.device_type), V if isinstance(V, int) else None, profile=ctx.profile)
     with g.inserting_before(first):
@@ -865,6 +866,7 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
             _pattern_name(c), [c.node, stats], alpha=plan.alpha, extras=plan.extras, chunk=chunk,
             statistics=sorted(c.row.coefs) if c.row else ["nll"],
         )
+        plan.vocab.add(new)  # a replacement nobody reads (e.g. a logsumexp inside an entropy)
     # shape queries (x.size(-1)) of the intermediates read the logits' (equal) shape instead
     for v in plan.vocab:
         for u in list(v.users):
