@@ -232,6 +232,13 @@ def ger_loss(
     return GERLossOutput(loss, entropy, lse.reshape(target.shape))
 
 
+def _log_classes(V):
+    """log V; for a symbolic V (dynamic shapes) a traced value, not a specialisation."""
+    if isinstance(V, int):
+        return math.log(V)
+    return torch.log(torch.scalar_tensor(V, dtype=torch.float64))
+
+
 def _smoothing_target(eps, weight, base, V, cdt):
     """For label smoothing: (u~, eps * sum_j w_j u_j, H(u~)), the base the regulariser
     compares with when F.cross_entropy weights the smoothing term per class (u~ = w u /
@@ -239,7 +246,7 @@ def _smoothing_target(eps, weight, base, V, cdt):
     if eps is None:
         return (None if base is None else base.to(cdt)), None, None
     if weight is None and base is None:
-        return None, eps, math.log(V)
+        return None, eps, _log_classes(V)
     wu = (weight.to(cdt) if weight is not None else 1.0) * (base.to(cdt) if base is not None else 1.0 / V)
     c = wu.sum()
     u = wu / c
@@ -443,12 +450,12 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
     -H, not (L - H) - L).
     """
     V = like.shape[-1]
-    logv = math.log(V)
+    logv = _log_classes(V)
     in_outputs = {
         "L": {"lse": 1.0},
         "zy": {"lse": 1.0, "nll": -1.0},
         "ez": {"lse": 1.0, "ent": -1.0},
-        "zsum": {"lse": float(V), "reg": -float(V), "one": -V * logv},  # KL(u||p) = L - zsum/V - log V
+        "zsum": {"lse": V, "reg": -V, "one": -V * logv},  # KL(u||p) = L - zsum/V - log V
         "plogm": {"ent": -1.0, "aux": -1.0},  # sum p log m = -H - KL(p||m)
         # sum u log m = -log V - KL(u||m),  KL(u||m) = alpha (J - KL(p||m) / (1 - alpha))
         "ulogm": {"one": -logv, "reg": -alpha, "aux": alpha / (1.0 - alpha) if alpha != 1.0 else 0.0},
@@ -460,7 +467,7 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
             total_coefs[out] = total_coefs.get(out, 0.0) + c * k
     total: Tensor | float = 0.0
     for out, c in total_coefs.items():
-        if c == 0.0:
+        if isinstance(c, (int, float)) and c == 0.0:
             continue
         total = total + (c if out == "one" else c * getattr(stats, out))
     if not isinstance(total, Tensor):

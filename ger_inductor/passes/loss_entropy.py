@@ -212,6 +212,17 @@ def _dtype(node):
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 
+def _static_classes(root: Root) -> int:
+    """The number of classes, when a coefficient depends on it (it must be static)."""
+    V = _shape(root.base)[-1]
+    if not isinstance(V, int):
+        raise NotRepresentable(
+            "a coefficient depends on the number of classes, which is symbolic here (dynamic=True): "
+            "mark the vocabulary dimension static (torch._dynamo.mark_static) to rewrite this term"
+        )
+    return V
+
+
 def _class_dim_ok(node: fx.Node, dim, ndim: int) -> bool:
     if dim is None:
         return False
@@ -402,7 +413,7 @@ class Evaluator:
         c = v.terms.get("one", 0.0)
         if set(v.terms) - {"p", "one"} or not isinstance(a, float) or not isinstance(c, float) or not 0 < a < 1:
             raise NotRepresentable("log of an expression that is not a probability or a mixture with u")
-        V = _shape(v.root.base)[-1]
+        V = _static_classes(v.root)
         if not math.isclose(c, (1 - a) / V, rel_tol=1e-6):
             raise NotRepresentable("mixture with a distribution other than uniform")
         return Vocab(v.root, {"logm": 1.0}, alpha=a)
@@ -451,7 +462,7 @@ class Evaluator:
                         return self._p_times(y, pc)
                     if y.alpha is not None and set(y.terms) == {"logm"}:  # m log m
                         alpha = y.alpha
-                        if math.isclose(pc, alpha, rel_tol=1e-9) and math.isclose(c, (1 - alpha) / _shape(x.root.base)[-1], rel_tol=1e-6):
+                        if math.isclose(pc, alpha, rel_tol=1e-9) and math.isclose(c, (1 - alpha) / _static_classes(x.root), rel_tol=1e-6):
                             k = y.terms["logm"]
                             return Vocab(x.root, {"plogm": alpha * k, "logm": c * k}, alpha=alpha)
             raise NotRepresentable("product that is not p times a log-probability-like term")
@@ -475,7 +486,7 @@ class Evaluator:
 
     # ---- reductions over the classes
     def reduce(self, v: Vocab, mean: bool, keepdim: bool) -> Row:
-        V = _shape(v.root.base)[-1]
+        V = _static_classes(v.root)
         coefs: dict[str, float] = {}
         row_terms: list[Row] = []
 
