@@ -133,6 +133,21 @@ _loss_case(
     lambda z, y: ger_loss(z, y, label_smoothing=0.1),
     _loss_setup(N, V, torch.bfloat16),
 )
+def _spellings_case():
+    from tests import spellings
+
+    variants = [Variant("fused_ce", _fwd_bwd(lambda z, y: ger_loss(z, y, alpha=1.0, beta=0.0), "ger"),
+                        "ger_loss plain cross-entropy, the fused op called directly")]
+    for name, (fn, _patterns) in spellings.RECOGNISED.items():
+        variants.append(Variant(f"inductor:{name}", _fwd_bwd(fn, "inductor")))
+        variants.append(Variant(f"ger:{name}", _fwd_bwd(fn, "ger"), "unmodified code under backend=ger"))
+    return register(Case(
+        "loss_spellings", f"every recognised loss spelling, {N}x{V} fp32, fwd+bwd: inductor vs ger vs the fused CE",
+        _loss_setup(N, V, torch.float32), variants, baseline="fused_ce",
+    ))
+
+
+_spellings_case()
 _loss_case(
     "loss_btv_ignore", "F.cross_entropy(label_smoothing=0.1) on (8, 256, 32000) fp32, 25% ignored, fwd+bwd",
     lambda z, y: F.cross_entropy(z.flatten(0, 1), y.flatten(), label_smoothing=0.1, ignore_index=-100),

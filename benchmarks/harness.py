@@ -3,7 +3,8 @@ freezing] / ger (plus case-specific variants) in ONE process on the SAME inputs.
 
 Per variant: warm-up calls (compilation and the first slow calls excluded), then
 ``repeat`` timed calls; we report the median and the spread (min..max), the ratio to
-the ``inductor`` variant, and the peak extra memory of one call:
+the case's baseline variant (``inductor`` unless the case names another), and the
+peak extra memory of one call:
 
 * CPU: growth of the process's peak resident set (VmHWM, reset through
   /proc/self/clear_refs) over the resident set before the call. Meaningful with the
@@ -55,6 +56,8 @@ class Case:
     min_bytes: Callable[[dict[str, Any]], int] | None = None
     check: Callable[[dict[str, Any], dict[str, Any]], str] | None = None
     devices: tuple[str, ...] = ("cpu", "cuda")
+    #: the variant ratios are taken against
+    baseline: str = "inductor"
 
 
 @dataclasses.dataclass
@@ -68,7 +71,8 @@ class Result:
     max_ms: float
     repeat: int
     peak_mib: float | None
-    ratio_to_inductor: float | None = None
+    ratio_to_baseline: float | None = None
+    baseline: str = "inductor"
     note: str = ""
     error: str | None = None
 
@@ -154,10 +158,11 @@ def run_case(case: Case, device: torch.device, warmup: int, repeat: int, allocat
         log(f"  {case.name}/{v.name}: {res.median_ms:.2f} ms ({time.perf_counter() - t0:.1f}s incl. compile)"
             + (f" ERROR {res.error}" if res.error else ""))
         results.append(res)
-    ind = next((r.median_ms for r in results if r.variant == "inductor" and r.error is None), None)
+    base = next((r.median_ms for r in results if r.variant == case.baseline and r.error is None), None)
     for r in results:
-        if ind and r.error is None:
-            r.ratio_to_inductor = r.median_ms / ind
+        r.baseline = case.baseline
+        if base and r.error is None:
+            r.ratio_to_baseline = r.median_ms / base
     if case.check is not None and outputs:
         msg = case.check(inputs, outputs)
         if msg:
@@ -166,13 +171,13 @@ def run_case(case: Case, device: torch.device, warmup: int, repeat: int, allocat
 
 
 def format_table(results: list[Result]) -> str:
-    rows = [("case", "variant", "alloc", "median ms", "min..max", "× inductor", "peak MiB")]
+    rows = [("case", "variant", "alloc", "median ms", "min..max", "× baseline", "peak MiB")]
     for r in results:
         rows.append((
             r.case, r.variant, r.allocator,
             "error" if r.error else f"{r.median_ms:.2f}",
             "" if r.error else f"{r.min_ms:.1f}..{r.max_ms:.1f}",
-            "" if r.ratio_to_inductor is None else f"{r.ratio_to_inductor:.2f}",
+            "" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}" + ("" if r.baseline == "inductor" else f" ({r.baseline})"),
             "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

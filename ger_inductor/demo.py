@@ -78,7 +78,7 @@ class Row:
     rewrites: str
 
 
-def _time(step: Callable[[], object], warmup: int = 2, repeat: int = 5) -> float:
+def _time(step: Callable[[], object], warmup: int = 3, repeat: int = 7) -> float:
     for _ in range(warmup):
         step()
     ts = []
