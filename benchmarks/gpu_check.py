@@ -47,6 +47,25 @@ def _median_ms(fn, warmup=3, repeat=15):
     return statistics.median(ts), min(ts), max(ts)
 
 
+def _kernel_breakdown(step, top=6):
+    """(kernel name, ms per call) of the device kernels one step launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.key and not e.key.startswith("Memcpy") and "ProfilerStep" not in e.key:
+            rows.append((e.key[:60], t / 3 / 1e3))
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]
+
+
 def _rel(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
@@ -111,6 +130,46 @@ def main(argv=None) -> int:
             if not ok:
                 failures.append(rec)
 
+    # ---- 1b. the loss rewrite of unmodified code, on the GPU
+    try:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        import spellings
+    except ImportError:
+        spellings = None
+    if spellings is not None:
+        for name in ("ce_label_smoothing", "cp_softmax_logsoftmax", "cp_categorical", "ls_fairseq", "ls_transformers",
+                     "kl_uniform_u_p", "ger_reference_torch", "ce_upcast_bf16"):
+            fn = spellings.RECOGNISED[name][0]
+            torch._dynamo.reset()
+            ger_inductor.clear_reports()
+            N, V = (64, 1000) if args.cpu_dry_run else (2048, 32000)
+            z = (torch.randn(N, V, device=dev) * 3).requires_grad_()
+            y = torch.randint(0, V, (N,), device=dev)
+            y[::7] = 3
+            out = torch.compile(fn, backend=ger_backend, options={"strict": True})(z, y)
+            (g,) = torch.autograd.grad(out, z)
+            z2 = z.detach().double().requires_grad_()
+            ref = fn(z2, y)
+            (g2,) = torch.autograd.grad(ref, z2)
+            tol = 1e-2 if name == "ce_upcast_bf16" else 1e-5
+            el, eg = _rel(out.float(), ref), _rel(g.float(), g2)
+            matched = sorted({m.pattern for r in ger_inductor.reports() for m in r.matches})
+            ok = el <= tol and eg <= tol and bool(matched)
+            rec = dict(variant="rewrite:" + name, dtype="float32", loss_rel=el, grad_rel=eg, ok=ok, matches=matched)
+            report["checks"].append(rec)
+            print(f"check rewrite {name:24s} loss rel {el:.1e} grad rel {eg:.1e} {matched} {'OK' if ok else 'FAIL'}", flush=True)
+            if not ok:
+                failures.append(rec)
+
+    # ---- 1c. conv -> BN -> activation lowerings and rewrites
+    try:
+        from benchmarks.gpu_check_conv import run_conv_checks
+    except ImportError as e:
+        print(f"conv checks: not available ({e})")
+    else:
+        if not args.cpu_dry_run:
+            run_conv_checks(dev, report, failures, args.quick)
+
     # ---- 2./3. timing and bandwidth
     sizes = [(8192, 128256, torch.bfloat16, ["ce", "ls0.1", "cp0.1", "ger0.5"]),
              (4096, 32000, torch.float32, ["ls0.1", "cp0.1"])]
@@ -159,6 +218,16 @@ def main(argv=None) -> int:
                     row[label] = None
                     row[label + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     print(f"  {name} {label}: ERROR {row[label + '_error']}", flush=True)
+            if row.get("ger") and N * V >= 8192 * 128256:
+                torch._dynamo.reset()
+                f = torch.compile(lambda z, y, kw=kw: ger_loss(z, y, **kw), backend=ger_backend)
+
+                def gstep():
+                    torch.autograd.grad(f(z, y), z)
+
+                row["ger_kernels"] = _kernel_breakdown(gstep)
+                for kname, ms in row["ger_kernels"]:
+                    print(f"      {ms:7.3f} ms  {kname}", flush=True)
             if row.get("ger"):
                 row["ger_gbs"] = 3 * nbytes / row["ger"] / 1e6
                 row["ger_frac_of_copy"] = row["ger_gbs"] / copy_bw

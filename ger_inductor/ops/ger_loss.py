@@ -78,6 +78,13 @@ def _xmul(w: Tensor, x: Tensor) -> Tensor:
     return torch.where(w == 0, torch.zeros((), dtype=x.dtype, device=x.device), w * x)
 
 
+def _base_terms(base, log_base, V: int, cd: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """(u, log u) broadcastable against (A, V, D): scalars for the uniform base."""
+    if base is None:
+        return (torch.full((), 1.0 / V, dtype=cd, device=device), torch.full((), -math.log(V), dtype=cd, device=device))
+    return base.to(cd).view(1, V, 1), log_base.to(cd).view(1, V, 1)
+
+
 def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Eager check (host sync) that every non-ignored target is a valid class."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
@@ -114,12 +121,7 @@ def loss_fwd(
     nll = torch.where(valid, lse - zy, torch.zeros_like(lse))
     lp = z - lse.unsqueeze(1)
     p = lp.exp()
-    if base is None:
-        lu = torch.full((), -math.log(V), dtype=cd, device=z.device)
-        u = torch.full((), 1.0 / V, dtype=cd, device=z.device)
-    else:
-        u = base.to(cd).view(1, V, 1)
-        lu = log_base.to(cd).view(1, V, 1)  # type: ignore[union-attr]
+    u, lu = _base_terms(base, log_base, V, cd, z.device)
     ent = -_xmul(p, lp).sum(1) if extras else z.new_empty((0,), dtype=cd)
     if alpha == 0.0:
         reg = _xmul(p, lp - lu).sum(1)
@@ -177,12 +179,7 @@ def loss_bwd(
         onehot = torch.arange(V, device=z.device).view(1, V, 1) == t
         grad = grad + g * (p - onehot.to(cd))
     if grad_reg is not None:
-        if base is None:
-            lu = torch.full((), -math.log(V), dtype=cd, device=z.device)
-            u = torch.full((), 1.0 / V, dtype=cd, device=z.device)
-        else:
-            u = base.to(cd).view(1, V, 1)
-            lu = log_base.to(cd).view(1, V, 1)  # type: ignore[union-attr]
+        u, lu = _base_terms(base, log_base, V, cd, z.device)
         gr = grad_reg.unsqueeze(1)
         if alpha == 0.0:
             d = p * (lp - lu - reg.unsqueeze(1))
