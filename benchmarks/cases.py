@@ -154,3 +154,4 @@ _loss_case(
     lambda z, y: ger_loss(z, y, label_smoothing=0.1, ignore_index=-100),
     _loss_setup(N, V, torch.float32, shape=(8, 256), ignore_frac=0.25),
 )
+from . import cases_conv  # noqa: E402,F401

@@ -537,14 +537,16 @@ class GraphModule(torch.nn.Module):
 )
 def test_lowerings_match_eager_kernels(dtype, memory_format, seed):
     """The Inductor IR lowerings of the training ops (every activation, forward and
-    backward, running stats) vs the ops' eager kernels; nothing falls back to them."""
+    backward, running stats) and of ``ger::hardtanh`` vs the ops' eager kernels; nothing
+    falls back to them."""
     lowerings.ensure_registered()
     acts = [("none", 0.0, 0.0), ("relu", 0.0, 0.0), ("hardtanh", 0.0, 6.0), ("silu", 0.0, 0.0), ("gelu", 0.0, 0.0),
             ("gelu_tanh", 0.0, 0.0)]  # fmt: skip
 
     def f(x, w, b, rm, rv):
         mean, invstd = conv_bn_ops.update_batch_stats(x, rm, rv, 0.1, 1e-5)
-        return [torch.ops.ger.batch_norm_act(x, mean, invstd, w, b, *a) for a in acts]
+        outs = [torch.ops.ger.batch_norm_act(x, mean, invstd, w, b, *a) for a in acts]
+        return [*outs, torch.ops.ger.hardtanh(x, -1.0, 2.0)]
 
     x = (torch.randn(4, 8, 5, 7) * 2 + 0.5).to(dtype).contiguous(memory_format=memory_format)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
