@@ -204,6 +204,34 @@ def has_onednn_conv_fusion() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def is_op_overload(x) -> bool:
+    return isinstance(x, torch._ops.OpOverload)
+
+
+def is_op_packet(x) -> bool:
+    return isinstance(x, torch._ops.OpOverloadPacket)
+
+
+def tree_leaves(value):
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_leaves(value)
+
+
+def special_entr_c_function():
+    """How Dynamo records ``torch.special.entr`` (a C function) in its graphs."""
+    return getattr(getattr(torch._C, "_special", None), "special_entr", None)
+
+
+def inner_exception(exc: BaseException):
+    """Inductor wraps lowering errors (InductorError.inner_exception); the original."""
+    return getattr(exc, "inner_exception", None)
+
+
+def mark_cacheable_functions_key() -> str:
+    return "unsafe_marked_cacheable_functions"
+
+
 # --------------------------------------------------------------------------- dynamo
 def counters():
     from torch._dynamo.utils import counters as _c

@@ -64,11 +64,13 @@ def ger(
         report.profile = profile.to_json_dict()
         report.symbolic_inputs = _symbolic_inputs(gm)
 
-        ctx = passes.PassContext(settings, profile, report)
+        # nodes the user forces to eager (or devices without Inductor) are not rewritten
+        ctx = passes.PassContext(settings, profile, report, eager=fallback.plan_eager_nodes(gm, settings))
         passes.run_pipeline(gm, ctx, dumper)
 
         config_patches = {
             **mode_patches,
+            **passes.cacheable_functions_patch(),
             **dict(settings.inductor_config),
             "post_grad_custom_post_pass": passes.make_post_grad_pass(settings, profile, dumper),
         }
@@ -79,7 +81,9 @@ def ger(
 
         eager_nodes = fallback.plan_eager_nodes(gm, settings)
         if eager_nodes:
-            compiled: Callable[..., Any] = fallback.split_into_regions(gm, eager_nodes, compile_region, report, settings)
+            compiled: Callable[..., Any] = fallback.split_into_regions(
+                gm, eager_nodes, compile_region, report, settings, dumper
+            )
             dumper.graph("regions", compiled)  # type: ignore[arg-type]
         else:
             compiled = compile_region(gm, example_inputs)
@@ -101,7 +105,7 @@ def _example_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[A
     for node in gm.graph.nodes:
         v = node.meta.get("example_value")
         if v is not None:
-            vals.extend(torch.utils._pytree.tree_leaves(v))
+            vals.extend(_compat.tree_leaves(v))
     return vals
 
 

@@ -7,9 +7,12 @@
   holding the graph before/after every pass (readable FX text + unified diff), the
   report as JSON and Inductor's output code.
 * Logging: the module logger ``ger_inductor`` (``TORCH_LOGS="+ger_inductor"``) logs a
-  one-line summary per graph at INFO and the graphs at DEBUG; the artifact
-  ``ger_graphs`` (``torch._logging.set_logs(ger_graphs=True)``) logs the graphs alone;
-  every dump is also a ``TORCH_TRACE`` artifact that tlparse shows beside Inductor's.
+  one-line summary per graph at INFO and the graphs at DEBUG. The artifact
+  ``ger_graphs`` (registered when ger_inductor is imported) logs the graphs alone; torch
+  parses ``TORCH_LOGS`` at ``import torch``, before any package can register an artifact,
+  so it is enabled from Python: ``torch._logging.set_logs(modules={"ger_graphs": True,
+  "ger_inductor": logging.INFO})``. Every graph and report is also a ``TORCH_TRACE``
+  artifact (``ger_<stage>_graph``, ``ger_report``) that tlparse shows beside Inductor's.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def _graphs_log() -> logging.Logger:
     return _artifact_log
 
 
+_graphs_log()  # register the artifact now, so set_logs can name it before the first compile
+
+
 # ----------------------------------------------------------------------------- report
 @dataclasses.dataclass
 class Match:
@@ -65,7 +71,7 @@ class NearMiss:
 
 @dataclasses.dataclass
 class Fallback:
-    stage: str  # graph | forward | backward | region | pass:<name> | node
+    stage: str  # graph | forward | inference | backward | region | pass:<name>
     reason: str
     node: str | None = None
     op: str | None = None
@@ -108,6 +114,7 @@ class GraphReport:
     regions: int = 0
     compile_seconds: float = 0.0
     backward_compile_seconds: float = 0.0
+    region_compile_seconds: float = 0.0  # regions around eager nodes compile at their first call
     inductor: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     symbolic_inputs: list[str] = dataclasses.field(default_factory=list)
     dump_path: str | None = None

@@ -101,6 +101,7 @@ def _rewrites(reports) -> str:
 def run_demo(print_fn=print, quick: bool = False) -> list[Row]:
     """Compile the demo workloads with eager / inductor / ger; check ger against eager."""
     import ger_inductor
+    from ger_inductor import _compat
 
     torch.manual_seed(0)
     rows: list[Row] = []
@@ -143,7 +144,7 @@ def run_demo(print_fn=print, quick: bool = False) -> list[Row]:
         base = make()
         ref_out = None
         for backend in ("eager", "inductor", "ger"):
-            torch._dynamo.reset()
+            _compat.dynamo_reset()
             ger_inductor.clear_reports()
             model = make()
             model.load_state_dict(base.state_dict())

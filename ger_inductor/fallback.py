@@ -42,7 +42,7 @@ def node_op_aliases(node: fx.Node) -> set[str]:
     names: set[str] = set()
     t = node.target
     if node.op == "call_function":
-        if isinstance(t, torch._ops.OpOverload):
+        if _compat.is_op_overload(t):
             names |= {f"{t.namespace}.{t._opname}", f"{t.namespace}.{t._opname}.{t._overloadname}", t._opname, str(t)}
         else:
             full = op_name(t)
@@ -57,7 +57,7 @@ def node_op_aliases(node: fx.Node) -> set[str]:
 
 def _tensor_devices(value: Any) -> set[torch.device]:
     out: set[torch.device] = set()
-    for v in torch.utils._pytree.tree_leaves(value):
+    for v in _compat.tree_leaves(value):
         if isinstance(v, torch.Tensor):
             out.add(v.device)
     return out
@@ -97,13 +97,15 @@ class LazyRegion(torch.nn.Module):
     region whose compile fails runs eagerly (recorded; re-raised under ``strict``).
     """
 
-    def __init__(self, name: str, gm: fx.GraphModule, compile_fn: CompileFn, report: GraphReport, options: GerOptions):
+    def __init__(self, name: str, gm: fx.GraphModule, compile_fn: CompileFn, report: GraphReport, options: GerOptions,
+                 dumper: GraphDumper):
         super().__init__()
         self.region_name = name
         self.gm = gm
         self._compile_fn = compile_fn
         self._report = report
         self._options = options
+        self._dumper = dumper
         self._compiled: dict[tuple, Callable[..., Any]] = {}
         self._lock = threading.Lock()
 
@@ -129,6 +131,7 @@ class LazyRegion(torch.nn.Module):
         return fn(*args)
 
     def _compile(self, args: list[Any]) -> Callable[..., Any]:
+        timer = Timer()
         try:
             return self._compile_fn(copy.deepcopy(self.gm), args)
         except Exception as e:
@@ -136,6 +139,9 @@ class LazyRegion(torch.nn.Module):
                 raise
             self._report.add_fallback("region", f"region {self.region_name} failed to compile; it runs eagerly", exc=e)
             return self.gm
+        finally:
+            self._report.region_compile_seconds += timer.elapsed()
+            self._dumper.finish()  # the report on disk now includes this region
 
 
 def split_into_regions(
@@ -144,6 +150,7 @@ def split_into_regions(
     compile_fn: CompileFn,
     report: GraphReport,
     options: GerOptions,
+    dumper: GraphDumper,
 ) -> fx.GraphModule:
     """Cut ``eager`` nodes out of ``gm``; the rest becomes lazily compiled regions."""
     Partitioner, OperatorSupportBase = _compat.capability_partitioner()
@@ -161,7 +168,7 @@ def split_into_regions(
     for node in list(split.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("fused_"):
             sub = split.get_submodule(node.target)
-            setattr(split, node.target, LazyRegion(str(node.target), sub, compile_fn, report, options))
+            setattr(split, node.target, LazyRegion(str(node.target), sub, compile_fn, report, options, dumper))
             n_regions += 1
     split.recompile()
     report.regions = n_regions
@@ -177,20 +184,29 @@ def _pristine_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def _causes(exc: BaseException):
+    """exc and what it wraps (InductorError.inner_exception, __cause__, __context__)."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [_compat.inner_exception(e), e.__cause__, e.__context__]
+
+
 def _failing_op(exc: BaseException) -> str | None:
-    # Inductor's LoweringException carries the target; others don't
-    for attr in ("target", "op"):
-        v = getattr(exc, attr, None)
+    # Inductor's LoweringException carries the op it was lowering
+    for e in _causes(exc):
+        v = getattr(e, "target", None)
         if v is not None:
             return str(v)
-    inner = exc.__cause__ or exc.__context__
-    if inner is not None and inner is not exc:
-        return _failing_op(inner)
     return None
 
 
 def _failing_node(exc: BaseException) -> str | None:
-    for e in (exc, exc.__cause__, exc.__context__):
+    for e in _causes(exc):
         node = getattr(e, "node", None)
         if node is not None:
             return getattr(node, "name", str(node))

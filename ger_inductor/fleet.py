@@ -23,7 +23,7 @@ class DeviceProfile:
 
     name: str
     device_type: str  # torch device type: cpu, cuda (also ROCm), xpu, mps, meta, ...
-    vendor: str  # nvidia, amd, intel, arm, apple, unknown
+    vendor: str  # nvidia, amd (GPUs); x86, arm (CPUs); unknown
     arch: str  # sm90, gfx942, avx512, ...
     warp_size: int = 1  # threads per warp/wavefront; 1 on CPUs
     multiprocessors: int | None = None  # SMs / CUs / cores
@@ -85,7 +85,7 @@ def _cpu_profile() -> DeviceProfile:
         base = PINNED_PROFILES["cpu-avx512"]
     elif "avx2" in cap_l:
         base = PINNED_PROFILES["cpu-avx2"]
-    elif "sve" in cap_l or "neon" in cap_l or torch.backends.cpu.get_cpu_capability is None:
+    elif "sve" in cap_l or "neon" in cap_l:
         base = PINNED_PROFILES["cpu-arm"]
     else:
         import platform
@@ -129,14 +129,15 @@ def _cuda_profile(index: int) -> DeviceProfile:
         multiprocessors=sm or base.multiprocessors,
         shared_mem_per_block=smem or base.shared_mem_per_block,
         l2_bytes=l2 or base.l2_bytes,
-        bf16=bool(torch.cuda.is_bf16_supported()) if hasattr(torch.cuda, "is_bf16_supported") else base.bf16,
+        bf16=(props.major >= 8) if not is_hip else base.bf16,  # of THIS device, not the current one
         pinned=False,
         note=props.name,
     )
 
 
 def nearest_known(vendor: str, arch: str) -> str:
-    """Nearest pinned profile for an unknown GPU: same vendor, closest older arch."""
+    """Nearest pinned profile for an unknown GPU: same vendor; Hopper-class (sm90) for
+    sm90 and newer, Ampere-class (sm80) below; MI300X-class for gfx94x and newer."""
     if vendor == "amd":
         return "mi300x" if arch >= "gfx94" else "mi250x"
     try:

@@ -156,9 +156,11 @@ def op_name(op: Any) -> str:
         return op
     import torch
 
-    if isinstance(op, torch._ops.OpOverload):
+    from . import _compat
+
+    if _compat.is_op_overload(op):
         return f"{op.namespace}.{op._opname}"  # e.g. aten.mm (overload-insensitive)
-    if isinstance(op, torch._ops.OpOverloadPacket):
+    if _compat.is_op_packet(op):
         return f"{op._qualified_op_name.replace('::', '.')}"
     mod = getattr(op, "__module__", None) or ""
     name = getattr(op, "__qualname__", None) or getattr(op, "__name__", None) or repr(op)

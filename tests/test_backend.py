@@ -395,3 +395,38 @@ def test_torch_logs_module_logger():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ger compiled graph" in r.stderr and "ger graph" in r.stderr
+
+
+def test_rewritten_graph_hits_aot_and_fx_caches():
+    """ger's inserted helper functions are marked cacheable (keyed by ger's sources):
+    a rewritten loss graph is served from AOTAutograd's cache on a repeat compile."""
+    import torch.nn.functional as F
+
+    def loss_fn(z, y):
+        return F.cross_entropy(z, y, label_smoothing=0.1)
+
+    def once():
+        _compat.dynamo_reset()
+        z = torch.randn(8, 20, requires_grad=True)
+        out = torch.compile(loss_fn, backend="ger", options={"strict": True})(z, torch.arange(8))
+        out.backward()
+        assert ger_inductor.last_report().match_count("loss_entropy") == 1
+
+    once()
+    first = _cache_counts()
+    assert first["aot_bypass"] == 0 and first["fx_bypass"] == 0, first
+    once()
+    second = _cache_counts()
+    assert second["aot_hit"] > first["aot_hit"], (first, second)
+
+
+def test_eager_ops_are_not_rewritten():
+    import torch.nn.functional as F
+
+    z, y = torch.randn(6, 9, requires_grad=True), torch.arange(6)
+    f = torch.compile(lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1), backend="ger",
+                      options={"eager_ops": ["torch.nn.functional.cross_entropy"], "strict": True})
+    torch.testing.assert_close(f(z, y), F.cross_entropy(z, y, label_smoothing=0.1))
+    rep = ger_inductor.last_report()
+    assert rep.match_count() == 0 and any("eager_ops" in n.reason for n in rep.near_misses)
+    assert len(rep.eager_nodes) == 1

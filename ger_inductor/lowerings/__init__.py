@@ -1,6 +1,6 @@
 """Inductor lowerings of the ``ger::`` ops, written in Inductor IR (device-agnostic:
 C++ on CPU, Triton on GPUs). Registered once per process, on the first ``ger``
-compile (or the first traced call of a ger op), never at import."""
+compile or the first trace of a ger op (its fake implementation), never at import."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Forward: per row of logits z (V classes) the statistics
   R = sum e^(z-M) log u                            alpha = 0, given u
   KL(p||m), KL(u||m) (need L = M + log S first)    0 < alpha < 1: the one extra pass
 then nll, reg, lse, ent, aux per row in the same kernel's epilogue. Two strategies,
-chosen per device profile (``fleet.loss_strategy``) and carried by the op's ``chunk``
+chosen per device profile (``fleet.STRATEGIES["loss_entropy"]``, set by the loss pass) and carried by the op's ``chunk``
 argument, so the graph and the cache key say which one runs:
 
 * rows (chunk = 0; CPUs): reductions over whole rows, which Inductor fuses into one

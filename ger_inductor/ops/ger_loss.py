@@ -21,7 +21,7 @@ The backward takes the gradients of those outputs (None where unused) and return
             = p_j - u_j                                    alpha = 1
             = p_j (log(p_j/m_j) - KL(p||m)) / (1 - alpha)   otherwise
 
-(ger-math.md). Statistics are computed in float32 (float64 for float64 logits).
+(shared/ger-math.md). Statistics are computed in float32 (float64 for float64 logits).
 
 The eager kernels below are the fallback (and run whenever Inductor does not lower the
 ops); ``lowerings/ger_loss.py`` lowers the same math into Inductor IR.
@@ -76,6 +76,14 @@ def log_ratio_p_m(lp: Tensor, lu: Tensor, p: Tensor, u: Tensor, alpha: float) ->
 def _xmul(w: Tensor, x: Tensor) -> Tensor:
     """w * x with 0 where w == 0 (so 0 * -inf = 0, as in x log x at 0)."""
     return torch.where(w == 0, torch.zeros((), dtype=x.dtype, device=x.device), w * x)
+
+
+def _ensure_lowerings() -> None:
+    """Register the Inductor lowerings the first time the op is traced (with any backend),
+    not at import: importing Inductor is heavy."""
+    from .. import lowerings
+
+    lowerings.ensure_registered()
 
 
 def _base_terms(base, log_base, V: int, cd: torch.dtype, device) -> tuple[Tensor, Tensor]:
@@ -140,6 +148,7 @@ def loss_fwd(
 
 @loss_fwd.register_fake
 def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras, chunk):
+    _ensure_lowerings()  # a trace is under way: Inductor may lower this op next
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
     row = logits.new_empty((A, D), dtype=cd)
@@ -199,6 +208,7 @@ def loss_bwd(
 
 @loss_bwd.register_fake
 def _loss_bwd_fake(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base, log_base, lse, ent, reg, aux, alpha, ignore_index):
+    _ensure_lowerings()
     return torch.empty_like(logits)
 
 

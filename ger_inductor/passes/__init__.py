@@ -40,6 +40,12 @@ class PassContext:
     profile: DeviceProfile
     report: GraphReport
     record: PassRecord | None = None
+    #: nodes that must run eagerly (eager_ops, devices without Inductor) -> why;
+    #: passes leave them alone
+    eager: dict = dataclasses.field(default_factory=dict)
+
+    def eager_reason(self, node) -> str | None:
+        return self.eager.get(node)
 
     def match(self, pattern: str, nodes, **detail: Any) -> None:
         assert self.record is not None
@@ -78,6 +84,49 @@ def snapshot_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
+def fill_example_values(gm: fx.GraphModule) -> None:
+    """Fake values (``meta["example_value"]``) for the nodes a pass inserted, computed
+    under the graph's fake mode: dumps show their shapes and dtypes, and AOTAutograd's
+    cache sees tensors where it checks for them."""
+    vals = [n.meta["example_value"] for n in gm.graph.nodes if "example_value" in n.meta]
+    fake_mode = _compat.detect_fake_mode(_compat.tree_leaves(vals))
+    if fake_mode is None:
+        return
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or "example_value" in n.meta:
+            continue
+        try:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta["example_value"])
+            with fake_mode:
+                if n.op == "call_function":
+                    n.meta["example_value"] = n.target(*args, **kwargs)
+                else:
+                    n.meta["example_value"] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        except Exception:  # a value we cannot fake: the node simply has no meta
+            continue
+
+
+def graph_functions() -> list:
+    """The Python functions the pattern passes insert into graphs (``GRAPH_FUNCTIONS``
+    of each family module): marked cacheable for AOTAutograd, keyed by ger's sources."""
+    out = []
+    for name in PASS_FAMILIES:
+        out.extend(getattr(family_module(name), "GRAPH_FUNCTIONS", ()))
+    return out
+
+
+def cacheable_functions_patch() -> dict:
+    """``config_patches`` entry that lets AOTAutograd cache graphs holding ger's helpers."""
+    key = _compat.mark_cacheable_functions_key()
+    cfg = _compat.inductor_config()
+    if not hasattr(cfg, key):
+        return {}
+    marked = dict(getattr(cfg, key))
+    for fn in graph_functions():
+        marked[f"{fn.__module__}.{fn.__name__}"] = _sources_hash()
+    return {key: marked}
+
+
 def family_module(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
@@ -94,6 +143,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
         timer = Timer()
         try:
             record.changed = bool(family_module(name).run(gm, ctx))
+            if record.changed:
+                fill_example_values(gm)
             gm.graph.lint()
             gm.recompile()
         except Exception as e:
@@ -102,6 +153,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
             gm.graph = snapshot
             gm.recompile()
             record.matches.clear()
+            record.near_misses.clear()
+            record.strategy.clear()
             ctx.report.add_fallback(f"pass:{name}", f"pass {name} raised; its rewrites were dropped", exc=e)
         record.seconds = timer.elapsed()
         ctx.record = None

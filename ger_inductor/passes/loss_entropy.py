@@ -37,12 +37,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import fleet, losses
+from .. import _compat, fleet, losses
 
 FAMILY = "loss_entropy"
 LOSS_FWD = (torch.ops.ger.loss_fwd, torch.ops.ger.loss_fwd.default)
 #: ignore_index for statistics read through gather (every target is then a valid class)
 NO_IGNORE = -(2**62)
+
+
+#: the functions the rewrite inserts into graphs (AOTAutograd traces through them)
+GRAPH_FUNCTIONS = (losses.row_stats, losses.cross_entropy_from_stats, losses.row_statistic, losses.kl_div_reduce)
 
 
 class NotRepresentable(Exception):
@@ -174,10 +178,8 @@ _ONES_LIKE = {torch.ones_like, "new_ones"}
 _FULL_LIKE = {torch.full_like, "new_full"}
 _SHAPE_ONLY = {"size", "dim", "numel", torch.numel}
 
-try:  # torch.special.entr is a C function; Dynamo records it by its C name
-    _ENTR.add(torch._C._special.special_entr)
-except AttributeError:  # pragma: no cover
-    pass
+if _compat.special_entr_c_function() is not None:  # Dynamo records torch.special.entr by its C name
+    _ENTR.add(_compat.special_entr_c_function())
 
 
 def _target_of(node: fx.Node):
@@ -218,7 +220,8 @@ def _static_classes(root: Root) -> int:
     if not isinstance(V, int):
         raise NotRepresentable(
             "a coefficient depends on the number of classes, which is symbolic here (dynamic=True): "
-            "mark the vocabulary dimension static (torch._dynamo.mark_static) to rewrite this term"
+            "mark the vocabulary dimension static (torch._dynamo.mark_static(logits, logits.dim() - 1)) "
+            "to rewrite this term"
         )
     return V
 
@@ -391,7 +394,7 @@ class Evaluator:
             fill = 1.0 if t in _ONES_LIKE else _arg(n, 1, "fill_value")
             if not isinstance(fill, (int, float)) or shp is None:
                 raise NotRepresentable("a constant tensor with an unknown value")
-            v = self.value(like) if t != "new_ones" and t != "new_full" else self.value(like)
+            v = self.value(like)
             if not isinstance(v, Vocab):
                 raise NotRepresentable("a constant not shaped like the logits")
             return Vocab(v.root, {"one": float(fill)})
@@ -486,9 +489,8 @@ class Evaluator:
 
     # ---- reductions over the classes
     def reduce(self, v: Vocab, mean: bool, keepdim: bool) -> Row:
-        V = _static_classes(v.root)
+        """Sum (or mean) over the classes: sum_j z_j = zsum, sum_j 1 = V, sum_j p_j = 1, ..."""
         coefs: dict[str, float] = {}
-        row_terms: list[Row] = []
 
         def add(k, c):
             coefs[k] = coefs.get(k, 0.0) + c
@@ -496,26 +498,21 @@ class Evaluator:
         for k, c in v.terms.items():
             if k == "z":
                 add("zsum", c)
-            elif k == "one":
-                if isinstance(c, Row):
-                    row_terms.append(c.scaled(V))
-                else:
-                    add("one", V * c)
-            elif k == "p":
-                if isinstance(c, Row):
-                    row_terms.append(c)
-                else:
-                    add("one", c)
+            elif k == "one":  # sum_j c = V c (V must then be static)
+                V = _static_classes(v.root)
+                for kk, cc in (c.coefs.items() if isinstance(c, Row) else (("one", c),)):
+                    add(kk, V * cc)
+            elif k == "p":  # sum_j c p_j = c
+                for kk, cc in (c.coefs.items() if isinstance(c, Row) else (("one", c),)):
+                    add(kk, cc)
             elif k == "pz":
                 add("ez", c)
             elif k == "plogm":
                 add("plogm", c)
             elif k == "logm":  # sum_j log m_j = V sum_j u_j log m_j
-                add("ulogm", V * c)
-        for r in row_terms:
-            for k, c in r.coefs.items():
-                add(k, c)
+                add("ulogm", _static_classes(v.root) * c)
         if mean:
+            V = _static_classes(v.root)
             coefs = {k: c / V for k, c in coefs.items()}
         return Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=keepdim, alpha=v.alpha)
 
@@ -717,6 +714,10 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             ctx.near_miss("loss_statistic", e.node or n, e.reason)
             continue
         if c is not None:
+            eager = ctx.eager_reason(n)
+            if eager is not None:
+                ctx.near_miss("loss_statistic", n, f"left to run eagerly: {eager}")
+                continue
             cands.append(c)
     groups: dict[Root, list[Candidate]] = {}
     for c in cands:
@@ -878,6 +879,7 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
             statistics=sorted(c.row.coefs) if c.row else ["nll"],
         )
         plan.vocab.add(new)  # a replacement nobody reads (e.g. a logsumexp inside an entropy)
+    ctx.strategy(**{k: v for k, v in fleet.strategy(FAMILY, ctx.profile).items() if k != "why"})
     # shape queries (x.size(-1)) of the intermediates read the logits' (equal) shape instead
     for v in plan.vocab:
         for u in list(v.users):
