@@ -22,7 +22,7 @@ from torch.testing import FileCheck
 
 import ger_inductor
 from examples.resnet18_cnn import randomize_bn_statistics, resnet18
-from ger_inductor import GerOptions, _compat, debug, fleet, lowerings, passes
+from ger_inductor import GerOptions, _compat, debug, fallback, fleet, lowerings, passes
 from ger_inductor.backend import ger
 from ger_inductor.debug import graph_text
 from ger_inductor.ops import conv_bn as conv_bn_ops
@@ -36,15 +36,18 @@ EVAL, TRAIN, ACT = conv_bn_act.PATTERN_EVAL, conv_bn_act.PATTERN_TRAIN, conv_bn_
 FP32_REL = 1e-4
 
 
-def rewrite_only(profile: str = "auto", graphs: list | None = None):
+def rewrite_only(profile: str = "auto", graphs: list | None = None, eager_ops: tuple = ()):
     """A backend that runs ger's conv_bn_act pass and executes the rewritten graph eagerly."""
-    options = GerOptions.parse({"strict": True, "device_profile": profile, "passes": ["conv_bn_act"]})
+    options = GerOptions.parse(
+        {"strict": True, "device_profile": profile, "passes": ["conv_bn_act"], "eager_ops": list(eager_ops)}
+    )
 
     def backend(gm: fx.GraphModule, example_inputs):
         report = debug.new_report(name="rewrite_only", devices=[], options=options.to_json_dict(), mode=None)
         profile_ = fleet.select_profile(fleet.devices_of(example_inputs), options.device_profile)
         before = graph_text(gm)
-        passes.run_pipeline(gm, passes.PassContext(options, profile_, report), debug.GraphDumper(None, report))
+        ctx = passes.PassContext(options, profile_, report, eager=fallback.plan_eager_nodes(gm, options))
+        passes.run_pipeline(gm, ctx, debug.GraphDumper(None, report))
         if graphs is not None:
             graphs.append((before, graph_text(gm)))
         return gm.forward
@@ -335,6 +338,35 @@ def test_near_miss_activation_not_fused_but_conv_bn_folded(seed):
     assert [m.detail["act"] for m in _report_matches(EVAL)] == ["none"]
     [(pattern, reason)] = _near_misses()
     assert pattern == ACT and reason.startswith(conv_bn_act.NEAR_MISS_REASONS["activation"]) and "leaky_relu" in reason
+
+
+def test_near_miss_eager_ops_are_left_alone(seed):
+    """Nodes the user forces to eager (``eager_ops``) are not rewritten: a BN listed stops
+    the match; an activation listed stays outside the fold."""
+    model = randomize_bn_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch.compile(copy.deepcopy(model), backend=rewrite_only(eager_ops=("batch_norm",)))(x)
+    [(pattern, reason)] = _near_misses()
+    assert pattern == EVAL and reason.startswith(conv_bn_act.NEAR_MISS_REASONS["eager"]) and not _report_matches()
+    _compat.dynamo_reset()
+    torch.compile(copy.deepcopy(model), backend=rewrite_only(eager_ops=("relu",)))(x)
+    [(pattern, reason)] = _near_misses()
+    assert pattern == ACT and reason.startswith(conv_bn_act.NEAR_MISS_REASONS["eager"])
+    assert [m.detail["act"] for m in _report_matches(EVAL)] == ["none"]
+
+
+def test_rewritten_graphs_hit_inductors_caches(seed):
+    """The helpers the pass inserts are cacheable: a second compile of the same model
+    (fresh Dynamo) hits the FX graph / AOTAutograd caches, nothing bypasses them."""
+    model = randomize_bn_statistics(BlocksA(blocks=2))
+    x = torch.randn(2, 8, 6, 6)
+    for _ in range(2):
+        _compat.dynamo_reset()
+        test = copy.deepcopy(model)
+        torch.compile(test, backend="ger", options={"strict": True})(x).sum().backward()
+    c = _compat.counters()
+    assert c["aot_autograd"]["autograd_cache_bypass"] == 0 and c["inductor"]["fxgraph_cache_bypass"] == 0, dict(c)
+    assert c["aot_autograd"]["autograd_cache_hit"] >= 1 or c["inductor"]["fxgraph_cache_hit"] >= 2, dict(c)
 
 
 def test_near_miss_other_normalisation(seed):

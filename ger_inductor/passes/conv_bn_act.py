@@ -45,6 +45,9 @@ from .. import _compat, fleet
 from ..ops import conv_bn as conv_bn_ops
 from ..options import op_name
 
+#: the Python functions this pass inserts into graphs (AOTAutograd may cache them)
+GRAPH_FUNCTIONS = (conv_bn_ops.conv_bn_act_eval, conv_bn_ops.update_batch_stats)
+
 PATTERN_EVAL = "conv_bn_act.eval"
 PATTERN_TRAIN = "conv_bn_act.train"
 PATTERN_ACT = "conv_bn_act.activation"
@@ -62,6 +65,7 @@ NEAR_MISS_REASONS = {
     "other_norm": "the conv feeds a normalisation ger does not fuse",
     "activation": "the activation after batch norm is not one ger fuses",
     "hardtanh_bounds": "hardtanh bounds are not constants with min < max",
+    "eager": "a node of the pattern must run eagerly",
 }
 
 #: fused activations by op name (call_function) or method name (call_method)
@@ -312,6 +316,9 @@ def _check_dtypes_and_devices(conv_args: dict[str, Any], bn_args: dict[str, Any]
 
 def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
     dims, transposed = _CONVS[_name(conv)]
+    for node in (conv, bn):
+        if ctx.eager_reason(node):
+            raise NearMiss("eager", f"{node.name}: {ctx.eager_reason(node)}")
     if len(conv.users) > 1:
         raise NearMiss("conv_users", f"{len(conv.users)} users: {', '.join(u.name for u in conv.users)}")
     bn_args = _bn_args(bn)
@@ -324,6 +331,8 @@ def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
         user = next(iter(bn.users))
         try:
             found = _activation(user, bn)
+            if found is not None and ctx.eager_reason(user):
+                raise NearMiss("eager", f"{user.name}: {ctx.eager_reason(user)}")
         except NearMiss as miss:
             ctx.near_miss(PATTERN_ACT, user, miss.reason)
             found = None
