@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     ap.add_argument("--cpu-dry-run", action="store_true", help="run the correctness part on the CPU (to test this script)")
+    ap.add_argument("--skip-conv", action="store_true", help="leave out the conv -> BN -> activation checks")
+    ap.add_argument("--big-only", action="store_true", help="time only the 8192 x 128256 bf16 size")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is False)")
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"conv checks: not available ({e})")
     else:
-        if not args.cpu_dry_run:
+        if not args.cpu_dry_run and not args.skip_conv:
             run_conv_checks(dev, report, failures, args.quick)
 
     # ---- 2./3. timing and bandwidth
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
              (4096, 32000, torch.float32, ["ls0.1", "cp0.1"])]
     if args.quick:
         sizes = [(4096, 128256, torch.bfloat16, ["ls0.1", "cp0.1"])]
+    if args.big_only:
+        sizes = sizes[:1]
     if args.cpu_dry_run:
         sizes = []
     refs = {
