@@ -569,7 +569,7 @@ class GraphModule(torch.nn.Module):
 )
 def test_lowerings_match_eager_kernels(dtype, memory_format, seed):
     """The Inductor IR lowerings of the training ops (every activation, forward and
-    backward, running stats) and of ``ger::hardtanh`` vs the ops' eager kernels; nothing
+    backward, running stats) and of ``ger::clamp_activation`` vs the ops' eager kernels; nothing
     falls back to them."""
     lowerings.ensure_registered()
     acts = [("none", 0.0, 0.0), ("relu", 0.0, 0.0), ("hardtanh", 0.0, 6.0), ("silu", 0.0, 0.0), ("gelu", 0.0, 0.0),
@@ -578,7 +578,7 @@ def test_lowerings_match_eager_kernels(dtype, memory_format, seed):
     def f(x, w, b, rm, rv):
         mean, invstd = conv_bn_ops.update_batch_stats(x, rm, rv, 0.1, 1e-5)
         outs = [torch.ops.ger.batch_norm_act(x, mean, invstd, w, b, *a) for a in acts]
-        return [*outs, torch.ops.ger.hardtanh(x, -1.0, 2.0)]
+        return [*outs, torch.ops.ger.clamp_activation(x, -1.0, 2.0), torch.ops.ger.clamp_activation(x, 0.0, None)]
 
     x = (torch.randn(4, 8, 5, 7) * 2 + 0.5).to(dtype).contiguous(memory_format=memory_format)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
@@ -666,7 +666,7 @@ def test_eval_no_grad_codegen_conv_feeds_conv_no_normalize_kernel(seed):
 def test_eval_with_grad_enabled_params_folds_and_matches_gradients(seed):
     """Plain model.eval() with grad-enabled parameters: folded at run time (Inductor
     cannot), the only kernel after the conv is the activation (no square root, no BN),
-    parameter gradients match float64 eager."""
+    no ReLU mask is saved, parameter gradients match float64 eager."""
     model = randomize_bn_statistics(Block()).eval()
     x = torch.randn(2, 3, 8, 8)
     test, ref = copy.deepcopy(model), copy.deepcopy(model).double()
@@ -678,7 +678,8 @@ def test_eval_with_grad_enabled_params_folds_and_matches_gradients(seed):
         assert _rel(p.grad, p_ref.grad) <= FP32_REL, name
     FileCheck().check("rsqrt").check("extern_kernels.convolution").check_not("batch_norm").run(_call_code(fwd))
     [activation] = _kernels_reading_conv_output(fwd)
-    assert "relu" in activation and "sqrt" not in _kernel_source(fwd, activation)
+    assert "clamp_activation" in activation and "sqrt" not in _kernel_source(fwd, activation)
+    assert "torch.bool" not in _call_code(fwd)  # the ReLU backward reads its output: no mask saved
 
 
 class BlocksA(nn.Module):

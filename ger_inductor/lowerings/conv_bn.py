@@ -15,8 +15,8 @@ C++/OpenMP on CPU and Triton on GPUs:
   read.
 
 The inference fold is plain torch ops around the convolution; ``onednn_conv_act``
-lowers to Inductor's own lowering of oneDNN's post-op convolution, ``hardtanh`` and its
-backward to one pointwise expression each.
+lowers to Inductor's own lowering of oneDNN's post-op convolution, ``clamp_activation``
+(ReLU, hardtanh) and its backward to one pointwise expression each.
 The math is the eager kernels' (ops/conv_bn.py); tests compare the two.
 """
 
@@ -248,29 +248,29 @@ def _register() -> None:
 
         return ch.pointwise(grad_x, ch.size, ch.in_dtype), sum_g_xhat, sum_g
 
-    @_compat.register_lowering(torch.ops.ger.hardtanh.default, type_promotion_kind=None)
-    def hardtanh(x, min_val, max_val):
+    @_compat.register_lowering(torch.ops.ger.clamp_activation.default, type_promotion_kind=None)
+    def clamp_activation(x, min_val, max_val):
         ir = _compat.inductor_ir()
         _, ops = _compat.inductor_ops()
         load, dtype = x.make_loader(), x.get_dtype()
 
         def fn(idx):
-            lo, hi = ops.constant(min_val, dtype), ops.constant(max_val, dtype)
-            return ops.minimum(ops.maximum(load(idx), lo), hi)
+            y = ops.maximum(load(idx), ops.constant(min_val, dtype))
+            return y if max_val is None else ops.minimum(y, ops.constant(max_val, dtype))
 
         return ir.Pointwise.create(device=x.get_device(), dtype=dtype, inner_fn=fn, ranges=list(x.get_size()))
 
-    @_compat.register_lowering(torch.ops.ger.hardtanh_backward.default, type_promotion_kind=None)
-    def hardtanh_backward(grad_out, out, min_val, max_val):
+    @_compat.register_lowering(torch.ops.ger.clamp_activation_backward.default, type_promotion_kind=None)
+    def clamp_activation_backward(grad_out, out, min_val, max_val):
         ir = _compat.inductor_ir()
         _, ops = _compat.inductor_ops()
         load_grad, load_out, dtype = grad_out.make_loader(), out.make_loader(), grad_out.get_dtype()
 
         def fn(idx):
             y = load_out(idx)
-            inside = ops.logical_and(
-                ops.gt(y, ops.constant(min_val, out.get_dtype())), ops.lt(y, ops.constant(max_val, out.get_dtype()))
-            )
+            inside = ops.gt(y, ops.constant(min_val, out.get_dtype()))
+            if max_val is not None:
+                inside = ops.logical_and(inside, ops.lt(y, ops.constant(max_val, out.get_dtype())))
             return ops.where(inside, load_grad(idx), ops.constant(0.0, dtype))
 
         return ir.Pointwise.create(device=grad_out.get_device(), dtype=dtype, inner_fn=fn, ranges=list(out.get_size()))

@@ -202,53 +202,60 @@ def conv_bn_act_eval(
         y = conv(x, w, b, stride, padding, output_padding, groups, dilation)
     else:
         y = conv(x, w, b, stride, padding, dilation, groups)
+    if act == "relu":
+        return clamp_activation(y, 0.0, None)
     if act == "hardtanh":
-        return hardtanh(y, act_min, act_max)
+        return clamp_activation(y, act_min, act_max)
     return activation(y, act, act_min, act_max)
 
 
-@torch.library.custom_op(f"{OPS_NAMESPACE}::hardtanh", mutates_args=())
-def hardtanh(x: Tensor, min_val: float, max_val: float) -> Tensor:
-    """``F.hardtanh`` whose backward reads its OUTPUT, through an opaque op.
+@torch.library.custom_op(f"{OPS_NAMESPACE}::clamp_activation", mutates_args=())
+def clamp_activation(x: Tensor, min_val: float, max_val: Optional[float]) -> Tensor:
+    """ReLU (``max_val=None``, ``min_val=0``) or hardtanh / ReLU6, with a backward that
+    reads the OUTPUT, through an opaque op.
 
-    ``F.hardtanh``'s backward needs a mask of its input; AOTAutograd's partitioner
-    computes such masks at the end of the forward and saves them, and Inductor wrote
-    them in the contiguous layout of channels_last activations - a strided scatter
-    that made model B with grad-enabled parameters 1.4-5x slower than Inductor. Here the
-    backward (``ger::hardtanh_backward``) takes the output, which the next convolution
+    The backwards of ``torch.relu`` / ``F.hardtanh`` need a mask of their input or output;
+    AOTAutograd's partitioner saves such masks, computed at the end of the forward, and
+    Inductor wrote them in the contiguous layout of channels_last activations: a strided
+    scatter of bytes that made model B (ReLU6) and ResNet-18 (ReLU) with grad-enabled
+    parameters 1.4-5x slower than Inductor. Here the backward
+    (``ger::clamp_activation_backward``) takes the output, which the next convolution
     saves anyway: no mask, nothing extra saved.
     """
-    return F.hardtanh(x, min_val, max_val)
+    return torch.clamp(x, min_val, max_val)
 
 
-@hardtanh.register_fake
-def _hardtanh_fake(x, min_val, max_val):
+@clamp_activation.register_fake
+def _clamp_activation_fake(x, min_val, max_val):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op(f"{OPS_NAMESPACE}::hardtanh_backward", mutates_args=())
-def hardtanh_backward(grad_out: Tensor, out: Tensor, min_val: float, max_val: float) -> Tensor:
-    """grad where min < out < max (the same set as min < input < max), else 0."""
-    inside = (out > min_val) & (out < max_val)
+@torch.library.custom_op(f"{OPS_NAMESPACE}::clamp_activation_backward", mutates_args=())
+def clamp_activation_backward(grad_out: Tensor, out: Tensor, min_val: float, max_val: Optional[float]) -> Tensor:
+    """grad where min < out (< max), else 0: the set where min < input (< max), as
+    ``threshold_backward`` and ``hardtanh_backward`` give."""
+    inside = out > min_val
+    if max_val is not None:
+        inside = inside & (out < max_val)
     return torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
 
 
-@hardtanh_backward.register_fake
-def _hardtanh_backward_fake(grad_out, out, min_val, max_val):
+@clamp_activation_backward.register_fake
+def _clamp_activation_backward_fake(grad_out, out, min_val, max_val):
     return torch.empty_like(grad_out)
 
 
-def _hardtanh_setup_context(ctx, inputs, output):
+def _clamp_activation_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output)
     ctx.bounds = inputs[1:]
 
 
-def _hardtanh_backward(ctx, grad):
+def _clamp_activation_backward(ctx, grad):
     (y,) = ctx.saved_tensors
-    return hardtanh_backward(grad, y, *ctx.bounds), None, None
+    return clamp_activation_backward(grad, y, *ctx.bounds), None, None
 
 
-hardtanh.register_autograd(_hardtanh_backward, setup_context=_hardtanh_setup_context)
+clamp_activation.register_autograd(_clamp_activation_backward, setup_context=_clamp_activation_setup_context)
 
 
 @torch.library.custom_op(f"{OPS_NAMESPACE}::onednn_conv_act", mutates_args=())

@@ -68,23 +68,25 @@ NEAR_MISS_REASONS = {
     "eager": "a node of the pattern must run eagerly",
 }
 
+_REQUIRED = inspect.Parameter.empty
+
 #: fused activations by op name (call_function) or method name (call_method)
-_SIG_INPUT_INPLACE = (("input", inspect.Parameter.empty), ("inplace", False))
+_SIG_INPUT_INPLACE = (("input", _REQUIRED), ("inplace", False))
 _ACTIVATION_FUNCTIONS: dict[str, tuple[str, tuple]] = {
     "torch.nn.functional.relu": ("relu", _SIG_INPUT_INPLACE),
-    "torch.relu": ("relu", (("input", inspect.Parameter.empty),)),
-    "torch.relu_": ("relu", (("input", inspect.Parameter.empty),)),
+    "torch.relu": ("relu", (("input", _REQUIRED),)),
+    "torch.relu_": ("relu", (("input", _REQUIRED),)),
     "torch.nn.functional.relu6": ("relu6", _SIG_INPUT_INPLACE),
     "torch.nn.functional.hardtanh": (
         "hardtanh",
-        (("input", inspect.Parameter.empty), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
+        (("input", _REQUIRED), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
     ),
     "torch.nn.functional.hardtanh_": (
         "hardtanh",
-        (("input", inspect.Parameter.empty), ("min_val", -1.0), ("max_val", 1.0)),
+        (("input", _REQUIRED), ("min_val", -1.0), ("max_val", 1.0)),
     ),
     "torch.nn.functional.silu": ("silu", _SIG_INPUT_INPLACE),
-    "torch.nn.functional.gelu": ("gelu", (("input", inspect.Parameter.empty), ("approximate", "none"))),
+    "torch.nn.functional.gelu": ("gelu", (("input", _REQUIRED), ("approximate", "none"))),
 }
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
 
@@ -101,9 +103,6 @@ _OTHER_NORMS = {
     "torch.nn.functional.group_norm": "group norm",
     "torch.nn.functional.layer_norm": "layer norm",
 }
-
-_REQUIRED = inspect.Parameter.empty
-
 
 def _signature(params) -> inspect.Signature:
     return inspect.Signature(
