@@ -755,6 +755,33 @@ def test_resnet18_example_eval_and_train(seed):
     assert len(_report_matches(TRAIN)) == 20
 
 
+def test_dynamic_shapes_eval_and_train(seed):
+    """``dynamic=True``: symbolic batch and spatial sizes (the training lowerings count
+    values per channel symbolically; eval keeps the aten conv, oneDNN's needs static
+    shapes); two input shapes, one compile each mode."""
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # a bias before training BN has a zero gradient
+    model = randomize_bn_statistics(nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU6()))
+    for train in (False, True):
+        _compat.dynamo_reset()
+        test, ref = copy.deepcopy(model).train(train), copy.deepcopy(model).double().train(train)
+        compiled = torch.compile(test, backend="ger", dynamic=True, options={"strict": True})
+        for shape in ((2, 3, 8, 8), (3, 3, 10, 12)):
+            x = torch.randn(shape)
+            with torch.set_grad_enabled(train):
+                out, expected = compiled(x), ref(x.double())
+            assert _rel(out, expected) <= FP32_REL
+            if train:
+                out.sum().backward()
+                expected.sum().backward()
+                for (name, p), q in zip(test.named_parameters(), ref.parameters()):
+                    assert _rel(p.grad, q.grad) <= FP32_REL, name
+        assert ger_inductor.last_report().symbolic_inputs
+        [match] = _report_matches()
+        assert match.pattern == (TRAIN if train else EVAL)
+        if not train:
+            assert match.detail["why"] == "dynamic shapes"
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_inductor_freezing_folds_conv_transpose_wrongly_ger_does_not(groups, seed):
     """DOCUMENTS INDUCTOR'S BEHAVIOUR (torch 2.13): with ``torch._inductor.config.freezing``
