@@ -266,6 +266,19 @@ def test_bf16_model_within_bf16_tolerance_fold_in_fp32(train, seed):
     assert max(ours.values()) <= 2 * max(eager.values()), (ours, eager)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_weights_outweighing_the_output_scale_the_output_instead(grad, seed):
+    """A conv with more weights than outputs (a late ResNet stage at a small batch): BN
+    becomes one FMA on the conv output, fused with the activation, instead of a pass
+    over the weights; same numbers."""
+    model = randomize_bn_statistics(nn.Sequential(nn.Conv2d(32, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU6()))
+    x = torch.randn(2, 32, 3, 3)
+    _assert_as_accurate_as_eager(_compare(model, x, False, grad, rewrite_only()), model, x, False, grad)
+    [match] = _report_matches(EVAL)
+    assert match.detail["fold_into"] == "output" and match.detail["conv_impl"] == "aten conv"
+    assert match.detail["why"] == "weights (13824 values) outweigh the output (864)"
+
+
 def test_autocast_conv_is_folded_in_the_autocast_dtype(seed):
     """Under autocast the conv computes in bf16 while its weight is fp32: the fold casts
     to bf16 once, as autocast casts the weight."""
@@ -286,8 +299,8 @@ def test_pinned_profiles_choose_per_device_strategy():
     x = torch.randn(2, 3, 8, 8)
     for profile, impl, eval_conv in (
         ("cpu-avx512", "onednn post-op", "onednn_post_op"),
-        ("h100", "aten conv + folded bias", "vendor_conv_bias"),
-        ("mi300x", "aten conv + folded bias", "vendor_conv_bias"),
+        ("h100", "aten conv", "vendor_conv_bias"),
+        ("mi300x", "aten conv", "vendor_conv_bias"),
     ):
         _compat.dynamo_reset()
         with torch.no_grad():
@@ -509,7 +522,7 @@ class GraphModule(torch.nn.Module):
         l_self_modules_bn_parameters_weight_ = L_self_modules_bn_parameters_weight_
         l_self_modules_bn_parameters_bias_ = L_self_modules_bn_parameters_bias_
 
-        conv_bn_act_eval: "f32[2, 4, 5, 5]" = ger_inductor_ops_conv_bn_conv_bn_act_eval(l_x_, l_self_modules_conv_parameters_weight_, None, l_self_modules_bn_buffers_running_mean_, l_self_modules_bn_buffers_running_var_, l_self_modules_bn_parameters_weight_, l_self_modules_bn_parameters_bias_, 1e-05, (1, 1), (1, 1), (1, 1), 1, False, (0, 0), 'relu', 0.0, 0.0, torch.float32, True);  l_x_ = l_self_modules_conv_parameters_weight_ = l_self_modules_bn_buffers_running_mean_ = l_self_modules_bn_buffers_running_var_ = l_self_modules_bn_parameters_weight_ = l_self_modules_bn_parameters_bias_ = None
+        conv_bn_act_eval: "f32[2, 4, 5, 5]" = ger_inductor_ops_conv_bn_conv_bn_act_eval(l_x_, l_self_modules_conv_parameters_weight_, None, l_self_modules_bn_buffers_running_mean_, l_self_modules_bn_buffers_running_var_, l_self_modules_bn_parameters_weight_, l_self_modules_bn_parameters_bias_, 1e-05, (1, 1), (1, 1), (1, 1), 1, False, (0, 0), 'relu', 0.0, 0.0, torch.float32, 'weights', True);  l_x_ = l_self_modules_conv_parameters_weight_ = l_self_modules_bn_buffers_running_mean_ = l_self_modules_bn_buffers_running_var_ = l_self_modules_bn_parameters_weight_ = l_self_modules_bn_parameters_bias_ = None
         return (conv_bn_act_eval,)
 """,
         )

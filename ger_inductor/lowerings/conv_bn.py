@@ -280,6 +280,14 @@ def _register() -> None:
 
         @_compat.register_lowering(torch.ops.ger.onednn_conv_act.default, type_promotion_kind=None)
         def onednn_conv_act(x, weight, bias, padding, stride, dilation, groups, act, act_min, act_max):
+            # the activations are channels_last (Inductor's oneDNN lowering makes them so) and
+            # the kernel copies a weight of another layout to channels_last on every call: have
+            # the fold that computes the weight write it channels_last
+            ir = _compat.inductor_ir()
+            if len(weight.get_size()) == 4:
+                weight = ir.ExternKernel.require_channels_last(weight)
+            else:
+                weight = ir.ExternKernel.require_channels_last_3d(weight)
             attr, algorithm = ONEDNN_POST_OPS[act]
             scalars = [act_min, act_max] if act == "hardtanh" else []
             return lowerings[onednn_conv](x, weight, bias, padding, stride, dilation, groups, attr, scalars, algorithm)

@@ -1,12 +1,13 @@
 """conv -> BN -> activation: what the ``conv_bn_act`` pass puts into the graph.
 
-Inference (BN with running statistics): :func:`conv_bn_act_eval` folds BN into the
-convolution at run time, in fp32 (fp64 for fp64 models), casts the folded weight and
-bias back to the conv's dtype once, and runs one convolution with the activation
-after it. Plain differentiable torch ops: it works with and without grad-enabled
-parameters, under ``torch.no_grad()`` or not, and AOTAutograd derives gradients
-that match eager's. With ``onednn=True`` (CPU, no gradient needed) the convolution
-is oneDNN's, with the activation as a fused post-op.
+Inference (BN with running statistics): :func:`conv_bn_act_eval` applies BN at run
+time, in fp32 (fp64 for fp64 models) with one cast back to the conv's dtype: folded
+into the convolution's weight and bias (one convolution, the activation after it), or,
+for convs whose weights outweigh their output, as one per-channel FMA on the conv's
+output fused with the activation. Plain differentiable torch ops: it works with and
+without grad-enabled parameters, under ``torch.no_grad()`` or not, and AOTAutograd
+derives gradients that match eager's. With ``onednn=True`` (CPU, no gradient needed)
+the folded convolution is oneDNN's, with the activation as a fused post-op.
 
 Training (BN with batch statistics), two ``ger::`` ops::
 
@@ -112,6 +113,27 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- inference
+def bn_eval_scale_shift(
+    conv_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    eps: float,
+    compute: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Per output channel, in ``compute``: BN_eval(y + conv_bias) = y * scale + shift,
+    scale = bn_weight / sqrt(running_var + eps), shift = (conv_bias - running_mean) * scale + bn_bias."""
+    scale = torch.rsqrt(running_var.to(compute) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(compute)
+    centre = -running_mean.to(compute) if conv_bias is None else conv_bias.to(compute) - running_mean.to(compute)
+    shift = centre * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(compute)
+    return scale, shift
+
+
 def fold_bn_into_conv(
     conv_weight: Tensor,
     conv_bias: Optional[Tensor],
@@ -124,11 +146,9 @@ def fold_bn_into_conv(
     groups: int,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """(weight, bias) of the convolution that equals conv followed by eval-mode BN.
-
-    scale = bn_weight / sqrt(running_var + eps) per OUTPUT channel,
-    weight' = weight * scale over the output-channel dimension,
-    bias' = (conv_bias - running_mean) * scale + bn_bias.
+    """(weight, bias) of the convolution that equals conv followed by eval-mode BN:
+    the weight scaled by :func:`bn_eval_scale_shift`'s scale over its OUTPUT-channel
+    dimension, the shift as bias.
 
     A transposed convolution's weight is laid out (in, out / groups, *k): output channel
     g * (out / groups) + j lives at [g * (in / groups) + i, j]. Scaling dimension 0, as
@@ -137,13 +157,7 @@ def fold_bn_into_conv(
     dtype the convolution computes in (the weight's, or autocast's).
     """
     cd = compute_dtype(conv_weight.dtype)
-    scale = torch.rsqrt(running_var.to(cd) + eps)
-    if bn_weight is not None:
-        scale = scale * bn_weight.to(cd)
-    shift = -running_mean.to(cd) if conv_bias is None else conv_bias.to(cd) - running_mean.to(cd)
-    bias = shift * scale
-    if bn_bias is not None:
-        bias = bias + bn_bias.to(cd)
+    scale, bias = bn_eval_scale_shift(conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, cd)
     w = conv_weight.to(cd)
     kernel_dims = [1] * (w.dim() - 2)
     if transposed:
@@ -153,6 +167,10 @@ def fold_bn_into_conv(
     else:
         w = w * scale.view(-1, 1, *kernel_dims)
     return w.to(dtype), bias.to(dtype)
+
+
+#: where the eval-mode BN goes: into the conv's weight and bias, or onto its output
+FOLD_INTO = ("weights", "output")
 
 
 _CONV_FNS = {
@@ -184,24 +202,41 @@ def conv_bn_act_eval(
     act_min: float,
     act_max: float,
     dtype: torch.dtype,
+    fold_into: str,
     onednn: bool,
 ) -> Tensor:
-    """act(BN_eval(conv(x))) as ONE convolution with BN folded in at run time.
+    """act(BN_eval(conv(x))) with BN applied at run time, where it costs least.
 
-    ``onednn=True``: :func:`onednn_conv_act` (CPU, no autograd: the pass picks it only
-    when no gradient can be asked for, for 2d/3d convs with integer padding). Otherwise the framework's convolution with the folded bias,
-    the activation after it (Inductor fuses it into its neighbours).
+    ``fold_into="weights"``: ONE convolution with the folded weight and bias (a pass over
+    the weights per call; nothing after the conv but the activation). ``"output"``: the
+    conv with its own weights, then ``y * scale + shift`` per channel in fp32 and the
+    activation, one pointwise pass Inductor fuses with its neighbours (for convs whose
+    weights outweigh their output: the late stages of a ResNet). ``onednn=True`` (with
+    ``"weights"``): :func:`onednn_conv_act` (CPU, no autograd: the pass picks it only
+    when no gradient can be asked for, for 2d/3d convs with integer padding). Otherwise
+    the framework's convolution.
     """
-    w, b = fold_bn_into_conv(
-        conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, transposed, groups, dtype
-    )
-    if onednn:
-        return onednn_conv_act(x, w, b, list(padding), list(stride), list(dilation), groups, act, act_min, act_max)
     conv = _CONV_FNS[(conv_weight.dim() - 2, transposed)]
-    if transposed:
-        y = conv(x, w, b, stride, padding, output_padding, groups, dilation)
+
+    def run_conv(w, b):
+        if transposed:
+            return conv(x, w, b, stride, padding, output_padding, groups, dilation)
+        return conv(x, w, b, stride, padding, dilation, groups)
+
+    if fold_into == "weights":
+        w, b = fold_bn_into_conv(
+            conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, transposed, groups, dtype
+        )
+        if onednn:
+            return onednn_conv_act(x, w, b, list(padding), list(stride), list(dilation), groups, act, act_min, act_max)
+        y = run_conv(w, b)
+    elif fold_into == "output":
+        y = run_conv(conv_weight, conv_bias)
+        cd = compute_dtype(y.dtype)
+        scale, shift = bn_eval_scale_shift(None, running_mean, running_var, bn_weight, bn_bias, eps, cd)
+        y = (y.to(cd) * _channel_view(scale, y.dim()) + _channel_view(shift, y.dim())).to(y.dtype)
     else:
-        y = conv(x, w, b, stride, padding, dilation, groups)
+        raise ValueError(f"ger conv_bn: fold_into={fold_into!r}; valid: {', '.join(FOLD_INTO)}")
     if act == "relu":
         return clamp_activation(y, 0.0, None)
     if act == "hardtanh":

@@ -16,11 +16,13 @@ signatures below):
 Rewrites:
 
 * BN eval (``training=False``): the three nodes become ONE call of
-  :func:`~ger_inductor.ops.conv_bn.conv_bn_act_eval` - BN folded into the conv at run
-  time in fp32, one cast back, differentiable. On CPUs, when no gradient can be asked
-  for, the conv is oneDNN's with the activation as a fused post-op (Inductor lowers it
-  to an extern kernel writing channels_last); elsewhere the vendor convolution with the
-  folded bias and the activation left to Inductor's fusion.
+  :func:`~ger_inductor.ops.conv_bn.conv_bn_act_eval` - BN applied at run time in fp32,
+  one cast back, differentiable: folded into the conv's weight and bias, or, where the
+  weights outweigh the conv's output, as one FMA on the output fused with the
+  activation. On CPUs, when no gradient can be asked for, the folded conv is oneDNN's
+  with the activation as a fused post-op (Inductor lowers it to an extern kernel
+  writing channels_last); elsewhere the vendor convolution with the folded bias and the
+  activation left to Inductor's fusion.
 * BN train (``training=True`` with running statistics): the conv stays; BN and the
   activation become ``update_batch_stats`` (``ger::batch_norm_train_stats`` + running
   buffer update) and ``ger::batch_norm_act``, whose output is recomputed in backward
@@ -403,14 +405,25 @@ def _use_onednn(c: Candidate, strategy: dict[str, Any], profile) -> tuple[bool, 
     return True, "no gradient needed"
 
 
+def _fold_into(c: Candidate) -> tuple[str, str]:
+    """Where BN goes, and why: into the weights (a pass over the weights per call) unless
+    they outweigh the conv's output (then one FMA on the output, fused with the
+    activation). Symbolic shapes fold into the weights."""
+    weights, out = _value(c.conv_args["weight"]).numel(), _value(c.conv).numel()
+    if isinstance(weights, int) and isinstance(out, int) and weights > out:
+        return "output", f"weights ({weights} values) outweigh the output ({out})"
+    return "weights", "output outweighs the weights" if isinstance(out, int) else "symbolic output size"
+
+
 def _rewrite_eval(gm: fx.GraphModule, c: Candidate, ctx, strategy: dict[str, Any]) -> None:
-    onednn, why = _use_onednn(c, strategy, ctx.profile)
+    fold_into, fold_why = _fold_into(c)
+    onednn, why = _use_onednn(c, strategy, ctx.profile) if fold_into == "weights" else (False, fold_why)
     ca, ba = c.conv_args, c.bn_args
     padding = _onednn_padding(c) if onednn else ca["padding"]
     args = (
         ca["input"], ca["weight"], ca["bias"], ba["running_mean"], ba["running_var"], ba["weight"], ba["bias"],
         ba["eps"], ca["stride"], padding, ca["dilation"], ca["groups"], c.transposed, ca["output_padding"],
-        c.act.name, c.act.lo, c.act.hi, _value(c.conv).dtype, onednn,
+        c.act.name, c.act.lo, c.act.hi, _value(c.conv).dtype, fold_into, onednn,
     )  # fmt: skip
     with gm.graph.inserting_before(c.bn):
         new = gm.graph.call_function(conv_bn_ops.conv_bn_act_eval, args)
@@ -418,8 +431,8 @@ def _rewrite_eval(gm: fx.GraphModule, c: Candidate, ctx, strategy: dict[str, Any
     _copy_source_meta(new, c.bn)
     _replace(gm, c, new)
     ctx.match(
-        PATTERN_EVAL, c.nodes, conv=_name(c.conv), groups=ca["groups"], act=c.act.name,
-        conv_impl="onednn post-op" if onednn else "aten conv + folded bias", why=why,
+        PATTERN_EVAL, c.nodes, conv=_name(c.conv), groups=ca["groups"], act=c.act.name, fold_into=fold_into,
+        conv_impl="onednn post-op" if onednn else "aten conv", why=why,
     )  # fmt: skip
 
 
