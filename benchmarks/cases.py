@@ -137,7 +137,11 @@ def _spellings_case():
     from tests import spellings
 
     variants = [Variant("fused_ce", _fwd_bwd(lambda z, y: ger_loss(z, y, alpha=1.0, beta=0.0), "ger"),
-                        "ger_loss plain cross-entropy, the fused op called directly")]
+                        "ger_loss plain cross-entropy, the fused op called directly"),
+                Variant("fused_cp", _fwd_bwd(lambda z, y: ger_loss(z, y, alpha=0.0, beta=0.1), "ger"),
+                        "ger_loss confidence penalty, the fused op called directly"),
+                Variant("fused_ger", _fwd_bwd(lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.7), "ger"),
+                        "ger_loss general alpha, the fused op called directly")]
     for name, (fn, _patterns) in spellings.RECOGNISED.items():
         variants.append(Variant(f"inductor:{name}", _fwd_bwd(fn, "inductor")))
         variants.append(Variant(f"ger:{name}", _fwd_bwd(fn, "ger"), "unmodified code under backend=ger"))
