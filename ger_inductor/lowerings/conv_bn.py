@@ -1,4 +1,4 @@
-"""Inductor IR lowerings of the training-mode batch-norm ops (``ops/conv_bn.py``).
+"""Inductor IR lowerings of the conv -> BN -> activation ops (``ops/conv_bn.py``).
 
 Written once in Inductor IR (``ir.Pointwise`` / ``ir.Reduction`` and the ``ops``
 handlers; the statistics compose Inductor's own ``var_mean`` lowering, which picks a
