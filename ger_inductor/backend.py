@@ -70,6 +70,7 @@ def ger(
 
         config_patches = {
             **mode_patches,
+            **fleet.inductor_patches(profile),
             **passes.cacheable_functions_patch(),
             **dict(settings.inductor_config),
             "post_grad_custom_post_pass": passes.make_post_grad_pass(settings, profile, dumper),

@@ -217,11 +217,18 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
             "eval: cuDNN conv with the folded bias, activation in Inductor's epilogue kernel (fused "
             "with what follows, e.g. a residual add); Inductor's layout optimisation picks channels_last")),
         "amd": dict(eval_conv="vendor_conv_bias", train="stats_normalize_recompute", why=(
-            "as on NVIDIA with MIOpen; the profile keeps Inductor's layout optimisation off")),
+            "as on NVIDIA with MIOpen; the profile turns Inductor's layout optimisation off "
+            "(layout_opt=False: channels_last does not pay with MIOpen)")),
         "other": dict(eval_conv="vendor_conv_bias", train="stats_normalize_recompute", why=(
             "framework conv with the folded bias; activation fused by Inductor")),
     },
 }
+
+
+def inductor_patches(profile: DeviceProfile) -> dict[str, Any]:
+    """Inductor settings a profile implies: no channels_last layout optimisation where the
+    profile says it does not pay (AMD Instinct; Inductor's own ROCm default as well)."""
+    return {} if profile.layout_opt else {"layout_optimization": False}
 
 
 def strategy(family: str, profile: DeviceProfile) -> dict[str, Any]:

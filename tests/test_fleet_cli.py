@@ -106,3 +106,10 @@ def test_cli_demo_quick():
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "all results match eager" in r.stdout
     assert "loss_entropy/cross_entropy(label_smoothing)" in r.stdout  # the LM's loss was rewritten
+
+
+def test_profile_layout_choice_reaches_inductor_config():
+    assert fleet.inductor_patches(PINNED_PROFILES["mi300x"]) == {"layout_optimization": False}
+    assert fleet.inductor_patches(PINNED_PROFILES["h100"]) == {}
+    f = torch.compile(lambda x: (x * 2).relu().sum(), backend="ger", options={"device_profile": "mi300x", "strict": True})
+    assert f(torch.ones(4)).item() == 8.0
