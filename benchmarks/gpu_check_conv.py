@@ -56,18 +56,9 @@ def _gpu_kernel_ms(fn, repeat: int = 5) -> float:
 
 
 def _median_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from benchmarks.gpu_check import _median_ms as timed  # one CUDA-event timer for both checks
+
+    return timed(fn, warmup, repeat)[0]
 
 
 class _Variants(nn.Module):

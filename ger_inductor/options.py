@@ -154,8 +154,6 @@ def op_name(op: Any) -> str:
     """Canonical string for an op given by the user or found on an FX node."""
     if isinstance(op, str):
         return op
-    import torch
-
     from . import _compat
 
     if _compat.is_op_overload(op):

@@ -695,18 +695,11 @@ def test_eval_with_grad_enabled_params_folds_and_matches_gradients(seed):
     assert "torch.bool" not in _call_code(fwd)  # the ReLU backward reads its output: no mask saved
 
 
-class BlocksA(nn.Module):
+def BlocksA(blocks: int = 4, channels: int = 8) -> nn.Module:  # noqa: N802 (a model factory)
     """Model A of the benchmarks, small: conv3x3 (no bias) -> BN -> ReLU blocks."""
+    from benchmarks.cases_conv import ModelA
 
-    def __init__(self, blocks: int = 4, channels: int = 8):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(blocks))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(blocks))
-
-    def forward(self, x):
-        for conv, bn in zip(self.convs, self.bns):
-            x = torch.relu(bn(conv(x)))
-        return x
+    return ModelA(channels=channels, blocks=blocks)
 
 
 def saved_activation_bytes(step, exclude: list[torch.Tensor]) -> tuple[int, torch.Tensor]:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import types
 
-import pytest
 import torch
 
 from ger_inductor import fleet

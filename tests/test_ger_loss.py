@@ -375,3 +375,23 @@ def test_gradient_reuses_saved_logits():
     _, (fwd, bwd) = _compat.run_and_get_code(torch.compile(step, backend="ger", options={"strict": True}), h, W, y)
     FileCheck().check("# reuse").check("loss_bwd").run(bwd)
     assert not re.search(r"empty_strided_cpu\(\(64, 1000(, 1)?\)", bwd)
+
+
+@pytest.mark.parametrize("kw", [dict(label_smoothing=0.1), dict(alpha=0.0, beta=0.1), dict(alpha=0.5, beta=0.7)],
+                         ids=["ls", "cp", "ger"])
+def test_fused_on_cuda_with_the_gpu_strategy(kw):
+    """On a GPU the forward uses the chunked split reduction (chunk on the graph);
+    numbers vs float64. A visible skip on machines without one."""
+    from .conftest import HAS_CUDA
+
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA/ROCm GPU (this machine has none); benchmarks/gpu_check.py covers it on one")
+    z = (torch.randn(256, 5000, device="cuda") * 3).requires_grad_()
+    y = torch.randint(0, 5000, (256,), device="cuda")
+    out = torch.compile(lambda z, y: ger_loss(z, y, **kw), backend="ger", options={"strict": True})(z, y)
+    (g,) = torch.autograd.grad(out, z)
+    z64 = z.detach().double().requires_grad_()
+    ref = ger_loss_reference(z64, y, **kw)
+    (g64,) = torch.autograd.grad(ref, z64)
+    assert _rel(out, ref) < 1e-5 and _rel(g, g64) < 1e-5
+    assert ger_inductor.last_report().passes[-1].strategy["chunk"] == 1024

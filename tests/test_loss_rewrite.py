@@ -10,12 +10,10 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import FileCheck
 
 import ger_inductor
 from ger_inductor import _compat
-from ger_inductor.debug import graph_text
 
 from . import spellings
 from .expect import ExpectTestCase
