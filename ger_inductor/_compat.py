@@ -257,12 +257,6 @@ def detect_fake_mode(inputs=None):
     return _d(inputs)
 
 
-def tracing_context():
-    from torch._guards import TracingContext
-
-    return TracingContext.try_get()
-
-
 def capability_partitioner():
     from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
     from torch.fx.passes.operator_support import OperatorSupportBase

@@ -27,7 +27,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -331,8 +331,3 @@ def summary_line(report: GraphReport) -> str:
         f"{len(report.near_misses)} near-miss(es), {len(report.fallbacks)} fallback(s), "
         f"{report.compile_seconds:.2f}s"
     )
-
-
-def iter_node_names(nodes) -> Iterator[str]:
-    for n in nodes:
-        yield getattr(n, "name", str(n))

@@ -810,10 +810,13 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
         smooth = (ce.ce["label_smoothing"], ce.ce["weight"])
     if ce is not None and ce.ce["class_dim"] != len(_shape(ce.node.args[0])) - 1 and rows:
         return refuse("cross-entropy with classes in dim 1 together with hand-written terms")
+    if ce is not None and zy_targets and ce.ce["ignore_index"] >= 0:
+        # the op zeroes nll where target == ignore_index; a gather at that (valid) class
+        # would then read L instead of z_y
+        return refuse("a target log-probability read by gather beside a cross-entropy whose ignore_index "
+                      "is a valid class")
     extras = bool(needed & {"ez", "plogm"})
     ignore_index = ce.ce["ignore_index"] if ce is not None else NO_IGNORE
-    if ce is not None and zy_targets:
-        ignore_index = NO_IGNORE if ce.ce["ignore_index"] == NO_IGNORE else ce.ce["ignore_index"]
     return Plan(targets[0], ignore_index, alpha, extras, ce, smooth, vocab)
 
 
