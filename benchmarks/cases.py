@@ -159,3 +159,5 @@ _loss_case(
     _loss_setup(N, V, torch.float32, shape=(8, 256), ignore_frac=0.25),
 )
 from . import cases_conv  # noqa: E402,F401
+from . import cases_lm_head  # noqa: E402,F401
+from . import cases_dynamic  # noqa: E402,F401

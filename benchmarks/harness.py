@@ -201,6 +201,7 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", default=None, help="write results here (JSON)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variants", nargs="*", default=None, help="run only these variants (default: all)")
     args = ap.parse_args(argv)
     if args.list:
         for name, c in cases.items():
@@ -225,6 +226,8 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
             tmp = f"/tmp/ger_bench_{os.getpid()}_{alloc}.json"
             cmd = [sys.executable, "-m", "benchmarks", *names, "--device", args.device, "--alloc", alloc,
                    "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--json", tmp]
+            if args.variants:
+                cmd += ["--variants", *args.variants]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             print(f"== allocator: {alloc}", flush=True)
@@ -248,6 +251,8 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
         if device.type not in case.devices:
             print(f"  {name}: skipped on {device.type}")
             continue
+        if args.variants:
+            case = dataclasses.replace(case, variants=[v for v in case.variants if v.name in args.variants])
         print(f"case {name}: {case.description}", flush=True)
         all_results += run_case(case, device, args.warmup, args.repeat, alloc if device.type == "cpu" else "caching")
     print(format_table(all_results))

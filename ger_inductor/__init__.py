@@ -14,7 +14,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .debug import GraphReport, clear_reports, last_report, reports
+from .distributed import ger_loss_vocab_parallel
 from .fleet import PINNED_PROFILES, DeviceProfile
+from .lm_head import ger_linear_loss
 from .losses import GERLoss, ger_loss, ger_loss_reference
 from .options import GerOptions
 
@@ -23,6 +25,8 @@ __all__ = [
     "ger_loss",
     "GERLoss",
     "ger_loss_reference",
+    "ger_loss_vocab_parallel",
+    "ger_linear_loss",
     "GerOptions",
     "DeviceProfile",
     "PINNED_PROFILES",

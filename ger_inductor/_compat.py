@@ -245,6 +245,39 @@ def dynamo_reset() -> None:
     torch._dynamo.reset()
 
 
+def graph_split_reason(gm) -> tuple[str, str] | None:
+    """Why the Dynamo graph ``gm`` ends where it does, when that may cut a pattern:
+    ``("ddp", ...)`` for a piece of Dynamo's DDPOptimizer split (bucket boundaries),
+    ``("graph_break", ...)`` for a graph a graph break ends; None otherwise.
+
+    Reads ``gm.compile_subgraph_reason`` (a ``GraphCompileReason`` Dynamo sets on every
+    graph, and DDPOptimizer on each piece; 2.11 and 2.13)."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None:
+        return None
+    text = str(getattr(reason, "reason", "") or "")
+    if "DDPOptimizer" in text:
+        return (
+            "ddp",
+            "DDPOptimizer split the graph at a DDP bucket boundary; a different bucket_cap_mb or "
+            "torch._dynamo.config.optimize_ddp = False keeps the pair in one graph",
+        )
+    if getattr(reason, "graph_break", False):
+        first = text.strip().splitlines()[0] if text.strip() else "unknown reason"
+        return ("graph_break", f"a graph break ends this graph: {first[:200]}")
+    return None
+
+
+def is_intermediate_input(placeholder) -> bool:
+    """Whether a placeholder of a DDPOptimizer piece is another piece's output rather
+    than a user input, parameter or buffer: DDPOptimizer gives the pieces' placeholders
+    the Dynamo source of the original graph's input (``_dynamo_source``), None for values
+    computed by an earlier piece."""
+    if not hasattr(placeholder, "_dynamo_source"):
+        return True  # no sources recorded: cannot tell, report
+    return placeholder._dynamo_source is None
+
+
 def normalize_gm(text: str) -> str:
     from torch._dynamo.testing import normalize_gm as _n
 
@@ -281,3 +314,56 @@ def trace_structured(name: str, payload_fn: Callable[[], str], encoding: str = "
     from torch._logging import trace_structured as _ts
 
     _ts("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload_fn)
+
+
+# --------------------------------------------------------------------------- symbolic sizes
+def statically_known_true(cond) -> bool:
+    """True where the shape environment proves ``cond`` without adding a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as _skt
+
+    return bool(_skt(cond))
+
+
+def force_eager_kernel(node) -> None:
+    """Have Inductor call ``node``'s eager (ATen) kernel instead of lowering it
+    (``GraphLowering`` reads ``meta["should_fallback"]``; 2.11 and 2.13)."""
+    node.meta["should_fallback"] = True
+
+
+def guard_hint(cond) -> bool:
+    """The value of a SymBool at the current sizes (its hint), adding no guard."""
+    hint = cond.node.hint
+    return bool(hint) if hint is not None else False
+
+
+def dynamo_restart_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions by which Dynamo restarts tracing a frame (raised from inside a backend,
+    e.g. AOTAutograd's ``TensorifyScalarRestartAnalysis`` under ``dynamic=True``): a
+    backend must let them through, never fall back on them."""
+    from torch._dynamo.exc import RestartAnalysis
+
+    return (RestartAnalysis,)
+
+
+def size_oblivious_dynamic_shapes():
+    """A context in which Dynamo does not specialise sizes 0 and 1 of symbolic dims
+    (``backed_size_oblivious``): a size of 1 runs through the dynamic graph."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(backed_size_oblivious=True)
+
+
+def no_duck_sizing():
+    """A context in which Dynamo gives equal input sizes distinct symbols."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)
+
+
+def is_traced_tensor(t) -> bool:
+    """Whether ``t`` is a tracing stand-in (fake or functional tensor, as AOTAutograd traces
+    a backward with) rather than real data."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or torch._is_functional_tensor(t)

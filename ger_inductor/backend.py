@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 
-from . import _compat, debug, fallback, fleet, passes
+from . import _compat, debug, fallback, fleet, passes, shapes
 from .options import GerOptions
 
 log = logging.getLogger("ger_inductor")
@@ -62,7 +61,8 @@ def ger(
     try:
         profile = fleet.select_profile(devices, settings.device_profile)
         report.profile = profile.to_json_dict()
-        report.symbolic_inputs = _symbolic_inputs(gm)
+        report.symbolic_inputs = shapes.symbolic_inputs(gm)
+        shape_patches, report.dynamic_shapes = shapes.inductor_patches(gm, example_inputs)
 
         # nodes the user forces to eager (or devices without Inductor) are not rewritten
         ctx = passes.PassContext(settings, profile, report, eager=fallback.plan_eager_nodes(gm, settings))
@@ -71,6 +71,7 @@ def ger(
         config_patches = {
             **mode_patches,
             **fleet.inductor_patches(profile),
+            **shape_patches,
             **passes.cacheable_functions_patch(),
             **dict(settings.inductor_config),
             "post_grad_custom_post_pass": passes.make_post_grad_pass(settings, profile, dumper),
@@ -88,6 +89,12 @@ def ger(
             dumper.graph("regions", compiled)  # type: ignore[arg-type]
         else:
             compiled = compile_region(gm, example_inputs)
+    except _compat.dynamo_restart_exceptions():
+        # Dynamo traces the frame again (e.g. with dynamic=True, after specialising float
+        # hyper-parameters it first passed as symbols): not a failure, and this attempt's
+        # report describes a graph that is thrown away
+        debug.drop_report(report)
+        raise
     except Exception as e:
         if settings.strict:
             raise
@@ -108,17 +115,6 @@ def _example_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[A
         if v is not None:
             vals.extend(_compat.tree_leaves(v))
     return vals
-
-
-def _symbolic_inputs(gm: fx.GraphModule) -> list[str]:
-    out = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        v = node.meta.get("example_value")
-        if isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape):
-            out.append(f"{node.name}: {list(v.shape)}")
-        elif isinstance(v, torch.SymInt):
-            out.append(f"{node.name}: {v}")
-    return out
 
 
 def _graph_name(gm: fx.GraphModule) -> str:

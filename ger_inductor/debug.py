@@ -70,6 +70,16 @@ class NearMiss:
 
 
 @dataclasses.dataclass
+class Guard:
+    """A condition on symbolic sizes that a ger pass added to Dynamo's shape environment
+    (a guard: a size that violates it compiles another graph)."""
+
+    family: str
+    condition: str  # the sympy expression, e.g. "Eq(s1, s0)"
+    why: str
+
+
+@dataclasses.dataclass
 class Fallback:
     stage: str  # graph | forward | inference | backward | region | pass:<name>
     reason: str
@@ -93,6 +103,7 @@ class PassRecord:
     matches: list[Match] = dataclasses.field(default_factory=list)
     near_misses: list[NearMiss] = dataclasses.field(default_factory=list)
     strategy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    guards: list[Guard] = dataclasses.field(default_factory=list)
 
 
 _graph_counter = itertools.count()
@@ -117,6 +128,9 @@ class GraphReport:
     region_compile_seconds: float = 0.0  # regions around eager nodes compile at their first call
     inductor: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     symbolic_inputs: list[str] = dataclasses.field(default_factory=list)
+    #: what ger changed in Inductor's settings or lowering for a graph with symbolic
+    #: sizes, and why (shapes.py): {setting: reason}
+    dynamic_shapes: dict[str, str] = dataclasses.field(default_factory=dict)
     dump_path: str | None = None
 
     # ---- recording
@@ -127,6 +141,12 @@ class GraphReport:
     @property
     def near_misses(self) -> list[NearMiss]:
         return [m for p in self.passes for m in p.near_misses]
+
+    @property
+    def guards(self) -> list[Guard]:
+        """Conditions on symbolic sizes ger's passes added (none where a rewrite is
+        valid for every size)."""
+        return [g for p in self.passes for g in p.guards]
 
     def match_count(self, family: str | None = None, pattern: str | None = None) -> int:
         return sum(
@@ -153,6 +173,7 @@ class GraphReport:
         d = dataclasses.asdict(self)
         d["match_count"] = len(self.matches)
         d["near_miss_count"] = len(self.near_misses)
+        d["guards"] = [dataclasses.asdict(g) for g in self.guards]
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -175,6 +196,12 @@ class GraphReport:
             lines.append(f"  match     {m.family}/{m.pattern} at {', '.join(m.nodes[:4])}{'…' if len(m.nodes) > 4 else ''}" + (f" ({det})" if det else ""))
         for n in self.near_misses:
             lines.append(f"  near-miss {n.family}/{n.pattern} at {n.node}: {n.reason}")
+        if self.symbolic_inputs:
+            lines.append(f"  symbolic  {'; '.join(self.symbolic_inputs)}")
+        for g in self.guards:
+            lines.append(f"  guard     {g.family}: {g.condition} ({g.why})")
+        for k, why in self.dynamic_shapes.items():
+            lines.append(f"  dynamic   {k}: {why}")
         for p in self.passes:
             if p.strategy:
                 lines.append(f"  strategy  {p.name}: " + ", ".join(f"{k}={v}" for k, v in p.strategy.items()))
@@ -213,6 +240,15 @@ def new_report(name: str, devices: list[str], options: dict[str, Any], mode: str
     with _reports_lock:
         _reports.append(rep)
     return rep
+
+
+def drop_report(rep: GraphReport) -> None:
+    """Forget the report of a compile attempt Dynamo throws away (it restarts tracing)."""
+    with _reports_lock:
+        try:
+            _reports.remove(rep)
+        except ValueError:
+            pass
 
 
 def last_report() -> GraphReport | None:

@@ -51,21 +51,32 @@ class MLPBlock(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """A small language model whose loss is written the usual way, with no ger API."""
+    """A small language model whose loss is written the usual way, with no ger API.
 
-    def __init__(self, vocab: int = 8000, d: int = 128, layers: int = 2):
+    ``entropy_beta > 0`` subtracts a hand-written entropy bonus, beta * mean H(p) over
+    the positions the cross-entropy keeps (a confidence-penalty style regulariser)."""
+
+    def __init__(self, vocab: int = 8000, d: int = 128, layers: int = 2, entropy_beta: float = 0.0):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(MLPBlock(d) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
+        self.entropy_beta = entropy_beta
 
     def forward(self, tokens, targets):
         h = self.embed(tokens)
         for b in self.blocks:
             h = b(h)
-        logits = self.head(self.norm(h))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=0.1, ignore_index=-100)
+        logits = self.head(self.norm(h)).flatten(0, 1)
+        y = targets.flatten()
+        loss = F.cross_entropy(logits, y, label_smoothing=0.1, ignore_index=-100)
+        if self.entropy_beta:
+            lp = logits.log_softmax(-1)
+            keep = (y != -100).float()
+            entropy = -(lp.exp() * lp).sum(-1)
+            loss = loss - self.entropy_beta * (entropy * keep).sum() / keep.sum()
+        return loss
 
 
 # ----------------------------------------------------------------------------- the demo

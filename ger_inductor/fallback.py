@@ -226,6 +226,8 @@ def guarded_inner_compile(report: GraphReport, options: GerOptions, dumper: Grap
         byp0 = counters["inductor"]["fxgraph_cache_bypass"]
         try:
             out = _compat.compile_fx_inner(gm, example_inputs, **kwargs)
+        except _compat.dynamo_restart_exceptions():
+            raise  # Dynamo's control flow, not a failure
         except Exception as e:
             if options.strict:
                 raise

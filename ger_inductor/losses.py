@@ -123,6 +123,75 @@ def _check_distribution(name: str, t: Tensor, V: int, logits: Tensor) -> None:
         raise ValueError(f"ger_loss: {name} is on {t.device} but logits are on {logits.device}")
 
 
+class LossParams(NamedTuple):
+    """Checked loss arguments: alpha, beta, label-smoothing eps, the base u the regulariser
+    compares with (None: uniform) and the smoothing scale/constant of ``combine_rows``."""
+
+    alpha: float
+    beta: float | Tensor | None
+    eps: float | None
+    u: Tensor | None
+    smooth_scale: float | Tensor | None
+    smooth_const: float | Tensor | None
+
+
+def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_index, weight, reduction,
+                label_smoothing, V, who: str) -> LossParams:
+    """Check ``ger_loss``'s arguments (``logits`` stands for whatever gives the dtype and
+    device) and derive what the op and ``combine_rows`` need."""
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{who}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"{who}: target must hold class indices (an integer tensor), got {target.dtype}; "
+            "soft targets are not supported"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"{who}: target is on {target.device} but logits are on {logits.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{who}: ignore_index must be an int")
+    if label_smoothing is not None:
+        if alpha is not None or beta is not None:
+            raise ValueError(f"{who}: pass either label_smoothing or (alpha, beta), not both")
+        eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+        alpha_f = 1.0
+    else:
+        if alpha is None or beta is None:
+            raise TypeError(f"{who}: alpha and beta are required (or pass label_smoothing)")
+        alpha_f = _check_number("alpha", alpha, 0.0, 1.0)
+        eps = None
+        if isinstance(beta, Tensor):
+            if beta.dim() != 0 or not beta.is_floating_point():
+                raise ValueError(f"{who}: a tensor beta must be a 0-d floating tensor, got shape {list(beta.shape)} {beta.dtype}")
+            _runtime_check(beta >= 0, f"{who}: beta must be >= 0")
+        else:
+            beta = _check_number("beta", beta, 0.0, None)
+
+    cdt = _op.compute_dtype(logits.dtype)
+    if V == 0:
+        raise ValueError(f"{who}: logits have 0 classes")
+    if weight is not None:
+        _check_distribution("weight", weight, V, logits)
+    if base is not None:
+        _check_distribution("base", base, V, logits)
+        _runtime_check((base >= 0).all(), f"{who}: base must be a distribution: found a negative entry")
+        _runtime_check(
+            (base.to(torch.float64).sum() - 1).abs() <= BASE_SUM_TOL,
+            f"{who}: base must sum to 1 (within {BASE_SUM_TOL})",
+        )
+        if alpha_f == 0.0:
+            _runtime_check(
+                (base > 0).all(),
+                f"{who}: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
+            )
+
+    u, smooth_scale, smooth_const = _smoothing_target(eps, weight, base, V, cdt)
+    return LossParams(alpha_f, beta, eps, u, smooth_scale, smooth_const)
+
+
+
 # ----------------------------------------------------------------------------- the loss
 def ger_loss(
     logits: Tensor,
@@ -161,67 +230,20 @@ def ger_loss(
     >>> torch.allclose(a, torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1))
     True
     """
-    # ---- arguments
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError("ger_loss: logits and target must be tensors")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"ger_loss: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"ger_loss: target must hold class indices (an integer tensor), got {target.dtype}; "
-            "soft targets are not supported"
-        )
-    if target.device != logits.device:
-        raise ValueError(f"ger_loss: target is on {target.device} but logits are on {logits.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"ger_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError("ger_loss: ignore_index must be an int")
-    if label_smoothing is not None:
-        if alpha is not None or beta is not None:
-            raise ValueError("ger_loss: pass either label_smoothing or (alpha, beta), not both")
-        eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
-        alpha_f = 1.0
-    else:
-        if alpha is None or beta is None:
-            raise TypeError("ger_loss: alpha and beta are required (or pass label_smoothing)")
-        alpha_f = _check_number("alpha", alpha, 0.0, 1.0)
-        eps = None
-        if isinstance(beta, Tensor):
-            if beta.dim() != 0 or not beta.is_floating_point():
-                raise ValueError(f"ger_loss: a tensor beta must be a 0-d floating tensor, got shape {list(beta.shape)} {beta.dtype}")
-            _runtime_check(beta >= 0, "ger_loss: beta must be >= 0")
-        else:
-            beta = _check_number("beta", beta, 0.0, None)
-
     logits3, target2 = _as_rows(logits, target, class_dim)
     A, V, D = logits3.shape
-    cdt = _op.compute_dtype(logits.dtype)
-    if V == 0:
-        raise ValueError("ger_loss: logits have 0 classes")
-    if weight is not None:
-        _check_distribution("weight", weight, V, logits)
-    if base is not None:
-        _check_distribution("base", base, V, logits)
-        _runtime_check((base >= 0).all(), "ger_loss: base must be a distribution: found a negative entry")
-        _runtime_check(
-            (base.to(torch.float64).sum() - 1).abs() <= BASE_SUM_TOL,
-            f"ger_loss: base must sum to 1 (within {BASE_SUM_TOL})",
-        )
-        if alpha_f == 0.0:
-            _runtime_check(
-                (base > 0).all(),
-                "ger_loss: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
-            )
-
-    u, smooth_scale, smooth_const = _smoothing_target(eps, weight, base, V, cdt)
+    p = loss_params(logits, target, alpha=alpha, beta=beta, base=base, ignore_index=ignore_index, weight=weight,
+                    reduction=reduction, label_smoothing=label_smoothing, V=V, who="ger_loss")
+    u, eps, beta = p.u, p.eps, p.beta
     log_u = None if u is None else torch.log(u)
 
     # ---- per-row statistics: one fused op (one read of the logits forward)
     # chunk=0: whole-row reductions; the ger backend sets the device profile's strategy
-    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, alpha_f, ignore_index, return_extras, 0)
+    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, p.alpha, ignore_index, return_extras, 0)
     loss = combine_rows(
-        nll, reg, target2, target.shape, beta=beta, eps=eps, smooth_scale=smooth_scale, smooth_const=smooth_const,
+        nll, reg, target2, target.shape, beta=beta, eps=eps, smooth_scale=p.smooth_scale, smooth_const=p.smooth_const,
         weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype,
     )
     if not return_extras:
@@ -450,30 +472,61 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
     -H, not (L - H) - L).
     """
     V = like.shape[-1]
-    logv = _log_classes(V)
+    # coefficients are polynomials in V ({power: c}): the loss pass writes a coefficient
+    # that depends on a symbolic V as ("V", ((power, c), ...)); the algebra below is exact
+    # in V (V^-1 * V = 1), and V enters as a value only at the end (no specialisation)
+    v1 = {1: 1.0}
     in_outputs = {
-        "L": {"lse": 1.0},
-        "zy": {"lse": 1.0, "nll": -1.0},
-        "ez": {"lse": 1.0, "ent": -1.0},
-        "zsum": {"lse": V, "reg": -V, "one": -V * logv},  # KL(u||p) = L - zsum/V - log V
-        "plogm": {"ent": -1.0, "aux": -1.0},  # sum p log m = -H - KL(p||m)
+        "L": {"lse": {0: 1.0}},
+        "zy": {"lse": {0: 1.0}, "nll": {0: -1.0}},
+        "ez": {"lse": {0: 1.0}, "ent": {0: -1.0}},
+        "zsum": {"lse": v1, "reg": {1: -1.0}, "logv": {1: -1.0}},  # KL(u||p) = L - zsum/V - log V
+        "plogm": {"ent": {0: -1.0}, "aux": {0: -1.0}},  # sum p log m = -H - KL(p||m)
         # sum u log m = -log V - KL(u||m),  KL(u||m) = alpha (J - KL(p||m) / (1 - alpha))
-        "ulogm": {"one": -logv, "reg": -alpha, "aux": alpha / (1.0 - alpha) if alpha != 1.0 else 0.0},
-        "one": {"one": 1.0},
+        "ulogm": {"logv": {0: -1.0}, "reg": {0: -alpha}, "aux": {0: alpha / (1.0 - alpha) if alpha != 1.0 else 0.0}},
+        "one": {"one": {0: 1.0}},
     }
-    total_coefs: dict[str, float] = {}
+    total_coefs: dict[str, dict[int, float]] = {}
     for name, c in coefs:
         for out, k in in_outputs[name].items():
-            total_coefs[out] = total_coefs.get(out, 0.0) + c * k
+            acc = total_coefs.setdefault(out, {})
+            for pc, cc in _coef_poly(c).items():
+                for pk, ck in k.items():
+                    acc[pc + pk] = acc.get(pc + pk, 0.0) + cc * ck
     total: Tensor | float = 0.0
-    for out, c in total_coefs.items():
+    for out, poly in total_coefs.items():
+        c = _poly_value(poly, V, stats.lse)
         if isinstance(c, (int, float)) and c == 0.0:
             continue
-        total = total + (c if out == "one" else c * getattr(stats, out))
+        if out == "one":
+            total = total + c
+        elif out == "logv":
+            total = total + c * _log_classes(V)
+        else:
+            total = total + c * getattr(stats, out)
     if not isinstance(total, Tensor):
         total = torch.full_like(stats.lse, float(total))
     shape = tuple(like.shape[:-1]) + ((1,) if keepdim else ())
     return total.reshape(shape).to(out_dtype)
+
+
+def _coef_poly(c) -> dict[int, float]:
+    """A coefficient of ``row_statistic``: a float, or ("V", ((power, c), ...))."""
+    if isinstance(c, tuple) and c and c[0] == "V":
+        return {int(k): float(v) for k, v in c[1]}
+    return {0: float(c)}
+
+
+def _poly_value(poly: dict[int, float], V, like: Tensor):
+    """sum_k c_k V^k: a float for a static V, a 0-d tensor for a symbolic one (traced
+    arithmetic on V, no specialisation)."""
+    poly = {k: c for k, c in poly.items() if c != 0.0}
+    if all(k == 0 for k in poly):
+        return sum(poly.values())
+    if isinstance(V, int):
+        return sum(c * float(V) ** k for k, c in poly.items())
+    v = torch.scalar_tensor(V, dtype=like.dtype, device=like.device)
+    return sum(c * (v if k == 1 else v ** k) if k else c for k, c in poly.items())
 
 
 def kl_div_reduce(rows: Tensor, like: Tensor, reduction: str, out_dtype: torch.dtype) -> Tensor:

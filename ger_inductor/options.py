@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 #: Pattern families, in pipeline order. One source of truth: passes/, docs and tests
 #: import this tuple.
-PASS_FAMILIES: tuple[str, ...] = ("conv_bn_act", "loss_entropy")
+PASS_FAMILIES: tuple[str, ...] = ("conv_bn_act", "loss_entropy", "lm_head")
 
 DUMP_DIR_ENV = "GER_DUMP_DIR"
 
@@ -52,6 +52,10 @@ class GerOptions:
     inductor_config: Mapping[str, Any] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}),
         metadata={"doc": "extra torch._inductor.config patches for this compile only"},
+    )
+    lm_head_chunk: int | None = dataclasses.field(
+        default=None,
+        metadata={"doc": "rows per chunk of the fused lm-head loss (default: the device profile's choice)"},
     )
 
     # ------------------------------------------------------------------ parsing
@@ -96,6 +100,11 @@ class GerOptions:
             kw["device_profile"] = prof
         if "inductor_config" in options:
             kw["inductor_config"] = _parse_inductor_config(options["inductor_config"])
+        if options.get("lm_head_chunk") is not None:
+            v = options["lm_head_chunk"]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ger option 'lm_head_chunk' must be a positive int (rows per chunk), got {v!r}")
+            kw["lm_head_chunk"] = v
         return cls(**kw)
 
     # ------------------------------------------------------------------ helpers
@@ -110,6 +119,7 @@ class GerOptions:
             "eager_ops": sorted(self.eager_ops),
             "device_profile": self.device_profile,
             "inductor_config": {k: repr(v) for k, v in sorted(self.inductor_config.items())},
+            "lm_head_chunk": self.lm_head_chunk,
         }
 
     def cache_key(self) -> str:

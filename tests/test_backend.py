@@ -68,7 +68,8 @@ def test_options_defaults_and_parse():
     assert "aten.mm" in o.eager_ops and "torch.relu" in o.eager_ops
     with pytest.raises(Exception):
         o.strict = False  # frozen
-    assert GerOptions.parse({"passes": ["loss_entropy"]}).passes == {"conv_bn_act": False, "loss_entropy": True}
+    assert GerOptions.parse({"passes": ["loss_entropy"]}).passes == {"conv_bn_act": False, "loss_entropy": True,
+                                                                     "lm_head": False}
 
 
 @pytest.mark.parametrize(
@@ -366,7 +367,7 @@ def test_report_table_and_json():
     assert "ger report" in table and "loss_entropy" in table and "fallbacks none" in table
     d = json.loads(rep.to_json())
     assert d["devices"] == ["cpu"] and d["profile"]["device_type"] == "cpu"
-    assert [p["name"] for p in d["passes"]] == ["conv_bn_act", "loss_entropy"]
+    assert [p["name"] for p in d["passes"]] == ["conv_bn_act", "loss_entropy", "lm_head"]
     assert d["compile_seconds"] > 0
 
 

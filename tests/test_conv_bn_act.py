@@ -763,8 +763,8 @@ def test_resnet18_example_eval_and_train(seed):
 
 def test_dynamic_shapes_eval_and_train(seed):
     """``dynamic=True``: symbolic batch and spatial sizes (the training lowerings count
-    values per channel symbolically; eval keeps the aten conv, oneDNN's needs static
-    shapes); two input shapes, one compile each mode."""
+    values per channel symbolically; eval uses oneDNN's fused conv, which takes symbolic
+    activations); two input shapes, one compile each mode. More in tests/test_dynamic.py."""
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # a bias before training BN has a zero gradient
     model = randomize_bn_statistics(nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU6()))
     for train in (False, True):
@@ -785,7 +785,7 @@ def test_dynamic_shapes_eval_and_train(seed):
         [match] = _report_matches()
         assert match.pattern == (TRAIN if train else EVAL)
         if not train:
-            assert match.detail["why"] == "dynamic shapes"
+            assert match.detail["conv_impl"] == "onednn post-op", match.detail
 
 
 @pytest.mark.parametrize("groups", [1, 4])

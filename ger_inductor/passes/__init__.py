@@ -24,10 +24,11 @@ import json
 import os
 from typing import Any
 
+import torch
 import torch.fx as fx
 
-from .. import _compat
-from ..debug import GraphDumper, GraphReport, Match, NearMiss, PassRecord, Timer
+from .. import _compat, shapes
+from ..debug import Guard, GraphDumper, GraphReport, Match, NearMiss, PassRecord, Timer
 from ..fleet import DeviceProfile
 from ..options import PASS_FAMILIES, GerOptions
 
@@ -60,6 +61,24 @@ class PassContext:
     def strategy(self, **choices: Any) -> None:
         assert self.record is not None
         self.record.strategy.update({k: _jsonable(v) for k, v in choices.items()})
+
+    def guard(self, cond: Any, why: str) -> bool:
+        """Require a condition on sizes (a bool or SymBool) for a rewrite: True when it
+        holds for every admitted size (nothing added); for symbolic sizes whose current
+        values satisfy it, a guard through the shape environment (``torch._check``),
+        recorded in the report; False when the current sizes violate it (no rewrite)."""
+        assert self.record is not None
+        if shapes.known_true(cond):
+            return True
+        if not isinstance(cond, torch.SymBool):
+            return bool(cond)
+        if not _compat.guard_hint(cond):
+            return False
+        audit = shapes.GuardAudit(cond.node.shape_env)
+        torch._check(cond)
+        for text in audit.added() or [str(cond.node.expr)]:
+            self.record.guards.append(Guard(self.record.name, text, why))
+        return True
 
 
 def _jsonable(v: Any) -> Any:
@@ -133,6 +152,7 @@ def family_module(name: str):
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> None:
     dumper.graph("input", gm)
+    shape_env = shapes.graph_shape_env(gm)
     for name in PASS_FAMILIES:
         if not ctx.options.pass_enabled(name):
             continue
@@ -140,6 +160,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
         ctx.report.passes.append(record)
         ctx.record = record
         snapshot = snapshot_graph(gm.graph)
+        audit = shapes.GuardAudit(shape_env)
         timer = Timer()
         try:
             record.changed = bool(family_module(name).run(gm, ctx))
@@ -157,6 +178,11 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
             record.strategy.clear()
             ctx.report.add_fallback(f"pass:{name}", f"pass {name} raised; its rewrites were dropped", exc=e)
         record.seconds = timer.elapsed()
+        # guards the pass added besides the ones it asked for: the report lists them all
+        asked = {g.condition for g in record.guards}
+        for cond in audit.added():
+            if cond not in asked:
+                record.guards.append(Guard(name, cond, "added while the pass ran (a size comparison)"))
         ctx.record = None
         dumper.graph(name, gm)
 
@@ -192,6 +218,8 @@ def make_post_grad_pass(options: GerOptions, profile: DeviceProfile, dumper: Gra
             self.count = 0
 
         def __call__(self, graph: fx.Graph) -> None:
+            if shapes.keep_conv_backward_symbolic(graph):
+                dumper.report.dynamic_shapes["convolution_backward"] = shapes.CONV_BACKWARD_WHY
             if dumper.enabled:
                 dumper._write(f"post_grad_{self.count}.py", str(graph))
             self.count += 1

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import _compat, fleet
+from .. import _compat, fleet, shapes
 from ..ops import conv_bn as conv_bn_ops
 from ..options import op_name
 
@@ -53,6 +53,8 @@ GRAPH_FUNCTIONS = (conv_bn_ops.conv_bn_act_eval, conv_bn_ops.update_batch_stats)
 PATTERN_EVAL = "conv_bn_act.eval"
 PATTERN_TRAIN = "conv_bn_act.train"
 PATTERN_ACT = "conv_bn_act.activation"
+#: a conv -> BN pair cut by a graph boundary (a DDP bucket boundary, a graph break)
+PATTERN_SPLIT = "conv_bn_act.split"
 
 #: Every reason a candidate is refused, one source of truth for docs and tests.
 NEAR_MISS_REASONS = {
@@ -68,6 +70,9 @@ NEAR_MISS_REASONS = {
     "activation": "the activation after batch norm is not one ger fuses",
     "hardtanh_bounds": "hardtanh bounds are not constants with min < max",
     "eager": "a node of the pattern must run eagerly",
+    "sync_batch_norm": "SyncBatchNorm (cross-rank statistics): left alone",
+    "conv_output_leaves_graph": "the conv output leaves this graph, so a batch norm after it cannot be folded or fused",
+    "bn_input_from_other_graph": "batch norm's input comes from another graph, so a conv before it cannot be folded or fused",
 }
 
 _REQUIRED = inspect.Parameter.empty
@@ -315,6 +320,37 @@ def _check_dtypes_and_devices(conv_args: dict[str, Any], bn_args: dict[str, Any]
         raise NearMiss("device", ", ".join(sorted(map(str, devices))))
 
 
+def _is_sync_batch_norm(bn: fx.Node) -> bool:
+    """Whether ``bn`` is the ``F.batch_norm`` call of an ``nn.SyncBatchNorm`` module (it
+    calls F.batch_norm whenever it does not synchronise: eval, one rank, no process group)."""
+    stack = bn.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    _fqn, cls = list(stack.values())[-1]
+    if isinstance(cls, type):
+        return issubclass(cls, torch.nn.SyncBatchNorm)
+    return str(cls).rsplit(".", 1)[-1].rstrip("'>") == "SyncBatchNorm"
+
+
+def _split_near_misses(gm: fx.GraphModule, ctx) -> None:
+    """Conv -> BN pairs a graph boundary cuts: a conv whose output leaves a graph that
+    was split (DDP) or ends at a graph break, and - in DDP pieces - a batch norm whose
+    input is another piece's output. Ordinary graph outputs and inputs are not reported."""
+    split = _compat.graph_split_reason(gm)
+    if split is None:
+        return
+    kind, why = split
+    for node in gm.graph.nodes:
+        name = _name(node)
+        if name in _CONVS and not any(_name(u) in _BATCH_NORMS or _name(u) in _OTHER_NORMS for u in node.users):
+            if any(u.op == "output" for u in node.users):
+                ctx.near_miss(PATTERN_SPLIT, node, NEAR_MISS_REASONS["conv_output_leaves_graph"] + f" ({why})")
+        elif name in _BATCH_NORMS and kind == "ddp":
+            inp = node.args[0] if node.args else node.kwargs.get("input")
+            if isinstance(inp, fx.Node) and inp.op == "placeholder" and _compat.is_intermediate_input(inp):
+                ctx.near_miss(PATTERN_SPLIT, node, NEAR_MISS_REASONS["bn_input_from_other_graph"] + f" ({why})")
+
+
 def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
     dims, transposed = _CONVS[_name(conv)]
     for node in (conv, bn):
@@ -323,6 +359,9 @@ def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
     if len(conv.users) > 1:
         raise NearMiss("conv_users", f"{len(conv.users)} users: {', '.join(u.name for u in conv.users)}")
     bn_args = _bn_args(bn)
+    if bn_args["training"] and _is_sync_batch_norm(bn):
+        # its batch statistics are meant to span all ranks: never fused as plain BN
+        raise NearMiss("sync_batch_norm", "training")
     if bn_args["input"] is not conv:
         raise NearMiss("signature", "batch norm's input is not the conv output")
     conv_args = _conv_args(conv, dims, transposed)
@@ -396,10 +435,8 @@ def _use_onednn(c: Candidate, strategy: dict[str, Any], profile) -> tuple[bool, 
         return False, f"dtype {out.dtype}"
     if _value(c.conv_args["input"]).dtype != out.dtype:
         return False, "autocast casts the conv input (oneDNN's fused conv is not autocast-aware)"
-    if any(not isinstance(s, int) for s in out.shape) or any(
-        not isinstance(s, int) for s in _value(c.conv_args["input"]).shape
-    ):
-        return False, "dynamic shapes"
+    if shapes.is_symbolic(tuple(_value(c.conv_args["weight"]).shape)):
+        return False, "symbolic weight sizes"  # oneDNN's fused conv takes symbolic activations only
     if _onednn_padding(c) is None:
         return False, "asymmetric 'same' padding"
     return True, "no gradient needed"
@@ -433,6 +470,8 @@ def _rewrite_eval(gm: fx.GraphModule, c: Candidate, ctx, strategy: dict[str, Any
     ctx.match(
         PATTERN_EVAL, c.nodes, conv=_name(c.conv), groups=ca["groups"], act=c.act.name, fold_into=fold_into,
         conv_impl="onednn post-op" if onednn else "aten conv", why=why,
+        # SyncBatchNorm in eval is F.batch_norm with running statistics, no sync: a fold
+        **({"norm": "SyncBatchNorm (eval: running statistics)"} if _is_sync_batch_norm(c.bn) else {}),
     )  # fmt: skip
 
 
@@ -473,6 +512,7 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     """Rewrite every conv -> BN [-> activation] of ``gm``; record matches and near-misses."""
     strategy = fleet.strategy("conv_bn_act", ctx.profile)
     ctx.strategy(**strategy)
+    _split_near_misses(gm, ctx)
     changed = False
     for conv in list(gm.graph.nodes):
         if conv.op != "call_function" or _name(conv) not in _CONVS:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import _compat, fleet, losses
+from .. import _compat, fleet, losses, shapes
 
 FAMILY = "loss_entropy"
 LOSS_FWD = (torch.ops.ger.loss_fwd, torch.ops.ger.loss_fwd.default)
@@ -97,9 +97,85 @@ class Vocab:
         return set(self.terms) == set(expect) and all(_coef_eq(self.terms[k], v) for k, v in expect.items())
 
 
+class VPoly:
+    """A coefficient that depends on a symbolic number of classes V (dynamic shapes):
+    sum_k c_k V^k (mean over the classes gives V^-1, a sum of a constant V^1). Static V
+    never makes one (the coefficient is then a float); ``losses.row_statistic``
+    evaluates :meth:`encode` with the run-time V, so nothing specialises on V."""
+
+    __slots__ = ("terms",)
+
+    def __init__(self, terms: dict[int, float]):
+        self.terms = {k: c for k, c in terms.items() if c != 0.0}
+
+    @staticmethod
+    def lift(x) -> "VPoly":
+        return x if isinstance(x, VPoly) else VPoly({0: float(x)})
+
+    def _out(self):
+        return self.terms.get(0, 0.0) if set(self.terms) <= {0} else self
+
+    def __add__(self, o):
+        if not isinstance(o, (VPoly, int, float)):
+            return NotImplemented
+        t = dict(self.terms)
+        for k, c in VPoly.lift(o).terms.items():
+            t[k] = t.get(k, 0.0) + c
+        return VPoly(t)._out()
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return VPoly({k: -c for k, c in self.terms.items()})
+
+    def __sub__(self, o):
+        return self + (-VPoly.lift(o))
+
+    def __rsub__(self, o):
+        return VPoly.lift(o) + (-self)
+
+    def __mul__(self, o):
+        if not isinstance(o, (VPoly, int, float)):
+            return NotImplemented
+        t: dict[int, float] = {}
+        for k1, c1 in self.terms.items():
+            for k2, c2 in VPoly.lift(o).terms.items():
+                t[k1 + k2] = t.get(k1 + k2, 0.0) + c1 * c2
+        return VPoly(t)._out()
+
+    __rmul__ = __mul__
+
+    def _inverse(self) -> "VPoly":
+        if len(self.terms) != 1:
+            raise NotRepresentable("division by a polynomial in the number of classes")
+        (k, c), = self.terms.items()
+        return VPoly({-k: 1.0 / c})
+
+    def __truediv__(self, o):
+        return self * (o._inverse() if isinstance(o, VPoly) else 1.0 / o)
+
+    def __rtruediv__(self, o):
+        return self._inverse() * o
+
+    def __eq__(self, o):
+        return isinstance(o, (VPoly, int, float)) and self.terms == VPoly.lift(o).terms
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.terms.items())))
+
+    def encode(self) -> tuple:
+        """Graph-argument form: ("V", ((power, coefficient), ...))."""
+        return ("V", tuple(sorted(self.terms.items())))
+
+    def __repr__(self) -> str:
+        return " + ".join(f"{c:g}*V^{k}" for k, c in sorted(self.terms.items())) or "0"
+
+
 def _coef_eq(a, b) -> bool:
     if isinstance(a, Row) and isinstance(b, Row):
         return a.coefs == b.coefs and a.root == b.root
+    if isinstance(a, VPoly) or isinstance(b, VPoly):
+        return a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
     return False
@@ -215,15 +291,32 @@ def _dtype(node):
 
 
 def _static_classes(root: Root) -> int:
-    """The number of classes, when a coefficient depends on it (it must be static)."""
+    """The number of classes where the user's constants must be compared with it (the
+    GER mixture (1 - alpha)/V): it must be static. Sums and means over the classes take
+    a symbolic V (``_classes``)."""
     V = _shape(root.base)[-1]
     if not isinstance(V, int):
-        raise NotRepresentable(
-            "a coefficient depends on the number of classes, which is symbolic here (dynamic=True): "
-            "mark the vocabulary dimension static (torch._dynamo.mark_static(logits, logits.dim() - 1)) "
-            "to rewrite this term"
-        )
+        raise NotRepresentable(STATIC_CLASSES_REASON)
     return V
+
+
+#: the near-miss of a constant the user computes from a symbolic size (1 / V, log V)
+SYMBOLIC_SCALAR_REASON = (
+    "a constant computed from a symbolic size (e.g. 1 / logits.size(-1) with dynamic shapes) is a graph value, "
+    "not a number the rewrite can check: mark the class dimension static "
+    "(torch._dynamo.mark_static(logits, logits.dim() - 1)) to rewrite this term")
+
+#: the near-miss of a GER mixture on a symbolic number of classes
+STATIC_CLASSES_REASON = (
+    "the GER mixture (alpha p + (1 - alpha)/V) needs a static number of classes, which is symbolic here "
+    "(dynamic=True or mark_dynamic): mark the class dimension static "
+    "(torch._dynamo.mark_static(logits, logits.dim() - 1)) to rewrite this term")
+
+
+def _classes(root: Root):
+    """The number of classes: an int, or ``VPoly`` V when it is symbolic."""
+    V = _shape(root.base)[-1]
+    return V if isinstance(V, int) else VPoly({1: 1.0})
 
 
 def _class_dim_ok(node: fx.Node, dim, ndim: int) -> bool:
@@ -251,7 +344,7 @@ class Evaluator:
         while isinstance(cur, fx.Node):
             if _is(cur, _VIEWS):
                 shape, inner = _shape(cur), _shape(cur.args[0])
-                if shape is None or inner is None or not shape or not inner or shape[-1] != inner[-1]:
+                if shape is None or inner is None or not shape or not inner or not shapes.known_equal(shape[-1], inner[-1]):
                     break  # a view that moves the classes: cur is the root
                 views.append(cur)
                 cur = cur.args[0]
@@ -309,6 +402,8 @@ class Evaluator:
         return v
 
     def _eval(self, n: fx.Node) -> Any:
+        if isinstance(_val(n), (torch.SymInt, torch.SymFloat)):
+            raise NotRepresentable(SYMBOLIC_SCALAR_REASON)
         if n.op != "call_function" and n.op != "call_method":
             raise NotRepresentable(f"{n.op} {n.target} is not a loss expression")
         t = _target_of(n)
@@ -392,6 +487,8 @@ class Evaluator:
             like = n.args[0]
             shp = _shape(n)
             fill = 1.0 if t in _ONES_LIKE else _arg(n, 1, "fill_value")
+            if isinstance(_val(fill), (torch.SymInt, torch.SymFloat)):
+                raise NotRepresentable(SYMBOLIC_SCALAR_REASON)
             if not isinstance(fill, (int, float)) or shp is None:
                 raise NotRepresentable("a constant tensor with an unknown value")
             v = self.value(like)
@@ -400,7 +497,7 @@ class Evaluator:
             return Vocab(v.root, {"one": float(fill)})
         if t in _VIEWS or t in _CASTS:
             v = self.value(n.args[0])
-            if isinstance(v, Vocab) and _shape(n) and _shape(n.args[0]) and _shape(n)[-1] == _shape(n.args[0])[-1]:
+            if isinstance(v, Vocab) and _shape(n) and _shape(n.args[0]) and shapes.known_equal(_shape(n)[-1], _shape(n.args[0])[-1]):
                 if t in _CASTS and not self._is_upcast(n):
                     raise NotRepresentable("a cast to lower precision")
                 return v
@@ -498,8 +595,8 @@ class Evaluator:
         for k, c in v.terms.items():
             if k == "z":
                 add("zsum", c)
-            elif k == "one":  # sum_j c = V c (V must then be static)
-                V = _static_classes(v.root)
+            elif k == "one":  # sum_j c = V c (a VPoly for a symbolic V)
+                V = _classes(v.root)
                 for kk, cc in (c.coefs.items() if isinstance(c, Row) else (("one", c),)):
                     add(kk, V * cc)
             elif k == "p":  # sum_j c p_j = c
@@ -512,7 +609,7 @@ class Evaluator:
             elif k == "logm":  # sum_j log m_j = V sum_j u_j log m_j
                 add("ulogm", _static_classes(v.root) * c)
         if mean:
-            V = _static_classes(v.root)
+            V = _classes(v.root)
             coefs = {k: c / V for k, c in coefs.items()}
         return Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=keepdim, alpha=v.alpha)
 
@@ -529,8 +626,10 @@ class Candidate:
     operands: tuple = ()  # vocabulary-level nodes the candidate consumes
 
 
-def _classify(ev: Evaluator, n: fx.Node) -> Candidate | None:
-    """A class-dimension reduction (or a loss call) whose value is a GER statistic, or None."""
+def _classify(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
+    """A class-dimension reduction (or a loss call) whose value is a GER statistic, or None.
+    ``guard(cond, why)`` (``PassContext.guard``) is asked for size conditions that are not
+    known to hold for every size (symbolic sizes)."""
     t = _target_of(n) if n.op in ("call_function", "call_method") else None
     if t is None:
         return None
@@ -567,11 +666,16 @@ def _classify(ev: Evaluator, n: fx.Node) -> Candidate | None:
         if shp is None or not _class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
             raise NotRepresentable("gather over a dimension other than the classes", n)
         index = _arg(n, 2, "index")
+        # gather also takes an index with fewer rows than the logits (rows 0..k-1): the op
+        # needs one target per row, known for every size or guarded
+        ishape = _shape(index)
+        if ishape is None or len(ishape) != len(shp) or not shapes.known_equal(ishape[-1], 1) or not (
+            shapes.known_equal(ishape[:-1], shp[:-1])
+            or (guard is not None and guard(_rows_equal(ishape[:-1], shp[:-1]), GATHER_ROWS_WHY))
+        ):
+            raise NotRepresentable("gather with an index that is not one target per row", n)
         target = _squeeze_last(index)
         if target is None:
-            ishape = _shape(index)
-            if ishape is None or ishape[:-1] != shp[:-1] or ishape[-1] != 1:
-                raise NotRepresentable("gather with an index that is not one target per row", n)
             target = ("squeeze", index)  # e.g. clamp(y.unsqueeze(-1), min=0): squeezed at rewrite
         coefs: dict[str, float] = {}
         for k, c in v.terms.items():
@@ -585,6 +689,24 @@ def _classify(ev: Evaluator, n: fx.Node) -> Candidate | None:
         row = Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=True, target=target)
         return Candidate(n, "row", v.root, row=row, operands=(x,))
     return None
+
+
+#: why the gather rewrite asks for a guard when the sizes are symbolic
+GATHER_ROWS_WHY = "gather's index has one target per row of the logits (gather also accepts fewer rows)"
+
+
+def _rows_equal(a: tuple, b: tuple):
+    """The SymBool (or bool) ``a == b`` elementwise, for PassContext.guard."""
+    conds = [x == y for x, y in zip(a, b)]
+    if any(c is False for c in conds):
+        return False
+    symbolic = [c for c in conds if c is not True]
+    if not symbolic:
+        return True
+    cond = symbolic[0]
+    for c in symbolic[1:]:
+        cond = cond & c
+    return cond
 
 
 def _value_if_loss_like(ev: Evaluator, x):
@@ -618,15 +740,15 @@ def _squeeze_last(index) -> fx.Node | None:
     if not isinstance(index, fx.Node):
         return None
     shp = _shape(index)
-    if shp is None or not shp or shp[-1] != 1:
+    if shp is None or not shp or not shapes.known_equal(shp[-1], 1):
         return None
     if _is(index, {"unsqueeze", torch.unsqueeze}) and _arg(index, 1, "dim") in (-1, len(shp) - 1):
         return index.args[0]
-    if _is(index, {"view", "reshape"}) and _shape(index.args[0]) == shp[:-1]:
+    if _is(index, {"view", "reshape"}) and shapes.known_equal(_shape(index.args[0]), shp[:-1]):
         return index.args[0]
     if index.op == "call_function" and index.target is operator.getitem:
         src, idx = index.args
-        if isinstance(idx, tuple) and idx and idx[-1] is None and _shape(src) == shp[:-1]:
+        if isinstance(idx, tuple) and idx and idx[-1] is None and shapes.known_equal(_shape(src), shp[:-1]):
             return src
     return None
 
@@ -709,7 +831,7 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     cands: list[Candidate] = []
     for n in list(gm.graph.nodes):
         try:
-            c = _classify(ev, n)
+            c = _classify(ev, n, guard=ctx.guard)
         except NotRepresentable as e:
             ctx.near_miss("loss_statistic", e.node or n, e.reason)
             continue
@@ -724,7 +846,7 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         groups.setdefault(_group_key(c.root), []).append(c)
     for root, group in groups.items():
         plan = _plan(ev, root, group, ctx)
-        if plan is not None:
+        if plan is not None and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
             changed = True
     return changed
@@ -820,6 +942,45 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
     return Plan(targets[0], ignore_index, alpha, extras, ce, smooth, vocab)
 
 
+def mutates(n: fx.Node) -> bool:
+    """``n`` writes into one of its inputs (an in-place method or operator, ``out=``)."""
+    t = _target_of(n)
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    return ((name.endswith("_") and not name.endswith("__"))
+            or t in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
+            or "out" in n.kwargs)
+
+
+def _hoist_operands(g: fx.Graph, group: list[Candidate], plan: Plan, ctx) -> bool:
+    """The op goes before the first statistic it replaces; a target (or smoothing weight)
+    computed later, e.g. ``y.flatten()`` written after an entropy term, is moved up to
+    it when it is pure code that nothing in between mutates. Else a near-miss."""
+    first = min((c.node for c in group), key=_order(g))
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    target = plan.target[1] if isinstance(plan.target, tuple) else plan.target
+    operands = [target] + ([plan.smooth[1]] if plan.smooth and isinstance(plan.smooth[1], fx.Node) else [])
+    late: set = set()
+
+    def collect(n) -> bool:
+        if not isinstance(n, fx.Node) or pos[n] < pos[first] or n in late:
+            return True
+        if n.op not in ("call_function", "call_method") or mutates(n):
+            return False
+        late.add(n)
+        return all(collect(a) for a in n.all_input_nodes)
+
+    if all(collect(o) for o in operands):
+        last = max((pos[n] for n in late), default=-1)
+        if not any(mutates(n) for n in g.nodes if pos[first] <= pos[n] <= last and n not in late):
+            for n in sorted(late, key=pos.get):
+                first.prepend(n)
+            return True
+    for c in group:
+        ctx.near_miss("cross_entropy+entropy", c.node, "the target is computed after a statistic that needs it, by "
+                                                       "code that cannot be moved up")
+    return False
+
+
 def _strip_views(node):
     while isinstance(node, fx.Node) and _is(node, _VIEWS | {"unsqueeze", "squeeze"}):
         node = node.args[0]
@@ -869,7 +1030,7 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
                 )
             else:
                 like = _viewed(g, c.root, views_cache)
-                coefs = tuple(sorted(c.row.coefs.items()))
+                coefs = tuple(sorted((k, v.encode() if isinstance(v, VPoly) else v) for k, v in c.row.coefs.items()))
                 out_dtype = _dtype(c.node) if c.kind == "row" else torch.float32
                 new = g.call_function(losses.row_statistic, (stats, like, coefs, c.row.keepdim, plan.alpha, out_dtype))
                 if c.kind == "kl":
@@ -887,7 +1048,7 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
     for v in plan.vocab:
         for u in list(v.users):
             if _is(u, _SHAPE_ONLY) and _shape(v) is not None:
-                like = _viewed(g, root, views_cache) if _shape(_viewed(g, root, views_cache)) == _shape(v) else None
+                like = _viewed(g, root, views_cache) if shapes.known_equal(_shape(_viewed(g, root, views_cache)), _shape(v)) else None
                 if like is not None:
                     u.replace_input_with(v, like)
     _drop_dead(g, plan.vocab)

@@ -1,0 +1,220 @@
+"""The lm head fused with the GER loss: ``ger_linear_loss`` (public) and the functions the
+``lm_head`` pass inserts into Dynamo graphs.
+
+``logits = h @ W.T + b`` followed by any loss the GER op serves is computed by
+``ger::linear_loss_fwd`` chunk by chunk over the tokens: the N x V logits and their
+gradient are never materialised. When the loss is a known linear function of the op's
+per-row statistics (every reduction 'mean'/'sum' spelling: cross-entropy, label
+smoothing, entropy terms, GER), the coefficients of that function are found by
+differentiating it at zero statistics - O(rows) work - and the forward forms the
+gradients in the same sweep (three matmuls, like an unfused head); otherwise the
+backward sweeps the chunks again (see ``ops/linear_loss.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import losses
+from .ops import ger_loss as _loss_op
+from .ops import linear_loss as _op
+
+
+class LinearStats(NamedTuple):
+    """``ger::loss_fwd``'s statistics (same order, so ``stats[i]`` reads alike) and the
+    gradients a precomputing forward formed (empty otherwise)."""
+
+    nll: Tensor
+    reg: Tensor
+    lse: Tensor
+    ent: Tensor
+    aux: Tensor
+    grad_h: Tensor
+    grad_w: Tensor
+    grad_b: Tensor
+
+
+def needs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
+    """Which of h, W, b need a gradient (``ops.linear_loss.NEED_*`` bits)."""
+    if not torch.is_grad_enabled():
+        return 0
+    n = 0
+    if h.requires_grad:
+        n |= _op.NEED_H
+    if weight.requires_grad:
+        n |= _op.NEED_W
+    if bias is not None and bias.requires_grad:
+        n |= _op.NEED_B
+    return n
+
+
+# ----------------------------------------------------------------------------- graph functions
+def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, alpha: float,
+                     ignore_index: int, extras: bool, chunk: int, smooth_eps: float | None = None,
+                     smooth_weight: Tensor | None = None, coefs: Tensor | None = None, needs: int = 0,
+                     base: Tensor | None = None, unroll: int = 0) -> LinearStats:
+    """The op's statistics of ``h @ weight.T + bias`` against ``target``, each shaped like
+    ``target`` (``h`` is ``target.shape + (H,)``). With ``coefs`` (4, *target.shape) the
+    statistics are constants and ``grad_*`` hold the gradients of
+    ``sum(coefs[k] * stat_k)`` with respect to the inputs named by ``needs``. ``base``
+    (V,): the distribution the regulariser compares with (uniform when None).
+
+    ``unroll`` > 0 (set by the pass for compiled graphs): when the rows are static, their
+    number of chunks at most ``unroll`` and no backward sweep is needed (``coefs`` given,
+    or no gradient), the chunks are written out in functional torch
+    (``ops.linear_loss.unrolled``) for Inductor to fuse; else the op is called."""
+    H = h.shape[-1]
+    V = weight.shape[0]
+    cdt = _loss_op.compute_dtype(h.dtype)
+    u = base
+    if smooth_weight is not None:
+        u, _, _ = losses._smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+    flat_coefs = None if coefs is None else coefs.reshape(4, -1)
+    N = target.numel()
+    fn = torch.ops.ger.linear_loss_fwd
+    if unroll and isinstance(N, int) and N > 0 and (coefs is not None or needs == 0):
+        c = chunk if chunk > 0 else _op.default_chunk(N, V)
+        if -(-N // c) <= unroll:
+            fn = _op.unrolled
+    out = fn(
+        h.reshape(-1, H), weight, bias, target.reshape(-1), u, None if u is None else torch.log(u), float(alpha),
+        int(ignore_index), bool(extras), int(chunk), flat_coefs, int(needs),
+    )
+    rows = target.shape
+    nll, reg, lse, ent, aux, gh, gw, gb = out
+    return LinearStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows), ent.reshape(rows) if extras else ent,
+                       aux.reshape(rows), gh, gw, gb)
+
+
+def stat_leaves(target: Tensor, dtype: torch.dtype, extras: bool) -> LinearStats:
+    """Zero statistics shaped like ``target`` that require grad: the point at which
+    ``stat_coefficients`` differentiates the loss (a linear function of them)."""
+    with torch.enable_grad():
+        def leaf():
+            return torch.zeros(target.shape, dtype=dtype, device=target.device).requires_grad_()
+
+        empty = torch.zeros((0,), dtype=dtype, device=target.device)
+        ent = leaf() if extras else empty
+        aux = torch.zeros(target.shape, dtype=dtype, device=target.device)
+        return LinearStats(leaf(), leaf(), leaf(), ent, aux, empty, empty, empty)
+
+
+def stat_coefficients(loss: Tensor, leaves: LinearStats) -> Tensor:
+    """d loss / d (nll, reg, lse, ent) at the leaves, stacked (4, *rows)."""
+    wrt = [t for t in leaves[:4] if t.requires_grad]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    it = iter(grads)
+    out = []
+    for t in leaves[:4]:
+        g = next(it) if t.requires_grad else None
+        out.append(torch.zeros_like(leaves.nll) if g is None else g.to(leaves.nll.dtype))
+    return torch.stack(out)
+
+
+def add_carrier(loss: Tensor, stats: LinearStats, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``loss`` plus a zero that carries the upstream gradient to h, weight and bias."""
+    z = torch.ops.ger.grad_carrier(h.reshape(-1, h.shape[-1]), weight, bias, stats.grad_h, stats.grad_w, stats.grad_b)
+    return loss + z.to(loss.dtype)
+
+
+def logits_stand_in(h: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A zero-stride tensor of the logits' shape and dtype: what is left of the logits
+    for code that reads only their shape (the rewritten loss's shape arguments)."""
+    return torch.zeros((), dtype=dtype, device=h.device).expand(*h.shape[:-1], weight.shape[0])
+
+
+GRAPH_FUNCTIONS = (linear_row_stats, stat_leaves, stat_coefficients, add_carrier, logits_stand_in)
+
+
+# ----------------------------------------------------------------------------- eager / public
+def linear_loss_head(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *, alpha: float,
+                     ignore_index: int, extras: bool, chunk: int, combine: Callable[[LinearStats], Tensor],
+                     base: Tensor | None = None) -> Tensor:
+    """``combine(stats)`` of the fused head's statistics, with the gradients formed in
+    the forward when ``combine`` returns a scalar (it must then be linear in the
+    statistics) and by a second sweep otherwise."""
+    needs = needs_of(h, weight, bias)
+    kw = dict(base=base)
+    if needs:
+        cdt = _loss_op.compute_dtype(h.dtype)
+        leaves = stat_leaves(target, cdt, extras)
+        probe = combine(leaves)
+        if probe.numel() == 1:
+            coefs = stat_coefficients(probe, leaves)
+            stats = linear_row_stats(h, weight, bias, target, alpha, ignore_index, extras, chunk, coefs=coefs,
+                                     needs=needs, **kw)
+            return add_carrier(combine(stats), stats, h, weight, bias)
+    stats = linear_row_stats(h, weight, bias, target, alpha, ignore_index, extras, chunk, **kw)
+    return combine(stats)
+
+
+def ger_linear_loss(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | Tensor | None = None,
+    base: Tensor | None = None,
+    ignore_index: int = -100,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """``ger_loss(F.linear(input, linear_weight, linear_bias), target, ...)`` without ever
+    holding the (N, V) logits or their gradient: the tokens are processed ``chunk`` rows
+    at a time (default: a ~256 MiB fp32 chunk buffer).
+
+    Argument names follow ``F.linear_cross_entropy``: ``weight`` is the per-class weight
+    of the loss, ``linear_weight`` (V, H) and ``linear_bias`` (V,) the head's. ``input``
+    is (..., H) and ``target`` its shape without H. The other arguments are
+    ``ger_loss``'s; with neither (alpha, beta) nor label_smoothing it is the plain
+    cross-entropy. With reduction 'mean' or 'sum' the forward also forms the gradients
+    (three matmuls in all); with 'none' the backward recomputes the logits chunk by chunk.
+
+    >>> import torch
+    >>> h, W, y = torch.randn(6, 8), torch.randn(50, 8), torch.randint(0, 50, (6,))
+    >>> a = ger_linear_loss(h, W, y, label_smoothing=0.1)
+    >>> torch.allclose(a, torch.nn.functional.cross_entropy(h @ W.T, y, label_smoothing=0.1), atol=1e-6)
+    True
+    """
+    if not all(isinstance(t, Tensor) for t in (input, linear_weight, target)):
+        raise TypeError("ger_linear_loss: input, linear_weight and target must be tensors")
+    if input.dim() < 1 or linear_weight.dim() != 2:
+        raise ValueError(f"ger_linear_loss: expected input (..., H) and linear_weight (V, H), got "
+                         f"{tuple(input.shape)} and {tuple(linear_weight.shape)}")
+    if input.shape[-1] != linear_weight.shape[1]:
+        raise ValueError(f"ger_linear_loss: input has {input.shape[-1]} features but linear_weight "
+                         f"{tuple(linear_weight.shape)} expects {linear_weight.shape[1]}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"ger_linear_loss: target must have shape {tuple(input.shape[:-1])} (input without its "
+                         f"last dimension), got {tuple(target.shape)}")
+    if input.dtype not in losses.LOGIT_DTYPES:
+        raise TypeError(f"ger_linear_loss: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
+        raise TypeError("ger_linear_loss: input, linear_weight and linear_bias must share a dtype")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"ger_linear_loss: chunk must be a positive int (rows per chunk), got {chunk!r}")
+    if alpha is None and beta is None and label_smoothing is None:
+        label_smoothing = 0.0  # plain cross-entropy, as F.linear_cross_entropy
+    params = losses.loss_params(input, target, alpha=alpha, beta=beta, base=base, ignore_index=ignore_index,
+                                weight=weight, reduction=reduction, label_smoothing=label_smoothing,
+                                V=linear_weight.shape[0], who="ger_linear_loss")
+    target2 = target.reshape(-1)
+
+    def combine(stats: LinearStats) -> Tensor:
+        return losses.combine_rows(
+            stats.nll, stats.reg, target2, target.shape, beta=params.beta, eps=params.eps,
+            smooth_scale=params.smooth_scale, smooth_const=params.smooth_const, weight=weight,
+            ignore_index=ignore_index, reduction=reduction, out_dtype=input.dtype,
+        )
+
+    h2 = input.reshape(-1, input.shape[-1])
+    return linear_loss_head(h2, linear_weight, linear_bias, target2, alpha=params.alpha, ignore_index=ignore_index,
+                            extras=False, chunk=chunk or 0, combine=combine, base=params.u)

@@ -1,0 +1,525 @@
+"""lm head -> GER loss: ``linear`` / ``matmul`` feeding a loss the ``loss_entropy`` pass
+rewrote (or ``ger_loss`` itself) becomes ``ger::linear_loss_fwd``, chunked over the
+tokens, so the N x V logits and their gradient are never materialised.
+
+Runs after ``loss_entropy``. Its candidates are that pass's statistics nodes
+(``losses.row_stats``) and direct ``ger::loss_fwd`` calls; walking up from their logits
+through views (that keep the classes last) and upcasts it looks for
+
+    F.linear(h, W[, b]) / nn.Linear / h @ W.T / torch.matmul(h, W_t) / h.mm(W_t)
+
+(a tied embedding weight is just a weight). The logits must have no other user than the
+loss: if they are returned, or read for an accuracy, they must exist anyway, and the
+candidate is reported as a near-miss.
+
+Gradients. When the graph's loss (its one output that depends on the statistics) is a
+scalar and every operation between the statistics and it is linear (sums, means,
+scalings, masks, the rewritten cross-entropy / entropy / KL reductions), the pass copies
+that O(rows) subgraph, differentiates the copy at zero statistics to get the per-row
+coefficients, and the op forms the gradients in its forward sweep; ``ger::grad_carrier``
+adds a zero to the loss that brings the upstream gradient to h, W and b. Otherwise
+(``reduction='none'`` returned, a loss used twice, a non-linear use) the backward sweeps
+the chunks again; the report says which and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+
+from .. import fleet, lm_head, losses
+from ..shapes import known_equal
+from ..ops import ger_loss as _loss_op
+from .loss_entropy import _CASTS, _SHAPE_ONLY, _VIEWS, LOSS_FWD, _arg, _dtype, _is, _shape, _target_of, _val, mutates
+
+FAMILY = "lm_head"
+GRAPH_FUNCTIONS = lm_head.GRAPH_FUNCTIONS
+
+_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+_MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm", "__matmul__"}
+#: functions the loss pass inserts that read the logits for their shape only
+_SHAPE_READERS = {losses.cross_entropy_from_stats, losses.row_statistic, losses.kl_div_reduce}
+_VIEW_LIKE = _VIEWS | {"unsqueeze", "squeeze", "view_as", "reshape_as", torch.unsqueeze, torch.squeeze}
+
+# operations y = f(x, ...) linear in the arguments that depend on the statistics
+_ADDITIVE = {operator.add, operator.sub, operator.iadd, operator.isub, operator.neg, operator.pos, torch.add, torch.sub,
+             torch.neg, "add", "sub", "neg", "add_", "sub_", "__add__", "__sub__", "__radd__", "__rsub__", "__neg__"}
+_SCALING = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
+_DIVIDING = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide", "__truediv__"}
+_REDUCING = {torch.sum, torch.mean, "sum", "mean"}
+_SELECTING = {operator.getitem, "view", "reshape", "flatten", "squeeze", "unsqueeze", "expand", "expand_as", "contiguous",
+              "clone", "permute", "transpose", "t", "select", "narrow", "view_as", "reshape_as", "detach", torch.reshape,
+              torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute, torch.clone, torch.select,
+              torch.narrow, torch.detach}
+_MASKING = {torch.where, "masked_fill", "masked_fill_", torch.masked_fill}
+_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "sub", "__add__",
+         "__radd__", "__sub__", "__rsub__"}
+_PERMUTES = {"transpose", "permute", "movedim", "swapaxes", "t", torch.transpose, torch.permute, torch.movedim,
+             torch.swapaxes, torch.t}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass
+class Plan:
+    src: fx.Node
+    kind: str  # "row_stats" | "loss_fwd"
+    chain: list  # nodes from the linear's output down to the loss's logits (views/casts)
+    h: fx.Node
+    weight: fx.Node | None  # None: insert W_t.t()
+    weight_t: fx.Node | None
+    bias: fx.Node | None
+    module: str | None  # call_module target of an nn.Linear
+    target: fx.Node
+    alpha: float
+    ignore_index: int
+    extras: bool
+    smooth_eps: object = None
+    smooth_weight: object = None
+    base: object = None
+    needs: int = 0
+    mode: str = "no_grad"
+    why: str = ""
+    exit: fx.Node | None = None
+    path: list = dataclasses.field(default_factory=list)
+    zeroed: set = dataclasses.field(default_factory=set)  # read as 0 by the copy
+
+
+def run(gm: fx.GraphModule, ctx) -> bool:
+    changed = False
+    for src in list(gm.graph.nodes):
+        if src.op != "call_function" or not (src.target is losses.row_stats or src.target in LOSS_FWD):
+            continue
+        if ctx.eager_reason(src) is not None:
+            continue
+        plan = _plan(gm, src, ctx)
+        if plan is None:
+            continue
+        _rewrite(gm, plan, ctx)
+        changed = True
+    return changed
+
+
+# ----------------------------------------------------------------------------- matching
+def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
+    def miss(reason: str, node=None) -> None:
+        ctx.near_miss("linear+loss", node or src, reason)
+        return None
+
+    logits = src.args[0]
+    shp = _shape(logits)
+    if shp is None:
+        return None
+    if src.target is losses.row_stats:
+        kind = "row_stats"
+        target, alpha, ignore_index, extras = src.args[1], src.args[2], src.args[3], src.args[4]
+        class_dim = src.kwargs.get("class_dim", -1) % len(shp)
+        smooth_eps, smooth_weight, base = src.kwargs.get("smooth_eps"), src.kwargs.get("smooth_weight"), None
+        classes_last = class_dim == len(shp) - 1
+    else:
+        kind = "loss_fwd"
+        target, base, _log_base, alpha, ignore_index, extras = src.args[1:7]
+        smooth_eps = smooth_weight = None
+        classes_last = len(shp) == 3 and known_equal(shp[2], 1)
+    # walk up: views keeping the classes last, upcasts; the loss's input may move the
+    # classes from last to ``class_dim`` (``logits.transpose(1, 2)`` for (N, C, d) losses)
+    chain = [logits]
+    cur = logits
+    if not classes_last and kind == "row_stats" and _moves_classes_to(logits, class_dim):
+        cur = logits.args[0]
+        chain.append(cur)
+        classes_last = True
+    while _is(cur, _VIEW_LIKE | _CASTS) and isinstance(cur.args[0], fx.Node):
+        cur = cur.args[0]
+        chain.append(cur)
+    lin = _linear_parts(gm, cur)
+    if lin is None:
+        if _is(cur, _PERMUTES):
+            up = cur.args[0]
+            while _is(up, _VIEW_LIKE | _CASTS):
+                up = up.args[0]
+            if isinstance(up, fx.Node) and _linear_parts(gm, up) is not None:
+                return miss(f"a permutation between the lm head and the loss ({cur.name}) reorders the rows", cur)
+        return None
+    h, weight, weight_t, bias, module = lin
+    for n in chain:
+        if _is(n, _CASTS):
+            a, b = _dtype(n.args[0]), _dtype(n)
+            if a is None or b is None or b not in _FLOAT_DTYPES:
+                return None
+            if a != b and not (b == torch.float32 and a in (torch.float16, torch.bfloat16)):
+                return miss(f"the logits are cast from {a} to {b} before the loss: the fused head computes in "
+                            f"{_loss_op.compute_dtype(a)}, so it would not give the same numbers", n)
+    chain.reverse()  # linear output first
+    V = (_shape(cur) or (None,))[-1]
+    if not classes_last:
+        return miss("the classes are not the last dimension of the loss's logits")
+    for n in chain:
+        s = _shape(n)
+        if n is logits and _moves_classes_to(n, class_dim if kind == "row_stats" else -1):
+            continue
+        if s is None or not (known_equal(s[-1], V) or (n is logits and kind == "loss_fwd"
+                                                        and known_equal(s[-2:], (V, 1)))):
+            return miss(f"a view between the lm head and the loss ({n.name}) moves the classes", n)
+    min_vocab = int(fleet.strategy(FAMILY, ctx.profile).get("min_vocab", 0))
+    if isinstance(V, int) and V < min_vocab and ctx.options.lm_head_chunk is None:
+        return miss(f"{V} classes, below this profile's min_vocab ({min_vocab}): the logits are small and the "
+                    "unfused head is as fast; the option lm_head_chunk fuses it anyway")
+    hs = _shape(h)
+    if hs is None or len(hs) < 2:
+        return miss("the lm head's input is not a batch of rows (..., H)", h)
+    if _dtype(h) not in _FLOAT_DTYPES:
+        return None
+    # the logits must serve the loss only
+    for i, n in enumerate(chain):
+        nxt = chain[i + 1] if i + 1 < len(chain) else src
+        for u in n.users:
+            if u is nxt or _shape_only_user(u, n):
+                continue
+            return miss(f"the logits ({n.name}) are also used by {u.name}: the N x V tensor must exist, "
+                        "the lm head is left unfused", u)
+    lv = _val(cur)
+    needs = 0
+    if isinstance(lv, torch.Tensor) and lv.requires_grad:
+        for bit, node in ((1, h), (2, weight if weight is not None else weight_t), (4, bias)):
+            v = _val(node) if isinstance(node, fx.Node) else None
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                needs |= bit
+        if module is not None:
+            mod = gm.get_submodule(module)
+            needs |= (2 if mod.weight.requires_grad else 0) | (4 if mod.bias is not None and mod.bias.requires_grad else 0)
+    plan = Plan(src, kind, chain, h, weight, weight_t, bias, module, target, float(alpha), int(ignore_index),
+                bool(extras), smooth_eps, smooth_weight, base, needs)
+    if needs:
+        _choose_gradient_mode(gm, plan)
+    return plan
+
+
+def _moves_classes_to(n: fx.Node, k: int) -> bool:
+    """``n`` is a transpose/permute/movedim moving the last dimension to ``k`` and keeping
+    the order of the others (so its rows, the other dimensions, are the input's)."""
+    if not isinstance(n, fx.Node) or not _is(n, _PERMUTES):
+        return False
+    s = _shape(n.args[0])
+    if s is None or k < 0:
+        return False
+    nd = len(s)
+    args = [a for a in n.args[1:]]
+    try:
+        if _target_of(n) in ("permute", torch.permute):
+            perm = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+            perm = [d % nd for d in perm]
+        else:
+            a, b = (d % nd for d in args[:2])
+            perm = list(range(nd))
+            if _target_of(n) in ("movedim", torch.movedim):
+                perm.remove(a)
+                perm.insert(b, a)
+            else:
+                perm[a], perm[b] = perm[b], perm[a]
+    except (TypeError, ValueError, IndexError):
+        return False
+    return perm == list(range(k)) + [nd - 1] + list(range(k, nd - 1))
+
+
+def _linear_parts(gm: fx.GraphModule, n: fx.Node):
+    """(h, W (V, H) or None, W_t (H, V) or None, bias, module) of an lm-head node."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        if isinstance(mod, torch.nn.Linear) and len(n.args) == 1 and not n.kwargs:
+            return n.args[0], None, None, None, n.target
+        return None
+    if _is(n, _LINEAR):
+        h = _arg(n, 0, "input")
+        w = _arg(n, 1, "weight")
+        b = _arg(n, 2, "bias")
+        if isinstance(h, fx.Node) and isinstance(w, fx.Node) and (b is None or isinstance(b, fx.Node)):
+            ws = _shape(w)
+            if ws is not None and len(ws) == 2:
+                return h, w, None, b, None
+        return None
+    if _is(n, _MATMUL) and len(n.args) == 2 and not n.kwargs:
+        h, wt = n.args
+        if isinstance(h, fx.Node) and isinstance(wt, fx.Node):
+            ws = _shape(wt)
+            if ws is not None and len(ws) == 2:
+                return h, None, wt, None, None
+    return None
+
+
+def _shape_only_user(u: fx.Node, n: fx.Node) -> bool:
+    """``u`` reads only the shape of ``n`` (directly or through views)."""
+    if _is(u, _SHAPE_ONLY) or (u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "dtype", "device")):
+        return True
+    if u.op == "call_function" and u.target in _SHAPE_READERS:
+        return all(a is not n for a in (u.args[0],))  # the statistics argument is never the logits
+    if _is(u, _VIEW_LIKE | _CASTS) and u.args[0] is n:
+        return all(_shape_only_user(w, u) for w in u.users)
+    return False
+
+
+# ----------------------------------------------------------------------------- gradient mode
+def _forward_closure(src: fx.Node, values_only: bool = True) -> list:
+    """The nodes whose *values* depend on ``src``. Another head's gradient machinery is
+    not followed: its coefficients feed only gradients (``linear_row_stats``' values do
+    not depend on ``coefs``, ``add_carrier`` adds a zero)."""
+    seen = {src}
+    stack = [src]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "output" or u in seen or (values_only and not _value_edge(n, u)):
+                continue
+            seen.add(u)
+            stack.append(u)
+    return [n for n in src.graph.nodes if n in seen]
+
+
+def _value_edge(n: fx.Node, u: fx.Node) -> bool:
+    if u.op != "call_function":
+        return True
+    if u.target is lm_head.stat_coefficients:
+        return False
+    if u.target is lm_head.linear_row_stats:
+        return any(a is n for a in u.args) or any(v is n for k, v in u.kwargs.items() if k != "coefs")
+    if u.target is lm_head.add_carrier:
+        return u.args[0] is n
+    return True
+
+
+def _choose_gradient_mode(gm: fx.GraphModule, plan: Plan) -> None:
+    plan.mode, plan.why = "recompute", ""
+    D = _forward_closure(plan.src)
+    in_d = set(D)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    exits = [n for n in D if n in out.all_input_nodes]
+    if len(exits) != 1:
+        plan.why = (f"{len(exits)} graph outputs depend on the loss statistics" if exits
+                    else "no graph output depends on the loss statistics")
+        return
+    L = exits[0]
+    lv = _val(L)
+    numel = lv.numel() if isinstance(lv, torch.Tensor) else None
+    if not isinstance(numel, int) or numel != 1 or lv.dtype not in _FLOAT_DTYPES:
+        plan.why = f"the output {L.name} is not a scalar loss (e.g. reduction='none')"
+        return
+    # the nodes between the statistics and L
+    anc = {L}
+    stack = [L]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in in_d and a not in anc and a is not plan.src:
+                anc.add(a)
+                stack.append(a)
+    path = [n for n in D if n in anc and n is not plan.src]
+    for n in path:
+        why = _nonlinear(n, in_d)
+        if why:
+            plan.why = why
+            return
+    # values the copy reads that come from another loss's statistics (two heads in one
+    # loss): only their sum with this head's terms is allowed - the copy then reads a 0
+    # instead, which keeps the heads' coefficient computations independent
+    in_path = set(path)
+    other = {n for n in gm.graph.nodes if n is not plan.src and n.op == "call_function"
+             and (n.target in (losses.row_stats, lm_head.linear_row_stats) or n.target in LOSS_FWD)}
+    zeroed = set()
+    for n in path:
+        reads = [n.args[0]] if n.op == "call_function" and n.target is lm_head.add_carrier else n.all_input_nodes
+        for a in reads:
+            if not isinstance(a, fx.Node) or a in in_path or a is plan.src or a in zeroed or not _depends_on(a, other):
+                continue
+            v = _val(a)
+            if not (isinstance(v, torch.Tensor) and v.dim() == 0 and _only_added(a, in_path)):
+                plan.why = f"the loss combines this head's terms with another loss's ({a.name}) other than by a sum"
+                return
+            zeroed.add(a)
+    plan.mode, plan.exit, plan.path, plan.zeroed = "in_forward", L, path, zeroed
+
+
+def _depends_on(n: fx.Node, sources: set) -> bool:
+    seen, stack = set(), [n]
+    while stack:
+        x = stack.pop()
+        if x in sources:
+            return True
+        for a in x.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
+def _only_added(a: fx.Node, in_path: set) -> bool:
+    """``a`` enters the loss code only as a term of a sum (or difference)."""
+    return all(_is(u, _SUMS) for u in a.users if u in in_path)
+
+
+def _nonlinear(n: fx.Node, in_d: set) -> str | None:
+    """Why ``n`` is not linear in its statistics-dependent inputs (None if it is)."""
+    def dep(a) -> bool:
+        return isinstance(a, fx.Node) and a in in_d
+
+    args = list(n.args) + list(n.kwargs.values())
+    deps = [a for a in args if dep(a)]
+    if n.op == "call_function" and n.target is lm_head.add_carrier:  # another head's loss plus a zero
+        return None if not any(dep(a) for a in args[1:]) else "stats in a gradient carrier"
+    if n.op == "call_function" and n.target in _SHAPE_READERS:
+        return None if not any(dep(a) for a in args[1:]) or n.target is losses.kl_div_reduce else "stats in a shape argument"
+    if _is(n, _ADDITIVE | _SELECTING | _REDUCING):
+        if _is(n, _REDUCING) and n.kwargs.get("dtype") not in (None, *_FLOAT_DTYPES):
+            return f"{n.name} reduces to a non-float dtype"
+        return None
+    if _is(n, _SCALING):
+        return None if len(deps) <= 1 else f"{n.name} multiplies two terms of the loss statistics (not linear)"
+    if _is(n, _DIVIDING):
+        if n.kwargs.get("rounding_mode") is not None:
+            return f"{n.name} rounds"
+        return None if len(deps) == 1 and dep(n.args[0]) and not dep(n.args[1]) else f"{n.name} divides by the loss statistics"
+    if _is(n, _MASKING):
+        cond = n.args[0] if _target_of(n) is torch.where else (n.args[1] if len(n.args) > 1 else n.kwargs.get("mask"))
+        return None if not dep(cond) and not (len(n.args) > 2 and _target_of(n) is not torch.where and dep(n.args[2])) \
+            else f"{n.name} masks with the loss statistics"
+    if _is(n, _CASTS):
+        v = _val(n)
+        return None if isinstance(v, torch.Tensor) and v.dtype in _FLOAT_DTYPES else f"{n.name} casts to a non-float dtype"
+    return f"{n.name} ({getattr(_target_of(n), '__name__', _target_of(n))}) is not known to be linear in the loss statistics"
+
+
+# ----------------------------------------------------------------------------- rewrite
+def _switches_mode(n: fx.Node) -> bool:
+    """A node run for its effect on global state (grad mode, autocast)."""
+    return n.op == "call_function" and not isinstance(n.target, str) and \
+        getattr(n.target, "__name__", "").startswith(("_set_grad_enabled", "_enter_autocast", "_exit_autocast",
+                                                       "set_grad_enabled"))
+
+
+def _stable_toposort(g: fx.Graph) -> None:
+    """Order the nodes topologically, each as early as its original position and its
+    inputs allow (Kahn's algorithm, ties broken by the original order)."""
+    import heapq
+
+    nodes = list(g.nodes)
+    idx = {n: i for i, n in enumerate(nodes)}
+    pending = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(idx[n], n) for n in nodes if pending[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        order.append(n)
+        for u in n.users:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, (idx[u], u))
+    if len(order) != len(nodes):
+        raise RuntimeError("lm_head: the rewritten graph has a cycle")
+    for prev, n in zip(order, order[1:]):
+        if prev.next is not n:
+            prev.append(n)
+
+
+def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
+    g = gm.graph
+    src = plan.src
+    lin_out = plan.chain[0]
+    V = (_shape(lin_out) or (None,))[-1]
+    chunk = fleet.lm_head_chunk(ctx.profile, V, ctx.options.lm_head_chunk)
+    tv = _val(plan.target)
+    rows = tv.numel() if isinstance(tv, torch.Tensor) else None
+    if isinstance(rows, int) and rows > 0:
+        chunk = min(chunk, rows) if chunk else chunk
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    # the op goes where the statistics were; the copied loss code may read values defined
+    # later (a mask computed after the loss): a stable topological sort then moves it, and
+    # what depends on it, after them - unless that would move code across an in-place
+    # operation or a grad-mode switch
+    reorder = False
+    if plan.mode == "in_forward":
+        in_path = set(plan.path)
+        reads = [a for n in plan.path for a in n.all_input_nodes if a not in in_path and a is not src]
+        last = max(reads, key=lambda a: pos[a], default=None)
+        if last is not None and pos[last] > pos[src]:
+            between = [n for n in g.nodes if pos[src] < pos[n] <= pos[last]]
+            if any((mutates(n) and n not in in_path) or _switches_mode(n) for n in between):
+                plan.mode, plan.why = "recompute", "an in-place operation sits between the loss statistics and its inputs"
+            else:
+                reorder = True
+    with g.inserting_before(lin_out):
+        if plan.module is not None:
+            weight = g.get_attr(f"{plan.module}.weight")
+            mod = gm.get_submodule(plan.module)
+            bias = g.get_attr(f"{plan.module}.bias") if mod.bias is not None else None
+        else:
+            weight = plan.weight if plan.weight is not None else g.call_method("t", (plan.weight_t,))
+            bias = plan.bias
+        # what is left of the logits for the code that reads their shape
+        def stand_in(i: int, dtype):
+            s = g.call_function(lm_head.logits_stand_in, (plan.h, weight, dtype))
+            for v in plan.chain[1:i + 1]:
+                if not _is(v, _CASTS):  # views, and the transpose of an (N, C, d) loss input
+                    s = g.call_function(v.target, (s, *v.args[1:]), dict(v.kwargs)) if v.op == "call_function" \
+                        else g.call_method(v.target, (s, *v.args[1:]), dict(v.kwargs))
+            return s
+
+        redirect = []
+        for i, n in enumerate(plan.chain):
+            for u in list(n.users):
+                if u is src or (i + 1 < len(plan.chain) and u is plan.chain[i + 1]):
+                    continue
+                if _is(u, _CASTS):  # a cast read for its shape: a stand-in of the cast's dtype
+                    redirect.append((u, None, stand_in(i, _dtype(u))))
+                else:
+                    redirect.append((u, n, stand_in(i, _dtype(n))))
+    for u, n, s in redirect:
+        if n is None:
+            u.replace_all_uses_with(s)
+            g.erase_node(u)
+        else:
+            u.replace_input_with(n, s)
+    kw = {"smooth_eps": plan.smooth_eps, "smooth_weight": plan.smooth_weight, "base": plan.base}
+    args = (plan.h, weight, bias, plan.target, plan.alpha, plan.ignore_index, plan.extras, chunk)
+    strat = fleet.strategy(FAMILY, ctx.profile)
+    unroll = int(strat.get("unroll", 0))
+    if _dtype(plan.h) in (torch.float32, torch.float64) and not strat.get("unroll_fp32", True):
+        unroll = 0
+    kw["unroll"] = unroll
+    cdt = _loss_op.compute_dtype(_dtype(plan.h))
+    if plan.mode != "in_forward":
+        with g.inserting_before(src):
+            stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "needs": plan.needs})
+    else:
+        with g.inserting_before(src):
+            leaves = g.call_function(lm_head.stat_leaves, (plan.target, cdt, plan.extras))
+            env = {src: leaves}
+            for a in plan.zeroed:
+                env[a] = g.call_function(torch.zeros, ((),), {"dtype": _dtype(a), "device": _val(a).device})
+            for n in plan.path:
+                if n.op == "call_function" and n.target is lm_head.add_carrier:
+                    env[n] = env.get(n.args[0], n.args[0])  # another head's zero: not needed here
+                    continue
+                env[n] = g.node_copy(n, lambda a: env.get(a, a))
+            coefs = g.call_function(lm_head.stat_coefficients, (env[plan.exit], leaves))
+            stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "coefs": coefs, "needs": plan.needs})
+    src.replace_all_uses_with(stats)
+    stats.meta.update({k: v for k, v in src.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    g.erase_node(src)
+    if plan.mode == "in_forward":
+        L = plan.exit
+        with g.inserting_after(L):
+            new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias))
+        new_l.meta.update({k: v for k, v in L.meta.items() if k in ("example_value", "val", "stack_trace")})
+        L.replace_all_uses_with(new_l, delete_user_cb=lambda u: u is not new_l)
+    for n in reversed(plan.chain):
+        if not n.users:
+            g.erase_node(n)
+    if reorder:
+        _stable_toposort(g)
+    ctx.match(
+        "linear+" + ("ger_loss" if plan.kind == "loss_fwd" else "loss"), [lin_out, stats],
+        chunk=chunk, gradients=plan.mode, why=plan.why or None, alpha=plan.alpha, extras=plan.extras, unroll=unroll,
+    )
+    ctx.strategy(**{k: v for k, v in fleet.strategy(FAMILY, ctx.profile).items() if k != "why"})
