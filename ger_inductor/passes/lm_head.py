@@ -85,6 +85,7 @@ class Plan:
     exit: fx.Node | None = None
     path: list = dataclasses.field(default_factory=list)
     zeroed: set = dataclasses.field(default_factory=set)  # read as 0 by the copy
+    row_index: object = None  # logits[row_index] right after the head: applied to h instead
 
 
 def run(gm: fx.GraphModule, ctx) -> bool:
@@ -131,7 +132,7 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
         cur = logits.args[0]
         chain.append(cur)
         classes_last = True
-    while _is(cur, _VIEW_LIKE | _CASTS) and isinstance(cur.args[0], fx.Node):
+    while (_is(cur, _VIEW_LIKE | _CASTS) or _selects_rows(cur)) and isinstance(cur.args[0], fx.Node):
         cur = cur.args[0]
         chain.append(cur)
     lin = _linear_parts(gm, cur)
@@ -153,6 +154,10 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
                 return miss(f"the logits are cast from {a} to {b} before the loss: the fused head computes in "
                             f"{_loss_op.compute_dtype(a)}, so it would not give the same numbers", n)
     chain.reverse()  # linear output first
+    selects = [n for n in chain if _selects_rows(n)]
+    if selects and (len(selects) > 1 or selects[0] is not chain[1]):
+        return miss("rows of the logits are selected after a view: only a selection right after the lm head "
+                    "(e.g. logits[..., :-1, :]) is applied to its input instead", selects[0])
     V = (_shape(cur) or (None,))[-1]
     if not classes_last:
         return miss("the classes are not the last dimension of the loss's logits")
@@ -191,10 +196,30 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
             mod = gm.get_submodule(module)
             needs |= (2 if mod.weight.requires_grad else 0) | (4 if mod.bias is not None and mod.bias.requires_grad else 0)
     plan = Plan(src, kind, chain, h, weight, weight_t, bias, module, target, float(alpha), int(ignore_index),
-                bool(extras), smooth_eps, smooth_weight, base, needs)
+                bool(extras), smooth_eps, smooth_weight, base, needs, row_index=selects[0].args[1] if selects else None)
     if needs:
         _choose_gradient_mode(gm, plan)
     return plan
+
+
+def _selects_rows(n) -> bool:
+    """``n`` is ``x[index]`` whose index leaves the last dimension (the classes) whole and
+    selects by ints and slices only (e.g. the shift ``logits[..., :-1, :]``): the same
+    index applied to the head's input selects the same rows."""
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem):
+        return False
+    v = _val(n.args[0])
+    if not isinstance(v, torch.Tensor):
+        return False
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    if not all(isinstance(i, (int, slice)) or i is Ellipsis for i in idx) or list(idx).count(Ellipsis) > 1:
+        return False
+    if idx and idx[-1] is Ellipsis:
+        return True
+    if Ellipsis in idx or len(idx) == v.dim():
+        last = idx[-1]
+        return isinstance(last, slice) and last == slice(None, None, None)
+    return len(idx) < v.dim()
 
 
 def _moves_classes_to(n: fx.Node, k: int) -> bool:
@@ -448,6 +473,10 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
                 plan.mode, plan.why = "recompute", "an in-place operation sits between the loss statistics and its inputs"
             else:
                 reorder = True
+    h_head = plan.h  # the head's own input (the logits before a row selection are its rows)
+    if plan.row_index is not None:
+        with g.inserting_before(lin_out):
+            plan.h = g.call_function(operator.getitem, (plan.h, plan.row_index))
     with g.inserting_before(lin_out):
         if plan.module is not None:
             weight = g.get_attr(f"{plan.module}.weight")
@@ -458,9 +487,11 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
             bias = plan.bias
         # what is left of the logits for the code that reads their shape
         def stand_in(i: int, dtype):
-            s = g.call_function(lm_head.logits_stand_in, (plan.h, weight, dtype))
+            s = g.call_function(lm_head.logits_stand_in, (plan.h if i else h_head, weight, dtype))
             for v in plan.chain[1:i + 1]:
-                if not _is(v, _CASTS):  # views, and the transpose of an (N, C, d) loss input
+                # views, and the transpose of an (N, C, d) loss input; a row selection is
+                # already in plan.h
+                if not _is(v, _CASTS) and not _selects_rows(v):
                     s = g.call_function(v.target, (s, *v.args[1:]), dict(v.kwargs)) if v.op == "call_function" \
                         else g.call_method(v.target, (s, *v.args[1:]), dict(v.kwargs))
             return s
@@ -484,10 +515,10 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     args = (plan.h, weight, bias, plan.target, plan.alpha, plan.ignore_index, plan.extras, chunk)
     strat = fleet.strategy(FAMILY, ctx.profile)
     unroll = int(strat.get("unroll", 0))
-    if _dtype(plan.h) in (torch.float32, torch.float64) and not strat.get("unroll_fp32", True):
+    if _dtype(h_head) in (torch.float32, torch.float64) and not strat.get("unroll_fp32", True):
         unroll = 0
     kw["unroll"] = unroll
-    cdt = _loss_op.compute_dtype(_dtype(plan.h))
+    cdt = _loss_op.compute_dtype(_dtype(h_head))
     if plan.mode != "in_forward":
         with g.inserting_before(src):
             stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "needs": plan.needs})
