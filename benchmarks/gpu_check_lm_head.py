@@ -83,15 +83,15 @@ def train_small_lm(device) -> dict:
     from ger_inductor.demo import TinyLM
 
     torch.manual_seed(0)
-    ref = TinyLM(vocab=2000, d=64).to(device)
-    model = TinyLM(vocab=2000, d=64).to(device)
+    ref = TinyLM(vocab=16384, d=64).to(device)
+    model = TinyLM(vocab=16384, d=64).to(device)
     model.load_state_dict(ref.state_dict())
     cm = torch.compile(model, backend="ger", options={"strict": True})
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, model)]
     g = torch.Generator().manual_seed(0)
     out = {"eager": [], "ger": []}
     for _ in range(10):
-        x = ((torch.randint(0, 2000, (4, 1), generator=g) + torch.arange(64)) % 2000).to(device)
+        x = ((torch.randint(0, 97, (4, 1), generator=g) + torch.arange(64)) % 97).to(device)
         y = torch.roll(x, -1, 1)
         y[:, -1] = -100
         for key, m, o in (("eager", ref, opts[0]), ("ger", cm, opts[1])):

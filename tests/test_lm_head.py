@@ -326,7 +326,7 @@ def test_near_miss(name):
 class TinyCausalLM(nn.Module):
     """embedding -> causal self-attention + MLP blocks -> lm head (no custom loss code)."""
 
-    def __init__(self, vocab=97, dim=32, heads=2, layers=2, seq=16):
+    def __init__(self, vocab=16384, dim=32, heads=2, layers=2, seq=16):
         super().__init__()
         self.emb = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(seq, dim) * 0.02)
@@ -347,15 +347,20 @@ class TinyCausalLM(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, label_smoothing=0.1)
 
 
-def test_causal_lm_trains_like_eager_for_20_steps(tmp_path):
+@pytest.mark.parametrize("profile", ["auto", "h100"])
+def test_causal_lm_trains_like_eager_for_20_steps(profile, tmp_path):
+    """Unmodified training code, default options: the head (V = 16384, this profile's
+    min_vocab) is fused. The CPU profile runs the op's kernel for fp32; the h100 profile's
+    unrolled form is compiled here by Inductor's C++ backend (chunks of 16 tokens)."""
+    vocab = 16384
     torch.manual_seed(0)
-    ref = TinyCausalLM()
-    model = TinyCausalLM()
+    ref = TinyCausalLM(vocab=vocab)
+    model = TinyCausalLM(vocab=vocab)
     model.load_state_dict(ref.state_dict())
-    # the h100 profile: its unrolled form (the CPU profile runs the op's kernel, covered by
-    # tests/test_dynamic.py's static first graph) compiled here by Inductor's C++ backend
-    cm = torch.compile(model, backend="ger", options={"strict": True, "dump_dir": str(tmp_path), "lm_head_chunk": 16,
-                                                      "device_profile": "h100"})
+    opts = {"strict": True, "dump_dir": str(tmp_path)}
+    if profile == "h100":
+        opts.update(device_profile="h100", lm_head_chunk=16)
+    cm = torch.compile(model, backend="ger", options=opts)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     g = torch.Generator().manual_seed(0)
@@ -371,22 +376,24 @@ def test_causal_lm_trains_like_eager_for_20_steps(tmp_path):
             o.step()
             out.append(loss.item())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
-    assert ref_losses[-1] < 0.8 * ref_losses[0], ref_losses  # it learned something
+    assert ref_losses[-1] < 0.9 * ref_losses[0], ref_losses  # it learned something
     for (n, p), (_, p2) in zip(ref.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(p2, p, rtol=1e-3, atol=1e-4, msg=lambda s: f"{n}: {s}")
     rep = ger_inductor.last_report()
     assert any(m.pattern == "linear+loss" and m.detail["gradients"] == "in_forward" for p in rep.passes for m in p.matches)
     assert not rep.fallbacks
-    # the compiled forward runs the 4 chunks of 16 tokens one after the other, each a
-    # (16, 97) logits buffer, one fused C++ kernel for its statistics and gradient, and
-    # its matmuls; it never allocates a (64, 97) logits buffer
     fwd = open(next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in sorted(fs)
                     if f.startswith("inductor_forward"))).read()
-    FileCheck().check("empty_strided_cpu((16, 97)").check("extern_kernels.mm(").check("cpp_fused_").check(
-        "torch.ops.ger.after.default(").check("extern_kernels.mm(").check("cpp_fused_").check(
-        "torch.ops.ger.grad_carrier.default(").run(fwd)
-    FileCheck().check_count("torch.ops.ger.after.default(", 3, exactly=True).run(fwd)
-    FileCheck().check_not("(64, 97)").run(fwd)
+    if profile == "h100":
+        # 4 chunks of 16 tokens one after the other: a (16, V) logits buffer, one fused C++
+        # kernel for its statistics and gradient, its matmuls
+        FileCheck().check(f"empty_strided_cpu((16, {vocab})").check("extern_kernels.mm(").check("cpp_fused_").check(
+            "torch.ops.ger.after.default(").check("extern_kernels.mm(").check("cpp_fused_").check(
+            "torch.ops.ger.grad_carrier.default(").run(fwd)
+        FileCheck().check_count("torch.ops.ger.after.default(", 3, exactly=True).run(fwd)
+    else:
+        FileCheck().check("torch.ops.ger.linear_loss_fwd.default(").check("torch.ops.ger.grad_carrier.default(").run(fwd)
+    FileCheck().check_not(f"(64, {vocab})").run(fwd)  # never the whole logits
 
 
 _PEAK_SCRIPT = textwrap.dedent("""
