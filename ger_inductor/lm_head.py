@@ -76,8 +76,7 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     N = target.numel()
     fn = torch.ops.ger.linear_loss_fwd
     if unroll and isinstance(N, int) and N > 0 and (coefs is not None or needs == 0):
-        c = chunk if chunk > 0 else _op.default_chunk(N, V)
-        if -(-N // c) <= unroll:
+        if -(-N // _op.rows_per_chunk(chunk, N, V)) <= unroll:
             fn = _op.unrolled
     out = fn(
         h.reshape(-1, H), weight, bias, target.reshape(-1), u, None if u is None else torch.log(u), float(alpha),

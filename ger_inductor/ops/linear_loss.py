@@ -50,9 +50,23 @@ GRAD_W_BLOCK_BYTES = 32 << 20
 NEED_H, NEED_W, NEED_B = 1, 2, 4
 
 
-def default_chunk(N: int, V: int) -> int:
-    """Rows per chunk when the caller gives none: a (chunk, V) fp32 buffer of ~256 MiB."""
-    return max(64, min(4096, (256 << 20) // max(1, 4 * V)))
+def rows_per_chunk(chunk: int, N, V) -> int:
+    """Rows per chunk: ``chunk``, or when it is 0 (the caller left it to the op, e.g. a
+    symbolic V at compile time) the rows of a ~256 MiB fp32 (rows, V) buffer; at most N."""
+    c = chunk if chunk > 0 else max(64, min(4096, (256 << 20) // max(1, 4 * V)))
+    return max(1, min(c, N))
+
+
+def _skew_jensen(p: Tensor, lp: Tensor, u: Optional[Tensor], lu: Optional[Tensor], alpha: float, V, log_v):
+    """Per row, for 0 < alpha < 1: (J_alpha(p || u), KL(p || m), log(p / m)) with
+    m = alpha p + (1 - alpha) u (u uniform when None)."""
+    if u is None:
+        u = torch.full((), 1.0 / V, dtype=p.dtype, device=p.device)
+        lu = -log_v + torch.zeros((), dtype=p.dtype, device=p.device)
+    u, lu = u.expand_as(lp), lu.expand_as(lp)
+    log_p_m, log_u_m = log_ratio_p_m(lp, lu, p, u, alpha)
+    kl_pm = _xmul(p, log_p_m).sum(1)
+    return kl_pm / (1.0 - alpha) + _xmul(u, log_u_m).sum(1) / alpha, kl_pm, log_p_m
 
 
 def _row_coefs(alpha, uniform, log_v, g_nll, g_reg, g_lse, g_ent, ezs, logs, reg, aux):
@@ -86,14 +100,12 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     check_targets(target, V, ignore_index)
     cd = compute_dtype(h.dtype)
     dev = h.device
-    c = chunk if chunk > 0 else default_chunk(N, V)
-    c = max(1, min(c, N))
+    c = rows_per_chunk(chunk, N, V)
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     uniform = base is None
-    if uniform:
-        log_v = math.log(V)
-    else:
+    log_v = math.log(V)
+    if not uniform:
         u = base.to(cd)
         lu = log_base.to(cd)
         u_lu = _xmul(u, lu).sum()
@@ -174,14 +186,9 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
         else:
             p = z.div(ssum.unsqueeze(1))
             lp = zs.sub(logs.unsqueeze(1))
-            uu = torch.full((), 1.0 / V, dtype=cd, device=dev) if uniform else u
-            luu = torch.full((), -log_v, dtype=cd, device=dev) if uniform else lu
-            log_p_m, log_u_m = log_ratio_p_m(lp, luu.expand_as(lp), p, uu.expand_as(lp), alpha)
-            kl_pm = _xmul(p, log_p_m).sum(1)
-            kl_um = _xmul(uu.expand_as(lp), log_u_m).sum(1)
-            del lp, log_u_m, p
-            reg[s:e] = kl_pm / (1.0 - alpha) + kl_um / alpha
-            aux[s:e] = kl_pm
+            reg[s:e], aux[s:e], log_p_m = _skew_jensen(p, lp, None if uniform else u, None if uniform else lu,
+                                                       alpha, V, log_v)
+            del lp, p
         if not grads:
             continue
         # ---- the chunk's logits gradient, in place in ``buf`` (holds e = exp(z - m))
@@ -250,8 +257,7 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
     V = weight.shape[0]
     cd = compute_dtype(h.dtype)
     dev = h.device
-    c = chunk if chunk > 0 else default_chunk(N, V)
-    c = max(1, min(c, N))
+    c = rows_per_chunk(chunk, N, V)
     zero = torch.zeros((), dtype=cd, device=dev)
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
@@ -292,13 +298,8 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
             reg = (-H_ + log_v) if uniform else (-H_ - torch.mv(p, lu))
             aux = reg
         else:
-            lp = zs - logs
-            uu = torch.full((), 1.0 / V, dtype=cd, device=dev).expand_as(lp) if uniform else u.expand_as(lp)
-            luu = (-log_v + torch.zeros((), dtype=cd, device=dev)).expand_as(lp) if uniform else lu.expand_as(lp)
-            log_p_m, log_u_m = log_ratio_p_m(lp, luu, p, uu, alpha)
-            kl_pm = _xmul(p, log_p_m).sum(1)
-            reg = kl_pm / (1.0 - alpha) + _xmul(uu, log_u_m).sum(1) / alpha
-            aux = kl_pm
+            reg, aux, log_p_m = _skew_jensen(p, zs - logs, None if uniform else u, None if uniform else lu,
+                                             alpha, V, log_v)
         for k, v in (("nll", nll), ("reg", reg), ("lse", L), ("aux", aux)):
             out[k].append(v)
         if extras:

@@ -279,7 +279,7 @@ def _shape_only_user(u: fx.Node, n: fx.Node) -> bool:
     if _is(u, _SHAPE_ONLY) or (u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "dtype", "device")):
         return True
     if u.op == "call_function" and u.target in _SHAPE_READERS:
-        return all(a is not n for a in (u.args[0],))  # the statistics argument is never the logits
+        return u.args[0] is not n  # the logits may be a shape argument, never the statistics
     if _is(u, _VIEW_LIKE | _CASTS) and u.args[0] is n:
         return all(_shape_only_user(w, u) for w in u.users)
     return False
