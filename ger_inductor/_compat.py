@@ -34,6 +34,13 @@ def compile_fx(gm, example_inputs, *, inner_compile, config_patches, decompositi
     return _compile_fx(gm, example_inputs, **kwargs)
 
 
+def aot_eager(gm, example_inputs):
+    """AOTAutograd with eager kernels: the rewritten graph run without code generation."""
+    from torch._dynamo.backends.debugging import aot_eager as _aot_eager
+
+    return _aot_eager(gm, example_inputs)
+
+
 def compile_fx_inner(gm, example_inputs, **kwargs):
     from torch._inductor.compile_fx import compile_fx_inner as _inner
 

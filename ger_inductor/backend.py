@@ -19,7 +19,7 @@ from .options import GerOptions
 
 log = logging.getLogger("ger_inductor")
 
-__all__ = ["ger"]
+__all__ = ["ger", "rewrite"]
 
 
 def _mode_patches(mode: str | None) -> dict[str, Any]:
@@ -59,14 +59,8 @@ def ger(
     timer = debug.Timer()
     pristine = passes.snapshot_graph(gm.graph)
     try:
-        profile = fleet.select_profile(devices, settings.device_profile)
-        report.profile = profile.to_json_dict()
-        report.symbolic_inputs = shapes.symbolic_inputs(gm)
+        profile = _rewrite(gm, example_inputs, settings, report, dumper, devices)
         shape_patches, report.dynamic_shapes = shapes.inductor_patches(gm, example_inputs)
-
-        # nodes the user forces to eager (or devices without Inductor) are not rewritten
-        ctx = passes.PassContext(settings, profile, report, eager=fallback.plan_eager_nodes(gm, settings))
-        passes.run_pipeline(gm, ctx, dumper)
 
         config_patches = {
             **mode_patches,
@@ -79,6 +73,8 @@ def ger(
         inner = fallback.guarded_inner_compile(report, settings, dumper)
 
         def compile_region(region: fx.GraphModule, inputs: Sequence[Any]):
+            if settings.compiler == "aot_eager":
+                return _compat.aot_eager(region, list(inputs))
             return _compat.compile_fx(region, list(inputs), inner_compile=inner, config_patches=config_patches)
 
         eager_nodes = fallback.plan_eager_nodes(gm, settings)
@@ -106,6 +102,35 @@ def ger(
     dumper.finish()
     log.info(debug.summary_line(report))
     return compiled
+
+
+def _rewrite(gm, example_inputs, settings: GerOptions, report, dumper, devices) -> fleet.DeviceProfile:
+    profile = fleet.select_profile(devices, settings.device_profile)
+    report.profile = profile.to_json_dict()
+    report.symbolic_inputs = shapes.symbolic_inputs(gm)
+    # nodes the user forces to eager (or devices without Inductor) are not rewritten
+    ctx = passes.PassContext(settings, profile, report, eager=fallback.plan_eager_nodes(gm, settings))
+    passes.run_pipeline(gm, ctx, dumper)
+    return profile
+
+
+def rewrite(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | GerOptions | None = None,
+) -> tuple[fx.GraphModule, debug.GraphReport]:
+    """ger's pattern passes alone, on a Dynamo graph, in place: the rewritten graph and
+    the report of what matched, what was refused and why. No Inductor compile; the
+    backend runs exactly this before handing the graph to Inductor. ``strict`` re-raises
+    a pass's error (else its rewrites are dropped and the failure is in the report)."""
+    settings = GerOptions.parse(options)
+    from . import lowerings
+
+    lowerings.ensure_registered()
+    devices = fleet.devices_of(_example_values(gm, example_inputs))
+    report = debug.new_report(name=_graph_name(gm), devices=[str(d) for d in devices], options=settings.to_json_dict())
+    _rewrite(gm, example_inputs, settings, report, debug.GraphDumper(settings.dump_dir, report), devices)
+    return gm, report
 
 
 def _example_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:

@@ -18,6 +18,9 @@ PASS_FAMILIES: tuple[str, ...] = ("conv_bn_act", "loss_entropy", "lm_head")
 
 DUMP_DIR_ENV = "GER_DUMP_DIR"
 
+#: what compiles the rewritten graph: Inductor, or AOTAutograd running it eagerly
+COMPILERS: tuple[str, ...] = ("inductor", "aot_eager")
+
 
 def _fields_doc() -> dict[str, str]:
     return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(GerOptions)}
@@ -56,6 +59,11 @@ class GerOptions:
     lm_head_chunk: int | None = dataclasses.field(
         default=None,
         metadata={"doc": "rows per chunk of the fused lm-head loss (default: the device profile's choice)"},
+    )
+    compiler: str = dataclasses.field(
+        default="inductor",
+        metadata={"doc": "'inductor' (default), or 'aot_eager': ger's rewrites run by AOTAutograd without code "
+                         "generation (debugging, fuzzing)"},
     )
 
     # ------------------------------------------------------------------ parsing
@@ -105,6 +113,13 @@ class GerOptions:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ger option 'lm_head_chunk' must be a positive int (rows per chunk), got {v!r}")
             kw["lm_head_chunk"] = v
+        if "compiler" in options:
+            v = options["compiler"]
+            if not isinstance(v, str):
+                raise TypeError(f"ger option 'compiler' must be a str, got {type(v).__name__}")
+            if v not in COMPILERS:
+                raise ValueError(f"ger option 'compiler'={v!r} is not known; valid: {', '.join(COMPILERS)}")
+            kw["compiler"] = v
         return cls(**kw)
 
     # ------------------------------------------------------------------ helpers
@@ -120,6 +135,7 @@ class GerOptions:
             "device_profile": self.device_profile,
             "inductor_config": {k: repr(v) for k, v in sorted(self.inductor_config.items())},
             "lm_head_chunk": self.lm_head_chunk,
+            "compiler": self.compiler,
         }
 
     def cache_key(self) -> str:
