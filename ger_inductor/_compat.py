@@ -374,3 +374,19 @@ def is_traced_tensor(t) -> bool:
     from torch._subclasses.functional_tensor import FunctionalTensor
 
     return isinstance(t, (FakeTensor, FunctionalTensor)) or torch._is_functional_tensor(t)
+
+
+def storage_key(t) -> Any:
+    """A hashable key equal for tensors sharing storage (fake tensors included)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    if not isinstance(t, torch.Tensor):
+        return None
+    return StorageWeakRef(t.untyped_storage())
+
+
+def op_display_name(t) -> str:
+    """``torch.mul``, ``aten.add_.Tensor``, ``my_fn``: how a node's target is named in reports."""
+    from .options import op_name
+
+    return op_name(t)

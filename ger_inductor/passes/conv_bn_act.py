@@ -44,6 +44,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat, fleet, shapes
+from . import graph
 from ..ops import conv_bn as conv_bn_ops
 from ..options import op_name
 
@@ -202,7 +203,7 @@ def _bind(sig: inspect.Signature, node: fx.Node) -> dict[str, Any]:
 
 
 def _value(node: Any):
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return graph.val(node) if isinstance(node, fx.Node) else None
 
 
 def _ints(v: Any, n: int, what: str) -> tuple[int, ...]:
@@ -400,10 +401,7 @@ def _fake_run(fn, args: tuple, like: fx.Node, requires_grad: bool):
     return out
 
 
-def _copy_source_meta(new: fx.Node, old: fx.Node) -> None:
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
+_copy_source_meta = graph.copy_meta
 
 
 def _onednn_padding(c: Candidate) -> tuple[int, ...] | None:
@@ -508,6 +506,18 @@ def _replace(gm: fx.GraphModule, c: Candidate, new: fx.Node, keep_conv: bool = F
             gm.graph.erase_node(n)
 
 
+def _moved_reads_barrier(gm: fx.GraphModule, c: Candidate) -> fx.Node | None:
+    """The fused op runs at the batch norm's position: in eval the conv's reads (input,
+    weight, bias) move there, and the activation's read of the BN output moves up to
+    it. The node that forbids it (a write to one of them, a mode switch), or None."""
+    moved = [(c.bn, a) for a in c.bn.all_input_nodes if a is not c.conv]
+    if not c.bn_args["training"]:
+        moved += [(c.conv, a) for a in c.conv.all_input_nodes]
+    if c.act_node is not None:
+        moved += [(c.act_node, a) for a in c.act_node.all_input_nodes if a is not c.bn]
+    return graph.Effects(gm).first_barrier(moved, c.bn, ignore=c.nodes)
+
+
 def run(gm: fx.GraphModule, ctx) -> bool:
     """Rewrite every conv -> BN [-> activation] of ``gm``; record matches and near-misses."""
     strategy = fleet.strategy("conv_bn_act", ctx.profile)
@@ -528,6 +538,10 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             c = _candidate(conv, bn, ctx)
         except NearMiss as miss:
             ctx.near_miss(PATTERN_TRAIN if _training_flag(bn) is True else PATTERN_EVAL, bn, miss.reason)
+            continue
+        barrier = _moved_reads_barrier(gm, c)
+        if barrier is not None:
+            ctx.near_miss(PATTERN_TRAIN if c.bn_args["training"] else PATTERN_EVAL, bn, graph.moved_reads_reason(barrier))
             continue
         if c.bn_args["training"]:
             _rewrite_train(gm, c, ctx)

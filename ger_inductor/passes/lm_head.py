@@ -33,7 +33,10 @@ import torch.fx as fx
 from .. import fleet, lm_head, losses
 from ..shapes import known_equal
 from ..ops import ger_loss as _loss_op
-from .loss_entropy import _CASTS, _SHAPE_ONLY, _VIEWS, LOSS_FWD, _arg, _dtype, _is, _shape, _target_of, _val, mutates
+from . import graph
+from .graph import CASTS as _CASTS, SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS
+from .graph import arg as _arg, dtype as _dtype, is_op as _is, shape as _shape, target_of as _target_of, val as _val
+from .loss_entropy import LOSS_FWD
 
 FAMILY = "lm_head"
 GRAPH_FUNCTIONS = lm_head.GRAPH_FUNCTIONS
@@ -97,6 +100,13 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             continue
         plan = _plan(gm, src, ctx)
         if plan is None:
+            continue
+        # the fused op computes the head where the statistics were: the linear's reads
+        # of h, W and b move there
+        lin_out = plan.chain[0]
+        barrier = graph.Effects(gm).first_barrier([(lin_out, a) for a in lin_out.all_input_nodes], src)
+        if barrier is not None:
+            ctx.near_miss("linear+loss", src, graph.moved_reads_reason(barrier))
             continue
         _rewrite(gm, plan, ctx)
         changed = True
@@ -415,13 +425,6 @@ def _nonlinear(n: fx.Node, in_d: set) -> str | None:
 
 
 # ----------------------------------------------------------------------------- rewrite
-def _switches_mode(n: fx.Node) -> bool:
-    """A node run for its effect on global state (grad mode, autocast)."""
-    return n.op == "call_function" and not isinstance(n.target, str) and \
-        getattr(n.target, "__name__", "").startswith(("_set_grad_enabled", "_enter_autocast", "_exit_autocast",
-                                                       "set_grad_enabled"))
-
-
 def _stable_toposort(g: fx.Graph) -> None:
     """Order the nodes topologically, each as early as its original position and its
     inputs allow (Kahn's algorithm, ties broken by the original order)."""
@@ -465,14 +468,19 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     reorder = False
     if plan.mode == "in_forward":
         in_path = set(plan.path)
-        reads = [a for n in plan.path for a in n.all_input_nodes if a not in in_path and a is not src]
-        last = max(reads, key=lambda a: pos[a], default=None)
-        if last is not None and pos[last] > pos[src]:
-            between = [n for n in g.nodes if pos[src] < pos[n] <= pos[last]]
-            if any((mutates(n) and n not in in_path) or _switches_mode(n) for n in between):
-                plan.mode, plan.why = "recompute", "an in-place operation sits between the loss statistics and its inputs"
-            else:
-                reorder = True
+        reads = [(n, a) for n in plan.path for a in n.all_input_nodes if a not in in_path and a is not src]
+        last = max((a for _, a in reads), key=lambda a: pos[a], default=None)
+        effects = graph.Effects(gm)
+        barrier = effects.first_barrier(reads, src, ignore=in_path)
+        if barrier is None and last is not None and pos[last] > pos[src]:
+            # the op and the copy then run after ``last``: everything they read moves there
+            lin_out_reads = [(plan.chain[0], a) for a in plan.chain[0].all_input_nodes]
+            src_reads = [(src, a) for a in src.all_input_nodes]
+            barrier = effects.first_barrier(reads + lin_out_reads + src_reads, last.next, ignore=in_path)
+            reorder = barrier is None
+        if barrier is not None:
+            plan.mode, plan.why = "recompute", (f"{graph.describe(barrier)} writes what the copied loss code reads, or "
+                                                "switches modes, between the loss statistics and its inputs")
     h_head = plan.h  # the head's own input (the logits before a row selection are its rows)
     if plan.row_index is not None:
         with g.inserting_before(lin_out):
@@ -536,13 +544,13 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
             coefs = g.call_function(lm_head.stat_coefficients, (env[plan.exit], leaves))
             stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "coefs": coefs, "needs": plan.needs})
     src.replace_all_uses_with(stats)
-    stats.meta.update({k: v for k, v in src.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    graph.copy_meta(stats, src)
     g.erase_node(src)
     if plan.mode == "in_forward":
         L = plan.exit
         with g.inserting_after(L):
             new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias))
-        new_l.meta.update({k: v for k, v in L.meta.items() if k in ("example_value", "val", "stack_trace")})
+        graph.copy_meta(new_l, L, values=True)
         L.replace_all_uses_with(new_l, delete_user_cb=lambda u: u is not new_l)
     for n in reversed(plan.chain):
         if not n.users:

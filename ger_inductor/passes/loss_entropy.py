@@ -38,6 +38,10 @@ import torch
 import torch.fx as fx
 
 from .. import _compat, fleet, losses, shapes
+from . import graph
+# the graph layer's accessors and op tables, under this module's short names
+from .graph import CASTS as _CASTS, SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, mutates
+from .graph import arg as _arg, dtype as _dtype, is_op as _is, shape as _shape, target_of as _target_of, val as _val
 
 FAMILY = "loss_entropy"
 LOSS_FWD = (torch.ops.ger.loss_fwd, torch.ops.ger.loss_fwd.default)
@@ -245,49 +249,14 @@ _MUL = {operator.mul, torch.mul, "mul"}
 _ADD = {operator.add, torch.add, "add"}
 _SUB = {operator.sub, torch.sub, "sub"}
 _DIV = {operator.truediv, torch.div, torch.true_divide, "div", "true_divide"}
-_VIEWS = {"view", "reshape", "flatten", "contiguous", torch.reshape, torch.flatten}
-_CASTS = {"float", "to", "type", "double", "half", "bfloat16"}
 _CE = {torch.nn.functional.cross_entropy}
 _NLL = {torch.nn.functional.nll_loss}
 _KL = {torch.nn.functional.kl_div}
 _ONES_LIKE = {torch.ones_like, "new_ones"}
 _FULL_LIKE = {torch.full_like, "new_full"}
-_SHAPE_ONLY = {"size", "dim", "numel", torch.numel}
 
 if _compat.special_entr_c_function() is not None:  # Dynamo records torch.special.entr by its C name
     _ENTR.add(_compat.special_entr_c_function())
-
-
-def _target_of(node: fx.Node):
-    if node.op == "call_function":
-        return node.target
-    if node.op == "call_method":
-        return node.target
-    return None
-
-
-def _is(node, names) -> bool:
-    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and _target_of(node) in names
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _val(node) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
-
-
-def _shape(node) -> tuple | None:
-    v = _val(node)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _dtype(node):
-    v = _val(node)
-    return v.dtype if isinstance(v, torch.Tensor) else None
 
 
 def _static_classes(root: Root) -> int:
@@ -846,7 +815,7 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         groups.setdefault(_group_key(c.root), []).append(c)
     for root, group in groups.items():
         plan = _plan(ev, root, group, ctx)
-        if plan is not None and _hoist_operands(gm.graph, group, plan, ctx):
+        if plan is not None and _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
             changed = True
     return changed
@@ -942,13 +911,24 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
     return Plan(targets[0], ignore_index, alpha, extras, ce, smooth, vocab)
 
 
-def mutates(n: fx.Node) -> bool:
-    """``n`` writes into one of its inputs (an in-place method or operator, ``out=``)."""
-    t = _target_of(n)
-    name = t if isinstance(t, str) else getattr(t, "__name__", "")
-    return ((name.endswith("_") and not name.endswith("__"))
-            or t in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
-            or "out" in n.kwargs)
+def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], ctx) -> bool:
+    """The op reads the logits, targets and weights once, before the first statistic it
+    replaces; every statistic and intermediate it absorbs read them at its own position.
+    Refused (near-miss naming the node) when something between writes one of them
+    (through any alias) or switches modes: the statistics would differ from eager's."""
+    g = gm.graph
+    first = min((c.node for c in group), key=_order(g))
+    reads = []
+    for c in group:
+        closure = _vocab_closure(ev, c.operands) | {c.node}
+        for n in closure:
+            reads.extend((n, a) for a in n.all_input_nodes if a not in closure)
+    barrier = graph.Effects(gm).first_barrier(reads, first)
+    if barrier is None:
+        return True
+    for c in group:
+        ctx.near_miss("cross_entropy+entropy", c.node, graph.moved_reads_reason(barrier))
+    return False
 
 
 def _hoist_operands(g: fx.Graph, group: list[Candidate], plan: Plan, ctx) -> bool:
@@ -1035,7 +1015,7 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
                 new = g.call_function(losses.row_statistic, (stats, like, coefs, c.row.keepdim, plan.alpha, out_dtype))
                 if c.kind == "kl":
                     new = g.call_function(losses.kl_div_reduce, (new, like, c.kl_reduction, _dtype(c.node)))
-        new.meta.update({k: v for k, v in c.node.meta.items() if k in ("example_value", "val", "stack_trace", "nn_module_stack")})
+        graph.copy_meta(new, c.node, values=True)
         c.node.replace_all_uses_with(new)
         g.erase_node(c.node)
         ctx.match(
