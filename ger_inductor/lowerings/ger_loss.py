@@ -413,4 +413,14 @@ def _register() -> None:
         return r.pointwise(fn, ranges=[r.A, r.V, r.D], dtype=r.in_dtype)
 
 
+def _register_scaled_grad() -> None:
+    """``ger::scaled_grad``: a plain product (the kept tensors only pin saved inputs)."""
+    aten = torch.ops.aten
+
+    @_compat.register_lowering(torch.ops.ger.scaled_grad.default, type_promotion_kind=None)
+    def _lower(grad, g, keep):
+        return _compat.inductor_lowerings()[aten.mul.Tensor](grad, g)
+
+
 _register()
+_register_scaled_grad()

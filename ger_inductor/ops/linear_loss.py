@@ -489,6 +489,9 @@ def _grad_carrier_fake(h, weight, bias, grad_h, grad_w, grad_b):
 
 def _carrier_setup(ctx, inputs, output):
     h, weight, bias, grad_h, grad_w, grad_b = inputs
+    # saved (not needed: the gradients exist already) so that autograd's version counter
+    # raises eager's error when h or the weight is written between forward and backward
+    ctx.save_for_backward(h, weight)
     # held as attributes, not saved tensors: the eager backward scales them in place (no
     # second V x H buffer) and so consumes them; detached, so no reference cycle
     ctx.grads = [grad_h.detach(), grad_w.detach(), grad_b.detach()]
@@ -502,6 +505,7 @@ def _carrier_backward(ctx, g):
             "ger's fused lm-head loss formed its gradients in the forward and its backward consumed them: "
             "a second backward through it (retain_graph=True) is not supported; call the loss again"
         )
+    h, weight = ctx.saved_tensors  # the version check
     traced = any(_compat.is_traced_tensor(t) for t in (*grads, g))
     if not traced:
         ctx.grads = None
@@ -509,11 +513,24 @@ def _carrier_backward(ctx, g):
     def scaled(gr: Tensor, i: int):
         if not ctx.needs_input_grad[i] or gr.numel() == 0:
             return None
-        # in place when running eagerly; a compiled backward reuses the saved buffer itself
-        return gr * g.to(gr.dtype) if traced else gr.mul_(g.to(gr.dtype))
+        # in place when running eagerly; a compiled backward reuses the saved buffer itself,
+        # and reads h and the weight (so it saves them, and checks their versions)
+        return scaled_grad(gr, g.to(gr.dtype), [h, weight]) if traced else gr.mul_(g.to(gr.dtype))
 
     gh, gw, gb = grads
     return scaled(gh, 0), scaled(gw, 1), scaled(gb, 2) if ctx.has_bias else None, None, None, None
 
 
 grad_carrier.register_autograd(_carrier_backward, setup_context=_carrier_setup)
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::scaled_grad", mutates_args=())
+def scaled_grad(grad: Tensor, g: Tensor, keep: list[Tensor]) -> Tensor:
+    """``grad * g``; ``keep`` (unused) makes a compiled backward save those tensors, so
+    autograd checks that they were not written after the forward, as eager does."""
+    return grad * g
+
+
+@scaled_grad.register_fake
+def _scaled_grad_fake(grad, g, keep):
+    return torch.empty_like(grad)

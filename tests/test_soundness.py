@@ -1,0 +1,387 @@
+"""Rewrites never change a number: in-place writes and aliasing between the reads a
+rewrite would move (every family), checked against eager, with the near-miss that
+names the writing node, and a control without the write that IS rewritten (so each
+test fails if the refusal were missing or too broad)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ger_inductor
+from ger_inductor.passes import graph
+
+N, V = 16, 40
+AOT = {"strict": True, "compiler": "aot_eager"}
+
+
+def _lv(seed=0, n=N, v=V):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g) * 2, torch.randint(0, v, (n,), generator=g)
+
+
+def _entropy(q):
+    p = q.softmax(-1)
+    return -(p * q.log_softmax(-1)).sum(-1).mean()
+
+
+def _matches(family: str) -> int:
+    rep = ger_inductor.last_report()
+    return sum(len(p.matches) for p in rep.passes if p.name == family)
+
+
+def _near_misses(family: str) -> list[str]:
+    rep = ger_inductor.last_report()
+    return [m.reason for p in rep.passes if p.name == family for m in p.near_misses]
+
+
+# ----------------------------------------------------------------------------- loss family
+def _ce_then_write(write):
+    def f(q, y):
+        ce = F.cross_entropy(q, y)
+        write(q, y)
+        return ce - 0.1 * _entropy(q)
+    return f
+
+
+def _masked(q, y):
+    q.masked_fill_(q > 1.0, -3.0)
+
+
+def _index_put(q, y):
+    q[torch.arange(q.shape[0]), y] = 0.5
+
+
+def _through_view(q, y):
+    q.view(-1)[::7].mul_(2.0)
+
+
+def _copy(q, y):
+    q.copy_(q.flip(0))
+
+
+LOSS_WRITES = {
+    "mul_": lambda q, y: q.mul_(3.0),
+    "masked_fill_": _masked,
+    "div_": lambda q, y: q.div_(1.7),
+    "index_put": _index_put,
+    "write_through_view": _through_view,
+    "copy_": _copy,
+}
+
+
+@pytest.mark.parametrize("name", list(LOSS_WRITES))
+def test_loss_write_between_statistics_no_grad(name):
+    fn = _ce_then_write(LOSS_WRITES[name])
+    q, y = _lv()
+    with torch.no_grad():
+        ref = fn(q.clone(), y)
+        out = torch.compile(fn, backend="ger", options=AOT)(q.clone(), y)
+    torch.testing.assert_close(out, ref)
+    assert _matches("loss_entropy") == 0
+    assert any("writes a tensor the rewrite would read" in r for r in _near_misses("loss_entropy")), _near_misses("loss_entropy")
+
+
+def test_loss_write_before_all_statistics_is_rewritten():
+    """Control: the same write before every statistic moves nothing across it."""
+    def fn(q, y):
+        q.mul_(3.0)
+        return F.cross_entropy(q, y) - 0.1 * _entropy(q)
+
+    q, y = _lv()
+    with torch.no_grad():
+        ref = fn(q.clone(), y)
+        out = torch.compile(fn, backend="ger", options=AOT)(q.clone(), y)
+    torch.testing.assert_close(out, ref)
+    assert _matches("loss_entropy") == 2
+
+
+def test_loss_write_to_unrelated_tensor_is_rewritten():
+    """Control: a write to a tensor the statistics do not read does not refuse."""
+    def fn(q, y, other):
+        ce = F.cross_entropy(q, y)
+        other.mul_(2.0)
+        return ce - 0.1 * _entropy(q) + other.sum()
+
+    q, y = _lv()
+    other = torch.randn(5)
+    with torch.no_grad():
+        ref = fn(q.clone(), y, other.clone())
+        out = torch.compile(fn, backend="ger", options=AOT)(q.clone(), y, other.clone())
+    torch.testing.assert_close(out, ref)
+    assert _matches("loss_entropy") == 2
+
+
+def test_loss_write_with_grad():
+    def fn(x, y):
+        q = x * 1.5
+        ce = F.cross_entropy(q, y)
+        q.mul_(3.0)
+        return ce - 0.1 * _entropy(q)
+
+    x, y = _lv()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = fn(x1, y)
+    ref.backward()
+    out = torch.compile(fn, backend="ger", options=AOT)(x2, y)
+    out.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    assert _matches("loss_entropy") == 0
+    assert ger_inductor.last_report().fallbacks == []
+
+
+def test_target_written_between_statistics():
+    def fn(q, y):
+        h = _entropy(q)
+        y.clamp_(max=3)
+        return F.cross_entropy(q, y) - 0.1 * h
+
+    q, y = _lv()
+    with torch.no_grad():
+        ref = fn(q.clone(), y.clone())
+        out = torch.compile(fn, backend="ger", options=AOT)(q.clone(), y.clone())
+    torch.testing.assert_close(out, ref)
+    assert _matches("loss_entropy") == 0
+
+
+def test_loss_write_under_real_inductor():
+    """The default compiler too (one small code generation)."""
+    fn = _ce_then_write(LOSS_WRITES["mul_"])
+    q, y = _lv()
+    with torch.no_grad():
+        ref = fn(q.clone(), y)
+        out = torch.compile(fn, backend="ger", options={"strict": True})(q.clone(), y)
+    torch.testing.assert_close(out, ref)
+    assert _matches("loss_entropy") == 0
+
+
+# ----------------------------------------------------------------------------- conv -> BN
+class ConvBNWrite(nn.Module):
+    def __init__(self, write: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.write = write
+
+    def forward(self, x):
+        x = x * 1.0
+        y = self.conv(x)
+        if self.write:
+            x.mul_(0.5)
+        return torch.relu(self.bn(y)) + x
+
+
+def _bn_stats(m):
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    return m
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_conv_input_written_before_bn(write):
+    torch.manual_seed(0)
+    m = _bn_stats(ConvBNWrite(write)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = m(x.clone())
+        out = torch.compile(m, backend="ger", options=AOT)(x.clone())
+    torch.testing.assert_close(out, ref)
+    assert _matches("conv_bn_act") == (0 if write else 1)
+    if write:
+        assert any("mul_" in r for r in _near_misses("conv_bn_act"))
+
+
+def test_conv_input_written_with_grad():
+    """Eager's forward is a number and its backward raises autograd's error (the conv
+    saved x). ger leaves the conv alone; tracing the joint graph meets the same error,
+    so the graph falls back to eager (strict re-raises it): eager's forward, eager's
+    error."""
+    torch.manual_seed(0)
+    m = _bn_stats(ConvBNWrite(True)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    x1, x2 = (x.clone().requires_grad_() for _ in range(2))
+    ref = m(x1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ref.sum().backward()
+    out = torch.compile(m, backend="ger", options={"compiler": "aot_eager"})(x2)
+    assert _matches("conv_bn_act") == 0
+    torch.testing.assert_close(out, ref.detach())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    with pytest.raises(Exception, match="modified by an inplace operation"):
+        torch._dynamo.reset()
+        torch.compile(m, backend="ger", options=AOT)(x.clone().requires_grad_())
+
+
+def test_conv_weight_written_before_bn():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            self.conv.weight.mul_(0.5)
+            return torch.relu(self.bn(y))
+
+    torch.manual_seed(0)
+    m1 = _bn_stats(M()).eval()
+    m2 = _bn_stats(M()).eval()
+    m2.load_state_dict(m1.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = m1(x)
+        out = torch.compile(m2, backend="ger", options=AOT)(x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(m2.conv.weight, m1.conv.weight)
+    assert _matches("conv_bn_act") == 0
+
+
+def test_conv_under_grad_mode_switch_not_moved():
+    """The conv computed under no_grad, its BN outside: the fold would move it across."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            with torch.no_grad():
+                y = self.conv(x)
+            return self.bn(y)
+
+    torch.manual_seed(0)
+    m = _bn_stats(M()).eval()
+    x = torch.randn(2, 4, 8, 8)
+    ref = m(x)
+    out = torch.compile(m, backend="ger", options=AOT)(x)
+    torch.testing.assert_close(out, ref)
+    assert out.requires_grad == ref.requires_grad
+    out.sum().backward()
+    ref.sum().backward()
+
+
+# ----------------------------------------------------------------------------- lm head
+H, VH = 16, 64
+
+
+def _head_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(12, H, generator=g), torch.randn(VH, H, generator=g) * 0.3, torch.randint(0, VH, (12,), generator=g)
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_head_input_written_before_loss(write):
+    def fn(h, w, y):
+        h = h * 1.0
+        z = F.linear(h, w)
+        if write:
+            h.mul_(2.0)
+        return F.cross_entropy(z, y, label_smoothing=0.1) + h.sum() * 1e-3
+
+    h, w, y = _head_inputs()
+    opts = {**AOT, "lm_head_chunk": 5}
+    with torch.no_grad():
+        ref = fn(h, w, y)
+        out = torch.compile(fn, backend="ger", options=opts)(h, w, y)
+    torch.testing.assert_close(out, ref)
+    assert _matches("lm_head") == (0 if write else 1)
+    if write:
+        assert any("mul_" in r for r in _near_misses("lm_head"))
+
+
+def test_head_input_written_with_grad_is_refused():
+    """With a gradient eager's backward raises (linear saved h); ger never fuses across
+    the write, so the compiled graph is the unrewritten one."""
+    def fn(h, w, y):
+        h = h * 1.0
+        z = F.linear(h, w)
+        h.mul_(2.0)
+        return F.cross_entropy(z, y)
+
+    h, w, y = _head_inputs()
+    w1 = w.clone().requires_grad_()
+    ref = fn(h, w1, y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ref.backward()
+    out = torch.compile(fn, backend="ger", options={"compiler": "aot_eager", "lm_head_chunk": 5})(h, w.clone().requires_grad_(), y)
+    torch.testing.assert_close(out, ref.detach())
+    assert _matches("lm_head") == 0
+
+
+def test_head_weight_changed_between_forward_and_backward():
+    """Eager raises autograd's version-counter error; so must the fused head."""
+    def fn(h, w, y):
+        return F.cross_entropy(F.linear(h, w), y)
+
+    h, w, y = _head_inputs()
+    for compiled in (False, True):
+        wl = w.clone().requires_grad_()
+        w_used = wl * 1.0  # a non-leaf, so it may be written in place
+        f = torch.compile(fn, backend="ger", options={**AOT, "lm_head_chunk": 5}) if compiled else fn
+        loss = f(h.clone().requires_grad_(), w_used, y)
+        with torch.no_grad():
+            w_used.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    assert _matches("lm_head") == 1
+
+
+# ----------------------------------------------------------------------------- the layer itself
+def _dynamo_graph(fn, *args):
+    got = []
+
+    def capture(gm, example_inputs):
+        got.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=capture)(*args)
+    return got[0]
+
+
+def test_effects_follow_views_and_classify_writes():
+    def fn(x, w, rm, rv):
+        v = x.view(-1)
+        t = x.T
+        a = x.relu()
+        v.mul_(2)  # writes x through a view
+        t.add_(1)  # writes x through .T
+        F.relu(a, inplace=True)  # writes a only
+        b = F.batch_norm(a, rm, rv, training=True)  # writes rm, rv
+        torch.add(a, 1, out=a)
+        return b + w
+
+    gm = _dynamo_graph(fn, torch.randn(3, 3), torch.randn(3), torch.zeros(3), torch.ones(3))
+    eff = graph.Effects(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    ph = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    x, w, rm, rv = (ph[f"l_{k}_"] for k in ("x", "w", "rm", "rv"))
+    writers = {n.name for n in eff.writers_of(x)}
+    assert {"mul_", "add_"} <= writers and not any(n in writers for n in ("relu", "a"))
+    assert {n.name for n in eff.writers_of(rm)} == {"b"}
+    assert not eff.writers_of(w)
+    relu = next(n for n in gm.graph.nodes if n.name in ("a", "relu"))
+    assert len(eff.writers_of(relu)) == 2  # F.relu(inplace=True) and out=
+    # reads moved across the write of x are refused, reads of w are not
+    last = list(gm.graph.nodes)[-1]
+    first = nodes.get("v") or next(iter(gm.graph.nodes))
+    assert eff.first_barrier([(first, x)], last) is not None
+    assert eff.first_barrier([(first, w)], last) is None
+
+
+def test_unknown_calls_are_writes():
+    def opaque(t):
+        return t
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(opaque, (x,))
+    g.output(y)
+    gm = torch.fx.GraphModule({}, g)
+    eff = graph.Effects(gm)
+    assert graph.mutates(y) and eff.writers_of(x) == [y]
