@@ -63,6 +63,46 @@ def dtype(node):
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 
+def op_args(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a call by parameter name: from the op's schema (``ger::`` and
+    ATen ops) or the Python function's signature (the helpers passes insert), defaults
+    filled in - so no pass reads ``args[7]``."""
+    t = node.target.default if _compat.is_op_packet(node.target) else node.target
+    if _compat.is_op_overload(t):
+        names = [a.name for a in t._schema.arguments]
+        out = {a.name: a.default_value for a in t._schema.arguments if a.has_default_value()}
+        out.update(zip(names, node.args))
+        out.update(node.kwargs)
+        return out
+    import inspect
+
+    bound = inspect.signature(t).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def set_op_arg(node: fx.Node, name: str, value: Any) -> bool:
+    """Set one argument of a call by parameter name; True when it changed."""
+    t = node.target.default if _compat.is_op_packet(node.target) else node.target
+    names = [a.name for a in t._schema.arguments] if _compat.is_op_overload(t) else None
+    if names is None:
+        import inspect
+
+        names = list(inspect.signature(t).parameters)
+    i = names.index(name)
+    if i < len(node.args):
+        if node.args[i] is value or node.args[i] == value:
+            return False
+        args = list(node.args)
+        args[i] = value
+        node.args = tuple(args)
+        return True
+    if node.kwargs.get(name, object()) == value:
+        return False
+    node.kwargs = {**node.kwargs, name: value}
+    return True
+
+
 #: the meta keys that describe where a node came from (kept on inserted nodes)
 SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 

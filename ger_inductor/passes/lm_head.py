@@ -123,15 +123,16 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
     shp = _shape(logits)
     if shp is None:
         return None
+    a = graph.op_args(src)
+    target, alpha, ignore_index, extras = a["target"], a["alpha"], a["ignore_index"], a["extras"]
     if src.target is losses.row_stats:
         kind = "row_stats"
-        target, alpha, ignore_index, extras = src.args[1], src.args[2], src.args[3], src.args[4]
-        class_dim = src.kwargs.get("class_dim", -1) % len(shp)
-        smooth_eps, smooth_weight, base = src.kwargs.get("smooth_eps"), src.kwargs.get("smooth_weight"), None
+        class_dim = a["class_dim"] % len(shp)
+        smooth_eps, smooth_weight, base = a["smooth_eps"], a["smooth_weight"], None
         classes_last = class_dim == len(shp) - 1
     else:
         kind = "loss_fwd"
-        target, base, _log_base, alpha, ignore_index, extras = src.args[1:7]
+        base = a["base"]
         smooth_eps = smooth_weight = None
         classes_last = len(shp) == 3 and known_equal(shp[2], 1)
     # walk up: views keeping the classes last, upcasts; the loss's input may move the

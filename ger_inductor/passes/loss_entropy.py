@@ -832,11 +832,7 @@ def _set_strategy_of_existing_ops(gm: fx.GraphModule, ctx) -> bool:
         if n.op == "call_function" and n.target in LOSS_FWD:
             V = (_shape(n.args[0]) or (None, None))[1]
             chunk = fleet.loss_chunk(torch.device(ctx.profile.device_type), V if isinstance(V, int) else None, profile=ctx.profile)
-            args = list(n.args)
-            if len(args) >= 8 and args[7] != chunk:
-                args[7] = chunk
-                n.args = tuple(args)
-                changed = True
+            changed |= graph.set_op_arg(n, "chunk", chunk)
             ctx.strategy(**{k: v for k, v in fleet.strategy(FAMILY, ctx.profile).items() if k != "why"})
     return changed
 
