@@ -8,7 +8,8 @@ A pass that raises has its changes dropped (the graph is restored from a copy) a
 the failure recorded; ``strict`` re-raises.
 
 :class:`GerPostGradPass` is the ``CustomGraphPass`` ger installs in Inductor's
-post-grad hook: it dumps the ATen graphs Inductor lowers, and its ``uuid()`` - a hash
+post-grad hook: it runs the named :data:`POST_GRAD_PASSES` (dynamic-shape
+convolution backward kept as ATen's kernel), dumps the ATen graphs Inductor lowers, and its ``uuid()`` - a hash
 of ger's codegen-relevant sources, the options and the device profile - keys
 Inductor's FX graph and AOTAutograd caches, so an edit to a lowering never serves
 stale code and equal options hit the cache.
@@ -208,6 +209,11 @@ def _sources_hash() -> str:
     return _compat.get_hash_for_files(codegen_source_files()).hex()
 
 
+#: passes on Inductor's post-grad ATen graphs, in order: (name, fn(graph) -> changed)
+POST_GRAD_PASSES = (("convolution_backward", shapes.keep_conv_backward_symbolic),)
+POST_GRAD_WHY = {"convolution_backward": shapes.CONV_BACKWARD_WHY}
+
+
 def make_post_grad_pass(options: GerOptions, profile: DeviceProfile, dumper: GraphDumper):
     base = _compat.custom_graph_pass_base()
 
@@ -218,8 +224,9 @@ def make_post_grad_pass(options: GerOptions, profile: DeviceProfile, dumper: Gra
             self.count = 0
 
         def __call__(self, graph: fx.Graph) -> None:
-            if shapes.keep_conv_backward_symbolic(graph):
-                dumper.report.dynamic_shapes["convolution_backward"] = shapes.CONV_BACKWARD_WHY
+            for name, fn in POST_GRAD_PASSES:
+                if fn(graph):
+                    dumper.report.dynamic_shapes[name] = POST_GRAD_WHY[name]
             if dumper.enabled:
                 dumper._write(f"post_grad_{self.count}.py", str(graph))
             self.count += 1
