@@ -260,40 +260,17 @@ def ger_loss_vocab_parallel(
         vocab_start, vocab_size = dt_start, dt_size
     if hasattr(target, "full_tensor"):  # a replicated DTensor target
         target = target.full_tensor()
-    # ---- arguments, as ger_loss checks them
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{_NAME}: logits and target must be tensors")
-    if logits.dtype not in _losses.LOGIT_DTYPES:
-        raise TypeError(f"{_NAME}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"{_NAME}: target must hold class indices (an integer tensor), got {target.dtype}")
-    if target.device != logits.device:
-        raise ValueError(f"{_NAME}: target is on {target.device} but logits are on {logits.device}")
-    if reduction not in _losses.REDUCTIONS:
-        raise ValueError(f"{_NAME}: reduction must be one of {_losses.REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_NAME}: ignore_index must be an int")
     if logits.dim() == 0 or tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"{_NAME}: logits must have the classes in the LAST dimension and target the other dimensions: "
             f"got logits {list(logits.shape)}, target {list(target.shape)} (expected {list(logits.shape[:-1])})"
         )
-    if label_smoothing is not None:
-        if alpha is not None or beta is not None:
-            raise ValueError(f"{_NAME}: pass either label_smoothing or (alpha, beta), not both")
-        eps = _losses._check_number("label_smoothing", label_smoothing, 0.0, 1.0)
-        alpha_f = 1.0
-    else:
-        if alpha is None or beta is None:
-            raise TypeError(f"{_NAME}: alpha and beta are required (or pass label_smoothing)")
-        alpha_f = _losses._check_number("alpha", alpha, 0.0, 1.0)
-        eps = None
-        if isinstance(beta, Tensor):
-            if beta.dim() != 0 or not beta.is_floating_point():
-                raise ValueError(f"{_NAME}: a tensor beta must be a 0-d floating tensor")
-            _losses._runtime_check(beta >= 0, f"{_NAME}: beta must be >= 0")
-        else:
-            beta = _losses._check_number("beta", beta, 0.0, None)
+
+    loss_args = dict(alpha=alpha, beta=beta, ignore_index=ignore_index, reduction=reduction,
+                     label_smoothing=label_smoothing, who=_NAME)
+    _losses.loss_params(logits, target, base=None, weight=None, V=logits.shape[-1], **loss_args)  # before any rank talks
 
     # ---- the shard's place in the vocabulary
     if (vocab_start is None) != (vocab_size is None):
@@ -313,20 +290,10 @@ def ger_loss_vocab_parallel(
             f"{_NAME}: this rank's shard [{vocab_start}, {vocab_start + Vr}) does not lie in the vocabulary [0, {V})"
         )
     cdt = _op.compute_dtype(logits.dtype)
-    for name, t in (("weight", weight), ("base", base)):
-        if t is not None:
-            _losses._check_distribution(name, t, V, logits)
-    if base is not None:
-        _losses._runtime_check((base >= 0).all(), f"{_NAME}: base must be a distribution: found a negative entry")
-        _losses._runtime_check(
-            (base.to(torch.float64).sum() - 1).abs() <= _losses.BASE_SUM_TOL,
-            f"{_NAME}: base must sum to 1 (within {_losses.BASE_SUM_TOL})",
-        )
-        if alpha_f == 0.0:
-            _losses._runtime_check((base > 0).all(), f"{_NAME}: alpha=0 needs a base with no zero entry")
-
-    # ---- the base on this shard (full-vocabulary u: what ger_loss compares with)
-    u_full, smooth_scale, smooth_const = _losses._smoothing_target(eps, weight, base, V, cdt)
+    # ---- every other argument exactly as ger_loss checks it (full-vocabulary weight/base)
+    params = _losses.loss_params(logits, target, base=base, weight=weight, V=V, **loss_args)
+    alpha_f, beta, eps = params.alpha, params.beta, params.eps
+    u_full, smooth_scale, smooth_const = params.u, params.smooth_scale, params.smooth_const
     uniform = u_full is None
     if uniform:
         u = torch.full((Vr,), 1.0 / V, dtype=cdt, device=logits.device)

@@ -28,6 +28,16 @@ FOUND = {
                                             write="clamp_target", write_at=0, act="relu_inplace", seed=296),
     "neg_inf_plogp_twice": fz.Program(context="no_grad", n=4, v=5, bad_logit="-inf", terms=("entropy_plogp", "ce_weighted", "entropy_plogp"),
                                       write="clamp_target", write_at=0, act="relu_inplace", seed=296),
+    # the logits written after the loss, with grad: the fused op saved them, eager's softmax
+    # saved its output (ger raised autograd's version error under strict; eager ran)
+    "logits_written_after_loss": fz.Program(context="grad", n=6, v=5, ignore=True, terms=("entropy_prod", "target_logp"),
+                                            write="masked_fill_", write_at=2, act="relu_inplace", seed=108),
+    "head_output_copied_after_loss_autocast": fz.Program(context="autocast", n=5, v=33, terms=("ce_ls",), write="copy_",
+                                                         write_at=1, logits_from="linear", conv="train", act="hardtanh",
+                                                         conv_write="running_mean", seed=506),
+    # -inf logit, weighted CE beside p * log_softmax (eager: nan; ger gave inf)
+    "neg_inf_weighted_prod": fz.Program(context="grad", n=3, v=33, bad_logit="-inf", terms=("entropy_prod", "ce_weighted", "zloss"),
+                                        write="masked_fill_", write_at=0, act="silu", dynamic=True, seed=0),
 }
 
 

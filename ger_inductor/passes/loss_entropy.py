@@ -919,11 +919,24 @@ def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], c
         closure = _vocab_closure(ev, c.operands) | {c.node}
         for n in closure:
             reads.extend((n, a) for a in n.all_input_nodes if a not in closure)
-    barrier = graph.Effects(gm).first_barrier(reads, first)
-    if barrier is None:
+    effects = graph.Effects(gm)
+    barrier = effects.first_barrier(reads, first)
+    reason = graph.moved_reads_reason(barrier) if barrier is not None else None
+    logits = group[0].root.base
+    lv = _val(logits)
+    if reason is None and isinstance(lv, torch.Tensor) and lv.requires_grad:
+        # the op saves the logits for its backward, where eager's softmax / log_softmax
+        # saved their outputs: a later write to the logits would raise autograd's
+        # version error in ger only
+        pos = effects.order
+        later = [m for m in effects.writers_of(logits) if pos[m] > pos[first]]
+        if later:
+            reason = (f"{graph.describe(later[0])} writes the logits after the loss: the fused op saves them for "
+                      "its backward (eager saves only the softmax outputs), so autograd would raise where eager runs")
+    if reason is None:
         return True
     for c in group:
-        ctx.near_miss("cross_entropy+entropy", c.node, graph.moved_reads_reason(barrier))
+        ctx.near_miss("cross_entropy+entropy", c.node, reason)
     return False
 
 
