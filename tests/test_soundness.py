@@ -385,3 +385,53 @@ def test_unknown_calls_are_writes():
     gm = torch.fx.GraphModule({}, g)
     eff = graph.Effects(gm)
     assert graph.mutates(y) and eff.writers_of(x) == [y]
+
+
+# ----------------------------------------------------------------------------- autocast
+class ConvBNAutocast(nn.Module):
+    def __init__(self, inside: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.inside = inside
+
+    def forward(self, x):
+        if self.inside:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return torch.relu(self.bn(self.conv(x)))
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def _autocast_case(inside: bool, train: bool, grad: bool, compiler: str):
+    import contextlib
+
+    torch.manual_seed(0)
+    m = _bn_stats(ConvBNAutocast(inside)).train(train)
+    m2 = _bn_stats(ConvBNAutocast(inside)).train(train)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    outer = contextlib.nullcontext() if inside else torch.autocast("cpu", dtype=torch.bfloat16)
+    with (torch.enable_grad() if grad else torch.no_grad()), outer:
+        ref = m(x)
+        out = torch.compile(m2, backend="ger", options={"strict": True, "compiler": compiler})(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v)
+    if grad:
+        out.float().sum().backward()
+        ref.float().sum().backward()
+        for (k, a), b in zip(m.named_parameters(), m2.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=5e-2, msg=k)
+    assert _matches("conv_bn_act") == 1
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["autocast_outside", "autocast_in_graph"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_conv_bn_under_cpu_autocast(inside, train, grad):
+    _autocast_case(inside, train, grad, "aot_eager")
+
+
+def test_conv_bn_under_cpu_autocast_inductor():
+    _autocast_case(True, False, False, "inductor")

@@ -217,6 +217,10 @@ def conv_bn_act_eval(
     the framework's convolution.
     """
     conv = _CONV_FNS[(conv_weight.dim() - 2, transposed)]
+    if x.dtype != dtype:
+        # the conv ran under autocast (its output dtype differs from its input's): cast
+        # as autocast does, so the op gives eager's dtype with or without autocast active
+        x = x.to(dtype)
 
     def run_conv(w, b):
         if transposed:
@@ -231,7 +235,7 @@ def conv_bn_act_eval(
             return onednn_conv_act(x, w, b, list(padding), list(stride), list(dilation), groups, act, act_min, act_max)
         y = run_conv(w, b)
     elif fold_into == "output":
-        y = run_conv(conv_weight, conv_bias)
+        y = run_conv(conv_weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype))
         cd = compute_dtype(y.dtype)
         scale, shift = bn_eval_scale_shift(None, running_mean, running_var, bn_weight, bn_bias, eps, cd)
         y = (y.to(cd) * _channel_view(scale, y.dim()) + _channel_view(shift, y.dim())).to(y.dtype)
