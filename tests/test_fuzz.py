@@ -77,6 +77,7 @@ def test_fuzzer_detects_a_wrong_rewrite(monkeypatch):
 def test_random_programs(p):
     why = fz.check(p)
     if why is not None and p.bad_logit is not None and ": errors differ" not in why:
-        # the open class: NaN/inf semantics of -inf / NaN logits in the fused loss (issue 13)
-        pytest.xfail(f"known open: non-finite logits ({why})")
+        # the open class: NaN/inf semantics of -inf / NaN logits in the fused loss (issue 13);
+        # rejected so the other programs still run (the OPEN regressions above track it)
+        hypothesis.reject()
     assert why is None, f"{p!r}: {why}"
