@@ -297,6 +297,32 @@ def detect_fake_mode(inputs=None):
     return _d(inputs)
 
 
+def fake_mode_of(values):
+    """The fake mode the fake tensors among ``values`` belong to (None if there are none).
+
+    Not ``detect_fake_mode``: in a backend that returns the TracingContext's mode, which
+    Dynamo creates afresh for the backend, while ``meta["example_value"]`` holds tensors
+    of the mode Dynamo traced with; running ops on those under the other raises
+    "Mixing fake modes"."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for v in values:
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def functorch_layer_depth() -> int:
+    """Depth of functorch's dynamic layer stack (torch.func transform levels)."""
+    return torch._C._functorch.get_dynamic_layer_stack_depth()
+
+
+def restore_functorch_layer_depth(depth: int) -> None:
+    """Pop transform levels a failed trace pushed and never popped (Dynamo's frames do
+    the same after user code raises): else Dynamo's guards see a foreign functorch state."""
+    torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+
+
 def capability_partitioner():
     from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
     from torch.fx.passes.operator_support import OperatorSupportBase
@@ -390,3 +416,20 @@ def op_display_name(t) -> str:
     from .options import op_name
 
     return op_name(t)
+
+
+def functorch_transformed(*tensors) -> bool:
+    """Whether any of ``tensors`` is wrapped by a torch.func transform (grad, vmap, jvp,
+    jacrev, ...) or carries a forward-AD tangent: custom ops' autograd formulas do not
+    compose with those (grad raises, jvp drops the tangent)."""
+    from torch.autograd import forward_ad
+
+    fc = torch._C._functorch
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if fc.is_functorch_wrapped_tensor(t) or fc.is_batchedtensor(t):
+            return True
+        if forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False

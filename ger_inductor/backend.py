@@ -58,6 +58,7 @@ def ger(
     dumper = debug.GraphDumper(settings.dump_dir, report)
     timer = debug.Timer()
     pristine = passes.snapshot_graph(gm.graph)
+    functorch_depth = _compat.functorch_layer_depth()
     try:
         profile = _rewrite(gm, example_inputs, settings, report, dumper, devices)
         shape_patches, report.dynamic_shapes = shapes.inductor_patches(gm, example_inputs)
@@ -78,7 +79,17 @@ def ger(
             return _compat.compile_fx(region, list(inputs), inner_compile=inner, config_patches=config_patches)
 
         eager_nodes = fallback.plan_eager_nodes(gm, settings)
-        if eager_nodes:
+        transform = fallback.functorch_node(gm) if eager_nodes else None
+        if transform is not None:
+            # a torch.func transform's levels span the whole graph: it cannot be cut
+            # into regions compiled one by one, and the eager nodes must stay eager
+            report.add_fallback(
+                "functorch", "the graph holds torch.func transforms and nodes that must run eagerly; "
+                "it cannot be cut into regions, so the whole graph runs eagerly", node=transform.name,
+            )
+            report.eager_nodes = [f"{n.name} ({reason})" for n, reason in eager_nodes.items()]
+            compiled = gm.forward
+        elif eager_nodes:
             compiled: Callable[..., Any] = fallback.split_into_regions(
                 gm, eager_nodes, compile_region, report, settings, dumper
             )
@@ -89,9 +100,12 @@ def ger(
         # Dynamo traces the frame again (e.g. with dynamic=True, after specialising float
         # hyper-parameters it first passed as symbols): not a failure, and this attempt's
         # report describes a graph that is thrown away
+        _compat.restore_functorch_layer_depth(functorch_depth)
         debug.drop_report(report)
         raise
     except Exception as e:
+        # a trace that failed inside a torch.func transform leaves its levels pushed
+        _compat.restore_functorch_layer_depth(functorch_depth)
         if settings.strict:
             raise
         gm.graph = pristine
@@ -108,6 +122,10 @@ def _rewrite(gm, example_inputs, settings: GerOptions, report, dumper, devices) 
     profile = fleet.select_profile(devices, settings.device_profile)
     report.profile = profile.to_json_dict()
     report.symbolic_inputs = shapes.symbolic_inputs(gm)
+    transform = fallback.functorch_node(gm)
+    if transform is not None:
+        report.add_fallback("functorch", fallback.FUNCTORCH_WHY.format(op=transform.name), node=transform.name)
+        return profile
     # nodes the user forces to eager (or devices without Inductor) are not rewritten
     ctx = passes.PassContext(settings, profile, report, eager=fallback.plan_eager_nodes(gm, settings))
     passes.run_pipeline(gm, ctx, dumper)
@@ -128,7 +146,9 @@ def rewrite(
 
     lowerings.ensure_registered()
     devices = fleet.devices_of(_example_values(gm, example_inputs))
-    report = debug.new_report(name=_graph_name(gm), devices=[str(d) for d in devices], options=settings.to_json_dict())
+    report = debug.new_report(
+        name=_graph_name(gm), devices=[str(d) for d in devices], options=settings.to_json_dict(), mode=None
+    )
     _rewrite(gm, example_inputs, settings, report, debug.GraphDumper(settings.dump_dir, report), devices)
     return gm, report
 

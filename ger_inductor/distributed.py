@@ -78,7 +78,7 @@ def _shard_stats(z: Tensor, y: Tensor, u: Tensor, lu: Tensor, ulu: Tensor, alpha
     if alpha == 0.0 and not uniform:
         cols.append(_op._xmul(e, lu.expand_as(e)).sum(1))  # sum e^(z-M) log u
     if alpha == 1.0:
-        cols.append(_op._xmul(u.expand_as(zm), zm).sum(1))  # sum u (z-M)
+        cols.append((u * z).sum(1))  # sum u z (not guarded: 0 * -inf is NaN, as the op)
     k = len(cols)
     flat = torch.cat([torch.stack(cols, 1).reshape(-1), z.new_tensor([Vr])])
     flat = _all_reduce(flat, dist.ReduceOp.SUM, group)
@@ -98,8 +98,8 @@ def _shard_stats(z: Tensor, y: Tensor, u: Tensor, lu: Tensor, ulu: Tensor, alpha
         reg = T / S - logS - plu
         aux = reg.clone()
     elif alpha == 1.0:
-        # KL(u||p) = sum u log u - sum u (z - L) = sum u log u - sum u (z-M) + log S (sum u = 1)
-        reg = ulu - sums[:, col] + logS
+        # KL(u||p) = sum u log u - sum u z + L (the op's reg for any u, e.g. a smoothing weight)
+        reg = ulu - sums[:, col] + L
         aux = torch.zeros_like(reg)
     else:
         lp = zm - logS.unsqueeze(1)
@@ -294,18 +294,21 @@ def ger_loss_vocab_parallel(
     params = _losses.loss_params(logits, target, base=base, weight=weight, V=V, **loss_args)
     alpha_f, beta, eps = params.alpha, params.beta, params.eps
     u_full, smooth_scale, smooth_const = params.u, params.smooth_scale, params.smooth_const
+    log_u_full = params.log_u
     uniform = u_full is None
     if uniform:
         u = torch.full((Vr,), 1.0 / V, dtype=cdt, device=logits.device)
         lu = torch.full((Vr,), -math.log(V), dtype=cdt, device=logits.device)
         ulu = torch.full((), -math.log(V), dtype=cdt, device=logits.device)
     else:
-        u_full = u_full.to(cdt)
+        u_full, log_u_full = u_full.to(cdt), log_u_full.to(cdt)
         u = u_full[vocab_start : vocab_start + Vr]
-        lu = torch.log(u)
-        ulu = torch.special.xlogy(u_full, u_full).sum()
+        lu = log_u_full[vocab_start : vocab_start + Vr]
+        ulu = _op._xmul(u_full, log_u_full).sum()
 
     y = target.reshape(-1)
+    if y.dtype == torch.uint8:  # F.cross_entropy's other index dtype: read as int64
+        y = y.long()
     z = logits.reshape(-1, Vr)
     if torch.compiler.is_compiling():  # no host sync in a graph: an async assert
         bad = (y != ignore_index) & ((y < 0) | (y >= V))
@@ -317,7 +320,8 @@ def ger_loss_vocab_parallel(
     )
     loss = _losses.combine_rows(
         nll, reg, y, target.shape, beta=beta, eps=eps, smooth_scale=smooth_scale, smooth_const=smooth_const,
-        weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype,
+        weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype, lse=lse,
+        smooth_lse=params.smooth_lse,
     )  # fmt: skip
     if not return_extras:
         return loss

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import threading
 from typing import Any, Callable, Sequence
 
@@ -48,8 +49,12 @@ def node_op_aliases(node: fx.Node) -> set[str]:
             full = op_name(t)
             short = full.rsplit(".", 1)[-1]
             names |= {full, short, f"aten.{short}", f"torch.{short}"}
+            if full.startswith("torch.nn.functional.") and hasattr(torch.Tensor, short):
+                names |= {f"Tensor.{short}", f"torch.Tensor.{short}"}  # F.softmax(x) = x.softmax()
     elif node.op == "call_method":
         names |= {str(t), f"Tensor.{t}", f"torch.Tensor.{t}", f"aten.{t}", f"torch.{t}"}
+        if hasattr(torch.nn.functional, str(t)):
+            names.add(f"torch.nn.functional.{t}")  # x.log_softmax() = F.log_softmax(x)
     elif node.op == "call_module":
         names |= {str(t)}
     return names
@@ -77,6 +82,29 @@ def eager_reason(node: fx.Node, options: GerOptions) -> str | None:
         if not _compat.has_inductor_backend(d.type):
             return f"device {d} has no Inductor code generator"
     return None
+
+
+#: modules of the functions torch.func transforms (grad, vmap, jvp, jacrev, ...) leave
+#: in a Dynamo graph: transform levels pushed and popped, tensors wrapped and unwrapped
+_FUNCTORCH_MODULES = ("torch._C._functorch", "torch._functorch")
+
+FUNCTORCH_WHY = (
+    "the graph holds torch.func transforms ({op}): ger's rewrites are skipped (their ops do not "
+    "compose with grad/vmap levels); the graph is compiled unchanged"
+)
+
+
+def functorch_node(gm: fx.GraphModule) -> fx.Node | None:
+    """A node of ``gm`` that is part of a torch.func transform (the first that enters a
+    transform level, else the first), or None."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            mod = getattr(node.target, "__module__", None) or ""
+            if mod == _FUNCTORCH_MODULES[0] or mod.startswith(_FUNCTORCH_MODULES[1] + "."):
+                found.append(node)
+    entering = [n for n in found if "increment_nesting" in getattr(n.target, "__name__", "")]
+    return (entering or found or [None])[0]
 
 
 def plan_eager_nodes(gm: fx.GraphModule, options: GerOptions) -> dict[fx.Node, str]:
@@ -133,7 +161,17 @@ class LazyRegion(torch.nn.Module):
     def _compile(self, args: list[Any]) -> Callable[..., Any]:
         timer = Timer()
         try:
-            return self._compile_fn(copy.deepcopy(self.gm), args)
+            gm = copy.deepcopy(self.gm)
+            if not _returns_tuple(gm):
+                # compilers take graphs that return tuples, as Dynamo's do (AOTAutograd
+                # alone insists; Inductor rewrites them): a region with one output
+                # returns it bare
+                out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+                out.args = ((out.args[0],),)
+                gm.recompile()
+                fn = self._compile_fn(gm, args)
+                return lambda *a: fn(*a)[0]
+            return self._compile_fn(gm, args)
         except Exception as e:
             if self._options.strict:
                 raise
@@ -142,6 +180,78 @@ class LazyRegion(torch.nn.Module):
         finally:
             self._report.region_compile_seconds += timer.elapsed()
             self._dumper.finish()  # the report on disk now includes this region
+
+
+def _structure_literal(graph: fx.Graph, node: fx.Node, value: Any) -> Any:
+    """``value``'s structure rebuilt from ``operator.getitem`` reads of ``node`` (nested
+    for nested tuples), None where the value holds None; None if it is not a (named)
+    tuple or list (a dict, a dataclass: left as it is)."""
+    if not isinstance(value, (tuple, list)):
+        return None
+    fields = []
+    for i, v in enumerate(value):
+        item = graph.call_function(operator.getitem, (node, i))
+        item.meta["example_value"] = v
+        if isinstance(v, (tuple, list)):
+            inner = _structure_literal(graph, item, v)
+            if inner is None:
+                return None
+            fields.append(inner)
+        elif v is None:
+            graph.erase_node(item)
+            fields.append(None)
+        else:
+            fields.append(item)
+    if hasattr(value, "_fields"):  # a namedtuple, e.g. losses.RowStats
+        return type(value)(*fields)
+    return list(fields) if isinstance(value, list) else tuple(fields)
+
+
+def flatten_structured_values(gm: fx.GraphModule) -> int:
+    """Pass (named) tuples between regions as their tensors.
+
+    Regions exchange tensors (and sizes) only: a structure a ger helper returns, e.g.
+    ``losses.row_stats``' ``RowStats``, whose producer and consumer land in different
+    regions (or one runs eagerly) would be a region output AOTAutograd cannot describe.
+    Every reader of such a value other than ``getitem`` reads, instead, the structure
+    rebuilt in its own arguments from ``getitem`` reads of its fields: the reads go to the
+    producer's region (the partitioner keeps ``getitem`` with its producer), the
+    rebuilt structure to the reader's. Returns how many values were flattened."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if not isinstance(value, (tuple, list)):
+            continue
+        readers = [u for u in node.users if not (u.op == "call_function" and u.target is operator.getitem)]
+        if not readers:
+            continue
+        before = set(node.users)
+        with gm.graph.inserting_after(node):
+            literal = _structure_literal(gm.graph, node, value)
+        if literal is None:
+            _erase_unused(gm.graph, [u for u in node.users if u not in before])
+            continue
+        for u in readers:
+            u.args = fx.node.map_aggregate(u.args, lambda a: literal if a is node else a)
+            u.kwargs = fx.node.map_aggregate(u.kwargs, lambda a: literal if a is node else a)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase ``nodes`` (getitem reads, possibly nested) and their readers, none used elsewhere."""
+    for n in nodes:
+        _erase_unused(graph, list(n.users))
+        graph.erase_node(n)
+
+
+def _returns_tuple(gm: fx.GraphModule) -> bool:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return isinstance(out.args[0], (tuple, list))
 
 
 def split_into_regions(
@@ -156,6 +266,7 @@ def split_into_regions(
     Partitioner, OperatorSupportBase = _compat.capability_partitioner()
 
     eager_names = {n.name for n in eager}
+    flatten_structured_values(gm)
 
     class Support(OperatorSupportBase):  # type: ignore[misc, valid-type]
         def is_node_supported(self, submodules, node):

@@ -55,12 +55,13 @@ def needs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
 def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, alpha: float,
                      ignore_index: int, extras: bool, chunk: int, smooth_eps: float | None = None,
                      smooth_weight: Tensor | None = None, coefs: Tensor | None = None, needs: int = 0,
-                     base: Tensor | None = None, unroll: int = 0) -> LinearStats:
+                     base: Tensor | None = None, unroll: int = 0, log_base: Tensor | None = None) -> LinearStats:
     """The op's statistics of ``h @ weight.T + bias`` against ``target``, each shaped like
     ``target`` (``h`` is ``target.shape + (H,)``). With ``coefs`` (4, *target.shape) the
     statistics are constants and ``grad_*`` hold the gradients of
     ``sum(coefs[k] * stat_k)`` with respect to the inputs named by ``needs``. ``base``
-    (V,): the distribution the regulariser compares with (uniform when None).
+    (V,): the distribution the regulariser compares with (uniform when None); ``log_base``
+    its log as the op takes it (default log(base); 0 for a label-smoothing weight).
 
     ``unroll`` > 0 (set by the pass for compiled graphs): when the rows are static, their
     number of chunks at most ``unroll`` and no backward sweep is needed (``coefs`` given,
@@ -69,9 +70,10 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     H = h.shape[-1]
     V = weight.shape[0]
     cdt = _loss_op.compute_dtype(h.dtype)
-    u = base
+    u, log_u = base, (torch.log(base) if log_base is None else log_base) if base is not None else None
     if smooth_weight is not None:
-        u, _, _ = losses._smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+        st = losses._smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+        u, log_u = st.u, st.log_u
     flat_coefs = None if coefs is None else coefs.reshape(4, -1)
     N = target.numel()
     fn = torch.ops.ger.linear_loss_fwd
@@ -79,7 +81,7 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
         if -(-N // _op.rows_per_chunk(chunk, N, V)) <= unroll:
             fn = _op.unrolled
     out = fn(
-        h.reshape(-1, H), weight, bias, target.reshape(-1), u, None if u is None else torch.log(u), float(alpha),
+        h.reshape(-1, H), weight, bias, target.reshape(-1), u, log_u, float(alpha),
         int(ignore_index), bool(extras), int(chunk), flat_coefs, int(needs),
     )
     rows = target.shape
@@ -132,12 +134,12 @@ GRAPH_FUNCTIONS = (linear_row_stats, stat_leaves, stat_coefficients, add_carrier
 # ----------------------------------------------------------------------------- eager / public
 def linear_loss_head(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *, alpha: float,
                      ignore_index: int, extras: bool, chunk: int, combine: Callable[[LinearStats], Tensor],
-                     base: Tensor | None = None) -> Tensor:
+                     base: Tensor | None = None, log_base: Tensor | None = None) -> Tensor:
     """``combine(stats)`` of the fused head's statistics, with the gradients formed in
     the forward when ``combine`` returns a scalar (it must then be linear in the
     statistics) and by a second sweep otherwise."""
     needs = needs_of(h, weight, bias)
-    kw = dict(base=base)
+    kw = dict(base=base, log_base=log_base)
     if needs:
         cdt = _loss_op.compute_dtype(h.dtype)
         leaves = stat_leaves(target, cdt, extras)
@@ -206,14 +208,18 @@ def ger_linear_loss(
                                 weight=weight, reduction=reduction, label_smoothing=label_smoothing,
                                 V=linear_weight.shape[0], who="ger_linear_loss")
     target2 = target.reshape(-1)
+    if target2.dtype == torch.uint8:  # F.cross_entropy's other index dtype: read as int64
+        target2 = target2.long()
 
     def combine(stats: LinearStats) -> Tensor:
         return losses.combine_rows(
             stats.nll, stats.reg, target2, target.shape, beta=params.beta, eps=params.eps,
             smooth_scale=params.smooth_scale, smooth_const=params.smooth_const, weight=weight,
-            ignore_index=ignore_index, reduction=reduction, out_dtype=input.dtype,
+            ignore_index=ignore_index, reduction=reduction, out_dtype=input.dtype, lse=stats.lse,
+            smooth_lse=params.smooth_lse,
         )
 
     h2 = input.reshape(-1, input.shape[-1])
     return linear_loss_head(h2, linear_weight, linear_bias, target2, alpha=params.alpha, ignore_index=ignore_index,
-                            extras=False, chunk=chunk or 0, combine=combine, base=params.u)
+                            extras=False, chunk=chunk or 0, combine=combine, base=params.u,
+                            log_base=params.log_u)

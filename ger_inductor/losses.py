@@ -21,10 +21,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import _compat
 from .ops import ger_loss as _op
 
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the class-index target dtypes F.cross_entropy takes ("Long or Byte")
+TARGET_DTYPES = (torch.int64, torch.uint8)
 #: |sum(base) - 1| allowed, relative to float32 rounding of a V-term sum
 BASE_SUM_TOL = 1e-4
 
@@ -43,6 +46,34 @@ class GERLossOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- validation
+class TargetDtypeError(TypeError, RuntimeError):
+    """A target dtype F.cross_entropy rejects (it takes int64 or uint8 class indices and
+    raises a RuntimeError for others): a TypeError, like ger_loss's other bad-input
+    errors, that ``except RuntimeError`` written for F.cross_entropy also catches."""
+
+
+_TORCH_TYPE_NAMES = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
+                     torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
+
+
+def _check_target_dtype(target: Tensor, who: str) -> None:
+    """F.cross_entropy's rule for class-index targets: int64 or uint8, else an error."""
+    dt = target.dtype
+    if dt in TARGET_DTYPES:
+        return
+    name = _TORCH_TYPE_NAMES.get(dt, str(dt).replace("torch.", ""))
+    if target.is_floating_point() or target.is_complex() or dt == torch.bool:
+        raise TargetDtypeError(
+            f"{who}: target must hold class indices (an integer tensor: int64, or uint8, as F.cross_entropy takes), "
+            f"got {dt}; soft targets are not supported (F.cross_entropy: expected target dtype to be Long or Byte, "
+            f"but got {name})"
+        )
+    raise TargetDtypeError(
+        f"{who}: expected target dtype to be Long or Byte (int64 or uint8 class indices, as F.cross_entropy), "
+        f"but got {name} ({dt}): convert with target.long()"
+    )
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -124,8 +155,9 @@ def _check_distribution(name: str, t: Tensor, V: int, logits: Tensor) -> None:
 
 
 class LossParams(NamedTuple):
-    """Checked loss arguments: alpha, beta, label-smoothing eps, the base u the regulariser
-    compares with (None: uniform) and the smoothing scale/constant of ``combine_rows``."""
+    """Checked loss arguments: alpha, beta, label-smoothing eps, the base u the op's
+    regulariser uses (None: uniform) and its log, and the smoothing scale, constant and
+    log-sum-exp coefficient of ``combine_rows`` (see ``_smoothing_target``)."""
 
     alpha: float
     beta: float | Tensor | None
@@ -133,6 +165,8 @@ class LossParams(NamedTuple):
     u: Tensor | None
     smooth_scale: float | Tensor | None
     smooth_const: float | Tensor | None
+    log_u: Tensor | None = None
+    smooth_lse: Tensor | None = None
 
 
 def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_index, weight, reduction,
@@ -141,11 +175,7 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
     device) and derive what the op and ``combine_rows`` need."""
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"{who}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"{who}: target must hold class indices (an integer tensor), got {target.dtype}; "
-            "soft targets are not supported"
-        )
+    _check_target_dtype(target, who)
     if target.device != logits.device:
         raise ValueError(f"{who}: target is on {target.device} but logits are on {logits.device}")
     if reduction not in REDUCTIONS:
@@ -187,8 +217,8 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
                 f"{who}: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
             )
 
-    u, smooth_scale, smooth_const = _smoothing_target(eps, weight, base, V, cdt)
-    return LossParams(alpha_f, beta, eps, u, smooth_scale, smooth_const)
+    st = _smoothing_target(eps, weight, base, V, cdt)
+    return LossParams(alpha_f, beta, eps, st.u, st.scale, st.const, st.log_u, st.lse_coef)
 
 
 
@@ -212,13 +242,14 @@ def ger_loss(
     Args:
         logits: (N, V), (B, T, V) or (N, V, d1, ...) like ``F.cross_entropy``; fp32,
             bf16, fp16 (math in fp32) or fp64.
-        target: class indices, the logits' shape without the class dimension.
+        target: class indices (int64, or uint8, as F.cross_entropy takes), the logits'
+            shape without the class dimension.
         alpha: in [0, 1]; 0 = confidence penalty, 1 = label-smoothing type.
         beta: strength >= 0 (a float or a 0-d tensor).
         base: baseline distribution u over the V classes (uniform when None).
-        ignore_index, weight, reduction: as in ``F.cross_entropy``; with ``weight``,
-            each position's loss is scaled by the weight of its target class and
-            'mean' divides by the sum of those weights.
+        ignore_index, weight, reduction: as in ``F.cross_entropy``; with ``weight`` (any
+            real values), each position's loss is scaled by the weight of its target
+            class and 'mean' divides by the sum of those weights.
         label_smoothing: eps instead of (alpha, beta): exactly
             ``F.cross_entropy(label_smoothing=eps)``, weights and ignore_index included.
         class_dim: where the classes are, when the shapes leave it ambiguous.
@@ -236,15 +267,25 @@ def ger_loss(
     A, V, D = logits3.shape
     p = loss_params(logits, target, alpha=alpha, beta=beta, base=base, ignore_index=ignore_index, weight=weight,
                     reduction=reduction, label_smoothing=label_smoothing, V=V, who="ger_loss")
-    u, eps, beta = p.u, p.eps, p.beta
-    log_u = None if u is None else torch.log(u)
+    u, log_u, eps, beta = p.u, p.log_u, p.eps, p.beta
+    if target2.dtype == torch.uint8:  # F.cross_entropy's other index dtype: read as int64
+        target2 = target2.long()
 
     # ---- per-row statistics: one fused op (one read of the logits forward)
-    # chunk=0: whole-row reductions; the ger backend sets the device profile's strategy
-    nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, p.alpha, ignore_index, return_extras, 0)
+    if not _is_compiling() and _compat.functorch_transformed(logits, target, weight, base, beta):
+        # torch.func transforms (grad, vmap, jvp, ...) and forward AD: the op's autograd
+        # formula does not compose with them; its math in torch ops does (same numbers)
+        if not _compat.functorch_transformed(target2):  # (a batched target cannot be read on the host)
+            _op.check_targets(target2, V, ignore_index)
+        nll, reg, lse, ent, _aux = _op.fwd_math(logits3, target2, u, log_u, p.alpha, ignore_index, return_extras)
+    else:
+        # chunk=0: whole-row reductions; the ger backend sets the device profile's strategy
+        nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, p.alpha, ignore_index,
+                                                         return_extras, 0)
     loss = combine_rows(
         nll, reg, target2, target.shape, beta=beta, eps=eps, smooth_scale=p.smooth_scale, smooth_const=p.smooth_const,
-        weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype,
+        weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype, lse=lse,
+        smooth_lse=p.smooth_lse,
     )
     if not return_extras:
         return loss
@@ -261,37 +302,65 @@ def _log_classes(V):
     return torch.log(torch.scalar_tensor(V, dtype=torch.float64))
 
 
-def _smoothing_target(eps, weight, base, V, cdt):
-    """For label smoothing: (u~, eps * sum_j w_j u_j, H(u~)), the base the regulariser
-    compares with when F.cross_entropy weights the smoothing term per class (u~ = w u /
-    sum w u); (base, None, None) otherwise."""
+class SmoothingTarget(NamedTuple):
+    """What the op is given (``u``, ``log_u``) and how ``combine_rows`` forms the
+    smoothing term of a row from its ``reg`` and ``lse``:
+    ``scale * (reg + const + lse_coef * lse)`` (``const`` / ``lse_coef`` None: 0)."""
+
+    u: Tensor | None
+    log_u: Tensor | None
+    scale: float | None
+    const: float | Tensor | None
+    lse_coef: Tensor | None
+
+
+def _smoothing_target(eps, weight, base, V, cdt) -> SmoothingTarget:
+    """Label smoothing's term per row is eps * (-sum_j w_j b_j log p_j) (F.cross_entropy:
+    b = 1/V; ger_loss may give a base b). Without weight and base it is eps * (KL(u||p) +
+    log V). Otherwise the op gets u = w b as it is - any sign, zeros, any sum c, no log
+    (log u = 0) - and its reg = -sum u z + L, so the term is eps * (reg + (c - 1) L):
+    exact for every real weight, gradient included. Without smoothing: the base and its log."""
     if eps is None:
-        return (None if base is None else base.to(cdt)), None, None
+        if base is None:
+            return SmoothingTarget(None, None, None, None, None)
+        b = base.to(cdt)
+        return SmoothingTarget(b, torch.log(b), None, None, None)
     if weight is None and base is None:
-        return None, eps, _log_classes(V)
+        return SmoothingTarget(None, None, eps, _log_classes(V), None)
     wu = (weight.to(cdt) if weight is not None else 1.0) * (base.to(cdt) if base is not None else 1.0 / V)
-    c = wu.sum()
-    u = wu / c
-    return u, eps * c, -torch.special.xlogy(u, u).sum()
+    return SmoothingTarget(wu, torch.zeros_like(wu), eps, None, wu.sum() - 1.0)
 
 
 def combine_rows(nll, reg, target2, target_shape, *, beta, eps, smooth_scale, smooth_const, weight, ignore_index,
-                 reduction, out_dtype):
+                 reduction, out_dtype, lse=None, smooth_lse=None):
     """The loss from the op's per-row statistics: weights, ignore_index and the reduction,
-    with F.cross_entropy's conventions. O(rows) work."""
+    with F.cross_entropy's conventions. O(rows) work. With label smoothing, F.cross_entropy's
+    formula term by term: (1 - eps) * nll_loss(weight, reduction) + the smoothing term
+    reduced alike (a 'mean' divides each by the sum of the targets' weights)."""
     cdt = nll.dtype
     valid = target2 != ignore_index
+    zero = torch.zeros((), dtype=cdt, device=nll.device)
     wy = None
     if weight is not None:
         wy = weight.to(cdt)[torch.where(valid, target2, torch.zeros_like(target2))]
     if eps is not None:
-        data = nll * (1.0 - eps) if wy is None else (1.0 - eps) * wy * nll
-        per = data + smooth_scale * (reg + smooth_const)
-    else:
-        use_reg = isinstance(beta, Tensor) or beta != 0.0
-        per = nll + beta * reg if use_reg else nll
-        if wy is not None:
-            per = wy * per
+        smooth = reg if smooth_const is None else reg + smooth_const
+        if smooth_lse is not None:
+            smooth = smooth + smooth_lse * lse
+        smooth = torch.where(valid, smooth_scale * smooth, zero)
+        data = torch.where(valid, nll if wy is None else wy * nll, zero)
+        if reduction == "none":
+            loss = ((1.0 - eps) * data + smooth).reshape(target_shape)
+        elif reduction == "sum":
+            loss = (1.0 - eps) * data.sum() + smooth.sum()
+        else:
+            denom = valid.sum().to(cdt) if wy is None else torch.where(valid, wy, zero).sum()
+            loss = (1.0 - eps) * (data.sum() / denom) + smooth.sum() / denom
+        return loss.to(out_dtype)
+    use_reg = isinstance(beta, Tensor) or beta != 0.0
+    per = nll + beta * reg if use_reg else nll
+    if wy is not None:
+        per = wy * per
     zero = torch.zeros((), dtype=per.dtype, device=per.device)
     per = torch.where(valid, per, zero)
     if reduction == "none":
@@ -421,30 +490,38 @@ class RowStats(NamedTuple):
     lse: Tensor
     ent: Tensor
     aux: Tensor
+    #: per-row minimum logit (detached), for the NaN conventions of ``row_statistic``
+    zmin: Tensor | None = None
 
 
 def row_stats(logits: Tensor, target: Tensor, alpha: float, ignore_index: int, extras: bool, chunk: int,
-              class_dim: int = -1, smooth_eps: float | None = None, smooth_weight: Tensor | None = None) -> RowStats:
+              class_dim: int = -1, smooth_eps: float | None = None, smooth_weight: Tensor | None = None,
+              zmin: bool = False) -> RowStats:
     """The op's statistics for every row of ``logits`` (classes in ``class_dim``), each
     shaped like the logits without the class dimension. With ``smooth_eps`` and
-    ``smooth_weight`` (F.cross_entropy's weighted label smoothing) the regulariser
-    compares with u~ = w / sum w."""
+    ``smooth_weight`` (F.cross_entropy's weighted label smoothing) the op's regulariser
+    uses u = w / V (``_smoothing_target``). ``zmin``: also each row's smallest logit
+    (where eager's products p * log p are NaN, see ``row_statistic``)."""
     cd = class_dim % logits.dim()
     V = logits.shape[cd]
     A = math.prod(logits.shape[:cd])
     D = math.prod(logits.shape[cd + 1:])
     cdt = _op.compute_dtype(logits.dtype)
-    u = None
+    u = log_u = None
     if smooth_weight is not None:
-        u, _, _ = _smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+        st = _smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+        u, log_u = st.u, st.log_u
+    if target.dtype == torch.uint8:
+        target = target.long()
     out = torch.ops.ger.loss_fwd(
-        logits.reshape(A, V, D), target.reshape(A, D), u, None if u is None else torch.log(u),
+        logits.reshape(A, V, D), target.reshape(A, D), u, log_u,
         float(alpha), int(ignore_index), bool(extras), int(chunk),
     )
     rows = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1:])
     nll, reg, lse, ent, aux = out
+    mn = logits.detach().amin(cd).to(cdt).reshape(rows) if zmin else None
     return RowStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows),
-                    ent.reshape(rows) if extras else ent, aux.reshape(rows))
+                    ent.reshape(rows) if extras else ent, aux.reshape(rows), mn)
 
 
 def cross_entropy_from_stats(stats: RowStats, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
@@ -454,15 +531,18 @@ def cross_entropy_from_stats(stats: RowStats, logits: Tensor, target: Tensor, we
     V = logits.shape[cd]
     cdt = stats.nll.dtype
     eps = float(label_smoothing) if label_smoothing else None
-    _, smooth_scale, smooth_const = _smoothing_target(eps, weight, None, V, cdt)
+    st = _smoothing_target(eps, weight, None, V, cdt)
+    if target.dtype == torch.uint8:
+        target = target.long()
     return combine_rows(
-        stats.nll.reshape(target.shape), stats.reg.reshape(target.shape), target, target.shape, beta=0.0, eps=eps, smooth_scale=smooth_scale,
-        smooth_const=smooth_const, weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=out_dtype,
+        stats.nll.reshape(target.shape), stats.reg.reshape(target.shape), target, target.shape, beta=0.0, eps=eps, smooth_scale=st.scale,
+        smooth_const=st.const, weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=out_dtype,
+        lse=stats.lse.reshape(target.shape), smooth_lse=st.lse_coef,
     )
 
 
 def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float], ...], keepdim: bool, alpha: float,
-                  out_dtype: torch.dtype) -> Tensor:
+                  out_dtype: torch.dtype, nan: tuple = (None, None)) -> Tensor:
     """A linear combination of per-row statistics of the logits ``like`` (classes last),
     shaped like ``like`` reduced over its last dimension.
 
@@ -470,6 +550,13 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
     plogm (sum p log m), ulogm (sum u log m), one (1); m = alpha p + (1-alpha)/V. Each is
     first written in the op's outputs, so that terms cancel exactly (e.g. E_p[z] - L is
     -H, not (L - H) - L).
+
+    ``nan = (forward, backward)``: where the user's spelling is NaN eagerly (the op's
+    statistics take 0 log 0 = 0): "zinf" in rows with a -inf logit (p * log_softmax(z):
+    0 * -inf), "p0" in rows where a probability is 0 (p * log(p), and the gradient of
+    entr(p) / xlogy(p, p), -log 0 = inf), None nowhere. A forward NaN makes the row's
+    gradient NaN too, as eagerly. Needs ``stats.zmin`` (``row_stats(zmin=True)``); without
+    it (the fused lm head's statistics) the conventions are not applied.
     """
     V = like.shape[-1]
     # coefficients are polynomials in V ({power: c}): the loss pass writes a coefficient
@@ -506,8 +593,49 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
             total = total + c * getattr(stats, out)
     if not isinstance(total, Tensor):
         total = torch.full_like(stats.lse, float(total))
+    fwd_nan, bwd_nan = nan
+    if getattr(stats, "zmin", None) is None:
+        # statistics without the row minimum: the fused lm head's (lm_head.LinearStats; its
+        # logits never exist). They keep the op's convention (0 log 0 = 0): the same as
+        # eager unless a logit is -inf or a probability underflows to 0.
+        fwd_nan = bwd_nan = None
+    if fwd_nan is not None:
+        # value and gradient NaN in those rows (a NaN factor), unchanged elsewhere
+        bad = _nan_rows(stats, fwd_nan, out_dtype)
+        total = total * torch.where(bad, torch.full((), math.nan, dtype=total.dtype, device=total.device),
+                                    torch.ones((), dtype=total.dtype, device=total.device))
+    if bwd_nan is not None and bwd_nan != fwd_nan:
+        total = _NaNGradRows.apply(total, _nan_rows(stats, bwd_nan, out_dtype))
     shape = tuple(like.shape[:-1]) + ((1,) if keepdim else ())
     return total.reshape(shape).to(out_dtype)
+
+
+def _nan_rows(stats, cond: str, p_dtype: torch.dtype) -> Tensor:
+    """Rows where a -inf logit ("zinf") or a zero probability ("p0": the smallest
+    exp(z - L), in the probabilities' dtype, underflows) makes eager's spelling NaN; a
+    NaN logit counts in both."""
+    zmin = stats.zmin
+    if cond == "zinf":
+        return (zmin == -math.inf) | torch.isnan(zmin)
+    if cond == "p0":
+        pmin = torch.exp(zmin - stats.lse.detach()).to(p_dtype)
+        return (pmin == 0) | torch.isnan(pmin)
+    raise ValueError(f"ger: unknown NaN condition {cond!r}")
+
+
+class _NaNGradRows(torch.autograd.Function):
+    """Identity forward; NaN gradient in the rows ``bad`` (eager's entr(p) at p = 0: a
+    finite value, a gradient through -log 0 = inf)."""
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        ctx.save_for_backward(bad)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (bad,) = ctx.saved_tensors
+        return g.masked_fill(bad, math.nan), None
 
 
 def _coef_poly(c) -> dict[int, float]:

@@ -50,8 +50,9 @@ def quiet():
     logging.getLogger("ger_inductor").setLevel(logging.NOTSET)
 
 
-#: found and not fixed yet (NaN semantics of -inf logits, issue 13): expected to fail
-OPEN = {"neg_inf_weighted_ls_plogp", "neg_inf_plogp_twice", "neg_inf_weighted_prod"}
+#: found and not fixed yet: expected to fail (the -inf logit ones, issue 13, are fixed:
+#: tests/test_loss_semantics.py)
+OPEN: set = set()
 
 
 @pytest.mark.parametrize("name", [n if n not in OPEN else pytest.param(n, marks=pytest.mark.xfail(

@@ -226,9 +226,9 @@ class GraphModule(torch.nn.Module):
         l_z_ = L_z_
         l_y_ = L_y_
 
-        row_stats = ger_inductor_losses_row_stats(l_z_, l_y_, 1.0, -100, True, 0, class_dim = 1, smooth_eps = None, smooth_weight = None)
+        row_stats = ger_inductor_losses_row_stats(l_z_, l_y_, 1.0, -100, True, 0, class_dim = 1, smooth_eps = None, smooth_weight = None, zmin = True)
 
-        row_statistic: "f32[24]" = ger_inductor_losses_row_statistic(row_stats, l_z_, (('L', -1.0), ('ez', 1.0)), False, 1.0, torch.float32)
+        row_statistic: "f32[24]" = ger_inductor_losses_row_statistic(row_stats, l_z_, (('L', -1.0), ('ez', 1.0)), False, 1.0, torch.float32, nan = ('zinf', 'zinf'))
         mean: "f32[]" = row_statistic.mean();  row_statistic = None
         ent: "f32[]" = -mean;  mean = None
 

@@ -294,7 +294,8 @@ def _register() -> None:
             if r.uniform:
                 plain["Z"] = lambda a, j, d: r.z(a, j, d)
             else:
-                plain["U"] = lambda a, j, d: r.xmul(r.u(j), r.z(a, j, d))
+                # not guarded: u_j z_j = 0 * -inf is NaN, as in F.cross_entropy's weighted smoothing
+                plain["U"] = lambda a, j, d: ops.mul(r.u(j), r.z(a, j, d))
         m_, s_, ld = stats.softmax_stats(scaled, plain)
 
         def L(a, d):
@@ -336,7 +337,7 @@ def _register() -> None:
 
         def reg_fn(idx):
             a, d = idx
-            if alpha == 1.0:  # KL(u||p) = sum u log u - sum u z + L
+            if alpha == 1.0:  # KL(u||p) = sum u log u - sum u z + L (for any u: gradient p - u)
                 if r.uniform:
                     return ops.sub(ops.sub(L(a, d), ops.truediv(ld["Z"]([a, d]), r.v_float())), r.log_v())
                 return ops.add(ops.sub(ulogu([]), ld["U"]([a, d])), L(a, d))

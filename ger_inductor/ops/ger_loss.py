@@ -105,6 +105,50 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 
 
 # ----------------------------------------------------------------------------- forward
+def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: Optional[Tensor], alpha: float,
+             ignore_index: int, extras: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward statistics in differentiable torch (no target check): the eager
+    kernel, what ``ger_loss`` runs under torch.func transforms and forward AD, and what
+    the op's backward differentiates for a double backward.
+
+    For a given base, reg at alpha = 1 is ``sum u log u - sum u z + L``: KL(u||p) for a
+    distribution, and for any other u (label smoothing with class weights passes
+    u = w b, log u = 0) a function whose gradient is exactly p - u. ``u z`` is not
+    guarded: 0 * (-inf) is NaN, as in F.cross_entropy's ``-(w * log_softmax(z)).sum()``.
+    """
+    A, V, D = logits.shape
+    cd = compute_dtype(logits.dtype)
+    z = logits.to(cd)
+    # L = M + log sum e^(z - M), IEEE throughout like the lowering and log_softmax: NaN in a
+    # row with a +inf logit or only -inf logits (torch.logsumexp would give +-inf there)
+    M = z.detach().amax(1, keepdim=True)
+    lse = (M + torch.log(torch.exp(z - M).sum(1, keepdim=True))).squeeze(1)  # (A, D)
+    valid = target != ignore_index
+    t = torch.where(valid, target, torch.zeros_like(target))
+    zy = z.gather(1, t.unsqueeze(1)).squeeze(1)
+    nll = torch.where(valid, lse - zy, torch.zeros_like(lse))
+    lp = z - lse.unsqueeze(1)
+    p = lp.exp()
+    u, lu = _base_terms(base, log_base, V, cd, z.device)
+    ent = -_xmul(p, lp).sum(1) if extras else z.new_empty((0,), dtype=cd)
+    if alpha == 0.0:
+        reg = _xmul(p, lp - lu).sum(1)
+        aux = reg.clone()
+    elif alpha == 1.0:
+        if base is None:
+            reg = _xmul(u.expand_as(lp), lu - lp).sum(1)
+        else:
+            reg = _xmul(u, lu).sum() - (u * z).sum(1) + lse
+        aux = torch.zeros_like(reg)
+    else:
+        log_p_m, log_u_m = log_ratio_p_m(lp, lu.expand_as(lp), p, u.expand_as(lp), alpha)
+        kl_pm = _xmul(p, log_p_m).sum(1)
+        kl_um = _xmul(u.expand_as(lp), log_u_m).sum(1)
+        reg = kl_pm / (1.0 - alpha) + kl_um / alpha
+        aux = kl_pm
+    return nll, reg, lse, ent, aux
+
+
 @torch.library.custom_op(f"{OPS_NAMESPACE}::loss_fwd", mutates_args=())
 def loss_fwd(
     logits: Tensor,
@@ -118,32 +162,8 @@ def loss_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # ``chunk`` selects the lowering's reduction strategy (0: whole rows, K: chunks of
     # K classes); the math, and so this eager kernel, do not depend on it.
-    A, V, D = logits.shape
-    check_targets(target, V, ignore_index)
-    cd = compute_dtype(logits.dtype)
-    z = logits.to(cd)
-    lse = torch.logsumexp(z, dim=1)  # (A, D)
-    valid = target != ignore_index
-    t = torch.where(valid, target, torch.zeros_like(target))
-    zy = z.gather(1, t.unsqueeze(1)).squeeze(1)
-    nll = torch.where(valid, lse - zy, torch.zeros_like(lse))
-    lp = z - lse.unsqueeze(1)
-    p = lp.exp()
-    u, lu = _base_terms(base, log_base, V, cd, z.device)
-    ent = -_xmul(p, lp).sum(1) if extras else z.new_empty((0,), dtype=cd)
-    if alpha == 0.0:
-        reg = _xmul(p, lp - lu).sum(1)
-        aux = reg.clone()
-    elif alpha == 1.0:
-        reg = _xmul(u.expand_as(lp), lu - lp).sum(1)
-        aux = torch.zeros_like(reg)
-    else:
-        log_p_m, log_u_m = log_ratio_p_m(lp, lu.expand_as(lp), p, u.expand_as(lp), alpha)
-        kl_pm = _xmul(p, log_p_m).sum(1)
-        kl_um = _xmul(u.expand_as(lp), log_u_m).sum(1)
-        reg = kl_pm / (1.0 - alpha) + kl_um / alpha
-        aux = kl_pm
-    return nll, reg, lse, ent, aux
+    check_targets(target, logits.shape[1], ignore_index)
+    return fwd_math(logits, target, base, log_base, alpha, ignore_index, extras)
 
 
 @loss_fwd.register_fake
@@ -190,19 +210,20 @@ def loss_bwd(
     if grad_reg is not None:
         u, lu = _base_terms(base, log_base, V, cd, z.device)
         gr = grad_reg.unsqueeze(1)
+        # p_j * (...) is 0 where p_j == 0 (a -inf logit: 0 * -inf), as in the lowering
         if alpha == 0.0:
-            d = p * (lp - lu - reg.unsqueeze(1))
+            d = _xmul(p, lp - lu - reg.unsqueeze(1))
         elif alpha == 1.0:
             d = p - u
         else:
             log_p_m, _ = log_ratio_p_m(lp, lu.expand_as(lp), p, u.expand_as(lp), alpha)
-            d = p * (log_p_m - aux.unsqueeze(1)) / (1.0 - alpha)
+            d = _xmul(p, log_p_m - aux.unsqueeze(1)) / (1.0 - alpha)
         grad = grad + gr * d
     if grad_lse is not None:
         grad = grad + grad_lse.unsqueeze(1) * p
     if grad_ent is not None:
         ez = (lse - ent).unsqueeze(1)  # E_p[z] = L - H
-        grad = grad - grad_ent.unsqueeze(1) * p * (z - ez)
+        grad = grad - grad_ent.unsqueeze(1) * _xmul(p, z - ez)
     return grad.to(logits.dtype)
 
 
@@ -232,10 +253,23 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, g_aux):
         g_ent = None
     if g_nll is None and g_reg is None and g_lse is None and g_ent is None:
         return (None,) * 8
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): a differentiable gradient, by autograd through the
+        # forward math in torch ops (loss_bwd has no derivative), so a double backward works
+        return (_differentiable_grad(ctx, logits, target, base, log_base, (g_nll, g_reg, g_lse, g_ent)),) + (None,) * 7
     grad = loss_bwd(
         g_nll, g_reg, g_lse, g_ent, logits, target, base, log_base, lse, ent, reg, aux, ctx.alpha, ctx.ignore_index
     )
     return (grad,) + (None,) * 7
+
+
+def _differentiable_grad(ctx, logits, target, base, log_base, grads) -> Tensor:
+    """The gradient of the statistics with incoming ``grads``, as a differentiable
+    function of the logits and of ``grads`` (the op's eager math differentiated by autograd)."""
+    stats = fwd_math(logits, target, base, log_base, ctx.alpha, ctx.ignore_index, ctx.extras)
+    outs = [(s, g) for s, g in zip(stats[:4], grads) if g is not None]
+    (grad,) = torch.autograd.grad([s for s, _ in outs], [logits], [g for _, g in outs], create_graph=True)
+    return grad
 
 
 loss_fwd.register_autograd(_backward, setup_context=_setup_context)

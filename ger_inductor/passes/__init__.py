@@ -109,7 +109,7 @@ def fill_example_values(gm: fx.GraphModule) -> None:
     under the graph's fake mode: dumps show their shapes and dtypes, and AOTAutograd's
     cache sees tensors where it checks for them."""
     vals = [n.meta["example_value"] for n in gm.graph.nodes if "example_value" in n.meta]
-    fake_mode = _compat.detect_fake_mode(_compat.tree_leaves(vals))
+    fake_mode = _compat.fake_mode_of(_compat.tree_leaves(vals))
     if fake_mode is None:
         return
     for n in gm.graph.nodes:

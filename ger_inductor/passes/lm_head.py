@@ -101,6 +101,11 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         plan = _plan(gm, src, ctx)
         if plan is None:
             continue
+        # the linear and the views after it are fused away: none of them may be an eager node
+        eager = next(((n, ctx.eager_reason(n)) for n in plan.chain if ctx.eager_reason(n) is not None), None)
+        if eager is not None:
+            ctx.near_miss("linear+loss", src, f"{eager[0].name} must run eagerly ({eager[1]}); the rewrite would fuse it away")
+            continue
         # the fused op computes the head where the statistics were: the linear's reads
         # of h, W and b move there
         lin_out = plan.chain[0]
@@ -521,6 +526,8 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
         else:
             u.replace_input_with(n, s)
     kw = {"smooth_eps": plan.smooth_eps, "smooth_weight": plan.smooth_weight, "base": plan.base}
+    if plan.kind == "loss_fwd" and plan.base is not None:  # the op's log base as given (0 for a smoothing weight)
+        kw["log_base"] = graph.op_args(src)["log_base"]
     args = (plan.h, weight, bias, plan.target, plan.alpha, plan.ignore_index, plan.extras, chunk)
     strat = fleet.strategy(FAMILY, ctx.profile)
     unroll = int(strat.get("unroll", 0))

@@ -80,6 +80,7 @@ class Row:
     keepdim: bool = False
     target: fx.Node | None = None
     alpha: float | None = None
+    nan: tuple = (None, None)  # (forward, backward): where eager's spelling is NaN (Vocab.nan)
 
     def scaled(self, c: float) -> "Row":
         return dataclasses.replace(self, coefs={k: c * v for k, v in self.coefs.items()})
@@ -96,6 +97,14 @@ class Vocab:
     root: Root
     terms: dict[str, Any]
     alpha: float | None = None  # for the log m terms
+    # Eager's -inf / NaN, which the op's statistics (0 log 0 = 0) do not show by themselves:
+    # ``inf``: where this value is -inf - "zinf" where a logit is -inf (log_softmax, the
+    # logits), "p0" where a probability is 0 (log(softmax), incl. underflow); for a
+    # probability, where its log would be (p0; None once clamped above 0).
+    inf: str | None = None
+    # ``nan``: (forward, backward) conditions where products p * (-inf) made it NaN
+    # (losses.row_statistic reproduces them per row)
+    nan: tuple = (None, None)
 
     def is_(self, **expect) -> bool:
         return set(self.terms) == set(expect) and all(_coef_eq(self.terms[k], v) for k, v in expect.items())
@@ -189,8 +198,12 @@ def _lse_row(root: Root, c: float = 1.0) -> Row:
     return Row(root, {"L": c})
 
 
-def _log_softmax(root: Root) -> Vocab:
-    return Vocab(root, {"z": 1.0, "one": _lse_row(root, -1.0)})
+def _log_softmax(root: Root, inf: str | None = "zinf") -> Vocab:
+    return Vocab(root, {"z": 1.0, "one": _lse_row(root, -1.0)}, inf=inf)
+
+
+def _probs(root: Root) -> Vocab:
+    return Vocab(root, {"p": 1.0}, inf="p0")
 
 
 def _scale_coef(c, s: float):
@@ -217,6 +230,17 @@ def _add_coef(a, b):
     return a + b
 
 
+_INF_ORDER = {None: 0, "zinf": 1, "p0": 2}  # "p0" rows include the "zinf" rows
+
+
+def _join_inf(a, b):
+    return a if _INF_ORDER[a] >= _INF_ORDER[b] else b
+
+
+def _join_nan(a: tuple, b: tuple) -> tuple:
+    return tuple(_join_inf(x, y) for x, y in zip(a, b))
+
+
 def _vadd(a: Vocab, b: Vocab, sign: float = 1.0) -> Vocab:
     if a.root != b.root:
         raise NotRepresentable("combines two different logits tensors")
@@ -225,11 +249,12 @@ def _vadd(a: Vocab, b: Vocab, sign: float = 1.0) -> Vocab:
     terms = dict(a.terms)
     for k, v in b.terms.items():
         terms[k] = _add_coef(terms.get(k, 0.0), _scale_coef(v, sign))
-    return Vocab(a.root, terms, a.alpha if a.alpha is not None else b.alpha)
+    return Vocab(a.root, terms, a.alpha if a.alpha is not None else b.alpha, _join_inf(a.inf, b.inf),
+                 _join_nan(a.nan, b.nan))
 
 
 def _vscale(a: Vocab, s: float) -> Vocab:
-    return Vocab(a.root, {k: _scale_coef(v, s) for k, v in a.terms.items()}, a.alpha)
+    return Vocab(a.root, {k: _scale_coef(v, s) for k, v in a.terms.items()}, a.alpha, a.inf, a.nan)
 
 
 # ----------------------------------------------------------------------------- op spellings
@@ -385,7 +410,7 @@ class Evaluator:
             if _arg(n, 2, "dtype") not in (None, torch.float32):
                 raise NotRepresentable("softmax with a dtype other than float32")
             root = self._shifted_root(x) or self.root_of(x)
-            return _log_softmax(root) if t in _LOG_SOFTMAX else Vocab(root, {"p": 1.0})
+            return _log_softmax(root) if t in _LOG_SOFTMAX else _probs(root)
         if t in _LOGSUMEXP:
             x = n.args[0]
             shp = _shape(x)
@@ -395,13 +420,13 @@ class Evaluator:
         if t in _EXP:
             v = self.value(n.args[0])
             if isinstance(v, Vocab) and v.is_(z=1.0, one=_lse_row(v.root, -1.0)):
-                return Vocab(v.root, {"p": 1.0})
+                return _probs(v.root)
             raise NotRepresentable("exp of something other than log-probabilities")
         if t in _LOG:
             v = self.value(n.args[0])
             if isinstance(v, Vocab):
                 if v.is_(p=1.0):
-                    return _log_softmax(v.root)
+                    return _log_softmax(v.root, inf=v.inf)  # -inf where p is 0 (unless clamped)
                 c = v.terms.get("one")
                 if set(v.terms) == {"one"} and isinstance(c, float) and c > 0:
                     return Vocab(v.root, {"one": math.log(c)})  # log of a constant, e.g. u = 1/V
@@ -415,19 +440,24 @@ class Evaluator:
             tiny = torch.finfo(_dtype(n) or torch.float32)
             # Categorical's clamp(min=finfo.min) of log-probabilities changes no finite value
             if isinstance(v, Vocab) and hi is None and isinstance(lo, float) and lo <= tiny.min:
-                return v
+                return dataclasses.replace(v, inf=None) if lo > -math.inf else v  # -inf becomes finite
             if isinstance(v, Vocab) and v.is_(p=1.0) and hi is None and isinstance(lo, float) and lo <= tiny.tiny:
-                return v  # clamp(p, min=eps) only changes probabilities below the smallest normal
+                # clamp(p, min=eps) only changes probabilities below the smallest normal
+                return dataclasses.replace(v, inf=None) if lo > 0 else v
             raise NotRepresentable("clamp that can change the log-probabilities")
         if t in _ENTR:
             v = self.value(n.args[0])
             if isinstance(v, Vocab) and v.is_(p=1.0):  # entr(p) = -p log p = -p z + p L
-                return Vocab(v.root, {"pz": -1.0, "p": _lse_row(v.root, 1.0)})
+                # entr(0) = 0, but its gradient -(1 + log 0) makes the row's gradient NaN
+                return Vocab(v.root, {"pz": -1.0, "p": _lse_row(v.root, 1.0)}, nan=(None, v.inf))
             raise NotRepresentable("entr of something other than probabilities")
         if t in _XLOGY:
             a, b = self.value(n.args[0]), self.value(n.args[1])
             if isinstance(a, Vocab) and isinstance(b, Vocab) and a.is_(p=1.0) and b.is_(p=1.0) and a.root == b.root:
-                return Vocab(a.root, {"pz": 1.0, "p": _lse_row(a.root, -1.0)})
+                if a.inf != b.inf:
+                    raise NotRepresentable("xlogy of a clamped and an unclamped probability")
+                # xlogy(0, 0) = 0, but its gradient 0 / 0 makes the row's gradient NaN
+                return Vocab(a.root, {"pz": 1.0, "p": _lse_row(a.root, -1.0)}, nan=(None, a.inf))
             raise NotRepresentable("xlogy of something other than (p, p)")
         if t in _NEG:
             return self._scale(self.value(n.args[0]), -1.0)
@@ -441,7 +471,7 @@ class Evaluator:
             except NotRepresentable:
                 # z - logsumexp(z, keepdim=True): the raw logits beside their own row statistic
                 if isinstance(vb, Row) and vb.keepdim and isinstance(a, fx.Node) and self.root_of(a) == vb.root:
-                    va = Vocab(vb.root, {"z": 1.0})
+                    va = Vocab(vb.root, {"z": 1.0}, inf="zinf")
                 else:
                     raise
             return self._add(va, vb, -1.0 if t in _SUB else 1.0)
@@ -551,12 +581,16 @@ class Evaluator:
                 out["plogm"] = out.get("plogm", 0.0) + pc * c
             else:
                 raise NotRepresentable("a product of probabilities (not an entropy term)")
-        return Vocab(y.root, out, y.alpha)
+        # p * y is NaN eagerly where p = 0 and y = -inf (0 * -inf): y's -inf rows
+        z = y.terms.get("z", 0.0)
+        cond = y.inf if (isinstance(z, (int, float)) and z != 0.0) or isinstance(z, VPoly) else None
+        return Vocab(y.root, out, y.alpha, None, _join_nan(y.nan, (cond, cond)))
 
     # ---- reductions over the classes
     def reduce(self, v: Vocab, mean: bool, keepdim: bool) -> Row:
         """Sum (or mean) over the classes: sum_j z_j = zsum, sum_j 1 = V, sum_j p_j = 1, ..."""
         coefs: dict[str, float] = {}
+        _refuse_log_of_probabilities(v, "a sum over the classes")
 
         def add(k, c):
             coefs[k] = coefs.get(k, 0.0) + c
@@ -580,7 +614,16 @@ class Evaluator:
         if mean:
             V = _classes(v.root)
             coefs = {k: c / V for k, c in coefs.items()}
-        return Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=keepdim, alpha=v.alpha)
+        return Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=keepdim, alpha=v.alpha, nan=v.nan)
+
+
+def _refuse_log_of_probabilities(v, what: str) -> None:
+    """log(softmax(z)) itself (not times p) read by ``what``: eagerly -inf where a
+    probability underflows to 0 (and its gradient NaN), which log_softmax's statistics
+    do not reproduce."""
+    if isinstance(v, Vocab) and v.inf == "p0" and "z" in v.terms and v.terms["z"] != 0.0:
+        raise NotRepresentable(f"log(softmax(...)) read by {what}: eagerly -inf where a probability underflows to 0; "
+                               "written with log_softmax it is rewritten")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -631,6 +674,10 @@ def _classify(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
         v = _value_if_loss_like(ev, x)
         if not isinstance(v, Vocab):
             return None
+        try:
+            _refuse_log_of_probabilities(v, "a gather at the target")
+        except NotRepresentable as e:
+            raise NotRepresentable(e.reason, n) from None
         shp = _shape(x)
         if shp is None or not _class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
             raise NotRepresentable("gather over a dimension other than the classes", n)
@@ -736,6 +783,8 @@ def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
     tdt = _dtype(target)
     if tdt is None or tdt.is_floating_point:
         raise NotRepresentable("soft targets (class probabilities) are not a smoothing of one-hot targets", n)
+    if tdt not in losses.TARGET_DTYPES:  # eager raises "expected target dtype to be Long or Byte"
+        raise NotRepresentable(f"{tdt} targets: F.cross_entropy takes int64 or uint8 class indices (eagerly an error)", n)
     if weight is not None and not isinstance(_val(weight), torch.Tensor):
         raise NotRepresentable("weight that is not a tensor", n)
     shp = _shape(x)
@@ -746,6 +795,9 @@ def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
         v = ev.value(x)
         if not (isinstance(v, Vocab) and v.is_(z=1.0, one=_lse_row(v.root, -1.0))):
             raise NotRepresentable("nll_loss of something other than log_softmax(logits)", n)
+        if v.inf == "p0":
+            raise NotRepresentable("nll_loss of log(softmax(...)): eagerly inf where the target's probability "
+                                   "underflows to 0; written with log_softmax it is rewritten", n)
         if len(shp) >= 3:
             raise NotRepresentable("nll_loss with classes in dim 1 of a >2-d input", n)
         root = v.root
@@ -789,6 +841,9 @@ def _classify_kl(ev: Evaluator, n: fx.Node) -> Candidate:
         # sum_j p_j (log p_j - log u_j): KL(p||u) with input = log u
         lu = a.terms["one"]
         row = ev.reduce(Vocab(t_prob.root, {"pz": 1.0, "p": _add_coef(_lse_row(t_prob.root, -1.0), -lu)}), False, False)
+        # eagerly: xlogy(p, p) is 0 at p = 0 but its gradient (0 / 0) NaN; with log_target,
+        # exp(t) * (t - input) is NaN where t = -inf
+        row.nan = (b.inf, b.inf) if log_target else (None, t_prob.inf)
         return Candidate(n, "kl", t_prob.root, row=row, kl_reduction=reduction, operands=(inp, tgt))
     raise NotRepresentable("kl_div that is not between the model's distribution and a constant one", n)
 
@@ -815,10 +870,26 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         groups.setdefault(_group_key(c.root), []).append(c)
     for root, group in groups.items():
         plan = _plan(ev, root, group, ctx)
+        if plan is not None and _absorbs_eager_node(group, plan, ctx):
+            continue
         if plan is not None and _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
             changed = True
     return changed
+
+
+def _absorbs_eager_node(group: list[Candidate], plan: Plan, ctx) -> bool:
+    """Whether the rewrite would remove a node that must run eagerly (``eager_ops``, a
+    device without Inductor): an intermediate it absorbs (a softmax, a log_softmax, a
+    product) is removed with the statistics. Refused then, a near-miss naming it."""
+    for n in sorted(plan.vocab, key=lambda n: n.name):
+        eager = ctx.eager_reason(n)
+        if eager is not None:
+            for c in group:
+                ctx.near_miss("cross_entropy+entropy", c.node,
+                              f"{n.name} must run eagerly ({eager}); the rewrite would fuse it away")
+            return True
+    return False
 
 
 def _group_key(root: Root) -> Root:
@@ -1002,11 +1073,14 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
         target = plan.target
         if isinstance(target, tuple):  # an index of shape (..., 1)
             target = g.call_method("squeeze", (target[1], -1))
+        stats_kw = {"class_dim": class_dim, "smooth_eps": plan.smooth[0] if plan.smooth else None,
+                    "smooth_weight": plan.smooth[1] if plan.smooth else None}
+        if any(c.row is not None and c.row.nan != (None, None) for c in group):
+            stats_kw["zmin"] = True  # the rows where eager's spelling is NaN (losses.row_statistic)
         stats = g.call_function(
             losses.row_stats,
             (logits, target, plan.alpha, plan.ignore_index, plan.extras, chunk),
-            {"class_dim": class_dim, "smooth_eps": plan.smooth[0] if plan.smooth else None,
-             "smooth_weight": plan.smooth[1] if plan.smooth else None},
+            stats_kw,
         )
     views_cache: dict = {}
     for c in group:
@@ -1021,7 +1095,9 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
                 like = _viewed(g, c.root, views_cache)
                 coefs = tuple(sorted((k, v.encode() if isinstance(v, VPoly) else v) for k, v in c.row.coefs.items()))
                 out_dtype = _dtype(c.node) if c.kind == "row" else torch.float32
-                new = g.call_function(losses.row_statistic, (stats, like, coefs, c.row.keepdim, plan.alpha, out_dtype))
+                nan_kw = {"nan": c.row.nan} if c.row.nan != (None, None) else {}
+                new = g.call_function(losses.row_statistic, (stats, like, coefs, c.row.keepdim, plan.alpha, out_dtype),
+                                      nan_kw)
                 if c.kind == "kl":
                     new = g.call_function(losses.kl_div_reduce, (new, like, c.kl_reduction, _dtype(c.node)))
         graph.copy_meta(new, c.node, values=True)

@@ -1,0 +1,477 @@
+"""The loss family gives eager's semantics exactly - values, NaN/inf, errors - forward
+and backward, in ``ger_loss`` and in the rewrite of user code:
+
+1. class weights of any sign (negative, zero, mixed, summing to 0) with label smoothing;
+2. -inf / NaN / underflowing logits under every entropy spelling (each keeps its own
+   eager NaN convention, also in the gradient), and ger_loss's own convention (0 log 0 = 0)
+   the same eagerly and compiled;
+3. target dtypes: int64 and uint8 as F.cross_entropy takes them, an error for others;
+4. torch.func transforms, forward AD and double backward of ger_loss.
+
+Rewrites are checked with ``compiler='aot_eager'`` (ger's rewrites, no code generation)
+and one small Inductor compile per family (the lowering is what runs in production); every
+compiled check is strict and asserts the rewrite matched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+import ger_inductor
+from ger_inductor import ger_linear_loss, ger_loss, ger_loss_reference
+from ger_inductor.losses import TargetDtypeError
+
+from . import spellings
+
+N, V = 5, 7
+AOT = {"strict": True, "compiler": "aot_eager"}
+INDUCTOR = {"strict": True}
+
+
+def _logits(bad=None, n=N, v=V, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=g, dtype=dtype) * 2
+    if bad == "-inf":
+        z[0, 2] = -math.inf
+    elif bad == "nan":
+        z[1, 3] = math.nan
+    elif bad == "+inf":
+        z[3, 1] = math.inf
+    elif bad == "underflow":  # finite, but p underflows to 0 in float32 (log p = -inf eagerly)
+        z[2, 5] = -300.0
+    elif bad == "masked":  # the -1e9 masking idiom
+        z[1:3, :2] = -1e9
+    return z
+
+
+def _targets(n=N, v=V, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[0] = 3 if v > 3 else 0  # never the -inf class of _logits
+    return y
+
+
+def _weights(kind, v=V, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(v, generator=g) + 0.25
+    if kind == "negative":
+        w[1] = -0.7
+    elif kind == "zero":
+        w[2] = 0.0
+    elif kind == "mixed":
+        w[1], w[2], w[4] = -1.3, 0.0, -0.2
+    elif kind == "sum_zero":
+        w = w - w.mean()
+    elif kind == "all_negative":
+        w = -w
+    return w
+
+
+def _value_and_grad(fn, z0, *args):
+    z = z0.clone().requires_grad_()
+    out = fn(z, *args)
+    (g,) = torch.autograd.grad(out.sum(), z)
+    return out.detach(), g
+
+
+def _assert_same(a, b, tol=2e-5):
+    """Equal values with NaN, +inf and -inf in the same places."""
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+
+def _compiled(fn, options):
+    ger_inductor.clear_reports()
+    return torch.compile(fn, backend="ger", options=dict(options))
+
+
+def _matched(patterns=()):
+    reps = ger_inductor.reports()
+    got = {m.pattern for r in reps for m in r.matches if m.family == "loss_entropy"}
+    assert got, [n.reason for r in reps for n in r.near_misses]
+    assert set(patterns) <= got, (patterns, got)
+    assert not [n for r in reps for n in r.near_misses if n.family == "loss_entropy"], \
+        [n.reason for r in reps for n in r.near_misses]
+    assert all(not r.fallbacks for r in reps)
+
+
+def _check_rewrite(fn, z0, y, options, patterns=(), tol=2e-5):
+    ref, gref = _value_and_grad(fn, z0, y)
+    out, g = _value_and_grad(_compiled(fn, options), z0, y)
+    _matched(patterns)
+    _assert_same(out, ref, tol)
+    _assert_same(g, gref, tol)
+    return ref, gref
+
+
+# ============================================================================ 1. class weights
+WEIGHTS = ["negative", "zero", "mixed", "sum_zero", "all_negative"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", WEIGHTS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_weighted_loss_any_weights_eager(kind, eps, reduction):
+    """ger_loss(weight=w, label_smoothing=eps) is F.cross_entropy for any real weights
+    (was NaN with a negative weight: log of the normalised weights)."""
+    z0, y, w = _logits(), _targets(), _weights(kind)
+    y[4] = -100  # an ignored row
+    ref, gref = _value_and_grad(lambda z, y: F.cross_entropy(z, y, weight=w, label_smoothing=eps,
+                                                             reduction=reduction), z0, y)
+    out, g = _value_and_grad(lambda z, y: ger_loss(z, y, weight=w, label_smoothing=eps, reduction=reduction), z0, y)
+    assert ref.isfinite().all()
+    _assert_same(out, ref)
+    _assert_same(g, gref)
+
+
+@pytest.mark.parametrize("kind", WEIGHTS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weighted_label_smoothing_rewrite(kind, reduction):
+    w = _weights(kind)
+
+    def fn(z, y):
+        return F.cross_entropy(z, y, weight=w, label_smoothing=0.1, ignore_index=4, reduction=reduction)
+
+    ref, _ = _check_rewrite(fn, _logits(), _targets(), AOT, {"cross_entropy(label_smoothing)"})
+    assert ref.isfinite().all()
+
+
+def test_weighted_label_smoothing_rewrite_inductor():
+    w = _weights("mixed")
+
+    def fn(z, y):
+        return F.cross_entropy(z, y, weight=w, label_smoothing=0.1, ignore_index=4)
+
+    _check_rewrite(fn, _logits(), _targets(), INDUCTOR, {"cross_entropy(label_smoothing)"})
+
+
+def test_weighted_label_smoothing_ger_loss_compiled_inductor():
+    w = _weights("mixed")
+    z0, y = _logits(), _targets()
+    ref, gref = _value_and_grad(lambda z, y: F.cross_entropy(z, y, weight=w, label_smoothing=0.1), z0, y)
+    out, g = _value_and_grad(torch.compile(lambda z, y: ger_loss(z, y, weight=w, label_smoothing=0.1), backend="ger",
+                                           options=INDUCTOR), z0, y)
+    _assert_same(out, ref)
+    _assert_same(g, gref)
+
+
+def test_label_smoothing_with_weight_and_base_is_the_soft_target_cross_entropy():
+    """With a base b the smoothing target is (1 - eps) onehot + eps b, weighted per class."""
+    z0, y = _logits(dtype=torch.float64), _targets()
+    w = _weights("mixed").double()
+    b = torch.rand(V, dtype=torch.float64) + 0.1
+    b = b / b.sum()
+    kw = dict(weight=w, base=b, label_smoothing=0.2)
+    ref, gref = _value_and_grad(lambda z, y: ger_loss_reference(z, y, **kw), z0, y)
+    out, g = _value_and_grad(lambda z, y: ger_loss(z, y, **kw), z0, y)
+    _assert_same(out, ref, 1e-10)
+    _assert_same(g, gref, 1e-10)
+
+
+def test_fused_lm_head_with_negative_weights():
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(6, 4, generator=g), torch.randn(V, 4, generator=g)
+    y, w = _targets(6), _weights("mixed")
+    ref, gref = _value_and_grad(lambda h, y: F.cross_entropy(F.linear(h, W), y, weight=w, label_smoothing=0.1), h, y)
+    out, gout = _value_and_grad(lambda h, y: ger_linear_loss(h, W, y, weight=w, label_smoothing=0.1, chunk=4), h, y)
+    _assert_same(out, ref)
+    _assert_same(gout, gref)
+
+
+@pytest.mark.parametrize("call", ["ger_loss", "cross_entropy"])
+def test_fused_lm_head_rewrite_with_negative_weights(call):
+    """The lm_head pass fuses ger_loss's op (or the CE's row statistics) with the head: the
+    smoothing weight reaches the fused op as the op was given it (log u = 0)."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(4, V, bias=False)
+    h, y, w = torch.randn(6, 4, generator=g), _targets(6), _weights("mixed")
+    if call == "ger_loss":
+        fn = lambda h, y: ger_loss(head(h), y, label_smoothing=0.1, weight=w)  # noqa: E731
+    else:
+        fn = lambda h, y: F.cross_entropy(head(h), y, label_smoothing=0.1, weight=w)  # noqa: E731
+    ref, gref = _value_and_grad(lambda h, y: F.cross_entropy(head(h), y, label_smoothing=0.1, weight=w), h, y)
+    out, gout = _value_and_grad(_compiled(fn, {**AOT, "lm_head_chunk": 4}), h, y)
+    assert any(m.family == "lm_head" for r in ger_inductor.reports() for m in r.matches), \
+        [n.reason for r in ger_inductor.reports() for n in r.near_misses]
+    _assert_same(out, ref)
+    _assert_same(gout, gref)
+
+
+# ============================================================================ 2. -inf / NaN logits
+def _entropy_prod(z, y, beta=0.1):
+    """The entropy of the brief: p = softmax(z); H = -(p * log_softmax(z)).sum(-1).mean()."""
+    p = torch.softmax(z, -1)
+    H = -(p * F.log_softmax(z, -1)).sum(-1).mean()
+    return F.cross_entropy(z, y) - beta * H
+
+
+def _entropy_xlogy(z, y, beta=0.1):
+    p = z.softmax(-1)
+    return F.cross_entropy(z, y) + beta * torch.xlogy(p, p).sum(-1).mean()
+
+
+def _entropy_clamped_log(z, y, beta=0.1):
+    p = z.softmax(-1)
+    return F.cross_entropy(z, y) + beta * (p * p.clamp(min=1e-38).log()).sum(-1).mean()
+
+
+def _kl_p_u_log_target(z, y, beta=0.1):
+    lp = F.log_softmax(z, -1)
+    log_u = torch.full_like(lp, math.log(1.0 / z.shape[-1]))
+    return F.cross_entropy(z, y) + beta * F.kl_div(log_u, lp, reduction="batchmean", log_target=True)
+
+
+def _ls_zero_weight(z, y):
+    w = _weights("zero", z.shape[-1])
+    return F.cross_entropy(z, y, weight=w, label_smoothing=0.1)
+
+
+def _ls_negative_weight_sum(z, y):
+    w = _weights("mixed", z.shape[-1])
+    return F.cross_entropy(z, y, weight=w, label_smoothing=0.1, reduction="sum")
+
+
+#: spelling -> (function, patterns the report must show); each has its own eager convention
+NAN_SPELLINGS = {
+    "p_times_log_softmax": (_entropy_prod, {"cross_entropy", "entropy"}),  # NaN where z = -inf
+    "exp_lp_times_lp": (spellings.cp_softmax_logsoftmax, {"cross_entropy", "entropy"}),
+    "p_times_p_log": (spellings.cp_p_log_p, {"cross_entropy", "entropy"}),  # NaN where p = 0 (underflow too)
+    "p_times_torch_log": (spellings.cp_torch_log, {"cross_entropy", "entropy"}),
+    "entr": (spellings.cp_entr, {"cross_entropy", "entropy"}),  # finite value, NaN gradient where p = 0
+    "xlogy": (_entropy_xlogy, {"cross_entropy", "entropy"}),
+    "categorical": (spellings.cp_categorical, {"cross_entropy", "entropy"}),  # clamps: finite, finite
+    "clamped_log": (_entropy_clamped_log, {"cross_entropy", "entropy"}),
+    "kl_div_log_u_p": (spellings.kl_uniform_p_u, {"cross_entropy", "kl_div"}),
+    "kl_div_lp_u": (spellings.kl_uniform_u_p, {"cross_entropy", "kl_div"}),
+    "kl_div_log_target": (_kl_p_u_log_target, {"cross_entropy", "kl_div"}),
+    "label_smoothing": (spellings.ce_label_smoothing, {"cross_entropy(label_smoothing)"}),  # inf
+    "label_smoothing_zero_weight": (_ls_zero_weight, {"cross_entropy(label_smoothing)"}),  # 0 * -inf: NaN
+    "label_smoothing_negative_weights": (_ls_negative_weight_sum, {"cross_entropy(label_smoothing)"}),
+    "fairseq_label_smoothing": (spellings.ls_fairseq, {"target_log_prob", "sum_log_probs"}),
+    "ger_mixture": (spellings.ger_reference_torch, {"nll_loss(log_softmax)", "entropy", "ger_mixture_term"}),
+    "z_loss": (spellings.z_loss, {"cross_entropy"}),
+}
+BAD = ["-inf", "nan", "underflow", "masked", "+inf"]
+
+
+@pytest.mark.parametrize("bad", BAD)
+@pytest.mark.parametrize("name", list(NAN_SPELLINGS))
+def test_spelling_nan_inf_like_eager(name, bad):
+    fn, patterns = NAN_SPELLINGS[name]
+    _check_rewrite(fn, _logits(bad), _targets(), AOT, patterns)
+
+
+def test_the_cases_differ_eagerly():
+    """The oracle has teeth: the spellings disagree with each other where the op alone
+    (0 log 0 = 0) would give one answer."""
+    y = _targets()
+    for bad, name, want in [("-inf", "p_times_log_softmax", "nan"), ("-inf", "entr", "finite"),
+                            ("-inf", "categorical", "finite"), ("underflow", "p_times_p_log", "nan"),
+                            ("underflow", "p_times_log_softmax", "finite"), ("-inf", "label_smoothing", "inf"),
+                            ("-inf", "label_smoothing_zero_weight", "nan")]:
+        out, g = _value_and_grad(NAN_SPELLINGS[name][0], _logits(bad), y)
+        assert {"nan": out.isnan(), "inf": out.isinf(), "finite": out.isfinite()}[want].all(), (bad, name, out)
+    _, g = _value_and_grad(spellings.cp_entr, _logits("-inf"), y)
+    assert g[0].isnan().all() and g[1:].isfinite().all()  # entr: finite loss, NaN gradient row
+    _, g = _value_and_grad(spellings.cp_categorical, _logits("-inf"), y)
+    assert g.isfinite().all()
+
+
+@pytest.mark.parametrize("name,bad", [("p_times_log_softmax", "-inf"), ("p_times_p_log", "underflow"),
+                                      ("entr", "-inf"), ("categorical", "-inf"),
+                                      ("label_smoothing_zero_weight", "-inf"), ("kl_div_log_u_p", "masked")])
+def test_spelling_nan_inf_like_eager_inductor(name, bad):
+    """One real Inductor compile per family: the lowering and the amin that finds the rows."""
+    fn, patterns = NAN_SPELLINGS[name]
+    _check_rewrite(fn, _logits(bad), _targets(), INDUCTOR, patterns)
+
+
+def test_nan_rows_only():
+    """Only the rows with the bad logit turn NaN (value per row and gradient)."""
+    def fn(z, y):
+        p = z.softmax(-1)
+        return F.cross_entropy(z, y, reduction="none") + 0.1 * (p * p.log()).sum(-1)
+
+    ref, g = _check_rewrite(fn, _logits("-inf"), _targets(), AOT, {"cross_entropy", "entropy"})
+    assert ref[0].isnan() and ref[1:].isfinite().all()
+    assert g[0].isnan().all() and g[1:].isfinite().all()
+
+
+NEAR_MISSES = {
+    # log(softmax) read without a p in front: eagerly -inf where p underflows
+    "sum_of_log_p": lambda z, y: F.cross_entropy(z, y) - 0.1 * torch.log(z.softmax(-1)).mean(-1).mean(),
+    "gather_of_log_p": lambda z, y: -torch.log(z.softmax(-1)).gather(-1, y[:, None]).mean() + 0.1 * F.cross_entropy(z, y),
+    "nll_loss_of_log_p": lambda z, y: F.nll_loss(torch.log(F.softmax(z, -1)), y),
+}
+
+
+@pytest.mark.parametrize("bad", ["underflow", None])
+@pytest.mark.parametrize("name", list(NEAR_MISSES))
+def test_log_of_softmax_read_directly_is_left_alone(name, bad):
+    fn = NEAR_MISSES[name]
+    z0, y = _logits(bad), _targets()
+    ref, gref = _value_and_grad(fn, z0, y)
+    out, g = _value_and_grad(_compiled(fn, AOT), z0, y)
+    _assert_same(out, ref)
+    _assert_same(g, gref)
+    reasons = [n.reason for r in ger_inductor.reports() for n in r.near_misses]
+    assert any("log(softmax" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("bad", ["-inf", "nan", "underflow", "+inf"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
+def test_ger_loss_convention_same_eagerly_and_compiled(alpha, bad):
+    """ger_loss's own convention (0 log 0 = 0: a -inf logit is a zero probability) is the
+    same in the eager kernels and the lowering, value and gradient; a NaN or +inf logit
+    makes its row NaN, as F.cross_entropy does."""
+    z0, y = _logits(bad, n=4, v=6), _targets(4, 6)
+
+    def fn(z, y):
+        o = ger_loss(z, y, alpha=alpha, beta=0.3, return_extras=True, reduction="none")
+        return o.loss + 0.1 * o.entropy + 0.01 * o.lse
+
+    ref, gref = _value_and_grad(fn, z0, y)
+    out, g = _value_and_grad(torch.compile(fn, backend="ger", options=INDUCTOR), z0, y)
+    _assert_same(out, ref)
+    _assert_same(g, gref)
+    if bad == "-inf" and alpha < 1.0:
+        assert ref.isfinite().all() and gref.isfinite().all()
+    if bad in ("nan", "+inf"):
+        row = 1 if bad == "nan" else 3
+        ce = F.cross_entropy(z0, y, reduction="none")
+        assert ce[row].isnan() and ref[row].isnan() and gref[row].isnan().all()
+
+
+# ============================================================================ 3. target dtypes
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.bool, torch.float32])
+def test_target_dtype_rejected_like_cross_entropy(dtype):
+    z, y = _logits(), _targets().clamp(max=1).to(dtype)
+    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte"):
+        F.cross_entropy(z, y)
+    calls = {
+        "eager": lambda: ger_loss(z, y, alpha=0.5, beta=0.1),
+        "eager_ls": lambda: ger_loss(z, y, label_smoothing=0.1, weight=_weights("mixed")),
+        "aot_eager": lambda: torch.compile(lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1), backend="ger",
+                                           options=AOT)(z, y),
+        "inductor": lambda: torch.compile(lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1), backend="ger",
+                                          options=INDUCTOR)(z, y),
+    }
+    for where, call in calls.items():
+        with pytest.raises(TargetDtypeError, match="Long or Byte") as e:
+            call()
+        assert isinstance(e.value, RuntimeError) and isinstance(e.value, TypeError), where
+        torch._dynamo.reset()
+
+
+def test_uint8_targets_work_like_int64():
+    z0, y = _logits(), _targets()
+    w = _weights("mixed")
+    for kw in (dict(alpha=0.5, beta=0.2), dict(label_smoothing=0.1, weight=w, reduction="sum")):
+        ref, gref = _value_and_grad(lambda z, y: ger_loss(z, y, **kw), z0, y)
+        for fn in (lambda z, y: ger_loss(z, y, **kw),
+                   torch.compile(lambda z, y: ger_loss(z, y, **kw), backend="ger", options=AOT)):
+            out, g = _value_and_grad(fn, z0, y.to(torch.uint8))
+            _assert_same(out, ref)
+            _assert_same(g, gref)
+        torch._dynamo.reset()
+    ce, gce = _value_and_grad(lambda z, y: F.cross_entropy(z, y), z0, y.to(torch.uint8))
+    out, g = _value_and_grad(lambda z, y: ger_loss(z, y, label_smoothing=0.0), z0, y.to(torch.uint8))
+    _assert_same(out, ce)
+    _assert_same(g, gce)
+
+
+def test_int32_cross_entropy_is_not_rewritten_into_a_number():
+    """F.cross_entropy raises for int32 targets; the rewrite would have computed a loss."""
+    z, y = _logits(), _targets().int()
+    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte"):
+        _compiled(lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1), {"compiler": "aot_eager"})(z, y)
+    reasons = [n.reason for r in ger_inductor.reports() for n in r.near_misses]
+    assert any("int64 or uint8" in r for r in reasons), reasons
+
+
+# ============================================================================ 4. functorch, double backward
+GER_ARGS = [dict(alpha=0.0, beta=0.3), dict(alpha=0.5, beta=0.3), dict(alpha=1.0, beta=0.3),
+            dict(label_smoothing=0.1, weight="mixed"), dict(alpha=0.3, beta=0.4, base="base")]
+
+
+def _kw(kw):
+    kw = dict(kw)
+    if kw.get("weight") == "mixed":
+        kw["weight"] = _weights("mixed").double()
+    if kw.get("base") == "base":
+        b = torch.rand(V, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.1
+        kw["base"] = b / b.sum()
+    return kw
+
+
+@pytest.mark.parametrize("kw", GER_ARGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_functorch_transforms_match_the_reference(kw):
+    """ger_loss under torch.func: the op's math in torch ops (was: grad raised a confusing
+    autograd.Function error, jvp silently returned a zero tangent)."""
+    kw = _kw(kw)
+    z, y = _logits(dtype=torch.float64), _targets()
+    y[2] = -100
+    f = lambda z: ger_loss(z, y, **kw)  # noqa: E731
+    r = lambda z: ger_loss_reference(z, y, **kw)  # noqa: E731
+    t = torch.randn_like(z)
+    zb = z[None] * torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)[:, None, None]
+    yb = torch.stack([y, y.flip(0), y])
+    pairs = {
+        "grad": (torch.func.grad(f)(z), torch.func.grad(r)(z)),
+        "vmap": (torch.vmap(f)(zb), torch.vmap(r)(zb)),
+        "vmap_targets": (torch.vmap(lambda z, y: ger_loss(z, y, **kw))(zb, yb),
+                         torch.vmap(lambda z, y: ger_loss_reference(z, y, **kw))(zb, yb)),
+        "jvp": (torch.func.jvp(f, (z,), (t,))[1], torch.func.jvp(r, (z,), (t,))[1]),
+        "vjp": (torch.func.vjp(f, z)[1](torch.tensor(1.5, dtype=torch.float64))[0],
+                torch.func.vjp(r, z)[1](torch.tensor(1.5, dtype=torch.float64))[0]),
+        "hessian": (torch.func.hessian(f)(z), torch.func.hessian(r)(z)),
+        "per_sample_grad": (torch.vmap(torch.func.grad(f))(zb), torch.vmap(torch.func.grad(r))(zb)),
+    }
+    with fwAD.dual_level():
+        pairs["forward_ad"] = (fwAD.unpack_dual(f(fwAD.make_dual(z, t))).tangent,
+                               fwAD.unpack_dual(r(fwAD.make_dual(z, t))).tangent)
+    for name, (a, b) in pairs.items():
+        assert a is not None and b is not None, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    assert pairs["jvp"][0].abs() > 0
+
+
+@pytest.mark.parametrize("kw", GER_ARGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_double_backward_matches_the_reference(kw):
+    """backward(create_graph=True) then a second backward (was: 'no autograd formula for
+    ger::loss_bwd')."""
+    kw = _kw(kw)
+    z0, y = _logits(dtype=torch.float64), _targets()
+    y[2] = -100
+    t = torch.randn_like(z0)
+    results = []
+    for fn in (ger_loss, ger_loss_reference):
+        z = z0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(z, y, **kw), z, create_graph=True)
+        (h,) = torch.autograd.grad((g * t).sum() + g.pow(2).sum(), z)
+        results.append((g.detach(), h))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_double_backward_with_extras():
+    z0, y = _logits(dtype=torch.float64), _targets()
+    z = z0.clone().requires_grad_()
+    o = ger_loss(z, y, alpha=0.5, beta=0.2, return_extras=True)
+    (g,) = torch.autograd.grad(o.loss + 0.3 * o.entropy + 0.1 * o.lse.pow(2).mean(), z, create_graph=True)
+    (h,) = torch.autograd.grad(g.pow(2).sum(), z)
+
+    def ref(z):
+        lp = torch.log_softmax(z, -1)
+        ent = -(lp.exp() * lp).sum(-1).mean()
+        return ger_loss_reference(z, y, alpha=0.5, beta=0.2) + 0.3 * ent + 0.1 * torch.logsumexp(z, -1).pow(2).mean()
+
+    z2 = z0.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(ref(z2), z2, create_graph=True)
+    (h2,) = torch.autograd.grad(g2.pow(2).sum(), z2)
+    torch.testing.assert_close(g, g2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(h, h2, rtol=1e-9, atol=1e-12)
