@@ -482,7 +482,7 @@ def ger_loss_reference(
 
 
 # ----------------------------------------------------------------------------- rewrite helpers
-# The loss-rewrite pass (passes/loss_entropy.py) replaces subgraphs of user code with
+# The loss-rewrite pass (passes/loss_entropy/) replaces subgraphs of user code with
 # calls to these functions, which AOTAutograd traces like any other torch code.
 class RowStats(NamedTuple):
     nll: Tensor

@@ -1,0 +1,247 @@
+"""Classification: which graph nodes are loss-like reductions of one logits tensor
+(a :class:`Candidate`: the node, its root, its per-row statistics), found through the
+evaluator; F.cross_entropy / nll_loss / kl_div are read with their options (targets,
+weights, ignore_index, label smoothing, reduction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ... import losses, shapes
+from ..graph import arg as _arg, dtype as _dtype, is_op as _is, shape as _shape, target_of as _target_of, val as _val
+from .algebra import NotRepresentable, Root, Row, Vocab, add_coef, lse_row, vscale
+from .evaluate import (
+    Evaluator, CE, GATHER, KL, LOGSUMEXP, LOG_SOFTMAX, MEAN, NLL, SOFTMAX, SUM, class_dim_ok,
+    refuse_log_of_probabilities,
+)
+
+
+# ----------------------------------------------------------------------------- candidates
+@dataclasses.dataclass
+class Candidate:
+    node: fx.Node
+    kind: str  # row | ce | kl
+    root: Root
+    row: Row | None = None
+    ce: dict[str, Any] | None = None  # target, weight, ignore_index, reduction, label_smoothing, class_dim
+    kl_reduction: str | None = None
+    operands: tuple = ()  # vocabulary-level nodes the candidate consumes
+
+
+def classify(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
+    """A class-dimension reduction (or a loss call) whose value is a GER statistic, or None.
+    ``guard(cond, why)`` (``PassContext.guard``) is asked for size conditions that are not
+    known to hold for every size (symbolic sizes)."""
+    t = _target_of(n) if n.op in ("call_function", "call_method") else None
+    if t is None:
+        return None
+    if t in CE or t in NLL:
+        return _classify_ce(ev, n, nll=t in NLL)
+    if t in KL:
+        return _classify_kl(ev, n)
+    if t in SUM or t in MEAN:
+        x = n.args[0]
+        dim = _arg(n, 1, "dim")
+        shp = _shape(x)
+        if shp is None or dim is None or not isinstance(_val(x), torch.Tensor):
+            return None
+        v = _value_if_loss_like(ev, x)
+        if not isinstance(v, Vocab):
+            return None
+        if not class_dim_ok(n, dim, len(shp)):
+            raise NotRepresentable("reduction over a dimension other than the classes", n)
+        row = ev.reduce(v, mean=t in MEAN, keepdim=bool(_arg(n, 2, "keepdim", False)))
+        return Candidate(n, "row", v.root, row=row, operands=(x,))
+    if t in LOGSUMEXP:
+        x = n.args[0]
+        shp = _shape(x)
+        if shp is None or not class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
+            return None
+        root = ev.root_of(x)
+        return Candidate(n, "row", root, row=Row(root, {"L": 1.0}, keepdim=bool(_arg(n, 2, "keepdim", False))))
+    if t in GATHER:
+        x = n.args[0]
+        v = _value_if_loss_like(ev, x)
+        if not isinstance(v, Vocab):
+            return None
+        try:
+            refuse_log_of_probabilities(v, "a gather at the target")
+        except NotRepresentable as e:
+            raise NotRepresentable(e.reason, n) from None
+        shp = _shape(x)
+        if shp is None or not class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
+            raise NotRepresentable("gather over a dimension other than the classes", n)
+        index = _arg(n, 2, "index")
+        # gather also takes an index with fewer rows than the logits (rows 0..k-1): the op
+        # needs one target per row, known for every size or guarded
+        ishape = _shape(index)
+        if ishape is None or len(ishape) != len(shp) or not shapes.known_equal(ishape[-1], 1) or not (
+            shapes.known_equal(ishape[:-1], shp[:-1])
+            or (guard is not None and guard(_rows_equal(ishape[:-1], shp[:-1]), GATHER_ROWS_WHY))
+        ):
+            raise NotRepresentable("gather with an index that is not one target per row", n)
+        target = _squeeze_last(index)
+        if target is None:
+            target = ("squeeze", index)  # e.g. clamp(y.unsqueeze(-1), min=0): squeezed at rewrite
+        coefs: dict[str, float] = {}
+        for k, c in v.terms.items():
+            if k == "z":
+                coefs["zy"] = coefs.get("zy", 0.0) + c
+            elif k == "one":
+                for kk, cc in (c.coefs.items() if isinstance(c, Row) else (("one", c),)):
+                    coefs[kk] = coefs.get(kk, 0.0) + cc
+            else:
+                raise NotRepresentable("gather of probabilities (not a log-likelihood)", n)
+        row = Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=True, target=target)
+        return Candidate(n, "row", v.root, row=row, operands=(x,))
+    return None
+
+
+#: why the gather rewrite asks for a guard when the sizes are symbolic
+GATHER_ROWS_WHY = "gather's index has one target per row of the logits (gather also accepts fewer rows)"
+
+
+def _rows_equal(a: tuple, b: tuple):
+    """The SymBool (or bool) ``a == b`` elementwise, for PassContext.guard."""
+    conds = [x == y for x, y in zip(a, b)]
+    if any(c is False for c in conds):
+        return False
+    symbolic = [c for c in conds if c is not True]
+    if not symbolic:
+        return True
+    cond = symbolic[0]
+    for c in symbolic[1:]:
+        cond = cond & c
+    return cond
+
+
+def _value_if_loss_like(ev: Evaluator, x):
+    """x's symbolic value; None if x has nothing to do with log-probabilities; re-raises
+    (a near-miss) when a softmax-family op is involved but the whole is not a statistic."""
+    try:
+        return ev.value(x)
+    except NotRepresentable:
+        if _has_softmax_ancestor(x):
+            raise
+        return None
+
+
+def _has_softmax_ancestor(node, depth: int = 8) -> bool:
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if _is(n, LOG_SOFTMAX | SOFTMAX) or (n.op == "call_function" and n.target is torch.ops.ger.loss_fwd.default):
+                return True
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def _squeeze_last(index) -> fx.Node | None:
+    """y from y.unsqueeze(-1) / y.view(..., 1) / y[..., None]."""
+    if not isinstance(index, fx.Node):
+        return None
+    shp = _shape(index)
+    if shp is None or not shp or not shapes.known_equal(shp[-1], 1):
+        return None
+    if _is(index, {"unsqueeze", torch.unsqueeze}) and _arg(index, 1, "dim") in (-1, len(shp) - 1):
+        return index.args[0]
+    if _is(index, {"view", "reshape"}) and shapes.known_equal(_shape(index.args[0]), shp[:-1]):
+        return index.args[0]
+    if index.op == "call_function" and index.target is operator.getitem:
+        src, idx = index.args
+        if isinstance(idx, tuple) and idx and idx[-1] is None and shapes.known_equal(_shape(src), shp[:-1]):
+            return src
+    return None
+
+
+def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
+    x, target = n.args[0], _arg(n, 1, "target")
+    weight = _arg(n, 2, "weight")
+    size_average, reduce_ = _arg(n, 3, "size_average"), _arg(n, 5, "reduce")
+    ignore_index = _arg(n, 4, "ignore_index", -100)
+    reduction = _arg(n, 6, "reduction", "mean")
+    eps = 0.0 if nll else _arg(n, 7, "label_smoothing", 0.0)
+    if size_average is not None or reduce_ is not None:
+        raise NotRepresentable("deprecated size_average/reduce arguments", n)
+    if not isinstance(ignore_index, int) or not isinstance(reduction, str) or not isinstance(eps, (int, float)):
+        raise NotRepresentable("loss arguments that are not constants", n)
+    tdt = _dtype(target)
+    if tdt is None or tdt.is_floating_point:
+        raise NotRepresentable("soft targets (class probabilities) are not a smoothing of one-hot targets", n)
+    if tdt not in losses.TARGET_DTYPES:  # eager raises "expected target dtype to be Long or Byte"
+        raise NotRepresentable(f"{tdt} targets: F.cross_entropy takes int64 or uint8 class indices (eagerly an error)", n)
+    if weight is not None and not isinstance(_val(weight), torch.Tensor):
+        raise NotRepresentable("weight that is not a tensor", n)
+    shp = _shape(x)
+    if shp is None or len(shp) < 1:
+        raise NotRepresentable("logits of unknown shape", n)
+    class_dim = 1 if len(shp) >= 3 else len(shp) - 1
+    if nll:
+        v = ev.value(x)
+        if not (isinstance(v, Vocab) and v.is_(z=1.0, one=lse_row(v.root, -1.0))):
+            raise NotRepresentable("nll_loss of something other than log_softmax(logits)", n)
+        if v.inf == "p0":
+            raise NotRepresentable("nll_loss of log(softmax(...)): eagerly inf where the target's probability "
+                                   "underflows to 0; written with log_softmax it is rewritten", n)
+        if len(shp) >= 3:
+            raise NotRepresentable("nll_loss with classes in dim 1 of a >2-d input", n)
+        root = v.root
+        operands = (x,)
+    else:
+        if len(shp) >= 3:
+            root = Root(x, ())  # (N, C, d...) layout: the op reads it through a view
+        else:
+            root = ev.root_of(x)
+        operands = ()
+    spec = dict(target=target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=float(eps), class_dim=class_dim)
+    return Candidate(n, "ce", root, ce=spec, operands=operands)
+
+
+def _classify_kl(ev: Evaluator, n: fx.Node) -> Candidate:
+    inp, tgt = n.args[0], _arg(n, 1, "target")
+    reduction = _arg(n, 4, "reduction", "mean")
+    log_target = bool(_arg(n, 5, "log_target", False))
+    if _arg(n, 2, "size_average") is not None or _arg(n, 3, "reduce") is not None:
+        raise NotRepresentable("deprecated size_average/reduce arguments", n)
+    if reduction not in ("sum", "batchmean", "mean"):
+        raise NotRepresentable(f"kl_div with reduction={reduction!r} is not per row", n)
+    a, b = ev.value(inp), ev.value(tgt)
+    if not isinstance(a, Vocab) or not isinstance(b, Vocab):
+        raise NotRepresentable("kl_div between tensors that are not both vocabulary-level", n)
+    # elementwise: target * (log target - input)   (log_target: exp(t) * (t - input))
+    if log_target:
+        t_prob = Vocab(b.root, {"p": 1.0}) if b.is_(z=1.0, one=lse_row(b.root, -1.0)) else None
+    else:
+        t_prob = b
+    if a.is_(z=1.0, one=lse_row(a.root, -1.0)) and not log_target and set(b.terms) == {"one"} and isinstance(b.terms["one"], float):
+        c = b.terms["one"]  # sum_j c (log c - log p_j), the KL(u||p) direction when c = 1/V
+        row = ev.reduce(Vocab(a.root, {"one": c * math.log(c) if c > 0 else 0.0}), False, False)
+        row2 = ev.reduce(vscale(a, -c), False, False)
+        coefs = dict(row.coefs)
+        for k, v in row2.coefs.items():
+            coefs[k] = coefs.get(k, 0.0) + v
+        return Candidate(n, "kl", a.root, row=Row(a.root, coefs), kl_reduction=reduction, operands=(inp, tgt))
+    if set(a.terms) == {"one"} and isinstance(a.terms["one"], float) and t_prob is not None and t_prob.is_(p=1.0):
+        # sum_j p_j (log p_j - log u_j): KL(p||u) with input = log u
+        lu = a.terms["one"]
+        row = ev.reduce(Vocab(t_prob.root, {"pz": 1.0, "p": add_coef(lse_row(t_prob.root, -1.0), -lu)}), False, False)
+        # eagerly: xlogy(p, p) is 0 at p = 0 but its gradient (0 / 0) NaN; with log_target,
+        # exp(t) * (t - input) is NaN where t = -inf
+        row.nan = (b.inf, b.inf) if log_target else (None, t_prob.inf)
+        return Candidate(n, "kl", t_prob.root, row=row, kl_reduction=reduction, operands=(inp, tgt))
+    raise NotRepresentable("kl_div that is not between the model's distribution and a constant one", n)
+
+

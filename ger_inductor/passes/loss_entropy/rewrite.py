@@ -1,0 +1,354 @@
+"""The plan and the rewrite: group the candidates of each logits tensor, decide the
+statistics and the strategy (fleet), check that the moved reads cross no write or mode
+switch (passes/graph.py), and replace the reductions by O(rows) combinations of one
+``ger::loss_fwd`` call; the N x V intermediates become dead and are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ... import fleet, losses, shapes
+from .. import graph
+from ..graph import (
+    SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, mutates, dtype as _dtype, is_op as _is, shape as _shape,
+    target_of as _target_of, val as _val,
+)
+from .algebra import NotRepresentable, Root, VPoly, Vocab
+from .evaluate import Evaluator, NLL
+from .classify import Candidate, classify
+
+
+FAMILY = "loss_entropy"
+LOSS_FWD = (torch.ops.ger.loss_fwd, torch.ops.ger.loss_fwd.default)
+#: ignore_index for statistics read through gather (every target is then a valid class)
+NO_IGNORE = -(2**62)
+
+
+#: the functions the rewrite inserts into graphs (AOTAutograd traces through them)
+GRAPH_FUNCTIONS = (losses.row_stats, losses.cross_entropy_from_stats, losses.row_statistic, losses.kl_div_reduce)
+
+
+# ----------------------------------------------------------------------------- the pass
+def run(gm: fx.GraphModule, ctx) -> bool:
+    changed = _set_strategy_of_existing_ops(gm, ctx)
+    ev = Evaluator()
+    cands: list[Candidate] = []
+    for n in list(gm.graph.nodes):
+        try:
+            c = classify(ev, n, guard=ctx.guard)
+        except NotRepresentable as e:
+            ctx.near_miss("loss_statistic", e.node or n, e.reason)
+            continue
+        if c is not None:
+            eager = ctx.eager_reason(n)
+            if eager is not None:
+                ctx.near_miss("loss_statistic", n, f"left to run eagerly: {eager}")
+                continue
+            cands.append(c)
+    groups: dict[Root, list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault(_group_key(c.root), []).append(c)
+    for root, group in groups.items():
+        plan = _plan(ev, root, group, ctx)
+        if plan is not None and _absorbs_eager_node(group, plan, ctx):
+            continue
+        if plan is not None and _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
+            _rewrite(gm, root, group, plan, ctx)
+            changed = True
+    return changed
+
+
+def _absorbs_eager_node(group: list[Candidate], plan: Plan, ctx) -> bool:
+    """Whether the rewrite would remove a node that must run eagerly (``eager_ops``, a
+    device without Inductor): an intermediate it absorbs (a softmax, a log_softmax, a
+    product) is removed with the statistics. Refused then, a near-miss naming it."""
+    for n in sorted(plan.vocab, key=lambda n: n.name):
+        eager = ctx.eager_reason(n)
+        if eager is not None:
+            for c in group:
+                ctx.near_miss("cross_entropy+entropy", c.node,
+                              f"{n.name} must run eagerly ({eager}); the rewrite would fuse it away")
+            return True
+    return False
+
+
+def _group_key(root: Root) -> Root:
+    return Root(root.base, ())
+
+
+def _set_strategy_of_existing_ops(gm: fx.GraphModule, ctx) -> bool:
+    """ger_loss called directly: give its op the chunk size of this graph's profile."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in LOSS_FWD:
+            V = (_shape(n.args[0]) or (None, None))[1]
+            chunk = fleet.loss_chunk(torch.device(ctx.profile.device_type), V if isinstance(V, int) else None, profile=ctx.profile)
+            changed |= graph.set_op_arg(n, "chunk", chunk)
+            ctx.strategy(**{k: v for k, v in fleet.strategy(FAMILY, ctx.profile).items() if k != "why"})
+    return changed
+
+
+@dataclasses.dataclass
+class Plan:
+    target: fx.Node
+    ignore_index: int
+    alpha: float
+    extras: bool
+    ce: Candidate | None
+    smooth: tuple | None  # (eps, weight node) for weighted label smoothing
+    vocab: set  # the N x V intermediates the rewrite makes dead
+
+
+def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None:
+    """Decide the single op call that serves every statistic of this logits tensor."""
+    ces = [c for c in group if c.kind == "ce"]
+    rows = [c for c in group if c.kind in ("row", "kl")]
+    zy_targets = {id(c.row.target): c.row.target for c in rows if c.row.target is not None and "zy" in c.row.coefs}
+
+    def refuse(reason: str, cands=None) -> None:
+        for c in cands or group:
+            ctx.near_miss("cross_entropy+entropy", c.node, reason)
+        return None
+
+    if len(ces) > 1:
+        return refuse("several cross-entropy losses on one logits tensor")
+    targets = ([ces[0].ce["target"]] if ces else []) + list(zy_targets.values())
+    if not targets:
+        if all(c.kind == "row" and set(c.row.coefs) <= {"L"} for c in group):
+            return None  # a logsumexp of some tensor: nothing to do with a loss
+        return refuse("entropy/KL term without a cross-entropy on the same logits (e.g. a temperature inside only one softmax): not a GER loss")
+    if len({_strip_views(t) if isinstance(t, fx.Node) else t[1] for t in targets}) > 1:
+        return refuse("statistics of one logits tensor with different targets")
+    # vocabulary-level intermediates must not be used elsewhere (they would stay materialised)
+    inside = {c.node for c in group}
+    vocab = set()
+    for c in group:
+        vocab |= _vocab_closure(ev, c.operands)
+    for v in vocab:
+        for u in v.users:
+            if u not in inside and u not in vocab and not _is(u, _SHAPE_ONLY):
+                return refuse(f"log-probabilities/probabilities ({v.name}) are also used by {u.name}: the N x V tensor would stay")
+    # the statistics needed decide alpha and extras
+    needed = set()
+    alphas = set()
+    for c in rows:
+        needed |= set(c.row.coefs)
+        if c.row.alpha is not None and ({"plogm", "ulogm"} & set(c.row.coefs)):
+            alphas.add(c.row.alpha)
+    if len(alphas) > 1:
+        return refuse("two different GER mixtures on one logits tensor")
+    alpha = alphas.pop() if alphas else 1.0
+    if "zsum" in needed and alpha != 1.0:
+        return refuse("a sum of logits together with a GER mixture (two passes)")
+    smooth = None
+    ce = ces[0] if ces else None
+    if ce is not None and ce.ce["label_smoothing"] and ce.ce["weight"] is not None:
+        if needed & {"zsum"}:
+            return refuse("weighted label smoothing together with another KL(u||p) term")
+        smooth = (ce.ce["label_smoothing"], ce.ce["weight"])
+    if ce is not None and ce.ce["class_dim"] != len(_shape(ce.node.args[0])) - 1 and rows:
+        return refuse("cross-entropy with classes in dim 1 together with hand-written terms")
+    if ce is not None and zy_targets and ce.ce["ignore_index"] >= 0:
+        # the op zeroes nll where target == ignore_index; a gather at that (valid) class
+        # would then read L instead of z_y
+        return refuse("a target log-probability read by gather beside a cross-entropy whose ignore_index "
+                      "is a valid class")
+    extras = bool(needed & {"ez", "plogm"})
+    ignore_index = ce.ce["ignore_index"] if ce is not None else NO_IGNORE
+    return Plan(targets[0], ignore_index, alpha, extras, ce, smooth, vocab)
+
+
+def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], ctx) -> bool:
+    """The op reads the logits, targets and weights once, before the first statistic it
+    replaces; every statistic and intermediate it absorbs read them at its own position.
+    Refused (near-miss naming the node) when something between writes one of them
+    (through any alias) or switches modes: the statistics would differ from eager's."""
+    g = gm.graph
+    first = min((c.node for c in group), key=_order(g))
+    reads = []
+    for c in group:
+        closure = _vocab_closure(ev, c.operands) | {c.node}
+        for n in closure:
+            reads.extend((n, a) for a in n.all_input_nodes if a not in closure)
+    effects = graph.Effects(gm)
+    barrier = effects.first_barrier(reads, first)
+    reason = graph.moved_reads_reason(barrier) if barrier is not None else None
+    logits = group[0].root.base
+    lv = _val(logits)
+    if reason is None and isinstance(lv, torch.Tensor) and lv.requires_grad:
+        # the op saves the logits for its backward, where eager's softmax / log_softmax
+        # saved their outputs: a later write to the logits would raise autograd's
+        # version error in ger only
+        pos = effects.order
+        later = [m for m in effects.writers_of(logits) if pos[m] > pos[first]]
+        if later:
+            reason = (f"{graph.describe(later[0])} writes the logits after the loss: the fused op saves them for "
+                      "its backward (eager saves only the softmax outputs), so autograd would raise where eager runs")
+    if reason is None:
+        return True
+    for c in group:
+        ctx.near_miss("cross_entropy+entropy", c.node, reason)
+    return False
+
+
+def _hoist_operands(g: fx.Graph, group: list[Candidate], plan: Plan, ctx) -> bool:
+    """The op goes before the first statistic it replaces; a target (or smoothing weight)
+    computed later, e.g. ``y.flatten()`` written after an entropy term, is moved up to
+    it when it is pure code that nothing in between mutates. Else a near-miss."""
+    first = min((c.node for c in group), key=_order(g))
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    target = plan.target[1] if isinstance(plan.target, tuple) else plan.target
+    operands = [target] + ([plan.smooth[1]] if plan.smooth and isinstance(plan.smooth[1], fx.Node) else [])
+    late: set = set()
+
+    def collect(n) -> bool:
+        if not isinstance(n, fx.Node) or pos[n] < pos[first] or n in late:
+            return True
+        if n.op not in ("call_function", "call_method") or mutates(n):
+            return False
+        late.add(n)
+        return all(collect(a) for a in n.all_input_nodes)
+
+    if all(collect(o) for o in operands):
+        last = max((pos[n] for n in late), default=-1)
+        if not any(mutates(n) for n in g.nodes if pos[first] <= pos[n] <= last and n not in late):
+            for n in sorted(late, key=pos.get):
+                first.prepend(n)
+            return True
+    for c in group:
+        ctx.near_miss("cross_entropy+entropy", c.node, "the target is computed after a statistic that needs it, by "
+                                                       "code that cannot be moved up")
+    return False
+
+
+def _strip_views(node):
+    while isinstance(node, fx.Node) and _is(node, _VIEWS | {"unsqueeze", "squeeze"}):
+        node = node.args[0]
+    return node
+
+
+def _vocab_closure(ev: Evaluator, nodes) -> set:
+    out = set()
+    stack = [n for n in nodes if isinstance(n, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in out or not isinstance(ev.memo.get(n), Vocab):
+            continue
+        out.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    return out
+
+
+def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan, ctx) -> None:
+    g = gm.graph
+    first = min((c.node for c in group), key=_order(g))
+    logits = root.base
+    shp = _shape(logits)
+    ce = plan.ce
+    # the (N, C, d...) layout keeps the loss input as its root; class-last roots may be views
+    class_dim = ce.ce["class_dim"] if ce is not None and ce.root.base is ce.node.args[0] else len(shp) - 1
+    V = shp[class_dim]
+    chunk = fleet.loss_chunk(torch.device(ctx.profile.device_type), V if isinstance(V, int) else None, profile=ctx.profile)
+    with g.inserting_before(first):
+        target = plan.target
+        if isinstance(target, tuple):  # an index of shape (..., 1)
+            target = g.call_method("squeeze", (target[1], -1))
+        stats_kw = {"class_dim": class_dim, "smooth_eps": plan.smooth[0] if plan.smooth else None,
+                    "smooth_weight": plan.smooth[1] if plan.smooth else None}
+        if any(c.row is not None and c.row.nan != (None, None) for c in group):
+            stats_kw["zmin"] = True  # the rows where eager's spelling is NaN (losses.row_statistic)
+        stats = g.call_function(
+            losses.row_stats,
+            (logits, target, plan.alpha, plan.ignore_index, plan.extras, chunk),
+            stats_kw,
+        )
+    views_cache: dict = {}
+    for c in group:
+        with g.inserting_before(c.node):
+            if c.kind == "ce":
+                new = g.call_function(
+                    losses.cross_entropy_from_stats,
+                    (stats, logits, c.ce["target"], c.ce["weight"], c.ce["ignore_index"], c.ce["reduction"],
+                     c.ce["label_smoothing"], _dtype(c.node), class_dim),
+                )
+            else:
+                like = _viewed(g, c.root, views_cache)
+                coefs = tuple(sorted((k, v.encode() if isinstance(v, VPoly) else v) for k, v in c.row.coefs.items()))
+                out_dtype = _dtype(c.node) if c.kind == "row" else torch.float32
+                nan_kw = {"nan": c.row.nan} if c.row.nan != (None, None) else {}
+                new = g.call_function(losses.row_statistic, (stats, like, coefs, c.row.keepdim, plan.alpha, out_dtype),
+                                      nan_kw)
+                if c.kind == "kl":
+                    new = g.call_function(losses.kl_div_reduce, (new, like, c.kl_reduction, _dtype(c.node)))
+        graph.copy_meta(new, c.node, values=True)
+        c.node.replace_all_uses_with(new)
+        g.erase_node(c.node)
+        ctx.match(
+            _pattern_name(c), [c.node, stats], alpha=plan.alpha, extras=plan.extras, chunk=chunk,
+            statistics=sorted(c.row.coefs) if c.row else ["nll"],
+        )
+        plan.vocab.add(new)  # a replacement nobody reads (e.g. a logsumexp inside an entropy)
+    ctx.strategy(**{k: v for k, v in fleet.strategy(FAMILY, ctx.profile).items() if k != "why"})
+    # shape queries (x.size(-1)) of the intermediates read the logits' (equal) shape instead
+    for v in plan.vocab:
+        for u in list(v.users):
+            if _is(u, _SHAPE_ONLY) and _shape(v) is not None:
+                like = _viewed(g, root, views_cache) if shapes.known_equal(_shape(_viewed(g, root, views_cache)), _shape(v)) else None
+                if like is not None:
+                    u.replace_input_with(v, like)
+    _drop_dead(g, plan.vocab)
+
+
+def _viewed(g: fx.Graph, root: Root, cache: dict) -> fx.Node:
+    """The root's views re-applied to its (pre-cast) base: free views, no N x V data."""
+    if root.views in cache:
+        return cache[root.views]
+    cur = root.base
+    for target, args, kwargs in root.views:
+        if isinstance(target, str):
+            cur = g.call_method(target, (cur, *args), dict(kwargs))
+        else:
+            cur = g.call_function(target, (cur, *args), dict(kwargs))
+    cache[root.views] = cur
+    return cur
+
+
+def _order(g: fx.Graph):
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    return lambda n: pos[n]
+
+
+def _pattern_name(c: Candidate) -> str:
+    if c.kind == "ce":
+        t = _target_of(c.node)
+        if t in NLL:
+            return "nll_loss(log_softmax)"
+        return "cross_entropy" + ("(label_smoothing)" if c.ce["label_smoothing"] else "")
+    if c.kind == "kl":
+        return "kl_div"
+    keys = set(c.row.coefs)
+    if keys & {"plogm", "ulogm"}:
+        return "ger_mixture_term"
+    if "ez" in keys:
+        return "entropy"
+    if "zy" in keys:
+        return "target_log_prob"
+    if "zsum" in keys:
+        return "sum_log_probs"
+    return "row_statistic"
+
+
+def _drop_dead(g: fx.Graph, vocab: set) -> None:
+    """Remove the N x V intermediates the rewrite left without users."""
+    removed = True
+    while removed:
+        removed = False
+        for n in reversed(list(g.nodes)):
+            if n in vocab and not n.users:
+                g.erase_node(n)
+                vocab.discard(n)
+                removed = True
