@@ -4,6 +4,7 @@ Generalized Entropy Regularization).
 
     model = torch.compile(model, backend="ger")          # no import needed
     from ger_inductor import ger_loss, GERLoss           # the GER loss family
+    from ger_inductor import ger_distill_loss, ger_token_stats  # distillation / RL rows
 
 Importing this package is light: it registers the ``ger::`` custom ops (schemas only)
 and nothing else - no Inductor import, no CUDA initialisation, no pattern tracing.
@@ -14,6 +15,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .debug import GraphReport, clear_reports, last_report, reports
+from .distill import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
+                      ger_token_stats, ger_token_stats_reference)
 from .distributed import ger_loss_vocab_parallel
 from .fleet import PINNED_PROFILES, DeviceProfile
 from .lm_head import ger_linear_loss
@@ -27,6 +30,12 @@ __all__ = [
     "ger_loss_reference",
     "ger_loss_vocab_parallel",
     "ger_linear_loss",
+    "ger_distill_loss",
+    "ger_distill_reference",
+    "ger_linear_distill_loss",
+    "ger_token_stats",
+    "ger_token_stats_reference",
+    "TokenStats",
     "GerOptions",
     "DeviceProfile",
     "PINNED_PROFILES",

@@ -86,13 +86,13 @@ def _runtime_check(cond: Tensor, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_number(name: str, value, lo: float, hi: float | None) -> float:
+def _check_number(name: str, value, lo: float, hi: float | None, who: str = "ger_loss") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"ger_loss: {name} must be a Python float, got {type(value).__name__}")
+        raise TypeError(f"{who}: {name} must be a Python float, got {type(value).__name__}")
     v = float(value)
     if not (v >= lo and (hi is None or v <= hi)):  # also rejects NaN
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"ger_loss: {name} must be in {rng}, got {value}")
+        raise ValueError(f"{who}: {name} must be in {rng}, got {value}")
     return v
 
 

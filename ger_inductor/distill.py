@@ -1,0 +1,969 @@
+"""Two-distribution rows: distillation losses and per-token policy-gradient statistics.
+
+Per row, with student logits z_s, teacher logits z_t, temperature T,
+p_s = softmax(z_s / T), p_t = softmax(z_t / T) and m = beta p_t + (1 - beta) p_s:
+
+    KL(p_t || p_s)                                  forward KL
+    KL(p_s || p_t)                                  reverse KL
+    JSD_beta = beta KL(p_t || m) + (1 - beta) KL(p_s || m)
+             = beta (1 - beta) J_beta               J_beta: GER's skew-Jensen, teacher as p, student as u
+
+Two conventions, named by ``convention``:
+
+* ``"jsd"`` (the default; TRL's ``GKDTrainer.generalized_jsd_loss``, Liger-Kernel's
+  ``LigerJSD`` / fused linear JSD): the unnormalised JSD_beta for 0 < beta < 1, with the
+  ends special-cased: beta = 0 is the forward KL(p_t || p_s), beta = 1 the reverse
+  KL(p_s || p_t). (The unnormalised JSD itself tends to 0 at both ends, so this
+  convention jumps there, exactly as the trainers do.)
+* ``"skew_jensen"``: the normalised J_beta = JSD_beta / (beta (1 - beta)), which runs
+  continuously from KL(p_t || p_s) (beta -> 0) to KL(p_s || p_t) (beta -> 1).
+
+The loss per row is ``(1 - hard_weight) * T**2 * D + hard_weight * CE(z_s, y)``: the
+distillation term D times T^2 (Hinton et al. 2015: gradient magnitudes comparable across
+T; TRL's and Liger's JSD functions do not multiply by T^2, so at T != 1 their numbers are
+ours / T^2), the hard-label cross-entropy on the *untempered* student logits (Hinton et
+al.; Liger-Kernel's distillation base). 'mean' divides by the number of rows whose target
+is not ``ignore_index`` (all rows without a target), as F.cross_entropy and TRL's
+'batchmean' with labels do.
+
+``ger_token_stats``: per token, log p(y) and the entropy of softmax(z / T), and the k1 /
+k2 / k3 estimators of KL(pi || pi_ref) at the sampled token (verl ``kl_penalty``, TRL
+GRPO). See docs/ger.md, "Distillation and policy-gradient rows".
+
+The ops run chunks of rows and save O(rows) statistics (plus the inputs) for an analytic
+backward; ``ger_linear_distill_loss`` also chunks the two lm heads so that no N x V
+tensor of either model exists.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _compat
+from . import losses as _losses
+from .ops import linear_loss as _lin
+from .ops.ger_loss import _xmul
+
+CONVENTIONS = ("jsd", "skew_jensen")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+#: default size of one (rows, V) compute-dtype buffer of a chunk (a chunk uses ~10 of them)
+CHUNK_BYTES = 32 << 20
+
+
+# ----------------------------------------------------------------------------- configuration
+class DistillConfig(NamedTuple):
+    """Checked arguments. kind: "fwd" (KL(p_t||p_s)), "rev" (KL(p_s||p_t)) or "mix"
+    (D = wt KL(p_t||m) + ws KL(p_s||m)); hard: whether the CE term is formed."""
+
+    kind: str
+    beta: float
+    wt: float
+    ws: float
+    T: float
+    hw: float
+    hard: bool
+    ignore_index: int
+    reduction: str
+    convention: str
+    cd: torch.dtype
+
+
+def _compute_dtype(*dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _positive(who: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}: {name} must be a Python float, got {type(value).__name__}")
+    v = float(value)
+    if not (v > 0.0 and math.isfinite(v)):
+        raise ValueError(f"{who}: {name} must be a finite number > 0, got {value}")
+    return v
+
+
+def _config(who: str, *, beta, temperature, hard_weight, ignore_index, reduction, convention, has_target,
+            dtypes) -> DistillConfig:
+    b = _losses._check_number("beta", beta, 0.0, 1.0, who=who)
+    T = _positive(who, "temperature", temperature)
+    hw = _losses._check_number("hard_weight", hard_weight, 0.0, 1.0, who=who)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{who}: ignore_index must be an int")
+    if reduction not in _losses.REDUCTIONS:
+        raise ValueError(f"{who}: reduction must be one of {_losses.REDUCTIONS}, got {reduction!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{who}: convention must be one of {CONVENTIONS} ('jsd': the trainers' unnormalised "
+                         f"JSD_beta, 'skew_jensen': J_beta = JSD_beta / (beta (1 - beta))), got {convention!r}")
+    if hw > 0.0 and not has_target:
+        raise ValueError(f"{who}: hard_weight={hard_weight} mixes in the hard-label cross-entropy: pass target")
+    if b == 0.0:
+        kind, wt, ws = "fwd", 1.0, 0.0
+    elif b == 1.0:
+        kind, wt, ws = "rev", 0.0, 1.0
+    elif convention == "jsd":
+        kind, wt, ws = "mix", b, 1.0 - b
+    else:
+        kind, wt, ws = "mix", 1.0 / (1.0 - b), 1.0 / b
+    return DistillConfig(kind, b, wt, ws, T, hw, hw > 0.0, ignore_index, reduction, convention,
+                         _compute_dtype(*dtypes))
+
+
+def _check_target(who: str, target: Optional[Tensor], rows_shape, device, what: str) -> None:
+    if target is None:
+        return
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{who}: target must be a tensor of class indices or None")
+    _losses._check_target_dtype(target, who)
+    if tuple(target.shape) != tuple(rows_shape):
+        raise ValueError(f"{who}: target shape {list(target.shape)} does not match {what}: expected "
+                         f"{list(rows_shape)}")
+    if target.device != device:
+        raise ValueError(f"{who}: target is on {target.device} but the inputs are on {device}")
+
+
+def _check_target_range(who: str, y: Tensor, V: int, ignore_index: Optional[int]) -> None:
+    """Eager check (host sync) that every used target is a class (skipped when compiling
+    or under a torch.func transform of the target)."""
+    if _losses._is_compiling() or _compat.functorch_transformed(y):
+        return
+    bad = (y < 0) | (y >= V)
+    if ignore_index is not None:
+        bad = bad & (y != ignore_index)
+    if bool(bad.any()):
+        first = y[bad].flatten()[0].item()
+        extra = f", or ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise IndexError(f"{who}: target {first} is out of bounds for {V} classes (valid: 0..{V - 1}{extra})")
+
+
+def _rows_target(target: Optional[Tensor], ignore_index: int):
+    """(y, valid) over the rows: y int64 with ignored rows read as class 0, valid bool (None
+    without a target)."""
+    if target is None:
+        return None, None
+    y = target.reshape(-1)
+    if y.dtype == torch.uint8:
+        y = y.long()
+    valid = y != ignore_index
+    return torch.where(valid, y, torch.zeros_like(y)), valid
+
+
+def _chunk_rows(chunk_size: Optional[int], R: int, V: int) -> int:
+    if chunk_size is None or chunk_size == 0:
+        c = max(8, min(4096, CHUNK_BYTES // max(1, 4 * V)))
+    else:
+        c = chunk_size
+    return max(1, min(c, R))
+
+
+def _check_chunk(who: str, chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{who}: chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+
+
+# ----------------------------------------------------------------------------- row math
+def _lse(x: Tensor) -> Tensor:
+    """Row log-sum-exp, IEEE like ger's op (NaN in a row with +inf or only -inf)."""
+    M = x.detach().amax(1, keepdim=True)
+    return (M + torch.log(torch.exp(x - M).sum(1, keepdim=True))).squeeze(1)
+
+
+def _log_ratios(r: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(log(p_t / m), log(p_s / m)) for m = beta p_t + (1 - beta) p_s, 0 < beta < 1, from
+    r = log p_t - log p_s only:
+
+        log(p_t / m) = -logaddexp(log(1 - beta) - r, log beta)
+        log(p_s / m) = -logaddexp(log beta + r, log(1 - beta))
+
+    Never log m itself (log p - log m cancels: its rounding, eps |log m|, would be divided
+    by beta or 1 - beta); logaddexp(x, y) = max + log1p(exp(-|x - y|)) keeps the small
+    results accurate (absolute error ~eps * beta near beta -> 0, so the 1/beta of J_beta
+    and of its gradient does not amplify it). Exact limits at r = +-inf; no overflow for
+    any r (a ratio p_t / p_s, as GER's ``log_ratio_p_m`` forms, overflows when one side is
+    subnormal)."""
+    la, lb = math.log(beta), math.log1p(-beta)
+    return -torch.logaddexp(lb - r, torch.full_like(r, la)), -torch.logaddexp(la + r, torch.full_like(r, lb))
+
+
+class _Pre(NamedTuple):
+    lps: Tensor
+    lpt: Tensor
+    ps: Tensor
+    pt: Tensor
+    log_t_m: Optional[Tensor]
+    log_s_m: Optional[Tensor]
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics saved for the backward: LSE(z_s/T), LSE(z_t/T), LSE(z_s) (the CE's;
+    empty without it), KL(p_t||m) (fwd: KL(p_t||p_s)), KL(p_s||m) (rev: KL(p_s||p_t))."""
+
+    Ls: Tensor
+    Lt: Tensor
+    Ls1: Tensor
+    kt: Tensor
+    ks: Tensor
+
+
+def _prelude(zs: Tensor, zt: Tensor, cfg: DistillConfig, Ls: Optional[Tensor] = None,
+             Lt: Optional[Tensor] = None):
+    T = cfg.T
+    a = zs if T == 1.0 else zs / T
+    b = zt if T == 1.0 else zt / T
+    if Ls is None:
+        Ls, Lt = _lse(a), _lse(b)
+    lps = a - Ls.unsqueeze(1)
+    lpt = b - Lt.unsqueeze(1)
+    ps, pt = torch.exp(lps), torch.exp(lpt)
+    log_t_m = log_s_m = None
+    if cfg.kind == "mix":
+        log_t_m, log_s_m = _log_ratios(lpt - lps, cfg.beta)
+    return _Pre(lps, lpt, ps, pt, log_t_m, log_s_m), Ls, Lt
+
+
+def forward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfig):
+    """(D, nll, RowStats, _Pre) for rows of raw logits (compute dtype). Differentiable torch:
+    also the math under torch.func transforms and for a double backward."""
+    pre, Ls, Lt = _prelude(zs, zt, cfg)
+    if cfg.kind == "fwd":
+        kt = _xmul(pre.pt, pre.lpt - pre.lps).sum(1)
+        ks = torch.zeros_like(kt)
+        D = kt
+    elif cfg.kind == "rev":
+        ks = _xmul(pre.ps, pre.lps - pre.lpt).sum(1)
+        kt = torch.zeros_like(ks)
+        D = ks
+    else:
+        kt = _xmul(pre.pt, pre.log_t_m).sum(1)
+        ks = _xmul(pre.ps, pre.log_s_m).sum(1)
+        D = cfg.wt * kt + cfg.ws * ks
+    if cfg.hard:
+        Ls1 = Ls if cfg.T == 1.0 else _lse(zs)
+        nll = Ls1 - zs.gather(1, y.unsqueeze(1)).squeeze(1)
+    else:
+        Ls1 = nll = zs.new_empty((0,))
+    return D, nll, RowStats(Ls, Lt, Ls1, kt, ks), pre
+
+
+def backward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfig, st: RowStats,
+                  gD: Optional[Tensor], gn: Optional[Tensor], need_s: bool, need_t: bool,
+                  pre: Optional[_Pre] = None):
+    """(d/dz_s, d/dz_t) of sum(gD * D + gn * nll) for rows of raw logits (compute dtype):
+
+        fwd:  dD/da = p_s - p_t                         dD/db = p_t (log p_t/p_s - KL(p_t||p_s))
+        rev:  dD/da = p_s (log p_s/p_t - KL(p_s||p_t))  dD/db = p_t - p_s
+        mix:  dD/da = ws p_s (log(p_s/m) - KL(p_s||m))  dD/db = wt p_t (log(p_t/m) - KL(p_t||m))
+
+    with a = z_s / T, b = z_t / T (d/dz = d/da / T), and d nll / dz_s = softmax(z_s) - onehot(y)."""
+    if pre is None:
+        pre, _, _ = _prelude(zs, zt, cfg, st.Ls, st.Lt)
+    dzs = dzt = None
+    if gD is not None:
+        g = (gD / cfg.T).unsqueeze(1)
+        if cfg.kind == "fwd":
+            da = (pre.ps - pre.pt) if need_s else None
+            db = _xmul(pre.pt, pre.lpt - pre.lps - st.kt.unsqueeze(1)) if need_t else None
+        elif cfg.kind == "rev":
+            da = _xmul(pre.ps, pre.lps - pre.lpt - st.ks.unsqueeze(1)) if need_s else None
+            db = (pre.pt - pre.ps) if need_t else None
+        else:
+            da = cfg.ws * _xmul(pre.ps, pre.log_s_m - st.ks.unsqueeze(1)) if need_s else None
+            db = cfg.wt * _xmul(pre.pt, pre.log_t_m - st.kt.unsqueeze(1)) if need_t else None
+        dzs = _xmul(g, da) if need_s else None
+        dzt = _xmul(g, db) if need_t else None
+    if need_s and cfg.hard and gn is not None:
+        p1 = pre.ps if cfg.T == 1.0 else torch.exp(zs - st.Ls1.unsqueeze(1))
+        gnc = gn.unsqueeze(1)
+        h = _xmul(gnc, p1).scatter_add(1, y.unsqueeze(1), -gnc)
+        dzs = h if dzs is None else dzs + h
+    if need_s and dzs is None:
+        dzs = torch.zeros_like(zs)
+    if need_t and dzt is None:
+        dzt = torch.zeros_like(zt)
+    return dzs, dzt
+
+
+def combine(D: Tensor, nll: Tensor, valid: Optional[Tensor], cfg: DistillConfig, rows_shape,
+            out_dtype: torch.dtype) -> Tensor:
+    """(1 - hw) T^2 D + hw nll per row, 0 on ignored rows, reduced."""
+    per = None
+    if cfg.hw < 1.0:
+        per = ((1.0 - cfg.hw) * cfg.T * cfg.T) * D
+    if cfg.hard:
+        t = cfg.hw * nll
+        per = t if per is None else per + t
+    if valid is not None:
+        per = torch.where(valid, per, torch.zeros((), dtype=per.dtype, device=per.device))
+    if cfg.reduction == "none":
+        out = per.reshape(rows_shape)
+    elif cfg.reduction == "sum":
+        out = per.sum()
+    else:
+        n = valid.sum().to(per.dtype) if valid is not None else per.new_full((), float(per.numel()))
+        out = per.sum() / n
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- logits op
+def _differentiable_grads(fwd, inputs, needs, grads):
+    """backward(create_graph=True): the gradient as a differentiable function, by autograd
+    through the row math in torch ops (as ger_loss does), so a double backward works."""
+    with torch.enable_grad():
+        outs = fwd()
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.numel() > 0 and o.requires_grad]
+    wrt = [t for t, n in zip(inputs, needs) if n]
+    if not pairs:
+        return [None] * len(wrt)
+    return list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                    allow_unused=True))
+
+
+class _DistillRows(torch.autograd.Function):
+    """(D, nll) per row of (R, V) student and teacher logits, chunk by chunk; saves the
+    logits and O(R) statistics; analytic backward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, zs, zt, y, cfg, chunk):
+        R, V = zs.shape
+        cd = cfg.cd
+        c = _chunk_rows(chunk, R, V)
+        D = zs.new_empty((R,), dtype=cd)
+        nll = zs.new_empty((R,) if cfg.hard else (0,), dtype=cd)
+        st = RowStats(*(zs.new_empty((R,), dtype=cd) for _ in range(5)))
+        if not cfg.hard:
+            st = st._replace(Ls1=zs.new_empty((0,), dtype=cd))
+        for s in range(0, R, c):
+            e = min(s + c, R)
+            d_, n_, st_, _ = forward_rows(zs[s:e].to(cd), zt[s:e].to(cd), None if y is None else y[s:e], cfg)
+            D[s:e] = d_
+            if cfg.hard:
+                nll[s:e] = n_
+                st.Ls1[s:e] = st_.Ls1
+            for k in ("Ls", "Lt", "kt", "ks"):
+                getattr(st, k)[s:e] = getattr(st_, k)
+        ctx.save_for_backward(zs, zt, y, *st)
+        ctx.cfg, ctx.chunk = cfg, c
+        ctx.set_materialize_grads(False)
+        if not cfg.hard:
+            ctx.mark_non_differentiable(nll)
+        return D, nll
+
+    @staticmethod
+    def backward(ctx, gD, gn):
+        zs, zt, y, *st = ctx.saved_tensors
+        st = RowStats(*st)
+        cfg, c = ctx.cfg, ctx.chunk
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not cfg.hard:
+            gn = None
+        none = (None, None, None, None, None)
+        if (gD is None and gn is None) or not (need_s or need_t):
+            return none
+        if torch.is_grad_enabled():
+            cd = cfg.cd
+            gs = _differentiable_grads(lambda: forward_rows(zs.to(cd), zt.to(cd), y, cfg)[:2], (zs, zt),
+                                       (need_s, need_t), (gD, gn))
+            it = iter(gs)
+            g_s = next(it) if need_s else None
+            g_t = next(it) if need_t else None
+            return g_s, g_t, None, None, None
+        R = zs.shape[0]
+        cd = cfg.cd
+        g_s = torch.empty_like(zs) if need_s else None
+        g_t = torch.empty_like(zt) if need_t else None
+        for s in range(0, R, c):
+            e = min(s + c, R)
+            sub = RowStats(*(t[s:e] if t.numel() else t for t in st))
+            dzs, dzt = backward_rows(zs[s:e].to(cd), zt[s:e].to(cd), None if y is None else y[s:e], cfg, sub,
+                                     None if gD is None else gD[s:e].to(cd), None if gn is None else gn[s:e].to(cd),
+                                     need_s, need_t)
+            if need_s:
+                g_s[s:e] = dzs
+            if need_t:
+                g_t[s:e] = dzt
+        return g_s, g_t, None, None, None
+
+
+def _check_pair(who: str, zs, zt, s_name: str, t_name: str) -> None:
+    if not isinstance(zs, Tensor) or not isinstance(zt, Tensor):
+        raise TypeError(f"{who}: {s_name} and {t_name} must be tensors")
+    for name, t in ((s_name, zs), (t_name, zt)):
+        if t.dtype not in _losses.LOGIT_DTYPES:
+            raise TypeError(f"{who}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if zs.device != zt.device:
+        raise ValueError(f"{who}: {s_name} is on {zs.device} but {t_name} on {zt.device}")
+
+
+def ger_distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    convention: str = "jsd",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Distillation loss between student and teacher logits (classes last).
+
+    Per row: ``(1 - hard_weight) * T**2 * D + hard_weight * CE(student_logits, target)``
+    with D the generalized JSD_beta of p_t = softmax(teacher / T) and p_s =
+    softmax(student / T) in the named ``convention`` ("jsd": the trainers' unnormalised
+    JSD_beta, beta = 0 forward KL(p_t||p_s), beta = 1 reverse KL(p_s||p_t);
+    "skew_jensen": J_beta = JSD_beta / (beta (1 - beta)), continuous between the same
+    ends). Rows whose target is ``ignore_index`` contribute nothing; 'mean' divides by
+    the number of the others (all rows when target is None). Gradients go to the student
+    and, when it requires grad, to the teacher.
+
+    Args:
+        student_logits, teacher_logits: (..., V), the same shape; fp16/bf16/fp32 (math in
+            fp32) or fp64 (math in fp64); they may differ in dtype.
+        target: class indices (int64 or uint8), the logits' shape without V; needed for
+            ``hard_weight > 0``, otherwise only masks rows.
+        beta: in [0, 1]. temperature: > 0. hard_weight: in [0, 1].
+        reduction: 'mean' | 'sum' | 'none' (per row, target's shape).
+        chunk_size: rows per chunk (default: a ~32 MiB fp32 (rows, V) buffer).
+
+    >>> import torch
+    >>> zs, zt = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+    >>> ger_distill_loss(zs, zt, beta=0.0).backward()  # forward KL(p_t || p_s), mean over rows
+    """
+    who = "ger_distill_loss"
+    _check_pair(who, student_logits, teacher_logits, "student_logits", "teacher_logits")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{who}: student_logits {list(student_logits.shape)} and teacher_logits "
+                         f"{list(teacher_logits.shape)} must have the same shape (..., V)")
+    if student_logits.dim() == 0:
+        raise ValueError(f"{who}: logits must have at least 1 dimension (the classes, last)")
+    V = student_logits.shape[-1]
+    if V == 0:
+        raise ValueError(f"{who}: logits have 0 classes")
+    rows_shape = tuple(student_logits.shape[:-1])
+    _check_target(who, target, rows_shape, student_logits.device, f"the logits {list(student_logits.shape)} "
+                  "without their last (class) dimension")
+    _check_chunk(who, chunk_size)
+    cfg = _config(who, beta=beta, temperature=temperature, hard_weight=hard_weight, ignore_index=ignore_index,
+                  reduction=reduction, convention=convention, has_target=target is not None,
+                  dtypes=(student_logits.dtype, teacher_logits.dtype))
+    y, valid = _rows_target(target, ignore_index)
+    if cfg.hard:
+        _check_target_range(who, target.reshape(-1).long(), V, ignore_index)
+    zs = student_logits.reshape(-1, V)
+    zt = teacher_logits.reshape(-1, V)
+    if not _losses._is_compiling() and _compat.functorch_transformed(student_logits, teacher_logits, target):
+        # torch.func transforms / forward AD: the Function's formula does not compose with
+        # them; the same math in torch ops does
+        D, nll, _, _ = forward_rows(zs.to(cfg.cd), zt.to(cfg.cd), y, cfg)
+    else:
+        D, nll = _DistillRows.apply(zs, zt, y, cfg, chunk_size)
+    return combine(D, nll, valid, cfg, rows_shape, student_logits.dtype)
+
+
+# ----------------------------------------------------------------------------- reference
+def ger_distill_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    convention: str = "jsd",
+) -> Tensor:
+    """:func:`ger_distill_loss` in plain float64 torch, straight from the definitions (the
+    test oracle; materialises several N x V tensors; returns float64).
+
+    JSD_beta = beta KL(p_t||m) + (1-beta) KL(p_s||m) with log m = logsumexp of the two
+    log-mixture terms (as TRL writes it); J_beta = JSD_beta / (beta (1 - beta)); the ends
+    beta in {0, 1} are the closed forms KL(p_t||p_s) and KL(p_s||p_t) in both conventions.
+    """
+    who = "ger_distill_reference"
+    _check_pair(who, student_logits, teacher_logits, "student_logits", "teacher_logits")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{who}: student_logits {list(student_logits.shape)} and teacher_logits "
+                         f"{list(teacher_logits.shape)} must have the same shape (..., V)")
+    V = student_logits.shape[-1]
+    rows_shape = tuple(student_logits.shape[:-1])
+    _check_target(who, target, rows_shape, student_logits.device, "the logits without their last dimension")
+    cfg = _config(who, beta=beta, temperature=temperature, hard_weight=hard_weight, ignore_index=ignore_index,
+                  reduction=reduction, convention=convention, has_target=target is not None,
+                  dtypes=(torch.float64,))
+    dt = torch.float64
+    zs = student_logits.to(dt).reshape(-1, V)
+    zt = teacher_logits.to(dt).reshape(-1, V)
+    T = cfg.T
+    lps = torch.log_softmax(zs / T, -1)
+    lpt = torch.log_softmax(zt / T, -1)
+    ps, pt = lps.exp(), lpt.exp()
+
+    def kl(p, lp, lq):  # KL(p || q) = sum p (log p - log q), 0 log 0 = 0
+        return torch.where(p == 0, torch.zeros((), dtype=dt), p * (lp - lq)).sum(-1)
+
+    b = cfg.beta
+    if b == 0.0:
+        D = kl(pt, lpt, lps)
+    elif b == 1.0:
+        D = kl(ps, lps, lpt)
+    else:
+        lm = torch.logsumexp(torch.stack([lps + math.log1p(-b), lpt + math.log(b)]), dim=0)
+        D = b * kl(pt, lpt, lm) + (1 - b) * kl(ps, lps, lm)
+        if cfg.convention == "skew_jensen":
+            D = D / (b * (1 - b))
+    per = (1 - cfg.hw) * T * T * D
+    valid = None
+    if target is not None:
+        y = target.reshape(-1).long()
+        valid = y != ignore_index
+        if cfg.hard:
+            nll = F.cross_entropy(zs, y, reduction="none", ignore_index=ignore_index)
+            per = per + cfg.hw * nll
+        per = torch.where(valid, per, torch.zeros((), dtype=dt))
+    if reduction == "none":
+        return per.reshape(rows_shape)
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / (valid.sum() if valid is not None else per.numel())
+
+
+# ----------------------------------------------------------------------------- with the lm heads
+def _head_grads_init(h: Tensor, W: Tensor, b: Optional[Tensor], needs: int, cd):
+    gh = torch.empty_like(h) if needs & _lin.NEED_H else h.new_empty((0,))
+    gw = torch.zeros(W.shape, dtype=cd, device=W.device) if needs & _lin.NEED_W else h.new_empty((0,))
+    gb = torch.zeros(b.shape, dtype=cd, device=b.device) if (b is not None and needs & _lin.NEED_B) else h.new_empty((0,))
+    return [gh, gw, gb]
+
+
+def _head_grads_add(grads, dz: Tensor, h: Tensor, W: Tensor, s: int, e: int, needs: int) -> None:
+    """The chunk's logits gradient dz (compute dtype) multiplied out: grad_h[rows] = dz @ W,
+    grad_W += dz^T @ h[rows], grad_b += sum_rows dz (dz in the input dtype for the matmuls,
+    grad_W and grad_b accumulated in the compute dtype, as ger's fused head)."""
+    dzl = dz if dz.dtype == h.dtype else dz.to(h.dtype)
+    if needs & _lin.NEED_H:
+        grads[0][s:e] = dzl @ W
+    if needs & _lin.NEED_W:
+        grads[1].add_(dzl.t() @ h[s:e])
+    if grads[2].numel():
+        grads[2].add_(dz.sum(0))
+
+
+def _head_grads_done(grads, W: Tensor, b: Optional[Tensor]):
+    gh, gw, gb = grads
+    if gw.numel() and gw.dtype != W.dtype:
+        gw = gw.to(W.dtype)
+    if gb.numel() and gb.dtype != b.dtype:
+        gb = gb.to(b.dtype)
+    return gh, gw, gb
+
+
+def linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg: DistillConfig, chunk: Optional[int],
+                          coefs: Optional[Tensor] = None, needs_s: int = 0, needs_t: int = 0):
+    """(D, nll, student grads, teacher grads) of two lm heads, ``chunk`` tokens at a time:
+    only (chunk, V) logits of each model exist at once. With ``coefs`` (2, N) the forward
+    also forms the gradients of sum(coefs[0] D + coefs[1] nll) for the inputs named by
+    ``needs_s`` / ``needs_t`` (``ops.linear_loss.NEED_*`` bits); grads are (0,) elsewhere."""
+    N = hs.shape[0]
+    V = Ws.shape[0]
+    cd = cfg.cd
+    c = _chunk_rows(chunk, N, V)
+    D = hs.new_empty((N,), dtype=cd)
+    nll = hs.new_empty((N,) if cfg.hard else (0,), dtype=cd)
+    grads = coefs is not None
+    gs = _head_grads_init(hs, Ws, bs, needs_s if grads else 0, cd)
+    gt = _head_grads_init(ht, Wt, bt, needs_t if grads else 0, cd)
+    for s in range(0, N, c):
+        e = min(s + c, N)
+        zs = F.linear(hs[s:e], Ws, bs).to(cd)
+        zt = F.linear(ht[s:e], Wt, bt).to(cd)
+        yc = None if y is None else y[s:e]
+        d_, n_, st, pre = forward_rows(zs, zt, yc, cfg)
+        D[s:e] = d_
+        if cfg.hard:
+            nll[s:e] = n_
+        if not grads or not (needs_s or needs_t):
+            continue
+        dzs, dzt = backward_rows(zs, zt, yc, cfg, st, coefs[0, s:e], coefs[1, s:e] if cfg.hard else None,
+                                 bool(needs_s), bool(needs_t), pre)
+        del pre, zs, zt
+        if needs_s:
+            _head_grads_add(gs, dzs, hs, Ws, s, e, needs_s)
+        if needs_t:
+            _head_grads_add(gt, dzt, ht, Wt, s, e, needs_t)
+    return D, nll, _head_grads_done(gs, Ws, bs), _head_grads_done(gt, Wt, bt)
+
+
+def _needs(ctx_needs, offset: int, has_bias: bool) -> int:
+    n = 0
+    if ctx_needs[offset]:
+        n |= _lin.NEED_H
+    if ctx_needs[offset + 1]:
+        n |= _lin.NEED_W
+    if has_bias and ctx_needs[offset + 2]:
+        n |= _lin.NEED_B
+    return n
+
+
+class _LinearDistillRows(torch.autograd.Function):
+    """(D, nll) per token of two lm heads; the backward sweeps the chunks again with the
+    incoming row gradients as coefficients (for reduction='none')."""
+
+    @staticmethod
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, y, cfg, chunk):
+        D, nll, _, _ = linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg, chunk)
+        ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, y)
+        ctx.cfg, ctx.chunk = cfg, chunk
+        ctx.set_materialize_grads(False)
+        if not cfg.hard:
+            ctx.mark_non_differentiable(nll)
+        return D, nll
+
+    @staticmethod
+    def backward(ctx, gD, gn):
+        hs, Ws, bs, ht, Wt, bt, y = ctx.saved_tensors
+        cfg = ctx.cfg
+        needs_s = _needs(ctx.needs_input_grad, 0, bs is not None)
+        needs_t = _needs(ctx.needs_input_grad, 3, bt is not None)
+        none = (None,) * 9
+        if not cfg.hard:
+            gn = None
+        if (gD is None and gn is None) or not (needs_s or needs_t):
+            return none
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ger_linear_distill_loss: a double backward (backward(create_graph=True)) is not supported; "
+                "use ger_distill_loss on materialised logits for higher-order gradients"
+            )
+        N = hs.shape[0]
+        z = torch.zeros(N, dtype=cfg.cd, device=hs.device)
+        coefs = torch.stack([z if gD is None else gD.to(cfg.cd), z if gn is None else gn.to(cfg.cd)])
+        _, _, gs, gt = linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg, ctx.chunk, coefs, needs_s, needs_t)
+
+        def pick(g, needs, bit):
+            return g if needs & bit else None
+
+        return (pick(gs[0], needs_s, _lin.NEED_H), pick(gs[1], needs_s, _lin.NEED_W), pick(gs[2], needs_s, _lin.NEED_B),
+                pick(gt[0], needs_t, _lin.NEED_H), pick(gt[1], needs_t, _lin.NEED_W), pick(gt[2], needs_t, _lin.NEED_B),
+                None, None, None)
+
+
+def _check_head(who: str, name: str, h: Tensor, W: Tensor, b: Optional[Tensor]) -> None:
+    if not isinstance(h, Tensor) or not isinstance(W, Tensor) or (b is not None and not isinstance(b, Tensor)):
+        raise TypeError(f"{who}: {name}_hidden, {name}_weight and {name}_bias must be tensors")
+    if h.dim() < 1 or W.dim() != 2:
+        raise ValueError(f"{who}: expected {name}_hidden (..., H) and {name}_weight (V, H), got "
+                         f"{tuple(h.shape)} and {tuple(W.shape)}")
+    if h.shape[-1] != W.shape[1]:
+        raise ValueError(f"{who}: {name}_hidden has {h.shape[-1]} features but {name}_weight {tuple(W.shape)} "
+                         f"expects {W.shape[1]}")
+    if h.dtype not in _losses.LOGIT_DTYPES:
+        raise TypeError(f"{who}: {name}_hidden must be float16, bfloat16, float32 or float64, got {h.dtype}")
+    if W.dtype != h.dtype or (b is not None and b.dtype != h.dtype):
+        raise TypeError(f"{who}: {name}_hidden, {name}_weight and {name}_bias must share a dtype")
+    if b is not None and tuple(b.shape) != (W.shape[0],):
+        raise ValueError(f"{who}: {name}_bias must be (V,) = ({W.shape[0]},), got {tuple(b.shape)}")
+    if W.device != h.device or (b is not None and b.device != h.device):
+        raise ValueError(f"{who}: {name}_hidden, {name}_weight and {name}_bias must be on one device")
+
+
+def ger_linear_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    beta: float,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    convention: str = "jsd",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``ger_distill_loss(F.linear(student_hidden, student_weight, student_bias),
+    F.linear(teacher_hidden, teacher_weight, teacher_bias), target, ...)`` without ever
+    holding the (N, V) logits of either model: ``chunk_size`` tokens at a time.
+
+    ``student_hidden`` (..., Hs) and ``teacher_hidden`` (..., Ht) share their leading
+    dimensions; the weights are (V, Hs) and (V, Ht). The teacher may be frozen (no grad:
+    its logits are formed, never differentiated) or trained (its hidden states, weight and
+    bias get gradients when they require grad). With reduction 'mean' or 'sum' the
+    forward forms the gradients chunk by chunk (like ``ger_linear_loss``) and
+    ``ger::grad_carrier`` delivers them; with 'none' the backward sweeps the chunks again.
+    A double backward is not supported.
+    """
+    who = "ger_linear_distill_loss"
+    _check_head(who, "student", student_hidden, student_weight, student_bias)
+    _check_head(who, "teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"{who}: student_weight {tuple(student_weight.shape)} and teacher_weight "
+                         f"{tuple(teacher_weight.shape)} must have the same number of classes (rows)")
+    if tuple(student_hidden.shape[:-1]) != tuple(teacher_hidden.shape[:-1]):
+        raise ValueError(f"{who}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must have the same leading (token) dimensions")
+    if student_hidden.device != teacher_hidden.device:
+        raise ValueError(f"{who}: student_hidden is on {student_hidden.device} but teacher_hidden on "
+                         f"{teacher_hidden.device}")
+    V = student_weight.shape[0]
+    if V == 0:
+        raise ValueError(f"{who}: the heads have 0 classes")
+    rows_shape = tuple(student_hidden.shape[:-1])
+    _check_target(who, target, rows_shape, student_hidden.device, "the hidden states without their last dimension")
+    _check_chunk(who, chunk_size)
+    cfg = _config(who, beta=beta, temperature=temperature, hard_weight=hard_weight, ignore_index=ignore_index,
+                  reduction=reduction, convention=convention, has_target=target is not None,
+                  dtypes=(student_hidden.dtype, teacher_hidden.dtype))
+    y, valid = _rows_target(target, ignore_index)
+    if cfg.hard:
+        _check_target_range(who, target.reshape(-1).long(), V, ignore_index)
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    out_dtype = student_hidden.dtype
+    heads = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
+
+    if not _losses._is_compiling() and _compat.functorch_transformed(*heads, target):
+        zs = F.linear(hs, student_weight, student_bias).to(cfg.cd)
+        zt = F.linear(ht, teacher_weight, teacher_bias).to(cfg.cd)
+        D, nll, _, _ = forward_rows(zs, zt, y, cfg)
+        return combine(D, nll, valid, cfg, rows_shape, out_dtype)
+
+    from .lm_head import needs_of
+
+    needs_s = needs_of(hs, student_weight, student_bias)
+    needs_t = needs_of(ht, teacher_weight, teacher_bias)
+    if not (needs_s or needs_t):
+        with torch.no_grad():
+            D, nll, _, _ = linear_distill_kernel(*heads, y, cfg, chunk_size)
+        return combine(D, nll, valid, cfg, rows_shape, out_dtype)
+    if cfg.reduction == "none":
+        D, nll = _LinearDistillRows.apply(*heads, y, cfg, chunk_size)
+        return combine(D, nll, valid, cfg, rows_shape, out_dtype)
+
+    # precompute: the loss is sum_rows (cD D + cn nll), known coefficients; the forward
+    # forms the gradients, grad_carrier (a zero added to the loss) delivers them
+    N = hs.shape[0]
+    cd = cfg.cd
+    if cfg.reduction == "mean":
+        n = valid.sum().to(cd) if valid is not None else torch.full((), float(N), dtype=cd, device=hs.device)
+        scale = 1.0 / n
+    else:
+        scale = torch.ones((), dtype=cd, device=hs.device)
+    one = torch.ones(N, dtype=cd, device=hs.device)
+    row = one if valid is None else torch.where(valid, one, torch.zeros((), dtype=cd, device=hs.device))
+    row = row * scale
+    coefs = torch.stack([row * ((1.0 - cfg.hw) * cfg.T * cfg.T), row * cfg.hw])
+    detached = tuple(None if t is None else t.detach() for t in heads)
+    with torch.no_grad():
+        D, nll, gs, gt = linear_distill_kernel(*detached, y, cfg, chunk_size, coefs, needs_s, needs_t)
+        loss = combine(D, nll, valid, cfg, rows_shape, out_dtype)
+    if needs_s:
+        loss = loss + torch.ops.ger.grad_carrier(hs, student_weight, student_bias, *gs).to(loss.dtype)
+    if needs_t:
+        loss = loss + torch.ops.ger.grad_carrier(ht, teacher_weight, teacher_bias, *gt).to(loss.dtype)
+    return loss
+
+
+# ----------------------------------------------------------------------------- per-token RL statistics
+class TokenStats(NamedTuple):
+    """``ger_token_stats``: per token (target's shape, compute dtype: float32, or float64
+    for float64 logits), all differentiable.
+
+    logp:    log softmax(logits / T)[target]
+    entropy: H(softmax(logits / T))
+    kl:      the estimator of KL(pi || pi_ref) at the sampled token (None without ref_logprobs)
+    """
+
+    logp: Tensor
+    entropy: Tensor
+    kl: Optional[Tensor] = None
+
+
+def token_forward(z: Tensor, y: Tensor, T: float):
+    """(logp, entropy, lse) for rows of raw logits (compute dtype); differentiable torch."""
+    b = z if T == 1.0 else z / T
+    L = _lse(b)
+    lp = b - L.unsqueeze(1)
+    H = -_xmul(torch.exp(lp), lp).sum(1)
+    logp = b.gather(1, y.unsqueeze(1)).squeeze(1) - L
+    return logp, H, L
+
+
+def token_backward(z: Tensor, y: Tensor, T: float, L: Tensor, H: Tensor, g_lp: Optional[Tensor],
+                   g_H: Optional[Tensor]) -> Tensor:
+    """d/dz of sum(g_lp logp + g_H H):  [g_lp (onehot - p) - g_H p (log p + H)] / T."""
+    b = z if T == 1.0 else z / T
+    lp = b - L.unsqueeze(1)
+    p = torch.exp(lp)
+    dz = torch.zeros_like(z)
+    if g_H is not None:
+        dz = dz - _xmul(g_H.unsqueeze(1), _xmul(p, lp + H.unsqueeze(1)))
+    if g_lp is not None:
+        g = g_lp.unsqueeze(1)
+        dz = (dz - _xmul(g, p)).scatter_add(1, y.unsqueeze(1), g)
+    return dz if T == 1.0 else dz / T
+
+
+class _TokenRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, y, T, cd, chunk):
+        R, V = z.shape
+        c = _chunk_rows(chunk, R, V)
+        logp = z.new_empty((R,), dtype=cd)
+        H = torch.empty_like(logp)
+        L = torch.empty_like(logp)
+        for s in range(0, R, c):
+            e = min(s + c, R)
+            logp[s:e], H[s:e], L[s:e] = token_forward(z[s:e].to(cd), y[s:e], T)
+        ctx.save_for_backward(z, y, L, H)
+        ctx.T, ctx.cd, ctx.chunk = T, cd, c
+        ctx.set_materialize_grads(False)
+        return logp, H
+
+    @staticmethod
+    def backward(ctx, g_lp, g_H):
+        z, y, L, H = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (g_lp is None and g_H is None):
+            return None, None, None, None, None
+        T, cd, c = ctx.T, ctx.cd, ctx.chunk
+        if torch.is_grad_enabled():
+            (g,) = _differentiable_grads(lambda: token_forward(z.to(cd), y, T)[:2], (z,), (True,), (g_lp, g_H))
+            return g, None, None, None, None
+        out = torch.empty_like(z)
+        for s in range(0, z.shape[0], c):
+            e = min(s + c, z.shape[0])
+            out[s:e] = token_backward(z[s:e].to(cd), y[s:e], T, L[s:e], H[s:e],
+                                      None if g_lp is None else g_lp[s:e].to(cd),
+                                      None if g_H is None else g_H[s:e].to(cd))
+        return out, None, None, None, None
+
+
+def kl_estimate(logp: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log pi(y) and log pi_ref(y), y ~ pi:
+    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1
+    (written expm1(d) - d, d = ref - logp: the same number, no cancellation for small d).
+    No clamping (verl clamps k3's d to [-20, 20] and k3 to [-10, 10]; apply it yourself)."""
+    if estimator == "k1":
+        return logp - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logprobs).square()
+    d = ref_logprobs - logp
+    return torch.expm1(d) - d
+
+
+def _check_token_args(who, logits, target, temperature, ref_logprobs, kl_estimator):
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"{who}: logits and target must be tensors")
+    if logits.dtype not in _losses.LOGIT_DTYPES:
+        raise TypeError(f"{who}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{who}: logits must be (..., V) with V >= 1, got {list(logits.shape)}")
+    rows_shape = tuple(logits.shape[:-1])
+    _check_target(who, target, rows_shape, logits.device, f"the logits {list(logits.shape)} without their last dimension")
+    T = _positive(who, "temperature", temperature)
+    if kl_estimator is not None and kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"{who}: kl_estimator must be one of {KL_ESTIMATORS} (k1 = logp - ref, "
+                         f"k3 = exp(ref - logp) - (ref - logp) - 1) or None, got {kl_estimator!r}")
+    if (ref_logprobs is None) != (kl_estimator is None):
+        raise ValueError(f"{who}: pass ref_logprobs and kl_estimator together (the KL to a reference policy needs "
+                         "both), or neither")
+    if ref_logprobs is not None:
+        if not isinstance(ref_logprobs, Tensor) or not ref_logprobs.is_floating_point():
+            raise TypeError(f"{who}: ref_logprobs must be a floating tensor")
+        if tuple(ref_logprobs.shape) != tuple(target.shape):
+            raise ValueError(f"{who}: ref_logprobs shape {list(ref_logprobs.shape)} must match target "
+                             f"{list(target.shape)}")
+        if ref_logprobs.device != logits.device:
+            raise ValueError(f"{who}: ref_logprobs is on {ref_logprobs.device} but logits on {logits.device}")
+    return T, rows_shape
+
+
+def ger_token_stats(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    ref_logprobs: Optional[Tensor] = None,
+    kl_estimator: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+) -> TokenStats:
+    """Per-token policy-gradient statistics of ``logits`` (..., V) at the sampled tokens
+    ``target`` (...): log p(y) and the entropy of softmax(logits / T), and with
+    ``ref_logprobs`` (the reference policy's log-prob of the same token) the KL estimator
+    ``kl_estimator`` ("k1": logp - ref, verl "kl"; "k2": (logp - ref)^2 / 2, verl "mse";
+    "k3": exp(ref - logp) - (ref - logp) - 1, TRL GRPO / verl "low_var_kl"). Chunked over
+    tokens; saves O(tokens) statistics; analytic backward to the logits (and to
+    ``ref_logprobs`` if it requires grad). Every target must be a class (no ignore_index:
+    mask the outputs).
+
+    >>> import torch
+    >>> z, y = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    >>> st = ger_token_stats(z, y, temperature=0.7)
+    >>> st.logp.shape, st.entropy.shape
+    (torch.Size([2, 3]), torch.Size([2, 3]))
+    """
+    who = "ger_token_stats"
+    T, rows_shape = _check_token_args(who, logits, target, temperature, ref_logprobs, kl_estimator)
+    _check_chunk(who, chunk_size)
+    V = logits.shape[-1]
+    cd = _compute_dtype(logits.dtype)
+    y = target.reshape(-1).long()
+    _check_target_range(who, y, V, None)
+    z = logits.reshape(-1, V)
+    if not _losses._is_compiling() and _compat.functorch_transformed(logits, target):
+        logp, H, _ = token_forward(z.to(cd), y, T)
+    else:
+        logp, H = _TokenRows.apply(z, y, T, cd, chunk_size)
+    logp, H = logp.reshape(rows_shape), H.reshape(rows_shape)
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_estimate(logp, ref_logprobs.to(cd), kl_estimator)
+    return TokenStats(logp, H, kl)
+
+
+def ger_token_stats_reference(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    ref_logprobs: Optional[Tensor] = None,
+    kl_estimator: Optional[str] = None,
+) -> TokenStats:
+    """:func:`ger_token_stats` in plain float64 torch from the definitions (returns float64)."""
+    who = "ger_token_stats_reference"
+    T, rows_shape = _check_token_args(who, logits, target, temperature, ref_logprobs, kl_estimator)
+    dt = torch.float64
+    lp = torch.log_softmax(logits.to(dt) / T, -1)
+    p = lp.exp()
+    logp = lp.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+    H = -torch.where(p == 0, torch.zeros((), dtype=dt), p * lp).sum(-1)
+    kl = None
+    if ref_logprobs is not None:
+        r = ref_logprobs.to(dt)
+        if kl_estimator == "k1":
+            kl = logp - r
+        elif kl_estimator == "k2":
+            kl = 0.5 * (logp - r) ** 2
+        else:
+            kl = torch.exp(r - logp) - (r - logp) - 1
+    return TokenStats(logp, H, kl)
+
+
+__all__ = [
+    "ger_distill_loss",
+    "ger_distill_reference",
+    "ger_linear_distill_loss",
+    "ger_token_stats",
+    "ger_token_stats_reference",
+    "TokenStats",
+    "CONVENTIONS",
+    "KL_ESTIMATORS",
+]

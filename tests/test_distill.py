@@ -1,0 +1,607 @@
+"""Distillation losses and per-token RL statistics (ger_inductor/distill.py).
+
+Every op against its float64 reference (value and gradients, student and teacher), the
+two beta conventions and their ends, the trainers' own code (transcribed here, not
+imported), ignore_index, reductions, temperature, the fused lm heads against the logits
+version, and the errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ger_inductor import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
+                          ger_token_stats, ger_token_stats_reference)
+from ger_inductor.losses import TargetDtypeError
+
+BETAS = [0.0, 1e-6, 0.1, 0.5, 0.9, 1 - 1e-6, 1.0]
+V = 37
+
+
+def _inputs(dtype=torch.float32, shape=(2, 5), scale=2.0, seed=0, teacher_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    zs = (scale * torch.randn(*shape, V, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    zt = (scale * torch.randn(*shape, V, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    zt.requires_grad_(teacher_grad)
+    y = torch.randint(0, V, shape, generator=g)
+    y.view(-1)[1] = -100
+    y.view(-1)[-2] = -100
+    return zs, zt, y
+
+
+def _close(a, b, rtol, atol=0.0):
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.abs().max().clamp_min(1e-30) if b.numel() else 1.0
+    err = (a - b).abs().max() if b.numel() else 0.0
+    assert err <= atol + rtol * scale, (float(err), float(scale))
+
+
+def _grads(loss, wrt, w=None):
+    if w is not None:
+        loss = (loss * w).sum()
+    return torch.autograd.grad(loss, wrt)
+
+
+# ----------------------------------------------------------------------------- against the reference
+@pytest.mark.parametrize("convention", ["jsd", "skew_jensen"])
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(convention, beta, dtype):
+    zs, zt, y = _inputs(dtype)
+    kw = dict(beta=beta, temperature=1.7, hard_weight=0.2, convention=convention)
+    out = ger_distill_loss(zs, zt, y, chunk_size=3, **kw)
+    ref = ger_distill_reference(zs, zt, y, **kw)
+    assert out.dtype == dtype and ref.dtype == torch.float64
+    tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: the loss is returned in bf16
+    _close(out, ref, tol)
+    for a, b in zip(_grads(out, [zs, zt]), _grads(ref, [zs, zt])):
+        assert a.dtype == dtype
+        _close(a, b, 2e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_reductions(reduction, with_target):
+    zs, zt, y = _inputs()
+    y = y if with_target else None
+    kw = dict(beta=0.3, temperature=0.8, reduction=reduction, convention="skew_jensen")
+    out = ger_distill_loss(zs, zt, y, chunk_size=4, **kw)
+    ref = ger_distill_reference(zs, zt, y, **kw)
+    assert out.shape == ref.shape == ((2, 5) if reduction == "none" else ())
+    _close(out, ref, 2e-6)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    for a, b in zip(_grads(out, [zs, zt], w.float()), _grads(ref, [zs, zt], w)):
+        _close(a, b, 5e-6)
+    if reduction == "none" and with_target:
+        assert (out.detach()[y == -100] == 0).all()
+
+
+def test_mean_divides_by_non_ignored_rows():
+    zs, zt, y = _inputs()
+    per = ger_distill_loss(zs, zt, y, beta=0.5, reduction="none")
+    mean = ger_distill_loss(zs, zt, y, beta=0.5)
+    _close(mean, per.sum() / (y != -100).sum(), 1e-6)
+    mean_all = ger_distill_loss(zs, zt, None, beta=0.5)
+    _close(mean_all, ger_distill_loss(zs, zt, None, beta=0.5, reduction="none").mean(), 1e-6)
+
+
+def test_temperature_scaling_and_t_squared():
+    zs, zt, y = _inputs()
+    T = 2.5
+    a = ger_distill_loss(zs, zt, y, beta=0.4, temperature=T, reduction="none")
+    b = ger_distill_loss(zs / T, zt / T, y, beta=0.4, reduction="none")
+    _close(a, T * T * b, 1e-6)  # logits / T for both, times T^2
+
+
+def test_hard_weight():
+    zs, zt, y = _inputs()
+    ce = F.cross_entropy(zs.reshape(-1, V), y.reshape(-1))
+    # hard_weight = 1: exactly the cross-entropy (of the untempered student logits)
+    _close(ger_distill_loss(zs, zt, y, beta=0.5, hard_weight=1.0, temperature=3.0), ce, 1e-6)
+    d = ger_distill_loss(zs, zt, y, beta=0.5, temperature=3.0)
+    mix = ger_distill_loss(zs, zt, y, beta=0.5, temperature=3.0, hard_weight=0.3)
+    _close(mix, 0.7 * d + 0.3 * ce, 1e-6)
+    ga = _grads(mix, [zs])[0]
+    gb = _grads(0.7 * d + 0.3 * ce, [zs])[0]
+    _close(ga, gb, 1e-6)
+
+
+def test_gradient_flows_to_teacher_only_when_it_requires_grad():
+    zs, zt, y = _inputs(teacher_grad=False)
+    out = ger_distill_loss(zs, zt, y, beta=0.5)
+    out.backward()
+    assert zs.grad is not None and zt.grad is None
+    zs2, zt2, _ = _inputs(teacher_grad=True)
+    ger_distill_loss(zs2, zt2, y, beta=0.5).backward()
+    _close(zs2.grad, zs.grad, 1e-7)
+    assert zt2.grad is not None and zt2.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- conventions and ends
+def _kl(p_logits, q_logits, T=1.0):
+    lp, lq = torch.log_softmax(p_logits / T, -1), torch.log_softmax(q_logits / T, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+@pytest.mark.parametrize("convention", ["jsd", "skew_jensen"])
+def test_ends_are_forward_and_reverse_kl(convention):
+    zs, zt, y = _inputs(torch.float64)
+    fwd = ger_distill_loss(zs, zt, beta=0.0, reduction="none", convention=convention)
+    rev = ger_distill_loss(zs, zt, beta=1.0, reduction="none", convention=convention)
+    _close(fwd, _kl(zt, zs), 1e-12)  # beta = 0: KL(p_t || p_s)
+    _close(rev, _kl(zs, zt), 1e-12)  # beta = 1: KL(p_s || p_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_skew_jensen_is_continuous_at_the_ends(dtype):
+    """|J_beta - J_end| (values and both gradients) shrinks linearly with |beta - end|, down
+    to rounding: no jump between the closed form at the end and the series near it."""
+    zs, zt, _ = _inputs(dtype, scale=1.0, teacher_grad=True)
+
+    def J(beta):
+        out = ger_distill_loss(zs, zt, beta=beta, reduction="none", convention="skew_jensen", temperature=1.3)
+        return [out] + list(_grads(out.sum(), [zs, zt]))
+
+    def dist(xs, ys):
+        return max(float((x.detach().double() - y.detach().double()).abs().max() / y.detach().double().abs().max())
+                   for x, y in zip(xs, ys))
+
+    floor = 3e-6 if dtype == torch.float32 else 1e-12
+    ds = [1e-3, 1e-5, 1e-7] if dtype == torch.float32 else [1e-3, 1e-5, 1e-7, 1e-9]
+    for end in (0.0, 1.0):
+        at_end = J(end)
+        errs = [dist(J(end + d if end == 0.0 else end - d), at_end) for d in ds]
+        assert errs[0] < 0.1, errs  # O(1e-3) away: close already
+        for big, small in zip(errs, errs[1:]):
+            assert small <= 0.02 * big + floor, errs  # 100x closer: >= 50x smaller (linear), or rounding
+
+
+def test_skew_jensen_is_jsd_over_beta_one_minus_beta():
+    zs, zt, _ = _inputs(torch.float64)
+    for b in (1e-3, 0.25, 0.5, 0.8):
+        jsd = ger_distill_loss(zs, zt, beta=b, reduction="none", convention="jsd")
+        j = ger_distill_loss(zs, zt, beta=b, reduction="none", convention="skew_jensen")
+        _close(j * b * (1 - b), jsd, 1e-12)
+    # the unnormalised JSD goes to 0 at the ends (the trainers special-case beta in {0, 1})
+    assert ger_distill_loss(zs, zt, beta=1e-9, convention="jsd") < 1e-7
+
+
+def test_skew_jensen_near_ends_fp32_against_float64():
+    """The closed forms near the ends: fp32 J_beta at beta = 1e-6 / 1 - 1e-6 keeps ~1e-6
+    relative accuracy (a log m form would lose it all to the 1 / beta)."""
+    zs, zt, _ = _inputs(torch.float32, scale=4.0, teacher_grad=True)
+    for b in (1e-6, 1e-4, 1 - 1e-4, 1 - 1e-6):
+        out = ger_distill_loss(zs, zt, beta=b, reduction="none", convention="skew_jensen")
+        ref = ger_distill_reference(zs, zt, beta=b, reduction="none", convention="skew_jensen")
+        _close(out, ref, 1e-6)
+        w = torch.randn(out.shape, dtype=torch.float64)
+        # ~5e-6: the fp32 rounding of p (log p - log q - KL) at the exact ends, no more
+        for a, c in zip(_grads(out, [zs, zt], w.float()), _grads(ref, [zs, zt], w)):
+            _close(a, c, 1e-5)
+
+
+# ----------------------------------------------------------------------------- the trainers' code
+def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
+                             reduction="batchmean"):
+    """Trainer-style code: a transcription of TRL's GKDTrainer.generalized_jsd_loss
+    (huggingface/trl, trl/trainer/gkd_trainer.py)."""
+    student_logits = student_logits / temperature
+    teacher_logits = teacher_logits / temperature
+    student_log_probs = F.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    else:
+        beta = torch.tensor(beta, dtype=student_log_probs.dtype)
+        mixture_log_probs = torch.logsumexp(
+            torch.stack([student_log_probs + torch.log(1 - beta), teacher_log_probs + torch.log(beta)]),
+            dim=0,
+        )
+        kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+        kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+        jsd = beta * kl_teacher + (1 - beta) * kl_student
+    if labels is not None:
+        mask = labels != -100
+        jsd = jsd[mask]
+    if reduction == "batchmean":
+        return jsd.sum() / mask.sum() if labels is not None else jsd.sum() / (jsd.size(0) * jsd.size(1))
+    elif reduction == "sum":
+        return jsd.sum()
+    elif reduction == "mean":
+        return jsd.mean()
+    else:
+        return jsd
+
+
+def liger_jsd_rows(X, Y, beta):
+    """Trainer-style code: the per-element formulas of Liger-Kernel's _jsd_kernel
+    (linkedin/Liger-Kernel, src/liger_kernel/ops/jsd.py); X = log Q (student), Y = log P
+    (teacher), summed per row."""
+    if beta == 0.0:
+        loss = Y.exp() * (Y - X)
+    elif beta == 1.0:
+        loss = X.exp() * (X - Y)
+    else:
+        P, Q = Y.exp(), X.exp()
+        M = beta * P + (1 - beta) * Q
+        loss = beta * P * Y + (1 - beta) * Q * X - M * torch.log(M)
+    return loss.sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_convention_is_trl_generalized_jsd(beta, temperature):
+    zs, zt, y = _inputs(torch.float64, teacher_grad=True)
+    trl = trl_generalized_jsd_loss(zs, zt, labels=y, beta=beta, temperature=temperature)
+    ours = ger_distill_loss(zs, zt, y, beta=beta, temperature=temperature, convention="jsd")
+    # TRL does not multiply by T^2; ger_distill_loss does
+    _close(ours, temperature ** 2 * trl, 1e-12)
+    for a, b in zip(_grads(ours, [zs, zt]), _grads(temperature ** 2 * trl, [zs, zt])):
+        _close(a, b, 1e-10)
+    # no labels: TRL's batchmean over (B, T) is our mean over rows
+    _close(ger_distill_loss(zs, zt, beta=beta, temperature=temperature),
+           temperature ** 2 * trl_generalized_jsd_loss(zs, zt, beta=beta, temperature=temperature), 1e-12)
+    # Liger-Kernel's kernel formulas, the same convention
+    rows = liger_jsd_rows(torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1), beta)
+    _close(ger_distill_loss(zs, zt, beta=beta, temperature=temperature, reduction="none"),
+           temperature ** 2 * rows, 1e-12)
+
+
+def test_trl_fp32_and_bf16_inputs():
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
+        zs, zt, y = _inputs(dtype)
+        ours = ger_distill_loss(zs, zt, y, beta=0.5)
+        trl = trl_generalized_jsd_loss(zs.double(), zt.double(), labels=y, beta=0.5)
+        _close(ours, trl, tol)
+
+
+# ----------------------------------------------------------------------------- ignore_index, edge rows
+def test_ignored_rows_contribute_nothing_even_when_non_finite():
+    zs, zt, y = _inputs()
+    with torch.no_grad():
+        zs[0, 1] = float("nan")  # row 1 is ignored
+        zt[0, 1] = float("inf")
+    out = ger_distill_loss(zs, zt, y, beta=0.4, hard_weight=0.5, chunk_size=3)
+    assert torch.isfinite(out)
+    gs, gt = _grads(out, [zs, zt])
+    assert (gs[0, 1] == 0).all() and (gt[0, 1] == 0).all()
+    keep = (y != -100).reshape(-1)
+    ref = ger_distill_reference(zs.reshape(-1, V)[keep], zt.reshape(-1, V)[keep], y.reshape(-1)[keep], beta=0.4,
+                                hard_weight=0.5)
+    _close(out, ref, 2e-6)
+
+
+def test_all_ignored():
+    zs, zt, _ = _inputs()
+    y = torch.full((2, 5), -100)
+    assert torch.isnan(ger_distill_loss(zs, zt, y, beta=0.5))
+    s = ger_distill_loss(zs, zt, y, beta=0.5, hard_weight=0.5, reduction="sum")
+    assert s == 0
+    gs, = _grads(s, [zs])
+    assert (gs == 0).all()
+
+
+def test_custom_ignore_index_and_uint8_target():
+    zs, zt, y = _inputs()
+    y2 = torch.where(y == -100, torch.full_like(y, 7), y)
+    y2.view(-1)[3] = 7
+    a = ger_distill_loss(zs, zt, y2, beta=0.3, hard_weight=0.4, ignore_index=7)
+    b = ger_distill_reference(zs, zt, y2, beta=0.3, hard_weight=0.4, ignore_index=7)
+    _close(a, b, 2e-6)
+    c = ger_distill_loss(zs, zt, y2.to(torch.uint8), beta=0.3, hard_weight=0.4, ignore_index=7)
+    _close(c, a, 0.0)
+
+
+def test_padded_vocabulary_equals_unpadded():
+    """-inf in the same (padding) columns of both: a zero probability, finite loss and gradient."""
+    zs, zt, y = _inputs()
+    pad = torch.full((2, 5, 3), -math.inf)
+    for beta in (0.0, 0.5, 1.0):
+        zsp = torch.cat([zs, pad], -1)
+        ztp = torch.cat([zt, pad], -1)
+        a = ger_distill_loss(zsp, ztp, y, beta=beta, hard_weight=0.3, convention="skew_jensen")
+        b = ger_distill_loss(zs, zt, y, beta=beta, hard_weight=0.3, convention="skew_jensen")
+        _close(a, b, 1e-6)
+        ga, gta = _grads(a, [zs, zt])
+        gb, gtb = _grads(b, [zs, zt])
+        _close(ga, gb, 1e-6)
+        _close(gta, gtb, 1e-6)
+
+
+def test_sharp_logits_fp32():
+    """Probabilities far into fp32's subnormal range (a ratio p_t / p_s would overflow)."""
+    zs, zt, y = _inputs(torch.float32, scale=25.0)
+    for beta, conv in ((0.5, "jsd"), (1e-3, "skew_jensen"), (0.999, "skew_jensen")):
+        out = ger_distill_loss(zs, zt, y, beta=beta, convention=conv, reduction="none")
+        ref = ger_distill_reference(zs, zt, y, beta=beta, convention=conv, reduction="none")
+        assert torch.isfinite(out).all()
+        _close(out, ref, 4e-6)
+        # the gradients are tiny (the distributions are nearly one-hot) differences of O(1)
+        # terms: fp32 rounding relative to the loss's scale, not to theirs
+        unit = float(ref.detach().abs().max())
+        w = torch.rand(out.shape, dtype=torch.float64)
+        for a, c in zip(_grads(out, [zs, zt], w.float()), _grads(ref, [zs, zt], w)):
+            assert torch.isfinite(a).all()
+            _close(a, c, 0.0, atol=4e-6 * unit)
+
+
+# ----------------------------------------------------------------------------- transforms, double backward, compile
+def test_double_backward_and_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    zs = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
+    zt = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
+    y = torch.tensor([1, -100, 4])
+
+    def f(s, t):
+        return ger_distill_loss(s, t, y, beta=0.3, temperature=1.5, hard_weight=0.2, convention="skew_jensen",
+                                reduction="none", chunk_size=2)
+
+    assert torch.autograd.gradcheck(f, (zs, zt))
+    assert torch.autograd.gradgradcheck(f, (zs, zt))
+
+
+def test_torch_func_transforms():
+    zs, zt, y = _inputs()
+    zs0 = zs.detach()
+
+    def f(s):
+        return ger_distill_loss(s, zt.detach(), y, beta=0.3, hard_weight=0.5)
+
+    g = torch.func.grad(f)(zs0)
+    (g_ref,) = _grads(f(zs), [zs])
+    _close(g, g_ref, 1e-6)
+    per_row = torch.func.vmap(lambda s, t: ger_distill_loss(s, t, beta=0.3))(zs0, zt.detach())
+    _close(per_row, ger_distill_loss(zs0, zt.detach(), beta=0.3, reduction="none").mean(-1), 1e-6)
+
+
+def test_compiled_aot_eager():
+    zs, zt, y = _inputs()
+    fn = torch.compile(ger_distill_loss, backend="aot_eager", fullgraph=True)
+    out = fn(zs, zt, y, beta=0.3, hard_weight=0.5, chunk_size=4)
+    ref = ger_distill_loss(zs, zt, y, beta=0.3, hard_weight=0.5)
+    _close(out, ref, 1e-6)
+    for a, b in zip(_grads(out, [zs, zt]), _grads(ref, [zs, zt])):
+        _close(a, b, 1e-6)
+
+
+# ----------------------------------------------------------------------------- with the lm heads
+def _heads(dtype=torch.float32, teacher_grad=True, bias=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, s=1.0, grad=True):
+        return (s * torch.randn(*shape, generator=g)).to(dtype).requires_grad_(grad)
+
+    hs, Ws = t(2, 5, 6), t(V, 6, s=0.7)
+    ht, Wt = t(2, 5, 9, grad=teacher_grad), t(V, 9, s=0.7, grad=teacher_grad)
+    bs = t(V, s=0.3) if bias else None
+    bt = t(V, s=0.3, grad=teacher_grad) if bias else None
+    y = torch.randint(0, V, (2, 5), generator=g)
+    y[0, 2] = -100
+    return hs, Ws, bs, ht, Wt, bt, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_linear_equals_logits_version(reduction, beta, teacher_grad):
+    hs, Ws, bs, ht, Wt, bt, y = _heads(teacher_grad=teacher_grad)
+    kw = dict(beta=beta, temperature=1.3, hard_weight=0.25, reduction=reduction, convention="skew_jensen")
+    a = ger_linear_distill_loss(hs, Ws, ht, Wt, y, student_bias=bs, teacher_bias=bt, chunk_size=3, **kw)
+    r = ger_distill_loss(F.linear(hs, Ws, bs), F.linear(ht, Wt, bt), y, **kw)
+    ref = ger_distill_reference(F.linear(hs.double(), Ws.double(), bs.double()),
+                                F.linear(ht.double(), Wt.double(), bt.double()), y, **kw)
+    _close(a, r, 2e-6)
+    _close(a, ref, 2e-6)
+    params = [hs, Ws, bs] + ([ht, Wt, bt] if teacher_grad else [])
+    w = torch.randn(a.shape)
+    for x, z in zip(_grads(a, params, w), _grads(r, params, w)):
+        _close(x, z, 2e-6)
+
+
+def test_linear_bf16_and_no_bias():
+    hs, Ws, _, ht, Wt, _, y = _heads(torch.bfloat16, bias=False)
+    kw = dict(beta=0.5, temperature=2.0, hard_weight=0.5)
+    a = ger_linear_distill_loss(hs, Ws, ht, Wt, y, chunk_size=4, **kw)
+    ref = ger_distill_reference(F.linear(hs.double(), Ws.double()), F.linear(ht.double(), Wt.double()), y, **kw)
+    assert a.dtype == torch.bfloat16
+    _close(a, ref, 1e-2)
+    params = [hs, Ws, ht, Wt]
+    for x, z in zip(_grads(a, params), _grads(ref, params)):
+        assert x.dtype == torch.bfloat16
+        _close(x, z, 2e-2)
+
+
+def test_linear_frozen_teacher_and_inference():
+    hs, Ws, bs, ht, Wt, bt, y = _heads(teacher_grad=False)
+    out = ger_linear_distill_loss(hs, Ws, ht, Wt, y, student_bias=bs, teacher_bias=bt, beta=0.5)
+    out.backward()
+    assert hs.grad is not None and Ws.grad is not None and bs.grad is not None
+    assert ht.grad is None and Wt.grad is None
+    with torch.no_grad():
+        inf = ger_linear_distill_loss(hs, Ws, ht, Wt, y, student_bias=bs, teacher_bias=bt, beta=0.5)
+    _close(inf, out, 0.0)
+    # upstream gradient scaling reaches the precomputed gradients
+    hs.grad = None
+    (3.0 * ger_linear_distill_loss(hs, Ws, ht, Wt, y, student_bias=bs, teacher_bias=bt, beta=0.5)).backward()
+    (g1,) = _grads(ger_distill_loss(F.linear(hs, Ws, bs), F.linear(ht, Wt, bt), y, beta=0.5), [hs])
+    _close(hs.grad, 3.0 * g1, 2e-6)
+
+
+def test_linear_without_target():
+    hs, Ws, bs, ht, Wt, bt, _ = _heads()
+    a = ger_linear_distill_loss(hs, Ws, ht, Wt, None, beta=0.2, chunk_size=4)
+    r = ger_distill_loss(F.linear(hs, Ws), F.linear(ht, Wt), beta=0.2)
+    _close(a, r, 2e-6)
+    for x, z in zip(_grads(a, [hs, Ws, ht, Wt]), _grads(r, [hs, Ws, ht, Wt])):
+        _close(x, z, 2e-6)
+
+
+# ----------------------------------------------------------------------------- per-token RL statistics
+def trainer_token_stats(logits, index, temperature):
+    """Trainer-style code: log-probs by gather on log_softmax (TRL's selective_log_softmax
+    fallback) and the entropy as logsumexp - sum(softmax * logits) (verl's
+    entropy_from_logits), on logits / T."""
+    logits = logits / temperature
+    logp = torch.gather(logits.log_softmax(-1), dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+    pd = torch.nn.functional.softmax(logits, dim=-1)
+    entropy = torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("estimator", [None, "k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_stats(estimator, dtype):
+    g = torch.Generator().manual_seed(5)
+    z = (2 * torch.randn(3, 4, V, generator=g)).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (3, 4), generator=g)
+    ref_lp = (torch.randn(3, 4, generator=g) - 2.0).requires_grad_()
+    kw = dict(temperature=0.7)
+    if estimator is not None:
+        kw.update(ref_logprobs=ref_lp, kl_estimator=estimator)
+    st = ger_token_stats(z, y, chunk_size=5, **kw)
+    sr = ger_token_stats_reference(z, y, **kw)
+    assert isinstance(st, TokenStats) and st.logp.dtype == torch.float32 and st.logp.shape == (3, 4)
+    assert (st.kl is None) == (estimator is None)
+    for a, b in zip(st, sr):
+        if a is not None:
+            _close(a, b, 2e-6)
+    lp_t, ent_t = trainer_token_stats(z.float(), y, 0.7)
+    _close(st.logp, lp_t, 2e-6)
+    _close(st.entropy, ent_t, 2e-6)
+    w = torch.randn(3, 3, 4, generator=g)
+    wrt = [z] + ([ref_lp] if estimator else [])
+    la = sum((w[i] * t).sum() for i, t in enumerate(st) if t is not None)
+    lr = sum((w[i].double() * t).sum() for i, t in enumerate(sr) if t is not None)
+    for a, b in zip(torch.autograd.grad(la, wrt), torch.autograd.grad(lr, wrt)):
+        _close(a, b, 2e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_kl_estimator_conventions():
+    """k1 = logp - ref (verl 'kl'), k3 = exp(ref - logp) - (ref - logp) - 1 (TRL GRPO,
+    verl 'low_var_kl'), k3 >= 0 and 0 where the policies agree."""
+    z = torch.randn(6, V, dtype=torch.float64)
+    y = torch.randint(0, V, (6,))
+    logp = torch.log_softmax(z, -1).gather(1, y[:, None])[:, 0]
+    ref = logp + torch.linspace(-2, 2, 6, dtype=torch.float64)
+    k1 = ger_token_stats(z, y, ref_logprobs=ref, kl_estimator="k1").kl
+    k3 = ger_token_stats(z, y, ref_logprobs=ref, kl_estimator="k3").kl
+    _close(k1, logp - ref, 1e-12)
+    _close(k3, torch.exp(ref - logp) - (ref - logp) - 1, 1e-12)
+    assert (k3 >= 0).all()
+    assert ger_token_stats(z, y, ref_logprobs=logp, kl_estimator="k3").kl.abs().max() < 1e-20
+
+
+def test_token_stats_double_backward_and_compile():
+    z = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 9, (4,))
+    assert torch.autograd.gradgradcheck(lambda x: tuple(ger_token_stats(x, y, temperature=1.3, chunk_size=3)[:2]),
+                                        (z,))
+    fn = torch.compile(ger_token_stats, backend="aot_eager", fullgraph=True)
+    a = fn(z, y, temperature=0.5)
+    b = ger_token_stats(z, y, temperature=0.5)
+    _close(a.logp, b.logp, 1e-12)
+    _close(a.entropy, b.entropy, 1e-12)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_errors():
+    zs, zt, y = _inputs()
+    with pytest.raises(ValueError, match="same shape"):
+        ger_distill_loss(zs, zt[..., :-1], beta=0.5)
+    for b in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"ger_distill_loss: beta must be in \[0.0, 1.0\]"):
+            ger_distill_loss(zs, zt, beta=b)
+    with pytest.raises(TypeError, match="beta must be a Python float"):
+        ger_distill_loss(zs, zt, beta=torch.tensor(0.5))
+    for T in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            ger_distill_loss(zs, zt, beta=0.5, temperature=T)
+    with pytest.raises(ValueError, match=r"hard_weight must be in \[0.0, 1.0\]"):
+        ger_distill_loss(zs, zt, y, beta=0.5, hard_weight=1.2)
+    with pytest.raises(ValueError, match="pass target"):
+        ger_distill_loss(zs, zt, beta=0.5, hard_weight=0.5)
+    with pytest.raises(TargetDtypeError, match="Long or Byte"):
+        ger_distill_loss(zs, zt, y.int(), beta=0.5)
+    with pytest.raises(TargetDtypeError, match="soft targets"):
+        ger_distill_loss(zs, zt, y.float(), beta=0.5)
+    with pytest.raises(ValueError, match="target shape"):
+        ger_distill_loss(zs, zt, y[:, :-1], beta=0.5)
+    with pytest.raises(IndexError, match="out of bounds"):
+        ger_distill_loss(zs, zt, torch.full_like(y, V), beta=0.5, hard_weight=0.5)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        ger_distill_loss(zs, zt, beta=0.5, convention="normalised")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ger_distill_loss(zs, zt, beta=0.5, reduction="batchmean")
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        ger_distill_loss(zs.detach().long(), zt, beta=0.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ger_distill_loss(zs, zt, beta=0.5, chunk_size=0)
+    hs, Ws, bs, ht, Wt, bt, y2 = _heads()
+    with pytest.raises(ValueError, match="same number of classes"):
+        ger_linear_distill_loss(hs, Ws, ht, Wt[:-1], y2, beta=0.5)
+    with pytest.raises(ValueError, match="leading"):
+        ger_linear_distill_loss(hs, Ws, ht[:1], Wt, y2, beta=0.5)
+    with pytest.raises(ValueError, match="features"):
+        ger_linear_distill_loss(hs, Ws, ht, Ws, y2, beta=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        ger_linear_distill_loss(hs, Ws, ht, Wt, y2, beta=0.5, temperature=0.0)
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        ger_token_stats(zs, y.clamp_min(0), ref_logprobs=torch.zeros(2, 5), kl_estimator="k4")
+    with pytest.raises(ValueError, match="together"):
+        ger_token_stats(zs, y.clamp_min(0), ref_logprobs=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="together"):
+        ger_token_stats(zs, y.clamp_min(0), kl_estimator="k3")
+    with pytest.raises(IndexError, match="out of bounds"):
+        ger_token_stats(zs, y, temperature=1.0)  # -100 is not a token
+    with pytest.raises(ValueError, match="temperature"):
+        ger_token_stats(zs, y.clamp_min(0), temperature=-1.0)
+
+
+def test_linear_double_backward_is_refused():
+    hs, Ws, bs, ht, Wt, bt, y = _heads(teacher_grad=False)
+    out = ger_linear_distill_loss(hs, Ws, ht, Wt, y, beta=0.5, reduction="none").sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, [hs], create_graph=True)
+
+
+# ----------------------------------------------------------------------------- memory
+def _saved_sizes(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_saves_only_inputs_and_row_statistics():
+    """No N x V intermediate is kept for the backward: what is saved is the inputs
+    themselves (same storage) and O(rows) statistics."""
+    zs, zt, y = _inputs(teacher_grad=True)
+    R = y.numel()
+    inputs = {zs.data_ptr(), zt.data_ptr()}
+    for fn in (lambda: ger_distill_loss(zs, zt, y, beta=0.3, hard_weight=0.5, temperature=2.0, chunk_size=3),
+               lambda: ger_distill_loss(zs, zt, y, beta=0.0, convention="skew_jensen", reduction="none"),
+               lambda: sum(t.sum() for t in ger_token_stats(zs, y.clamp_min(0), temperature=0.7,
+                                                            ref_logprobs=torch.zeros(2, 5), kl_estimator="k3"))):
+        out, saved = _saved_sizes(fn)
+        big = [t for t in saved if t.numel() > R]
+        assert all(t.data_ptr() in inputs for t in big), [tuple(t.shape) for t in big]
+        out.sum().backward()
+    hs, Ws, bs, ht, Wt, bt, y2 = _heads(teacher_grad=True)
+    N = y2.numel()
+    for red in ("mean", "none"):
+        out, saved = _saved_sizes(lambda: ger_linear_distill_loss(hs, Ws, ht, Wt, y2, student_bias=bs, teacher_bias=bt,
+                                                                  beta=0.5, hard_weight=0.5, reduction=red,
+                                                                  chunk_size=3))
+        assert not [t for t in saved if t.numel() >= N * V], [tuple(t.shape) for t in saved]
+        out.sum().backward()
