@@ -29,7 +29,7 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          "kl_uniform", "target_logp")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
-ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "none")
+ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
 #: errors ger may raise where eager does not, documented in docs/user-guide.md
 DOCUMENTED = ("a second backward through it",)
 
@@ -124,6 +124,12 @@ class ConvBlock(nn.Module):
             z = F.silu(z)
         elif self.act == "hardtanh":
             z = F.hardtanh(z, -1.0, 1.0)
+        elif self.act == "hardswish":
+            z = F.hardswish(z)
+        elif self.act == "leaky_relu_inplace":
+            z = F.leaky_relu(z, 0.2, inplace=True)
+        elif self.act == "mish":
+            z = F.mish(z)
         return z.mean() + x.mean()
 
 

@@ -114,6 +114,11 @@ ACTIVATIONS = {
     "nn.SiLU": (nn.SiLU(), "silu"),
     "F.gelu": (F.gelu, "gelu"),
     "nn.GELU(tanh)": (nn.GELU(approximate="tanh"), "gelu_tanh"),
+    "nn.Hardswish": (nn.Hardswish(), "hardswish"),
+    "F.hardsigmoid": (F.hardsigmoid, "hardsigmoid"),
+    "nn.LeakyReLU(0.2, inplace=True)": (nn.LeakyReLU(0.2, inplace=True), "leaky_relu"),
+    "F.leaky_relu": (F.leaky_relu, "leaky_relu"),
+    "nn.Mish": (nn.Mish(), "mish"),
 }
 MODES = {  # name -> (BN training, grad enabled)
     "eval_no_grad": (False, False),
@@ -186,7 +191,8 @@ def test_conv_variant_x_activation_matches_float64_eager(conv, mode, seed):
             and "transpose" not in conv
             and conv not in ("conv1d", "same_padding_even_kernel")
         )
-        assert onednn == [expect_onednn] * len(matches), [m.detail for m in matches]
+        assert onednn == [expect_onednn and m.detail["act"] in conv_bn_ops.ONEDNN_POST_OPS for m in matches], [
+            m.detail for m in matches]
 
 
 def test_functional_and_keyword_spellings(seed):
@@ -345,12 +351,12 @@ def test_near_miss_track_running_stats_false(train, seed):
 
 
 def test_near_miss_activation_not_fused_but_conv_bn_folded(seed):
-    model = randomize_bn_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(0.1)))
+    model = randomize_bn_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ELU()))
     x = torch.randn(2, 3, 6, 6)
     _assert_as_accurate_as_eager(_compare(model, x, False, True, rewrite_only()), model, x, False, True)
     assert [m.detail["act"] for m in _report_matches(EVAL)] == ["none"]
     [(pattern, reason)] = _near_misses()
-    assert pattern == ACT and reason.startswith(conv_bn_act.NEAR_MISS_REASONS["activation"]) and "leaky_relu" in reason
+    assert pattern == ACT and reason.startswith(conv_bn_act.NEAR_MISS_REASONS["activation"]) and "elu" in reason
 
 
 def test_near_miss_eager_ops_are_left_alone(seed):
@@ -586,7 +592,8 @@ def test_lowerings_match_eager_kernels(dtype, memory_format, seed):
     falls back to them."""
     lowerings.ensure_registered()
     acts = [("none", 0.0, 0.0), ("relu", 0.0, 0.0), ("hardtanh", 0.0, 6.0), ("silu", 0.0, 0.0), ("gelu", 0.0, 0.0),
-            ("gelu_tanh", 0.0, 0.0)]  # fmt: skip
+            ("gelu_tanh", 0.0, 0.0), ("hardswish", 0.0, 0.0), ("hardsigmoid", 0.0, 0.0), ("leaky_relu", 0.2, 0.0),
+            ("mish", 0.0, 0.0)]  # fmt: skip
 
     def f(x, w, b, rm, rv):
         mean, invstd = conv_bn_ops.update_batch_stats(x, rm, rv, 0.1, 1e-5)
@@ -613,6 +620,51 @@ def test_lowerings_match_eager_kernels(dtype, memory_format, seed):
     )
     for code in (fwd, bwd):
         FileCheck().check("cpp_fused").check_not("torch.ops.ger.").run(code[code.index("def call(") :])
+
+
+#: every fused activation with the torch function it stands for
+_TORCH_ACTIVATIONS = {
+    ("none", 0.0, 0.0): lambda z: z,
+    ("relu", 0.0, 0.0): torch.relu,
+    ("hardtanh", -1.0, 2.0): lambda z: F.hardtanh(z, -1.0, 2.0),
+    ("silu", 0.0, 0.0): F.silu,
+    ("gelu", 0.0, 0.0): F.gelu,
+    ("gelu_tanh", 0.0, 0.0): lambda z: F.gelu(z, approximate="tanh"),
+    ("hardswish", 0.0, 0.0): F.hardswish,
+    ("hardsigmoid", 0.0, 0.0): F.hardsigmoid,
+    ("leaky_relu", 0.2, 0.0): lambda z: F.leaky_relu(z, 0.2),
+    ("mish", 0.0, 0.0): F.mish,
+}
+
+
+def test_activations_and_derivatives_match_autograd_at_the_kinks():
+    """Each activation and its derivative, eager reference and Inductor lowering, equal
+    torch's function and autograd's gradient of it, on the kinks (0, +-3, hardtanh's
+    bounds), beside them, at +-30 (mish's exp overflows past 88) and on random values.
+    One value per channel with mean 0 and invstd 1, so ``batch_norm_act`` is act(z) and
+    the backward's per-channel sum of g is act'(z)."""
+    assert {a for a, _, _ in _TORCH_ACTIVATIONS} == set(conv_bn_ops.ACTIVATIONS)
+    lowerings.ensure_registered()
+    kinks = [-30.0, -20.5, -3.5, -3.0, -2.999, -1.0, -1e-7, 0.0, 1e-7, 0.5, 2.0, 2.999, 3.0, 3.5, 20.5, 30.0, 100.0]
+    z = torch.cat([torch.tensor(kinks), torch.randn(40, generator=torch.Generator().manual_seed(0)) * 4])
+    x = z.view(1, -1, 1)
+    mean, invstd, ones = torch.zeros(z.numel()), torch.ones(z.numel()), torch.ones_like(x)
+
+    def f(x, mean, invstd, ones):
+        out = []
+        for a in _TORCH_ACTIVATIONS:
+            out.append(torch.ops.ger.batch_norm_act(x, mean, invstd, None, None, *a).view(-1))
+            out.append(torch.ops.ger.batch_norm_act_backward(ones, x, mean, invstd, None, None, *a)[2])
+        return out
+
+    eager, compiled = f(x, mean, invstd, ones), torch.compile(f, backend="inductor")(x, mean, invstd, ones)
+    for i, (a, fn) in enumerate(_TORCH_ACTIVATIONS.items()):
+        zz = z.clone().requires_grad_()
+        value = fn(zz)
+        (slope,) = torch.autograd.grad(value.sum(), zz)
+        for name, got in (("eager", eager), ("lowering", compiled)):
+            torch.testing.assert_close(got[2 * i], value.detach(), rtol=1e-6, atol=1e-6, msg=f"{a} value, {name}")
+            torch.testing.assert_close(got[2 * i + 1], slope, rtol=1e-5, atol=1e-6, msg=f"{a} derivative, {name}")
 
 
 # ----------------------------------------------------------------------------- end to end

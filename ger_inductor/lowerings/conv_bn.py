@@ -28,7 +28,7 @@ import sympy
 import torch
 
 from .. import _compat
-from ..ops.conv_bn import GELU_TANH_CUBIC, ONEDNN_POST_OPS, SQRT_2_OVER_PI, check_activation
+from ..ops.conv_bn import GELU_TANH_CUBIC, ONEDNN_POST_OPS, SQRT_2_OVER_PI, check_activation, onednn_scalars
 from ..ops.ger_loss import compute_dtype
 
 aten = torch.ops.aten
@@ -110,8 +110,25 @@ class _Channels:
             return ops.mul(z, cdf)
         if act == "gelu_tanh":
             return ops.mul(ops.mul(self.const(0.5), z), ops.add(self.const(1.0), self._gelu_tanh_t(z)))
+        if act == "hardswish":  # z * relu6(z + 3) / 6, in eager's order
+            return ops.truediv(ops.mul(z, self._relu6_shifted(z)), self.const(6.0))
+        if act == "hardsigmoid":
+            return ops.truediv(self._relu6_shifted(z), self.const(6.0))
+        if act == "leaky_relu":
+            return ops.where(ops.gt(z, self.const(0.0)), z, ops.mul(z, self.const(lo)))
+        if act == "mish":
+            return ops.mul(z, ops.tanh(self._softplus(z)))
         check_activation(act)
         raise AssertionError("unreachable")
+
+    def _relu6_shifted(self, z):
+        ops = self.ops
+        return ops.minimum(ops.maximum(ops.add(z, self.const(3.0)), self.const(0.0)), self.const(6.0))
+
+    def _softplus(self, z):
+        """log(1 + e^z), z itself above 20 (F.softplus's threshold: e^z would overflow)."""
+        ops = self.ops
+        return ops.where(ops.gt(z, self.const(20.0)), z, ops.log1p(ops.exp(z)))
 
     def _gelu_tanh_t(self, z):
         ops = self.ops
@@ -144,6 +161,17 @@ class _Channels:
             left = ops.mul(self.const(0.5), ops.add(one, t))
             right = ops.mul(ops.mul(ops.mul(self.const(0.5), z), ops.sub(one, ops.mul(t, t))), dinner)
             return ops.add(left, right)
+        if act == "hardswish":
+            mid = ops.add(ops.truediv(z, self.const(3.0)), self.const(0.5))
+            return ops.where(ops.le(z, self.const(-3.0)), zero, ops.where(ops.lt(z, self.const(3.0)), mid, one))
+        if act == "hardsigmoid":
+            inside = ops.logical_and(ops.gt(z, self.const(-3.0)), ops.lt(z, self.const(3.0)))
+            return ops.where(inside, self.const(1.0 / 6.0), zero)
+        if act == "leaky_relu":
+            return ops.where(ops.gt(z, zero), one, self.const(lo))
+        if act == "mish":
+            t = ops.tanh(self._softplus(z))
+            return ops.add(t, ops.mul(ops.mul(z, ops.sigmoid(z)), ops.sub(one, ops.mul(t, t))))
         check_activation(act)
         raise AssertionError("unreachable")
 
@@ -289,7 +317,7 @@ def _register() -> None:
             else:
                 weight = ir.ExternKernel.require_channels_last_3d(weight)
             attr, algorithm = ONEDNN_POST_OPS[act]
-            scalars = [act_min, act_max] if act == "hardtanh" else []
+            scalars = onednn_scalars(act, act_min, act_max)
             return lowerings[onednn_conv](x, weight, bias, padding, stride, dilation, groups, attr, scalars, algorithm)
 
 

@@ -44,10 +44,12 @@ from torch import Tensor
 
 from .ger_loss import OPS_NAMESPACE, compute_dtype
 
-#: Activations the pass fuses, by the name the ops take. relu6 is hardtanh(0, 6).
-ACTIVATIONS = ("none", "relu", "hardtanh", "silu", "gelu", "gelu_tanh")
+#: Activations the pass fuses, by the name the ops take. relu6 is hardtanh(0, 6). The
+#: ops' two scalars ``act_min`` / ``act_max`` are hardtanh's bounds; leaky_relu's
+#: negative slope travels in ``act_min``; the other activations ignore them.
+ACTIVATIONS = ("none", "relu", "hardtanh", "silu", "gelu", "gelu_tanh", "hardswish", "hardsigmoid", "leaky_relu", "mish")
 
-#: oneDNN post-op (attr, algorithm) per activation; scalars are (min, max) for hardtanh
+#: oneDNN post-op (attr, algorithm) per activation it has; scalars: see :func:`onednn_scalars`
 ONEDNN_POST_OPS = {
     "none": ("none", ""),
     "relu": ("relu", ""),
@@ -55,7 +57,20 @@ ONEDNN_POST_OPS = {
     "silu": ("swish", ""),
     "gelu": ("gelu", "none"),
     "gelu_tanh": ("gelu", "tanh"),
+    "hardswish": ("hardswish", ""),
+    "hardsigmoid": ("hardsigmoid", ""),
+    "leaky_relu": ("leaky_relu", ""),
+    # mish: oneDNN has no such post-op here ("Fusion behavior undefined")
 }
+
+
+def onednn_scalars(act: str, act_min: float, act_max: float) -> list[float]:
+    """The scalars of oneDNN's post-op: hardtanh's (min, max), leaky_relu's slope."""
+    if act == "hardtanh":
+        return [act_min, act_max]
+    if act == "leaky_relu":
+        return [act_min]
+    return []
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_TANH_CUBIC = 0.044715
@@ -80,13 +95,23 @@ def activation(z: Tensor, act: str, act_min: float, act_max: float) -> Tensor:
         return F.gelu(z)
     if act == "gelu_tanh":
         return F.gelu(z, approximate="tanh")
+    if act == "hardswish":
+        return F.hardswish(z)
+    if act == "hardsigmoid":
+        return F.hardsigmoid(z)
+    if act == "leaky_relu":
+        return F.leaky_relu(z, act_min)
+    if act == "mish":
+        return F.mish(z)
     check_activation(act)
     raise AssertionError("unreachable")
 
 
 def activation_derivative(z: Tensor, act: str, act_min: float, act_max: float) -> Tensor:
     """d act / dz at z, with eager's conventions at the kinks (0 at relu's 0 and at
-    hardtanh's bounds, as ``threshold_backward`` / ``hardtanh_backward`` give)."""
+    hardtanh's bounds, as ``threshold_backward`` / ``hardtanh_backward`` give; hardswish
+    z/3 + 1/2 on (-3, 3) and 1 from 3 on, hardsigmoid 1/6 on (-3, 3), leaky_relu the slope at 0, as
+    their ATen backwards give)."""
     if act == "none":
         return torch.ones_like(z)
     if act == "relu":
@@ -103,6 +128,15 @@ def activation_derivative(z: Tensor, act: str, act_min: float, act_max: float) -
     if act == "gelu_tanh":
         t = torch.tanh(SQRT_2_OVER_PI * (z + GELU_TANH_CUBIC * z * z * z))
         return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_CUBIC * z * z)
+    if act == "hardswish":
+        return torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0)).to(z.dtype)
+    if act == "hardsigmoid":
+        return torch.where((z > -3) & (z < 3), 1.0 / 6.0, 0.0).to(z.dtype)
+    if act == "leaky_relu":
+        return torch.where(z > 0, 1.0, act_min).to(z.dtype)
+    if act == "mish":
+        t = torch.tanh(F.softplus(z))
+        return t + z * torch.sigmoid(z) * (1 - t * t)
     check_activation(act)
     raise AssertionError("unreachable")
 
@@ -320,7 +354,7 @@ def onednn_conv_act(
     Inductor restrides what leaves it).
     """
     attr, algorithm = ONEDNN_POST_OPS[act]
-    scalars = [act_min, act_max] if act == "hardtanh" else []
+    scalars = onednn_scalars(act, act_min, act_max)
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, attr, scalars, algorithm)
 
 

@@ -11,7 +11,8 @@ signatures below):
   ``torch.batch_norm``;
 * activation (optional): ``F.relu``, ``torch.relu(_)``, ``Tensor.relu(_)``,
   ``F.relu6``, ``F.hardtanh(_)`` (what ``nn.ReLU6`` / ``nn.Hardtanh`` become),
-  ``F.silu``, ``F.gelu`` (both approximations).
+  ``F.silu``, ``F.gelu`` (both approximations), ``F.hardswish``, ``F.hardsigmoid``,
+  ``F.leaky_relu(_)`` (a constant slope), ``F.mish`` (and their ``nn`` modules).
 
 Rewrites:
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import operator
 from typing import Any
 
@@ -95,13 +97,20 @@ _ACTIVATION_FUNCTIONS: dict[str, tuple[str, tuple]] = {
     ),
     "torch.nn.functional.silu": ("silu", _SIG_INPUT_INPLACE),
     "torch.nn.functional.gelu": ("gelu", (("input", _REQUIRED), ("approximate", "none"))),
+    "torch.nn.functional.hardswish": ("hardswish", _SIG_INPUT_INPLACE),
+    "torch.nn.functional.hardsigmoid": ("hardsigmoid", _SIG_INPUT_INPLACE),
+    "torch.nn.functional.mish": ("mish", _SIG_INPUT_INPLACE),
+    "torch.nn.functional.leaky_relu": ("leaky_relu", (("input", _REQUIRED), ("negative_slope", 0.01), ("inplace", False))),
+    "torch.nn.functional.leaky_relu_": ("leaky_relu", (("input", _REQUIRED), ("negative_slope", 0.01))),
 }
+#: what the near-miss of an unfused activation names as fused
+_FUSED_NAMES = "relu, relu6, hardtanh, silu, gelu, hardswish, hardsigmoid, leaky_relu, mish"
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
 
 #: activations users put after BN that ger does not fuse (reported, not matched)
 _UNFUSED_ACTIVATIONS = {
-    "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-    "mish", "softplus", "prelu", "rrelu", "logsigmoid", "clamp", "clamp_", "clip", "clip_", "threshold",
+    "elu", "elu_", "selu", "celu", "sigmoid", "tanh", "softplus", "prelu", "rrelu", "logsigmoid", "clamp", "clamp_",
+    "clip", "clip_", "threshold",
 }  # fmt: skip
 
 #: normalisations that may follow a conv but are not batch norm with its own statistics
@@ -280,9 +289,14 @@ def _activation(node: fx.Node, bn: fx.Node) -> Activation | None:
             if approx not in ("none", "tanh"):
                 raise NearMiss("non_constant", f"approximate={approx!r}")
             return Activation("gelu" if approx == "none" else "gelu_tanh")
+        if kind == "leaky_relu":
+            slope = a["negative_slope"]
+            if not isinstance(slope, (int, float)) or isinstance(slope, bool) or not math.isfinite(slope):
+                raise NearMiss("non_constant", f"negative_slope={slope!r}")
+            return Activation("leaky_relu", float(slope))
         return Activation(kind)
     if name is not None and name.rsplit(".", 1)[-1] in _UNFUSED_ACTIVATIONS:
-        raise NearMiss("activation", f"{name}; ger fuses relu, relu6, hardtanh, silu, gelu")
+        raise NearMiss("activation", f"{name}; ger fuses {_FUSED_NAMES}")
     return None
 
 
@@ -429,6 +443,8 @@ def _use_onednn(c: Candidate, strategy: dict[str, Any], profile) -> tuple[bool, 
         return False, "a gradient may be asked for (oneDNN's fused conv has no autograd)"
     if c.transposed or c.spatial_dims == 1:
         return False, "transposed or 1d convolution"
+    if c.act.name not in conv_bn_ops.ONEDNN_POST_OPS:
+        return False, f"oneDNN has no {c.act.name} post-op"
     if out.dtype not in (torch.float32, torch.bfloat16) or (out.dtype == torch.bfloat16 and not profile.bf16):
         return False, f"dtype {out.dtype}"
     if _value(c.conv_args["input"]).dtype != out.dtype:
