@@ -47,7 +47,7 @@ from torch import Tensor
 from . import _compat
 from . import losses as _losses
 from .ops import linear_loss as _lin
-from .ops.ger_loss import _xmul
+from .ops.ger_loss import xmul
 
 CONVENTIONS = ("jsd", "skew_jensen")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -88,9 +88,9 @@ def _positive(who: str, name: str, value) -> float:
 
 def _config(who: str, *, beta, temperature, hard_weight, ignore_index, reduction, convention, has_target,
             dtypes) -> DistillConfig:
-    b = _losses._check_number("beta", beta, 0.0, 1.0, who=who)
+    b = _losses.check_number("beta", beta, 0.0, 1.0, who=who)
     T = _positive(who, "temperature", temperature)
-    hw = _losses._check_number("hard_weight", hard_weight, 0.0, 1.0, who=who)
+    hw = _losses.check_number("hard_weight", hard_weight, 0.0, 1.0, who=who)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{who}: ignore_index must be an int")
     if reduction not in _losses.REDUCTIONS:
@@ -117,7 +117,7 @@ def _check_target(who: str, target: Optional[Tensor], rows_shape, device, what: 
         return
     if not isinstance(target, Tensor):
         raise TypeError(f"{who}: target must be a tensor of class indices or None")
-    _losses._check_target_dtype(target, who)
+    _losses.check_target_dtype(target, who)
     if tuple(target.shape) != tuple(rows_shape):
         raise ValueError(f"{who}: target shape {list(target.shape)} does not match {what}: expected "
                          f"{list(rows_shape)}")
@@ -128,7 +128,7 @@ def _check_target(who: str, target: Optional[Tensor], rows_shape, device, what: 
 def _check_target_range(who: str, y: Tensor, V: int, ignore_index: Optional[int]) -> None:
     """Eager check (host sync) that every used target is a class (skipped when compiling
     or under a torch.func transform of the target)."""
-    if _losses._is_compiling() or _compat.functorch_transformed(y):
+    if _losses.is_compiling() or _compat.functorch_transformed(y):
         return
     bad = (y < 0) | (y >= V)
     if ignore_index is not None:
@@ -229,16 +229,16 @@ def forward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfig
     also the math under torch.func transforms and for a double backward."""
     pre, Ls, Lt = _prelude(zs, zt, cfg)
     if cfg.kind == "fwd":
-        kt = _xmul(pre.pt, pre.lpt - pre.lps).sum(1)
+        kt = xmul(pre.pt, pre.lpt - pre.lps).sum(1)
         ks = torch.zeros_like(kt)
         D = kt
     elif cfg.kind == "rev":
-        ks = _xmul(pre.ps, pre.lps - pre.lpt).sum(1)
+        ks = xmul(pre.ps, pre.lps - pre.lpt).sum(1)
         kt = torch.zeros_like(ks)
         D = ks
     else:
-        kt = _xmul(pre.pt, pre.log_t_m).sum(1)
-        ks = _xmul(pre.ps, pre.log_s_m).sum(1)
+        kt = xmul(pre.pt, pre.log_t_m).sum(1)
+        ks = xmul(pre.ps, pre.log_s_m).sum(1)
         D = cfg.wt * kt + cfg.ws * ks
     if cfg.hard:
         Ls1 = Ls if cfg.T == 1.0 else _lse(zs)
@@ -265,19 +265,19 @@ def backward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfi
         g = (gD / cfg.T).unsqueeze(1)
         if cfg.kind == "fwd":
             da = (pre.ps - pre.pt) if need_s else None
-            db = _xmul(pre.pt, pre.lpt - pre.lps - st.kt.unsqueeze(1)) if need_t else None
+            db = xmul(pre.pt, pre.lpt - pre.lps - st.kt.unsqueeze(1)) if need_t else None
         elif cfg.kind == "rev":
-            da = _xmul(pre.ps, pre.lps - pre.lpt - st.ks.unsqueeze(1)) if need_s else None
+            da = xmul(pre.ps, pre.lps - pre.lpt - st.ks.unsqueeze(1)) if need_s else None
             db = (pre.pt - pre.ps) if need_t else None
         else:
-            da = cfg.ws * _xmul(pre.ps, pre.log_s_m - st.ks.unsqueeze(1)) if need_s else None
-            db = cfg.wt * _xmul(pre.pt, pre.log_t_m - st.kt.unsqueeze(1)) if need_t else None
-        dzs = _xmul(g, da) if need_s else None
-        dzt = _xmul(g, db) if need_t else None
+            da = cfg.ws * xmul(pre.ps, pre.log_s_m - st.ks.unsqueeze(1)) if need_s else None
+            db = cfg.wt * xmul(pre.pt, pre.log_t_m - st.kt.unsqueeze(1)) if need_t else None
+        dzs = xmul(g, da) if need_s else None
+        dzt = xmul(g, db) if need_t else None
     if need_s and cfg.hard and gn is not None:
         p1 = pre.ps if cfg.T == 1.0 else torch.exp(zs - st.Ls1.unsqueeze(1))
         gnc = gn.unsqueeze(1)
-        h = _xmul(gnc, p1).scatter_add(1, y.unsqueeze(1), -gnc)
+        h = xmul(gnc, p1).scatter_add(1, y.unsqueeze(1), -gnc)
         dzs = h if dzs is None else dzs + h
     if need_s and dzs is None:
         dzs = torch.zeros_like(zs)
@@ -456,7 +456,7 @@ def ger_distill_loss(
         _check_target_range(who, target.reshape(-1).long(), V, ignore_index)
     zs = student_logits.reshape(-1, V)
     zt = teacher_logits.reshape(-1, V)
-    if not _losses._is_compiling() and _compat.functorch_transformed(student_logits, teacher_logits, target):
+    if not _losses.is_compiling() and _compat.functorch_transformed(student_logits, teacher_logits, target):
         # torch.func transforms / forward AD: the Function's formula does not compose with
         # them; the same math in torch ops does
         D, nll, _, _ = forward_rows(zs.to(cfg.cd), zt.to(cfg.cd), y, cfg)
@@ -730,7 +730,7 @@ def ger_linear_distill_loss(
     out_dtype = student_hidden.dtype
     heads = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
 
-    if not _losses._is_compiling() and _compat.functorch_transformed(*heads, target):
+    if not _losses.is_compiling() and _compat.functorch_transformed(*heads, target):
         zs = F.linear(hs, student_weight, student_bias).to(cfg.cd)
         zt = F.linear(ht, teacher_weight, teacher_bias).to(cfg.cd)
         D, nll, _, _ = forward_rows(zs, zt, y, cfg)
@@ -792,7 +792,7 @@ def token_forward(z: Tensor, y: Tensor, T: float):
     b = z if T == 1.0 else z / T
     L = _lse(b)
     lp = b - L.unsqueeze(1)
-    H = -_xmul(torch.exp(lp), lp).sum(1)
+    H = -xmul(torch.exp(lp), lp).sum(1)
     logp = b.gather(1, y.unsqueeze(1)).squeeze(1) - L
     return logp, H, L
 
@@ -805,10 +805,10 @@ def token_backward(z: Tensor, y: Tensor, T: float, L: Tensor, H: Tensor, g_lp: O
     p = torch.exp(lp)
     dz = torch.zeros_like(z)
     if g_H is not None:
-        dz = dz - _xmul(g_H.unsqueeze(1), _xmul(p, lp + H.unsqueeze(1)))
+        dz = dz - xmul(g_H.unsqueeze(1), xmul(p, lp + H.unsqueeze(1)))
     if g_lp is not None:
         g = g_lp.unsqueeze(1)
-        dz = (dz - _xmul(g, p)).scatter_add(1, y.unsqueeze(1), g)
+        dz = (dz - xmul(g, p)).scatter_add(1, y.unsqueeze(1), g)
     return dz if T == 1.0 else dz / T
 
 
@@ -918,7 +918,7 @@ def ger_token_stats(
     y = target.reshape(-1).long()
     _check_target_range(who, y, V, None)
     z = logits.reshape(-1, V)
-    if not _losses._is_compiling() and _compat.functorch_transformed(logits, target):
+    if not _losses.is_compiling() and _compat.functorch_transformed(logits, target):
         logp, H, _ = token_forward(z.to(cd), y, T)
     else:
         logp, H = _TokenRows.apply(z, y, T, cd, chunk_size)

@@ -74,9 +74,9 @@ def _shard_stats(z: Tensor, y: Tensor, u: Tensor, lu: Tensor, ulu: Tensor, alpha
     cols = [e.sum(1), zy, owned.to(z.dtype)]
     need_t = alpha == 0.0 or extras
     if need_t:
-        cols.append(_op._xmul(e, zm).sum(1))  # sum e^(z-M) (z-M): E_p[z] = M + T/S
+        cols.append(_op.xmul(e, zm).sum(1))  # sum e^(z-M) (z-M): E_p[z] = M + T/S
     if alpha == 0.0 and not uniform:
-        cols.append(_op._xmul(e, lu.expand_as(e)).sum(1))  # sum e^(z-M) log u
+        cols.append(_op.xmul(e, lu.expand_as(e)).sum(1))  # sum e^(z-M) log u
     if alpha == 1.0:
         cols.append((u * z).sum(1))  # sum u z (not guarded: 0 * -inf is NaN, as the op)
     k = len(cols)
@@ -106,7 +106,7 @@ def _shard_stats(z: Tensor, y: Tensor, u: Tensor, lu: Tensor, ulu: Tensor, alpha
         p = lp.exp()
         uu, lluu = u.expand_as(lp), lu.expand_as(lp)
         log_p_m, log_u_m = _op.log_ratio_p_m(lp, lluu, p, uu, alpha)
-        kl = torch.stack([_op._xmul(p, log_p_m).sum(1), _op._xmul(uu, log_u_m).sum(1)], 1)
+        kl = torch.stack([_op.xmul(p, log_p_m).sum(1), _op.xmul(uu, log_u_m).sum(1)], 1)
         kl = _all_reduce(kl.contiguous(), dist.ReduceOp.SUM, group)
         kl_pm, kl_um = kl[:, 0], kl[:, 1]
         reg = kl_pm / (1.0 - alpha) + kl_um / alpha
@@ -129,7 +129,7 @@ def _check_tiling(v_max: Tensor, v_min: Tensor, total_v: Tensor, n_owners: Tenso
                 + ": for unequal shards pass vocab_start and vocab_size on every rank"
             )
     bad = valid & (n_owners != 1)
-    _losses._runtime_check(
+    _losses.runtime_check(
         ~bad.any(),
         f"{_NAME}: a target class is owned by no rank or by several: the shards overlap or leave a gap "
         "(check vocab_start), or the ranks were given different targets",
@@ -304,7 +304,7 @@ def ger_loss_vocab_parallel(
         u_full, log_u_full = u_full.to(cdt), log_u_full.to(cdt)
         u = u_full[vocab_start : vocab_start + Vr]
         lu = log_u_full[vocab_start : vocab_start + Vr]
-        ulu = _op._xmul(u_full, log_u_full).sum()
+        ulu = _op.xmul(u_full, log_u_full).sum()
 
     y = target.reshape(-1)
     if y.dtype == torch.uint8:  # F.cross_entropy's other index dtype: read as int64

@@ -72,7 +72,7 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     cdt = _loss_op.compute_dtype(h.dtype)
     u, log_u = base, (torch.log(base) if log_base is None else log_base) if base is not None else None
     if smooth_weight is not None:
-        st = losses._smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+        st = losses.smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
         u, log_u = st.u, st.log_u
     flat_coefs = None if coefs is None else coefs.reshape(4, -1)
     N = target.numel()

@@ -56,7 +56,7 @@ _TORCH_TYPE_NAMES = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char
                      torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
 
 
-def _check_target_dtype(target: Tensor, who: str) -> None:
+def check_target_dtype(target: Tensor, who: str) -> None:
     """F.cross_entropy's rule for class-index targets: int64 or uint8, else an error."""
     dt = target.dtype
     if dt in TARGET_DTYPES:
@@ -74,19 +74,19 @@ def _check_target_dtype(target: Tensor, who: str) -> None:
     )
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _runtime_check(cond: Tensor, message: str) -> None:
+def runtime_check(cond: Tensor, message: str) -> None:
     """A data-dependent check: raises ValueError eagerly, an async assert when compiled."""
-    if _is_compiling():
+    if is_compiling():
         torch._assert_async(cond, message)
     elif not bool(cond):
         raise ValueError(message)
 
 
-def _check_number(name: str, value, lo: float, hi: float | None, who: str = "ger_loss") -> float:
+def check_number(name: str, value, lo: float, hi: float | None, who: str = "ger_loss") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{who}: {name} must be a Python float, got {type(value).__name__}")
     v = float(value)
@@ -157,7 +157,7 @@ def _check_distribution(name: str, t: Tensor, V: int, logits: Tensor) -> None:
 class LossParams(NamedTuple):
     """Checked loss arguments: alpha, beta, label-smoothing eps, the base u the op's
     regulariser uses (None: uniform) and its log, and the smoothing scale, constant and
-    log-sum-exp coefficient of ``combine_rows`` (see ``_smoothing_target``)."""
+    log-sum-exp coefficient of ``combine_rows`` (see ``smoothing_target``)."""
 
     alpha: float
     beta: float | Tensor | None
@@ -175,7 +175,7 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
     device) and derive what the op and ``combine_rows`` need."""
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"{who}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    _check_target_dtype(target, who)
+    check_target_dtype(target, who)
     if target.device != logits.device:
         raise ValueError(f"{who}: target is on {target.device} but logits are on {logits.device}")
     if reduction not in REDUCTIONS:
@@ -185,19 +185,19 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
     if label_smoothing is not None:
         if alpha is not None or beta is not None:
             raise ValueError(f"{who}: pass either label_smoothing or (alpha, beta), not both")
-        eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+        eps = check_number("label_smoothing", label_smoothing, 0.0, 1.0)
         alpha_f = 1.0
     else:
         if alpha is None or beta is None:
             raise TypeError(f"{who}: alpha and beta are required (or pass label_smoothing)")
-        alpha_f = _check_number("alpha", alpha, 0.0, 1.0)
+        alpha_f = check_number("alpha", alpha, 0.0, 1.0)
         eps = None
         if isinstance(beta, Tensor):
             if beta.dim() != 0 or not beta.is_floating_point():
                 raise ValueError(f"{who}: a tensor beta must be a 0-d floating tensor, got shape {list(beta.shape)} {beta.dtype}")
-            _runtime_check(beta >= 0, f"{who}: beta must be >= 0")
+            runtime_check(beta >= 0, f"{who}: beta must be >= 0")
         else:
-            beta = _check_number("beta", beta, 0.0, None)
+            beta = check_number("beta", beta, 0.0, None)
 
     cdt = _op.compute_dtype(logits.dtype)
     if V == 0:
@@ -206,18 +206,18 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
         _check_distribution("weight", weight, V, logits)
     if base is not None:
         _check_distribution("base", base, V, logits)
-        _runtime_check((base >= 0).all(), f"{who}: base must be a distribution: found a negative entry")
-        _runtime_check(
+        runtime_check((base >= 0).all(), f"{who}: base must be a distribution: found a negative entry")
+        runtime_check(
             (base.to(torch.float64).sum() - 1).abs() <= BASE_SUM_TOL,
             f"{who}: base must sum to 1 (within {BASE_SUM_TOL})",
         )
         if alpha_f == 0.0:
-            _runtime_check(
+            runtime_check(
                 (base > 0).all(),
                 f"{who}: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
             )
 
-    st = _smoothing_target(eps, weight, base, V, cdt)
+    st = smoothing_target(eps, weight, base, V, cdt)
     return LossParams(alpha_f, beta, eps, st.u, st.scale, st.const, st.log_u, st.lse_coef)
 
 
@@ -272,7 +272,7 @@ def ger_loss(
         target2 = target2.long()
 
     # ---- per-row statistics: one fused op (one read of the logits forward)
-    if not _is_compiling() and _compat.functorch_transformed(logits, target, weight, base, beta):
+    if not is_compiling() and _compat.functorch_transformed(logits, target, weight, base, beta):
         # torch.func transforms (grad, vmap, jvp, ...) and forward AD: the op's autograd
         # formula does not compose with them; its math in torch ops does (same numbers)
         if not _compat.functorch_transformed(target2):  # (a batched target cannot be read on the host)
@@ -295,7 +295,7 @@ def ger_loss(
     return GERLossOutput(loss, entropy, lse.reshape(target.shape))
 
 
-def _log_classes(V):
+def log_classes(V):
     """log V; for a symbolic V (dynamic shapes) a traced value, not a specialisation."""
     if isinstance(V, int):
         return math.log(V)
@@ -314,7 +314,7 @@ class SmoothingTarget(NamedTuple):
     lse_coef: Tensor | None
 
 
-def _smoothing_target(eps, weight, base, V, cdt) -> SmoothingTarget:
+def smoothing_target(eps, weight, base, V, cdt) -> SmoothingTarget:
     """Label smoothing's term per row is eps * (-sum_j w_j b_j log p_j) (F.cross_entropy:
     b = 1/V; ger_loss may give a base b). Without weight and base it is eps * (KL(u||p) +
     log V). Otherwise the op gets u = w b as it is - any sign, zeros, any sum c, no log
@@ -326,7 +326,7 @@ def _smoothing_target(eps, weight, base, V, cdt) -> SmoothingTarget:
         b = base.to(cdt)
         return SmoothingTarget(b, torch.log(b), None, None, None)
     if weight is None and base is None:
-        return SmoothingTarget(None, None, eps, _log_classes(V), None)
+        return SmoothingTarget(None, None, eps, log_classes(V), None)
     wu = (weight.to(cdt) if weight is not None else 1.0) * (base.to(cdt) if base is not None else 1.0 / V)
     return SmoothingTarget(wu, torch.zeros_like(wu), eps, None, wu.sum() - 1.0)
 
@@ -500,7 +500,7 @@ def row_stats(logits: Tensor, target: Tensor, alpha: float, ignore_index: int, e
     """The op's statistics for every row of ``logits`` (classes in ``class_dim``), each
     shaped like the logits without the class dimension. With ``smooth_eps`` and
     ``smooth_weight`` (F.cross_entropy's weighted label smoothing) the op's regulariser
-    uses u = w / V (``_smoothing_target``). ``zmin``: also each row's smallest logit
+    uses u = w / V (``smoothing_target``). ``zmin``: also each row's smallest logit
     (where eager's products p * log p are NaN, see ``row_statistic``)."""
     cd = class_dim % logits.dim()
     V = logits.shape[cd]
@@ -509,17 +509,19 @@ def row_stats(logits: Tensor, target: Tensor, alpha: float, ignore_index: int, e
     cdt = _op.compute_dtype(logits.dtype)
     u = log_u = None
     if smooth_weight is not None:
-        st = _smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
+        st = smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
         u, log_u = st.u, st.log_u
     if target.dtype == torch.uint8:
         target = target.long()
+    rows = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1:])
+    # before the op, on the op's (A, V, D) view: Inductor then computes it in the loop
+    # of the op's row maximum (after it, a loop of its own: one more read of the logits)
+    mn = logits.detach().reshape(A, V, D).amin(1).to(cdt).reshape(rows) if zmin else None
     out = torch.ops.ger.loss_fwd(
         logits.reshape(A, V, D), target.reshape(A, D), u, log_u,
         float(alpha), int(ignore_index), bool(extras), int(chunk),
     )
-    rows = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1:])
     nll, reg, lse, ent, aux = out
-    mn = logits.detach().amin(cd).to(cdt).reshape(rows) if zmin else None
     return RowStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows),
                     ent.reshape(rows) if extras else ent, aux.reshape(rows), mn)
 
@@ -531,7 +533,7 @@ def cross_entropy_from_stats(stats: RowStats, logits: Tensor, target: Tensor, we
     V = logits.shape[cd]
     cdt = stats.nll.dtype
     eps = float(label_smoothing) if label_smoothing else None
-    st = _smoothing_target(eps, weight, None, V, cdt)
+    st = smoothing_target(eps, weight, None, V, cdt)
     if target.dtype == torch.uint8:
         target = target.long()
     return combine_rows(
@@ -588,7 +590,7 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
         if out == "one":
             total = total + c
         elif out == "logv":
-            total = total + c * _log_classes(V)
+            total = total + c * log_classes(V)
         else:
             total = total + c * getattr(stats, out)
     if not isinstance(total, Tensor):

@@ -290,6 +290,22 @@ def test_spelling_nan_inf_like_eager_inductor(name, bad):
     _check_rewrite(fn, _logits(bad), _targets(), INDUCTOR, patterns)
 
 
+def test_nan_rows_cost_no_extra_read_of_the_logits():
+    """The per-row minimum that finds eager's NaN rows is computed in the loop of the op's
+    row maximum: the forward kernel reads the logits in two loops over the classes (max
+    and min; the sums), as without the NaN convention, not three."""
+    from ger_inductor import _compat
+
+    v = 1000
+    z, y = _logits(v=v).requires_grad_(), _targets(v=v)
+    f = _compiled(NAN_SPELLINGS["p_times_log_softmax"][0], INDUCTOR)
+    _, codes = _compat.run_and_get_code(lambda: f(z, y).backward())
+    fwd = codes[0][codes[0].index("cpp_fused"):]
+    _matched({"cross_entropy", "entropy"})
+    assert fwd.count(f"x1<static_cast<int64_t>({v}L)") == 2, fwd
+    torch.testing.FileCheck().check("at::vec::minimum").check("at::vec::maximum").run(fwd)
+
+
 def test_nan_rows_only():
     """Only the rows with the bad logit turn NaN (value per row and gradient)."""
     def fn(z, y):

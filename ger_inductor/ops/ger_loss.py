@@ -73,7 +73,7 @@ def log_ratio_p_m(lp: Tensor, lu: Tensor, p: Tensor, u: Tensor, alpha: float) ->
     return log_p_m, log_u_m
 
 
-def _xmul(w: Tensor, x: Tensor) -> Tensor:
+def xmul(w: Tensor, x: Tensor) -> Tensor:
     """w * x with 0 where w == 0 (so 0 * -inf = 0, as in x log x at 0)."""
     return torch.where(w == 0, torch.zeros((), dtype=x.dtype, device=x.device), w * x)
 
@@ -130,20 +130,20 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     lp = z - lse.unsqueeze(1)
     p = lp.exp()
     u, lu = _base_terms(base, log_base, V, cd, z.device)
-    ent = -_xmul(p, lp).sum(1) if extras else z.new_empty((0,), dtype=cd)
+    ent = -xmul(p, lp).sum(1) if extras else z.new_empty((0,), dtype=cd)
     if alpha == 0.0:
-        reg = _xmul(p, lp - lu).sum(1)
+        reg = xmul(p, lp - lu).sum(1)
         aux = reg.clone()
     elif alpha == 1.0:
         if base is None:
-            reg = _xmul(u.expand_as(lp), lu - lp).sum(1)
+            reg = xmul(u.expand_as(lp), lu - lp).sum(1)
         else:
-            reg = _xmul(u, lu).sum() - (u * z).sum(1) + lse
+            reg = xmul(u, lu).sum() - (u * z).sum(1) + lse
         aux = torch.zeros_like(reg)
     else:
         log_p_m, log_u_m = log_ratio_p_m(lp, lu.expand_as(lp), p, u.expand_as(lp), alpha)
-        kl_pm = _xmul(p, log_p_m).sum(1)
-        kl_um = _xmul(u.expand_as(lp), log_u_m).sum(1)
+        kl_pm = xmul(p, log_p_m).sum(1)
+        kl_um = xmul(u.expand_as(lp), log_u_m).sum(1)
         reg = kl_pm / (1.0 - alpha) + kl_um / alpha
         aux = kl_pm
     return nll, reg, lse, ent, aux
@@ -212,18 +212,18 @@ def loss_bwd(
         gr = grad_reg.unsqueeze(1)
         # p_j * (...) is 0 where p_j == 0 (a -inf logit: 0 * -inf), as in the lowering
         if alpha == 0.0:
-            d = _xmul(p, lp - lu - reg.unsqueeze(1))
+            d = xmul(p, lp - lu - reg.unsqueeze(1))
         elif alpha == 1.0:
             d = p - u
         else:
             log_p_m, _ = log_ratio_p_m(lp, lu.expand_as(lp), p, u.expand_as(lp), alpha)
-            d = _xmul(p, log_p_m - aux.unsqueeze(1)) / (1.0 - alpha)
+            d = xmul(p, log_p_m - aux.unsqueeze(1)) / (1.0 - alpha)
         grad = grad + gr * d
     if grad_lse is not None:
         grad = grad + grad_lse.unsqueeze(1) * p
     if grad_ent is not None:
         ez = (lse - ent).unsqueeze(1)  # E_p[z] = L - H
-        grad = grad - grad_ent.unsqueeze(1) * _xmul(p, z - ez)
+        grad = grad - grad_ent.unsqueeze(1) * xmul(p, z - ez)
     return grad.to(logits.dtype)
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from .ger_loss import OPS_NAMESPACE, _xmul, check_targets, compute_dtype, log_ratio_p_m
+from .ger_loss import OPS_NAMESPACE, xmul, check_targets, compute_dtype, log_ratio_p_m
 
 #: size of the low-precision grad_W block formed per matmul before it is added in fp32
 GRAD_W_BLOCK_BYTES = 32 << 20
@@ -65,8 +65,8 @@ def _skew_jensen(p: Tensor, lp: Tensor, u: Optional[Tensor], lu: Optional[Tensor
         lu = -log_v + torch.zeros((), dtype=p.dtype, device=p.device)
     u, lu = u.expand_as(lp), lu.expand_as(lp)
     log_p_m, log_u_m = log_ratio_p_m(lp, lu, p, u, alpha)
-    kl_pm = _xmul(p, log_p_m).sum(1)
-    return kl_pm / (1.0 - alpha) + _xmul(u, log_u_m).sum(1) / alpha, kl_pm, log_p_m
+    kl_pm = xmul(p, log_p_m).sum(1)
+    return kl_pm / (1.0 - alpha) + xmul(u, log_u_m).sum(1) / alpha, kl_pm, log_p_m
 
 
 def _row_coefs(alpha, uniform, log_v, g_nll, g_reg, g_lse, g_ent, ezs, logs, reg, aux):
@@ -108,7 +108,7 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     if not uniform:
         u = base.to(cd)
         lu = log_base.to(cd)
-        u_lu = _xmul(u, lu).sum()
+        u_lu = xmul(u, lu).sum()
     nll = torch.empty(N, dtype=cd, device=dev)
     reg = torch.empty_like(nll)
     lse = torch.empty_like(nll)
@@ -249,7 +249,7 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
     static, so that Inductor fuses each chunk's row reductions and its logits gradient
     into a few kernels (Triton on GPUs, C++ on CPUs) and reuses the chunk buffers. Same
     math as :func:`_kernel`; no autograd through it (the gradients are explicit)."""
-    from ..losses import _log_classes
+    from ..losses import log_classes
 
     h, weight = h.detach(), weight.detach()
     bias = None if bias is None else bias.detach()
@@ -262,10 +262,10 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     uniform = base is None
-    log_v = _log_classes(V)
+    log_v = log_classes(V)
     if not uniform:
         u, lu = base.to(cd), log_base.to(cd)
-        u_lu = _xmul(u, lu).sum()
+        u_lu = xmul(u, lu).sum()
     grads = coefs is not None
     need_h, need_w = grads and bool(needs & NEED_H), grads and bool(needs & NEED_W)
     need_b = grads and bool(needs & NEED_B) and bias is not None
