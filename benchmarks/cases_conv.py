@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from examples.resnet18_cnn import randomize_bn_statistics, resnet18
 from ger_inductor import _compat
+from ger_inductor.measure import saved_for_backward
 
 from .cases import register
 from .harness import Case, Variant
@@ -111,21 +112,6 @@ def _inference(backend: str | None, grad: bool, freezing: bool = False):
         return step
 
     return build
-
-
-def saved_for_backward(step: Callable[[], Any], exclude: list[torch.Tensor]) -> tuple[int, int]:
-    """(all bytes, bytes without ``exclude``'s storages) of the unique storages autograd
-    saves during ``step()``."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr not in excluded)
 
 
 def _training(name: str, backend: str | None):

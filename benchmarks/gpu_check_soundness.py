@@ -22,7 +22,7 @@ backend is passed as a callable). Every check compiles with ``ger`` (strict):
   logits in some rows, forward + backward: NaN pattern of the loss and of the gradient
   equal to eager's, finite values close, the loss rewrite matched.
 
-Timings (``benchmarks.harness.time_step``: CUDA events on CUDA, median of 20 after
+Timings (``ger_inductor.measure.time_step``: CUDA events on CUDA, median of 20 after
 warm-up; on the CPU wall clock): eager / inductor / ger for each check's step. A time
 budget (:data:`TIME_BUDGET_S`) bounds the timings; skipped ones are recorded.
 Writes one JSON file (``--out``) and exits 1 if a check failed.
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gpu_check_conv import _rel  # noqa: E402  (norm-wise relative error)
-from benchmarks.harness import time_step  # noqa: E402  (CUDA events / wall clock)
+from ger_inductor.measure import time_step  # noqa: E402  (CUDA events / wall clock)
 from examples.resnet18_cnn import randomize_bn_statistics  # noqa: E402
 
 TIME_BUDGET_S = 90.0

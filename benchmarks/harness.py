@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 import torch._dynamo
+
+from ger_inductor.measure import peak_extra_bytes, time_step  # one definition, shared with the demo
 
 WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
 
@@ -75,63 +76,6 @@ class Result:
     baseline: str = "inductor"
     note: str = ""
     error: str | None = None
-
-
-# ----------------------------------------------------------------------------- measurement
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_step(step: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    if device.type == "cuda":
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _rss() -> tuple[int, int]:
-    with open("/proc/self/status") as f:
-        s = f.read()
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", s).group(1)) * 1024
-    rss = int(re.search(r"VmRSS:\s+(\d+)", s).group(1)) * 1024
-    return hwm, rss
-
-
-def peak_extra_bytes(step: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak memory one call needs beyond what is allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return None  # warm allocator: freed blocks stay resident, RSS says nothing
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    _, base = _rss()
-    step()
-    hwm, _ = _rss()
-    return max(hwm - base, 0)
 
 
 # ----------------------------------------------------------------------------- running

@@ -1,15 +1,21 @@
-"""Small models for ``python -m ger_inductor demo``, the examples and the benchmarks.
+"""Small models for ``python -m ger_inductor demo``, the examples and the benchmarks,
+and the demo itself (:func:`run_demo`, :func:`format_table`).
 
 * :class:`SmallCNN` - conv->BN->ReLU blocks (a conv->BN->activation stack).
 * :class:`TinyLM`   - embedding -> MLP blocks -> lm head, trained with an unmodified
   ``F.cross_entropy(..., label_smoothing=0.1, ignore_index=-100)``.
+* :class:`ConvStack`, :class:`DepthwiseStack`, :func:`confidence_penalty_loss` - the
+  demo's CNN stages (ResNet- and MobileNet-style) and a hand-written entropy-regularised
+  loss.
+
+The demo's workloads are sized so that what ger changes shows beside Inductor on a
+2-core CPU (the lm head's logits are 500 MiB: larger than one of ger's ~256 MiB chunks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -80,24 +86,49 @@ class TinyLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the demo
+class ConvStack(nn.Sequential):
+    """4x conv3x3 -> BN -> ReLU at constant width: the demo's CNN (a ResNet stage)."""
+
+    def __init__(self, width: int = 64, blocks: int = 4):
+        super().__init__(*(ConvBNReLU(width, width) for _ in range(blocks)))
+
+
+class DepthwiseStack(nn.Sequential):
+    """[depthwise 3x3 -> BN -> ReLU6 -> 1x1 -> BN -> ReLU6] x 3 (a MobileNet stage)."""
+
+    def __init__(self, width: int = 128, blocks: int = 3):
+        layers = []
+        for _ in range(blocks):
+            layers += [nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width), nn.ReLU6(),
+                       nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6()]
+        super().__init__(*layers)
+
+
+def confidence_penalty_loss(z, y, beta: float = 0.1):
+    """CE - beta * H(p), written the way users write it (no ger API)."""
+    lp = torch.log_softmax(z, dim=-1)
+    return F.cross_entropy(z, y) - beta * (-(lp.exp() * lp).sum(-1).mean())
+
+
 @dataclasses.dataclass
 class Row:
     workload: str
     backend: str
     ms: float
+    peak_mib: float | None
+    saved_mib: float
     max_err: float
     rewrites: str
 
 
-def _time(step: Callable[[], object], warmup: int = 3, repeat: int = 7) -> float:
-    for _ in range(warmup):
-        step()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        step()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+@dataclasses.dataclass
+class Workload:
+    name: str
+    #: () -> (module or function, inputs); called once per backend, same seed
+    build: Callable[[], tuple]
+    #: (fn, inputs) -> the step: runs fn once and returns the tensors checked against eager
+    step: Callable
+    what: str
 
 
 def _rewrites(reports) -> str:
@@ -109,63 +140,114 @@ def _rewrites(reports) -> str:
     return text + (f"; {fb} fallback(s)" if fb else "")
 
 
-def run_demo(print_fn=print, quick: bool = False) -> list[Row]:
-    """Compile the demo workloads with eager / inductor / ger; check ger against eager."""
+def _max_rel_err(got: list, ref: list) -> float:
+    return max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)) for g, r in zip(got, ref))
+
+
+def _train_step(model, inputs):
+    loss = model(*inputs)
+    if loss.dim():
+        loss = loss.square().mean()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [loss.detach()] + [p.grad for p in model.parameters()]
+
+
+def _grad_eval_step(model, inputs):
+    return [model(*inputs).detach()]  # parameters require grad: Inductor cannot fold BN
+
+
+def _loss_step(fn, inputs):
+    z, y = inputs
+    loss = fn(z, y)
+    (g,) = torch.autograd.grad(loss, z)
+    return [loss.detach(), g]
+
+
+def workloads() -> list[Workload]:
+    def lm():
+        model = TinyLM(vocab=32000, d=64, layers=2)
+        tokens = torch.randint(0, 32000, (8, 512))
+        targets = torch.randint(0, 32000, (8, 512))
+        targets[:, -16:] = -100  # padding
+        return model, (tokens, targets)
+
+    def cnn_train():
+        return ConvStack(64).train(), (torch.randn(8, 64, 56, 56),)
+
+    def cnn_grad_eval():
+        return DepthwiseStack(128).eval(), (torch.randn(8, 128, 56, 56),)
+
+    def loss():
+        z = (torch.randn(2048, 32000) * 2).requires_grad_()
+        return confidence_penalty_loss, (z, torch.randint(0, 32000, (2048,)))
+
+    return [
+        Workload("LM train step", lm, _train_step,
+                 "4096 tokens, V=32000 (500 MiB of fp32 logits), unmodified F.cross_entropy(label_smoothing=0.1): "
+                 "ger fuses the lm head with the loss, chunked over the tokens"),
+        Workload("CNN train step", cnn_train, _train_step,
+                 "4x conv3x3->BN->ReLU, 8x64x56x56: BN+ReLU fused, the activation recomputed in backward"),
+        Workload("CNN eval, grad on", cnn_grad_eval, _grad_eval_step,
+                 "[depthwise->BN->ReLU6->1x1->BN->ReLU6] x3, 8x128x56x56, model.eval() without no_grad: "
+                 "BN folded at run time (Inductor folds only under no_grad + freezing)"),
+        Workload("CE - 0.1 H(p) loss", loss, _loss_step,
+                 "2048x32000 fp32 logits, fwd+bwd, hand-written entropy: one fused read of the logits"),
+    ]
+
+
+def run_demo(progress=None, warmup: int = 2, repeat: int = 5, only: tuple = ()) -> list[Row]:
+    """eager / inductor / ger on each workload (or those named in ``only``) in this
+    process, on the same inputs: time per step (median), peak extra memory of one step,
+    bytes saved for backward beyond inputs and parameters, the largest relative
+    difference from eager (values and gradients) and what ger rewrote.
+    ``progress(msg)`` is told what runs (compiles take seconds)."""
     import ger_inductor
     from ger_inductor import _compat
+    from ger_inductor.measure import peak_extra_bytes, saved_for_backward, time_step
 
-    torch.manual_seed(0)
+    progress = progress or (lambda msg: None)
+    cpu = torch.device("cpu")
     rows: list[Row] = []
-    batch = 4 if quick else 16
-    x = torch.randn(batch, 3, 32, 32)
-    tokens = torch.randint(0, 8000, (batch, 64))
-    targets = torch.randint(0, 8000, (batch, 64))
-    targets[:, -5:] = -100  # padding
-
-    def eval_step(runner):
-        def step():
-            with torch.no_grad():
-                return runner(x)
-
-        return step
-
-    def cnn_train_step(runner):
-        def step():
-            out = runner(x)
-            out.square().mean().backward()
-            return out
-
-        return step
-
-    def lm_train_step(runner):
-        def step():
-            loss = runner(tokens, targets)
-            loss.backward()
-            return loss
-
-        return step
-
-    workloads = [
-        ("cnn eval (no_grad)", SmallCNN, False, eval_step),
-        ("cnn train step", SmallCNN, True, cnn_train_step),
-        ("lm train step", TinyLM, True, lm_train_step),
-    ]
-    for name, make, training, make_step in workloads:
-        torch.manual_seed(0)
-        base = make()
-        ref_out = None
+    for w in workloads():
+        if only and w.name not in only:
+            continue
+        ref = None
         for backend in ("eager", "inductor", "ger"):
+            progress(f"{w.name}: {backend}")
             _compat.dynamo_reset()
             ger_inductor.clear_reports()
-            model = make()
-            model.load_state_dict(base.state_dict())
-            model.train(training)
-            step = make_step(model if backend == "eager" else torch.compile(model, backend=backend))
-            out = step().detach()  # the first call compiles; its output is checked against eager
-            ms = _time(step)
-            if ref_out is None:
-                ref_out = out
-            err = float((out - ref_out).abs().max() / ref_out.abs().max().clamp_min(1e-12))
-            rows.append(Row(name, backend, ms, err, _rewrites(ger_inductor.reports()) if backend == "ger" else ""))
-            print_fn(f"  {name:20s} {backend:9s} {ms:8.2f} ms/step  max rel err vs eager {err:.1e}  {rows[-1].rewrites}")
+            torch.manual_seed(0)
+            fn, inputs = w.build()
+            run = fn if backend == "eager" else torch.compile(fn, backend=backend)
+            out = w.step(run, inputs)  # the first call compiles
+            ref = out if ref is None else ref
+            # eager needs no warm-up and is the slowest: fewer steps
+            times = time_step(lambda: w.step(run, inputs), cpu, *((1, 3) if backend == "eager" else (warmup, repeat)))
+            peak = peak_extra_bytes(lambda: w.step(run, inputs), cpu)
+            params = list(fn.parameters()) if isinstance(fn, nn.Module) else []
+            _, saved = saved_for_backward(lambda: w.step(run, inputs), [*inputs, *params])
+            rows.append(Row(w.name, backend, statistics.median(times), None if peak is None else peak / 2**20,
+                            saved / 2**20, _max_rel_err(out, ref),
+                            _rewrites(ger_inductor.reports()) if backend == "ger" else ""))
     return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """One table: per workload eager / inductor / ger, with ratios to inductor."""
+    head = ("workload", "backend", "ms/step", "x inductor", "peak MiB", "x inductor", "saved MiB", "x inductor",
+            "max rel err", "ger rewrote")
+
+    def ratio(a, b, floor=0.0):
+        # no ratio to a baseline too small to measure (a resident set that grew by a few MiB
+        # says little: small blocks come from the heap the process already holds)
+        return "" if a is None or b is None or b <= floor else f"{a / b:.2f}"
+
+    lines = [head]
+    for r in rows:
+        ind = next(x for x in rows if x.workload == r.workload and x.backend == "inductor")
+        lines.append((r.workload, r.backend, f"{r.ms:.1f}", ratio(r.ms, ind.ms),
+                      "n/a" if r.peak_mib is None else f"{r.peak_mib:.0f}", ratio(r.peak_mib, ind.peak_mib, 32.0),
+                      f"{r.saved_mib:.1f}", ratio(r.saved_mib, ind.saved_mib, 1.0), f"{r.max_err:.1e}", r.rewrites))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1] for line in lines).rstrip()

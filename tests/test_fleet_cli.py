@@ -101,10 +101,18 @@ def test_cli_dump_a_script(tmp_path):
 
 
 def test_cli_demo_quick():
-    r = _cli("demo", "--quick", timeout=900)
+    r = _cli("demo", "--quick", "--repeat", "1", timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "all results match eager" in r.stdout
-    assert "loss_entropy/cross_entropy(label_smoothing)" in r.stdout  # the LM's loss was rewritten
+    assert r.stdout.count("workload ") == 1  # one table
+    for workload in ("LM train step", "CE - 0.1 H(p) loss"):
+        backends = [line[len(workload):].split()[0] for line in r.stdout.splitlines() if line.startswith(workload + " ")]
+        assert backends == ["eager", "inductor", "ger"], r.stdout
+    lm_ger = next(line for line in r.stdout.splitlines() if line.startswith("LM train step") and " ger " in line)
+    assert "lm_head/linear+loss x1" in lm_ger  # the head was fused with the unmodified loss
+    loss_ger = next(line for line in r.stdout.splitlines() if line.startswith("CE - 0.1") and " ger " in line)
+    assert "loss_entropy/entropy x1" in loss_ger
+    assert "[" in r.stderr and "LM train step: ger" in r.stderr  # progress, on stderr
 
 
 def test_profile_layout_choice_reaches_inductor_config():

@@ -398,7 +398,7 @@ def test_causal_lm_trains_like_eager_for_20_steps(profile, tmp_path):
 
 _PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.nn.functional as F
-    from benchmarks.harness import peak_extra_bytes
+    from ger_inductor.measure import peak_extra_bytes
     from ger_inductor import ger_linear_loss
     torch.manual_seed(0)
     N, H, V = 2048, 64, 16384

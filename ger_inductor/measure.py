@@ -1,0 +1,95 @@
+"""Time and peak memory of one step, as the benchmark harness and the demo measure them.
+
+* time: warm-up calls first (compilation and the first slow calls excluded), then
+  ``repeat`` timed calls: CUDA events on CUDA, the wall clock elsewhere.
+* peak memory of one call beyond what is allocated before it: on CUDA
+  ``max_memory_allocated``; on Linux CPUs the growth of the process's peak resident set
+  (VmHWM, reset through /proc/self/clear_refs). Meaningful with the default glibc
+  allocator, which returns large blocks to the OS; under a warm allocator
+  (``MALLOC_MMAP_THRESHOLD_`` set) freed blocks stay resident and None is returned, as
+  it is where /proc is not there to read.
+* bytes saved for backward: the unique storages autograd's saved-tensor hooks see
+  (what a training step holds from its forward to its backward; compiled graphs save
+  through the same hooks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> list[float]:
+    """Milliseconds of each of ``repeat`` calls of ``step`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _rss() -> tuple[int, int]:
+    with open("/proc/self/status") as f:
+        s = f.read()
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", s).group(1)) * 1024
+    rss = int(re.search(r"VmRSS:\s+(\d+)", s).group(1)) * 1024
+    return hwm, rss
+
+
+def peak_extra_bytes(step: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak memory one call needs beyond what is allocated before it (None: unknown here)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return None  # warm allocator: freed blocks stay resident, RSS says nothing
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _, base = _rss()
+    except OSError:
+        return None
+    step()
+    hwm, _ = _rss()
+    return max(hwm - base, 0)
+
+
+def saved_for_backward(step: Callable[[], Any], exclude: list[torch.Tensor]) -> tuple[int, int]:
+    """(all bytes, bytes without ``exclude``'s storages) of the unique storages autograd
+    saves during ``step()``."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr not in excluded)
