@@ -25,6 +25,27 @@ def compile_state():
     _compat.dynamo_reset()
 
 
+def rewrite_backend(options: dict, on_graph=None, reports: list | None = None):
+    """A ``torch.compile`` backend that runs ger's passes through the public
+    ``ger_inductor.backend.rewrite`` (what ``backend="ger"`` runs before Inductor) and
+    executes the rewritten graph eagerly: the rewrite decisions and their numbers,
+    without AOTAutograd or code generation. ``on_graph(before_text, gm)`` sees each graph;
+    ``reports`` collects each graph's report."""
+    from ger_inductor.backend import rewrite
+    from ger_inductor.debug import graph_text
+
+    def backend(gm, example_inputs):
+        before = graph_text(gm) if on_graph is not None else None
+        gm, report = rewrite(gm, example_inputs, {"strict": True, **options})
+        if on_graph is not None:
+            on_graph(before, gm)
+        if reports is not None:
+            reports.append(report)
+        return gm.forward
+
+    return backend
+
+
 @pytest.fixture
 def seed():
     torch.manual_seed(0)

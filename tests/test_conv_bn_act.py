@@ -22,13 +22,13 @@ from torch.testing import FileCheck
 
 import ger_inductor
 from examples.resnet18_cnn import randomize_bn_statistics, resnet18
-from ger_inductor import GerOptions, _compat, debug, fallback, fleet, lowerings, passes
+from ger_inductor import GerOptions, _compat, debug, fleet, lowerings, passes
 from ger_inductor.backend import ger
 from ger_inductor.debug import graph_text
 from ger_inductor.ops import conv_bn as conv_bn_ops
 from ger_inductor.passes import conv_bn_act
 
-from .conftest import requires_cuda
+from .conftest import requires_cuda, rewrite_backend
 from .expect import ExpectTestCase
 
 EVAL, TRAIN, ACT = conv_bn_act.PATTERN_EVAL, conv_bn_act.PATTERN_TRAIN, conv_bn_act.PATTERN_ACT
@@ -37,22 +37,9 @@ FP32_REL = 1e-4
 
 
 def rewrite_only(profile: str = "auto", graphs: list | None = None, eager_ops: tuple = ()):
-    """A backend that runs ger's conv_bn_act pass and executes the rewritten graph eagerly."""
-    options = GerOptions.parse(
-        {"strict": True, "device_profile": profile, "passes": ["conv_bn_act"], "eager_ops": list(eager_ops)}
-    )
-
-    def backend(gm: fx.GraphModule, example_inputs):
-        report = debug.new_report(name="rewrite_only", devices=[], options=options.to_json_dict(), mode=None)
-        profile_ = fleet.select_profile(fleet.devices_of(example_inputs), options.device_profile)
-        before = graph_text(gm)
-        ctx = passes.PassContext(options, profile_, report, eager=fallback.plan_eager_nodes(gm, options))
-        passes.run_pipeline(gm, ctx, debug.GraphDumper(None, report))
-        if graphs is not None:
-            graphs.append((before, graph_text(gm)))
-        return gm.forward
-
-    return backend
+    """ger's conv_bn_act pass alone, the rewritten graph run eagerly (conftest.rewrite_backend)."""
+    on_graph = None if graphs is None else (lambda before, gm: graphs.append((before, graph_text(gm))))
+    return rewrite_backend({"device_profile": profile, "passes": ["conv_bn_act"], "eager_ops": list(eager_ops)}, on_graph)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -322,7 +309,12 @@ def _near_misses():
     return [(n.pattern, n.reason) for n in ger_inductor.last_report().near_misses]
 
 
-def test_near_miss_conv_output_with_other_users(seed):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_conv_output_with_other_users(mode, seed):
+    """The conv output read beside BN (``hardswish(bn(y)) + y.sum(1)``): train fuses BN +
+    activation (the conv stays anyway); eval applies BN to the kept conv's output
+    (``bn_act_eval``) instead of folding it into the weights."""
+
     class TwoUsers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -330,15 +322,44 @@ def test_near_miss_conv_output_with_other_users(seed):
 
         def forward(self, x):
             y = self.conv(x)
-            return F.relu(self.bn(y)) + y
+            z = F.hardswish(self.bn(y))
+            return z + y.sum(1, keepdim=True)
 
+    train, grad = MODES[mode]
     model = randomize_bn_statistics(TwoUsers())
     x = torch.randn(2, 3, 6, 6)
+    _assert_as_accurate_as_eager(_compare(model, x, train, grad, rewrite_only()), model, x, train, grad)
+    [m] = _report_matches()
+    assert m.pattern == (TRAIN if train else EVAL) and m.detail["act"] == "hardswish", m.detail
+    assert not ger_inductor.last_report().near_misses
+    if not train:
+        assert m.detail["fold_into"] == "output" and m.detail["conv_impl"] == "aten conv, kept"
+
+
+def test_conv_output_written_between_conv_and_bn(seed):
+    """An in-place write to the conv output between the conv and BN (the write is one more
+    reader of the conv): BN reads the written value eagerly. Folding BN into the weights
+    would read the conv's output before the write; BN applied to the kept conv's output
+    reads it where BN does. Eager's numbers in eval and train, no_grad."""
+
+    class WrittenFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.add_(1.0)
+            return F.relu(self.bn(y))
+
+    model = randomize_bn_statistics(WrittenFirst())
+    x = torch.randn(2, 3, 6, 6)
     for train in (False, True):
-        _assert_as_accurate_as_eager(_compare(model, x, train, True, rewrite_only()), model, x, train, True)
-        assert not _report_matches()
-        [(pattern, reason)] = _near_misses()
-        assert pattern == (TRAIN if train else EVAL) and reason.startswith(conv_bn_act.NEAR_MISS_REASONS["conv_users"])
+        _assert_as_accurate_as_eager(_compare(model, x, train, False, rewrite_only()), model, x, train, False)
+        [m] = _report_matches()
+        assert m.pattern == (TRAIN if train else EVAL)
+        if not train:
+            assert m.detail["fold_into"] == "output" and m.detail["conv_impl"] == "aten conv, kept"
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

@@ -17,16 +17,15 @@ import time
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ger_inductor
-from ger_inductor import GerOptions, debug, fallback, fleet, passes
 from ger_inductor.distributed import ger_loss_vocab_parallel
 from ger_inductor.passes import conv_bn_act
 
 from . import _dist_worker as worker
+from .conftest import rewrite_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -250,17 +249,8 @@ def test_fsdp2_sharded_model_trains_like_eager_and_is_rewritten(job):
 
 # ----------------------------------------------------------------------------- single process
 def _rewrite_only():
-    """A backend that runs ger's passes and executes the rewritten graph eagerly."""
-    options = GerOptions.parse({"strict": True, "passes": ["conv_bn_act"]})
-
-    def backend(gm: fx.GraphModule, example_inputs):
-        report = debug.new_report(name="rewrite_only", devices=["cpu"], options=options.to_json_dict(), mode=None)
-        profile = fleet.select_profile(fleet.devices_of(example_inputs), options.device_profile)
-        ctx = passes.PassContext(options, profile, report, eager=fallback.plan_eager_nodes(gm, options))
-        passes.run_pipeline(gm, ctx, debug.GraphDumper(None, report))
-        return gm.forward
-
-    return backend
+    """ger's conv_bn_act pass, the rewritten graph run eagerly (conftest.rewrite_backend)."""
+    return rewrite_backend({"passes": ["conv_bn_act"]})
 
 
 class ConvSyncBN(nn.Module):

@@ -27,18 +27,18 @@ from typing import Any, Callable
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import FileCheck
 
 import ger_inductor
 from examples.resnet18_cnn import randomize_bn_statistics
-from ger_inductor import GerOptions, _compat, debug, fallback, fleet, ger_loss, ger_loss_reference, passes
+from ger_inductor import _compat, debug, ger_loss, ger_loss_reference
 from ger_inductor.demo import SmallCNN, TinyLM
 from ger_inductor.passes import conv_bn_act, loss_entropy
 
 from . import spellings
+from .conftest import rewrite_backend
 
 #: fp32 against float64, norm-wise relative (as tests/test_conv_bn_act.py)
 FP32_REL = 1e-4
@@ -280,19 +280,8 @@ def test_symbolic_vocabulary_rewrites_means_over_classes(tmp_path, seed):
 
 # ----------------------------------------------------------------------------- every recognised spelling
 def rewrite_only(reports: list, families=("loss_entropy",)):
-    """A backend that runs ger's passes and executes the rewritten graph eagerly (no
-    code generation): the rewrite decisions and their numbers, cheaply."""
-    options = GerOptions.parse({"strict": True, "passes": list(families)})
-
-    def backend(gm: fx.GraphModule, example_inputs):
-        report = debug.new_report(name="rewrite_only", devices=[], options=options.to_json_dict(), mode=None)
-        profile = fleet.select_profile(fleet.devices_of(example_inputs), options.device_profile)
-        ctx = passes.PassContext(options, profile, report, eager=fallback.plan_eager_nodes(gm, options))
-        passes.run_pipeline(gm, ctx, debug.GraphDumper(None, report))
-        reports.append(report)
-        return gm.forward
-
-    return backend
+    """ger's passes, the rewritten graph run eagerly (conftest.rewrite_backend)."""
+    return rewrite_backend({"passes": list(families)}, reports=reports)
 
 
 #: spellings whose constants are computed from V itself (1 / z.shape[-1] inside the

@@ -14,15 +14,15 @@ import textwrap
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import FileCheck
 
 import ger_inductor
-from ger_inductor import GerOptions, debug, fallback, fleet, ger_linear_loss, ger_loss, ger_loss_reference, passes
+from ger_inductor import GerOptions, fleet, ger_linear_loss, ger_loss, ger_loss_reference
 from ger_inductor.debug import graph_text
 from ger_inductor.ops import linear_loss as linear_loss_op
+from .conftest import rewrite_backend
 
 N, H, V = 37, 16, 53  # 37 rows in chunks of 8: four full chunks and a short one
 CHUNK = 8
@@ -148,19 +148,9 @@ def test_ger_linear_loss_bad_input():
 
 # ----------------------------------------------------------------------------- the rewrite
 def rewrite_only(graphs: list | None = None, **opts):
-    """A backend that runs ger's passes and executes the rewritten graph eagerly."""
-    options = GerOptions.parse({"strict": True, "passes": ["loss_entropy", "lm_head"], **opts})
-
-    def backend(gm: fx.GraphModule, example_inputs):
-        report = debug.new_report(name="rewrite_only", devices=[], options=options.to_json_dict(), mode=None)
-        profile = fleet.select_profile(fleet.devices_of(example_inputs), options.device_profile)
-        ctx = passes.PassContext(options, profile, report, eager=fallback.plan_eager_nodes(gm, options))
-        passes.run_pipeline(gm, ctx, debug.GraphDumper(None, report))
-        if graphs is not None:
-            graphs.append(graph_text(gm))
-        return gm.forward
-
-    return backend
+    """ger's loss and lm-head passes, the rewritten graph run eagerly (conftest.rewrite_backend)."""
+    on_graph = None if graphs is None else (lambda before, gm: graphs.append(graph_text(gm)))
+    return rewrite_backend({"passes": ["loss_entropy", "lm_head"], **opts}, on_graph)
 
 
 class Head(nn.Module):

@@ -270,11 +270,35 @@ def conv_bn_act_eval(
         y = run_conv(w, b)
     elif fold_into == "output":
         y = run_conv(conv_weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype))
-        cd = compute_dtype(y.dtype)
-        scale, shift = bn_eval_scale_shift(None, running_mean, running_var, bn_weight, bn_bias, eps, cd)
-        y = (y.to(cd) * _channel_view(scale, y.dim()) + _channel_view(shift, y.dim())).to(y.dtype)
+        return bn_act_eval(y, running_mean, running_var, bn_weight, bn_bias, eps, act, act_min, act_max)
     else:
         raise ValueError(f"ger conv_bn: fold_into={fold_into!r}; valid: {', '.join(FOLD_INTO)}")
+    return _eval_activation(y, act, act_min, act_max)
+
+
+def bn_act_eval(
+    y: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    eps: float,
+    act: str,
+    act_min: float,
+    act_max: float,
+) -> Tensor:
+    """act(BN_eval(y)) on a conv's output ``y``: one FMA per element in fp32 (``y * scale +
+    shift``), cast back once, and the activation - one pointwise pass Inductor fuses with
+    its neighbours. What ``conv_bn_act_eval(fold_into="output")`` applies after its conv,
+    and what the pass inserts where the conv's output is also read elsewhere (the conv
+    then stays as it is)."""
+    cd = compute_dtype(y.dtype)
+    scale, shift = bn_eval_scale_shift(None, running_mean, running_var, bn_weight, bn_bias, eps, cd)
+    z = (y.to(cd) * _channel_view(scale, y.dim()) + _channel_view(shift, y.dim())).to(y.dtype)
+    return _eval_activation(z, act, act_min, act_max)
+
+
+def _eval_activation(y: Tensor, act: str, act_min: float, act_max: float) -> Tensor:
     if act == "relu":
         return clamp_activation(y, 0.0, None)
     if act == "hardtanh":

@@ -23,8 +23,12 @@ Rewrites:
   activation. On CPUs, when no gradient can be asked for, the folded conv is oneDNN's
   with the activation as a fused post-op (Inductor lowers it to an extern kernel
   writing channels_last); elsewhere the vendor convolution with the folded bias and the
-  activation left to Inductor's fusion.
-* BN train (``training=True`` with running statistics): the conv stays; BN and the
+  activation left to Inductor's fusion. Where the conv's output is read elsewhere too
+  (``relu(bn(y)) + y``), folding would need the unfolded conv as well: the conv stays
+  and BN + activation become :func:`~ger_inductor.ops.conv_bn.bn_act_eval` on its
+  output.
+* BN train (``training=True`` with running statistics; the conv's output may have other
+  readers, since the conv stays): the conv stays; BN and the
   activation become ``update_batch_stats`` (``ger::batch_norm_train_stats`` + running
   buffer update) and ``ger::batch_norm_act``, whose output is recomputed in backward
   (one activation-sized tensor saved per block instead of two).
@@ -51,7 +55,7 @@ from ..ops import conv_bn as conv_bn_ops
 from ..options import op_name
 
 #: the Python functions this pass inserts into graphs (AOTAutograd may cache them)
-GRAPH_FUNCTIONS = (conv_bn_ops.conv_bn_act_eval, conv_bn_ops.update_batch_stats)
+GRAPH_FUNCTIONS = (conv_bn_ops.conv_bn_act_eval, conv_bn_ops.bn_act_eval, conv_bn_ops.update_batch_stats)
 
 PATTERN_EVAL = "conv_bn_act.eval"
 PATTERN_TRAIN = "conv_bn_act.train"
@@ -61,7 +65,6 @@ PATTERN_SPLIT = "conv_bn_act.split"
 
 #: Every reason a candidate is refused, one source of truth for docs and tests.
 NEAR_MISS_REASONS = {
-    "conv_users": "the conv output has other users besides batch norm; folding would need the unfolded conv too",
     "no_running_stats": "batch norm without running statistics (track_running_stats=False): batch statistics in eval too",
     "training_flag": "batch norm's training flag is not a constant bool",
     "non_constant": "a conv or batch-norm hyper-parameter (stride, padding, momentum, eps, ...) is computed in the graph",
@@ -184,6 +187,8 @@ class Candidate:
     bn_args: dict[str, Any]
     spatial_dims: int
     transposed: bool
+    #: the conv output is read elsewhere too: the conv stays, BN applies to its output
+    shared_conv: bool = False
 
     @property
     def last(self) -> fx.Node:
@@ -371,8 +376,6 @@ def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
     for node in (conv, bn):
         if ctx.eager_reason(node):
             raise NearMiss("eager", f"{node.name}: {ctx.eager_reason(node)}")
-    if len(conv.users) > 1:
-        raise NearMiss("conv_users", f"{len(conv.users)} users: {', '.join(u.name for u in conv.users)}")
     bn_args = _bn_args(bn)
     if bn_args["training"] and _is_sync_batch_norm(bn):
         # its batch statistics are meant to span all ranks: never fused as plain BN
@@ -393,7 +396,7 @@ def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
             found = None
         if found is not None:
             act_node, act = user, found
-    return Candidate(conv, bn, act_node, act, conv_args, bn_args, dims, transposed)
+    return Candidate(conv, bn, act_node, act, conv_args, bn_args, dims, transposed, shared_conv=len(conv.users) > 1)
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -489,6 +492,24 @@ def _rewrite_eval(gm: fx.GraphModule, c: Candidate, ctx, strategy: dict[str, Any
     )  # fmt: skip
 
 
+def _rewrite_eval_shared_conv(gm: fx.GraphModule, c: Candidate, ctx) -> None:
+    """Eval BN after a conv whose output is read elsewhere too: folding would need the
+    unfolded conv as well, so the conv stays and BN + activation become one FMA per
+    element on its output (``bn_act_eval``), at the batch norm's position."""
+    ba = c.bn_args
+    args = (c.conv, ba["running_mean"], ba["running_var"], ba["weight"], ba["bias"], ba["eps"], c.act.name, c.act.lo,
+            c.act.hi)
+    with gm.graph.inserting_before(c.bn):
+        new = gm.graph.call_function(conv_bn_ops.bn_act_eval, args)
+    new.meta["example_value"] = _fake_run(conv_bn_ops.bn_act_eval, args, c.conv, _value(c.last).requires_grad)
+    _copy_source_meta(new, c.bn)
+    _replace(gm, c, new, keep_conv=True)
+    ctx.match(
+        PATTERN_EVAL, c.nodes, conv=_name(c.conv), groups=c.conv_args["groups"], act=c.act.name, fold_into="output",
+        conv_impl="aten conv, kept", why=f"the conv output has {len(c.conv.users)} other user(s): BN applied to it",
+    )  # fmt: skip
+
+
 def _rewrite_train(gm: fx.GraphModule, c: Candidate, ctx) -> None:
     ba = c.bn_args
     stats_args = (c.conv, ba["running_mean"], ba["running_var"], ba["momentum"], ba["eps"])
@@ -527,7 +548,7 @@ def _moved_reads_barrier(gm: fx.GraphModule, c: Candidate) -> fx.Node | None:
     weight, bias) move there, and the activation's read of the BN output moves up to
     it. The node that forbids it (a write to one of them, a mode switch), or None."""
     moved = [(c.bn, a) for a in c.bn.all_input_nodes if a is not c.conv]
-    if not c.bn_args["training"]:
+    if not c.bn_args["training"] and not c.shared_conv:
         moved += [(c.conv, a) for a in c.conv.all_input_nodes]
     if c.act_node is not None:
         moved += [(c.act_node, a) for a in c.act_node.all_input_nodes if a is not c.bn]
@@ -561,6 +582,8 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             continue
         if c.bn_args["training"]:
             _rewrite_train(gm, c, ctx)
+        elif c.shared_conv:
+            _rewrite_eval_shared_conv(gm, c, ctx)
         else:
             _rewrite_eval(gm, c, ctx, strategy)
         changed = True
