@@ -33,17 +33,11 @@ import torch.nn.functional as F
 
 
 def _median_ms(fn, warmup=3, repeat=15):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
+    """(median, min, max) ms over ``repeat`` calls on the current CUDA device (CUDA events:
+    ``ger_inductor.measure.time_step``, the harness's timer)."""
+    from ger_inductor.measure import time_step
+
+    ts = time_step(fn, torch.device("cuda", torch.cuda.current_device()), warmup, repeat)
     return statistics.median(ts), min(ts), max(ts)
 
 
