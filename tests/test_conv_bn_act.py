@@ -362,6 +362,126 @@ def test_conv_output_written_between_conv_and_bn(seed):
             assert m.detail["fold_into"] == "output" and m.detail["conv_impl"] == "aten conv, kept"
 
 
+class RepBlock(nn.Module):
+    """A RepVGG / MobileOne-style block: conv kxk -> BN plus conv 1x1 -> BN [plus BN of the
+    input], summed (``+`` then ``+=``), then an activation; or ACNet's 3x3 + 1x3 + 3x1."""
+
+    def __init__(self, c=8, groups=1, identity=True, stride=1, kernels=((3, 3), (1, 1)), act=nn.ReLU(), dims=2):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.convs = nn.ModuleList(conv(c, c, k if dims == 2 else k[0], stride=stride,
+                                        padding=tuple((ki - 1) // 2 for ki in k) if dims == 2 else (k[0] - 1) // 2,
+                                        groups=groups, bias=i == 1) for i, k in enumerate(kernels))
+        self.bns = nn.ModuleList(_bn_class(dims)(c) for _ in kernels)
+        self.identity = _bn_class(dims)(c) if identity else None
+        self.act = act
+
+    def forward(self, x):
+        y = self.bns[0](self.convs[0](x)) + self.bns[1](self.convs[1](x))
+        for conv, bn in zip(self.convs[2:], self.bns[2:]):
+            y = y + bn(conv(x))
+        if self.identity is not None:
+            y += self.identity(x)
+        return self.act(y)
+
+
+REP_BLOCKS = {
+    "repvgg": (lambda: RepBlock(), (2, 8, 7, 7)),
+    "repvgg_groups": (lambda: RepBlock(groups=4, act=nn.SiLU()), (2, 8, 7, 7)),
+    "depthwise_5x5_no_act": (lambda: RepBlock(groups=8, kernels=((5, 5), (3, 3), (1, 1)), act=nn.Identity()), (2, 8, 9, 9)),
+    "stride2_no_identity": (lambda: RepBlock(identity=False, stride=2, act=nn.Hardswish()), (2, 8, 9, 9)),
+    "acnet_3x3_1x3_3x1": (lambda: RepBlock(identity=False, kernels=((3, 3), (1, 3), (3, 1))), (2, 8, 7, 7)),
+    "conv1d": (lambda: RepBlock(dims=1, kernels=((3,), (1,))), (2, 8, 11)),
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("block", list(REP_BLOCKS))
+def test_summed_branches_fold_into_one_conv(block, grad, seed):
+    """Eval conv -> BN branches of one input, summed (with an identity BN, groups, stride,
+    kernels of several sizes and shapes): one convolution whose kernel is the sum of the
+    folded kernels, the activation after the sum fused; eager's numbers and gradients."""
+    factory, shape = REP_BLOCKS[block]
+    model = randomize_bn_statistics(factory())
+    x = torch.randn(shape)
+    graphs = []
+    _assert_as_accurate_as_eager(_compare(model, x, False, grad, rewrite_only(graphs=graphs)), model, x, False, grad)
+    [m] = _report_matches(conv_bn_act.PATTERN_BRANCHES)
+    block_ = factory()
+    assert m.detail["branches"] == len(block_.convs) and m.detail["identity"] == (block_.identity is not None)
+    assert not ger_inductor.last_report().near_misses
+    after = graphs[0][1]
+    assert after.count("ger_inductor_ops_conv_bn_branches_conv_bn_act_eval(") == 1, after
+    FileCheck().check_not("ger_inductor_ops_conv_bn_conv_bn_act_eval(").check_not("torch.conv").check_not(
+        "torch.nn.functional.batch_norm(").check_not("torch.relu(").check_not("operator.add").run(after)
+
+
+def test_summed_branches_under_cpu_autocast(seed):
+    """Under CPU bf16 autocast the branches' convs compute in bf16: the folded kernel is
+    summed in fp32, cast once, and gives autocast's dtype and eager's numbers (bf16)."""
+    model = randomize_bn_statistics(RepBlock(groups=2)).eval()
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        out = torch.compile(model, backend=rewrite_only())(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert _report_matches(conv_bn_act.PATTERN_BRANCHES)
+    exact = model.double()(x.double())
+    assert _rel(out, exact) <= max(4 * _rel(ref, exact), 1e-2), (_rel(out, exact), _rel(ref, exact))
+
+
+def test_summed_branches_near_miss_and_residual_adds(seed):
+    """Branches of one input that cannot be one conv (different groups) are a near-miss
+    naming why (each pair is still folded); a residual add of a conv -> BN and the
+    block's input, or a branch sliced before the sum, is no candidate (nothing reported)."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1, groups=2)
+            self.c, self.d = nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.Conv2d(8, 8, 3, padding=1)
+            self.e = nn.Conv2d(8, 8, 3, padding=1)
+            self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(5))
+
+        def forward(self, x):
+            groups = self.bns[0](self.a(x)) + self.bns[1](self.b(x))
+            residual = (self.bns[2](self.d(x)) + x).relu()
+            sliced = self.bns[3](self.c(x)) + self.bns[4](self.e(x))[..., ::2, ::2]
+            return groups.sum() + residual.sum() + sliced.sum()
+
+    model = randomize_bn_statistics(Mixed())
+    x = torch.randn(2, 8, 8, 8)
+    _assert_as_accurate_as_eager(_compare(model, x, False, False, rewrite_only()), model, x, False, False)
+    assert not _report_matches(conv_bn_act.PATTERN_BRANCHES)
+    assert len(_report_matches(EVAL)) == 5
+    assert _near_misses() == [(conv_bn_act.PATTERN_BRANCHES,
+                               conv_bn_act.NEAR_MISS_REASONS["branches"] + " (the branches differ in groups)")]
+
+
+def test_summed_branches_input_written_between_branches_is_refused(seed):
+    """The input written in place between the branches' convs: eager's second branch
+    reads the new values; one conv at the sum would read them for both. Refused, named."""
+
+    class Written(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            x = x * 1.0
+            ya = self.bn_a(self.a(x))
+            x.mul_(0.5)
+            return ya + self.bn_b(self.b(x))
+
+    model = randomize_bn_statistics(Written())
+    x = torch.randn(2, 8, 6, 6)
+    _assert_as_accurate_as_eager(_compare(model, x, False, False, rewrite_only()), model, x, False, False)
+    assert not _report_matches(conv_bn_act.PATTERN_BRANCHES)
+    [(pattern, reason)] = [(p, r) for p, r in _near_misses() if p == conv_bn_act.PATTERN_BRANCHES]
+    assert "writes a tensor the rewrite would read at another position" in reason and "mul_" in reason
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_near_miss_track_running_stats_false(train, seed):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
@@ -747,6 +867,20 @@ def test_eval_no_grad_codegen_conv_feeds_conv_no_normalize_kernel(seed):
     assert _kernels_reading_conv_output(code) == []
     [normalize] = _kernels_reading_conv_output(inductor_code)
     assert "batch_norm" in normalize and "sqrt" in _kernel_source(inductor_code, normalize)
+
+
+def test_summed_branches_codegen_one_conv(seed):
+    """A RepVGG block compiled by Inductor under no_grad: ONE oneDNN conv with ReLU as
+    post-op (Inductor's own code: three convs, or two and a BN); eager's numbers."""
+    model = randomize_bn_statistics(RepBlock()).eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        out, (code,) = _compat.run_and_get_code(torch.compile(model, backend="ger", options={"strict": True}), x)
+    assert _rel(out, copy.deepcopy(model).double()(x.double())) <= FP32_REL
+    assert _report_matches(conv_bn_act.PATTERN_BRANCHES)
+    FileCheck().check_count("_convolution_pointwise", 1, exactly=True).check_not("extern_kernels.convolution").run(
+        _call_code(code))
+    FileCheck().check("_convolution_pointwise").check("'relu'").run(_call_code(code))
 
 
 def test_eval_with_grad_enabled_params_folds_and_matches_gradients(seed):

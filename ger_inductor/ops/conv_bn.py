@@ -276,6 +276,62 @@ def conv_bn_act_eval(
     return _eval_activation(y, act, act_min, act_max)
 
 
+def branches_conv_bn_act_eval(
+    x: Tensor,
+    convs: Sequence[tuple],
+    identity: Optional[tuple],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    groups: int,
+    act: str,
+    act_min: float,
+    act_max: float,
+    dtype: torch.dtype,
+    onednn: bool,
+) -> Tensor:
+    """act(sum_i BN_i(conv_i(x)) [+ BN_id(x)]) in eval mode as ONE convolution: the
+    re-parameterisation of RepVGG / MobileOne-style blocks, at run time and
+    differentiable like :func:`conv_bn_act_eval`.
+
+    ``convs``: per branch ``(weight, bias, running_mean, running_var, bn_weight, bn_bias,
+    eps)``, all with ``stride``, dilation 1, ``groups`` and centred odd kernels (padding
+    (k - 1) / 2 per dimension), so that each branch's folded kernel, zero-padded to the
+    largest one, sees the same input window. ``identity``: a BN of ``x`` itself,
+    ``(running_mean, running_var, bn_weight, bn_bias, eps)``, as a kernel that is 1 at the
+    centre on each channel's own input (stride 1, as many outputs as inputs). The sum of
+    the folded kernels and biases is formed in fp32 (fp64 for fp64 weights) and cast
+    once to ``dtype``; ``padding`` is the largest kernel's.
+    """
+    cd = compute_dtype(convs[0][0].dtype)
+    size = [max(c[0].shape[2 + d] for c in convs) for d in range(convs[0][0].dim() - 2)]
+    weight = bias = None
+    for w, b, rm, rv, bw, bb, eps in convs:
+        fw, fb = fold_bn_into_conv(w, b, rm, rv, bw, bb, eps, False, groups, cd)
+        pad = []
+        for d in reversed(range(len(size))):
+            p = (size[d] - fw.shape[2 + d]) // 2
+            pad += [p, p]
+        fw = F.pad(fw, pad) if any(pad) else fw
+        weight, bias = (fw, fb) if weight is None else (weight + fw, bias + fb)
+    if identity is not None:
+        rm, rv, bw, bb, eps = identity
+        scale, shift = bn_eval_scale_shift(None, rm, rv, bw, bb, eps, cd)
+        channels, per_group = weight.shape[0], weight.shape[1]
+        centre = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+        c = torch.arange(channels, device=weight.device)
+        centre[(c, c % per_group, *(torch.full_like(c, k // 2) for k in size))] = 1.0
+        weight = weight + centre * scale.view(-1, *([1] * (weight.dim() - 1)))
+        bias = bias + shift
+    weight, bias = weight.to(dtype), bias.to(dtype)
+    if x.dtype != dtype:
+        x = x.to(dtype)  # as conv_bn_act_eval: the convs ran under autocast
+    if onednn:
+        return onednn_conv_act(x, weight, bias, list(padding), list(stride), [1] * len(size), groups, act, act_min,
+                               act_max)
+    y = _CONV_FNS[(len(size), False)](x, weight, bias, stride, padding, 1, groups)
+    return _eval_activation(y, act, act_min, act_max)
+
+
 def bn_act_eval(
     y: Tensor,
     running_mean: Tensor,

@@ -62,6 +62,8 @@ PATTERN_TRAIN = "conv_bn_act.train"
 PATTERN_ACT = "conv_bn_act.activation"
 #: a conv -> BN pair cut by a graph boundary (a DDP bucket boundary, a graph break)
 PATTERN_SPLIT = "conv_bn_act.split"
+#: eval conv -> BN branches of one input summed (RepVGG / MobileOne blocks), one conv
+PATTERN_BRANCHES = "conv_bn_act.branches"
 
 #: Every reason a candidate is refused, one source of truth for docs and tests.
 NEAR_MISS_REASONS = {
@@ -79,6 +81,7 @@ NEAR_MISS_REASONS = {
     "sync_batch_norm": "SyncBatchNorm (cross-rank statistics): left alone",
     "conv_output_leaves_graph": "the conv output leaves this graph, so a batch norm after it cannot be folded or fused",
     "bn_input_from_other_graph": "batch norm's input comes from another graph, so a conv before it cannot be folded or fused",
+    "branches": "summed conv -> BN branches of one input that cannot become one convolution",
 }
 
 _REQUIRED = inspect.Parameter.empty
@@ -408,11 +411,8 @@ def _fake_run(fn, args: tuple, like: fx.Node, requires_grad: bool):
     """
     fake_mode = getattr(_value(like), "fake_mode", None) or contextlib.nullcontext()
 
-    def val(a):
-        return _value(a) if isinstance(a, fx.Node) else a
-
     with fake_mode, torch.no_grad():
-        out = fn(*[val(a) for a in args])
+        out = fn(*fx.node.map_arg(args, _value))  # nodes inside tuples too
     if requires_grad:
         out.requires_grad_(True)
     return out
@@ -437,24 +437,32 @@ def _onednn_padding(c: Candidate) -> tuple[int, ...] | None:
 
 def _use_onednn(c: Candidate, strategy: dict[str, Any], profile) -> tuple[bool, str]:
     """Whether oneDNN's conv with a fused post-op serves c, and why (not)."""
+    return _onednn_choice(_value(c.last), _value(c.conv_args["input"]).dtype, _value(c.conv_args["weight"]),
+                          c.transposed, c.spatial_dims, c.act.name, lambda: _onednn_padding(c) is not None, strategy,
+                          profile)
+
+
+def _onednn_choice(out, in_dtype, weight, transposed: bool, spatial_dims: int, act: str, padding_ok,
+                   strategy: dict[str, Any], profile) -> tuple[bool, str]:
+    """Whether oneDNN's conv with ``act`` as post-op may compute ``out``, and why (not).
+    ``padding_ok()`` is asked last (it reads static kernel sizes)."""
     if strategy["eval_conv"] != "onednn_post_op":
         return False, f"strategy of profile {profile.name}: {strategy['eval_conv']}"
     if not _compat.has_onednn_conv_fusion():
         return False, "this torch build has no oneDNN post-op convolution"
-    out = _value(c.last)
     if out.requires_grad:
         return False, "a gradient may be asked for (oneDNN's fused conv has no autograd)"
-    if c.transposed or c.spatial_dims == 1:
+    if transposed or spatial_dims == 1:
         return False, "transposed or 1d convolution"
-    if c.act.name not in conv_bn_ops.ONEDNN_POST_OPS:
-        return False, f"oneDNN has no {c.act.name} post-op"
+    if act not in conv_bn_ops.ONEDNN_POST_OPS:
+        return False, f"oneDNN has no {act} post-op"
     if out.dtype not in (torch.float32, torch.bfloat16) or (out.dtype == torch.bfloat16 and not profile.bf16):
         return False, f"dtype {out.dtype}"
-    if _value(c.conv_args["input"]).dtype != out.dtype:
+    if in_dtype != out.dtype:
         return False, "autocast casts the conv input (oneDNN's fused conv is not autocast-aware)"
-    if shapes.is_symbolic(tuple(_value(c.conv_args["weight"]).shape)):
+    if shapes.is_symbolic(tuple(weight.shape)):
         return False, "symbolic weight sizes"  # oneDNN's fused conv takes symbolic activations only
-    if _onednn_padding(c) is None:
+    if not padding_ok():
         return False, "asymmetric 'same' padding"
     return True, "no gradient needed"
 
@@ -555,6 +563,163 @@ def _moved_reads_barrier(gm: fx.GraphModule, c: Candidate) -> fx.Node | None:
     return graph.Effects(gm).first_barrier(moved, c.bn, ignore=c.nodes)
 
 
+# ----------------------------------------------------------------------------- summed branches
+_EVAL_SIG = inspect.signature(conv_bn_ops.conv_bn_act_eval)
+
+
+def _is_plain_add(node: Any) -> bool:
+    """``a + b`` of two tensors (``operator.add``, ``+=`` on a tensor, ``torch.add``
+    without ``alpha``)."""
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and _name(node) in ("_operator.add", "_operator.iadd", "torch.add") and len(node.args) == 2
+            and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args))
+
+
+def _summands(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(leaves, adds) of the tree of adds rooted at ``node``; an inner add (or an
+    in-place add's first operand) joins the tree only when the add above is its only reader."""
+    leaves, adds = [], [node]
+    for a in node.args:
+        if _is_plain_add(a) and len(a.users) == 1:
+            sub_leaves, sub_adds = _summands(a)
+            leaves += sub_leaves
+            adds += sub_adds
+        else:
+            leaves.append(a)
+    return leaves, adds
+
+
+def _is_branch(leaf: fx.Node) -> bool:
+    return leaf.op == "call_function" and leaf.target is conv_bn_ops.conv_bn_act_eval
+
+
+def _branch_input(leaf: fx.Node) -> Any:
+    """The tensor a summand convolves or normalises (None for other summands)."""
+    if _is_branch(leaf):
+        return _EVAL_SIG.bind(*leaf.args, **leaf.kwargs).arguments["x"]
+    if _name(leaf) in _BATCH_NORMS:
+        return leaf.args[0] if leaf.args else leaf.kwargs.get("input")
+    return None
+
+
+def _branch_plan(root: fx.Node, ctx) -> dict[str, Any] | None:
+    """What :func:`conv_bn_ops.branches_conv_bn_act_eval` needs for the summed branches
+    under ``root``; None where the sum holds fewer than two conv -> BN branches of one
+    input (a residual add: nothing to fold); raises NearMiss where they cannot become
+    one convolution."""
+    leaves, adds = _summands(root)
+    inputs = [_branch_input(leaf) for leaf in leaves]
+    x = next((i for i, leaf in zip(inputs, leaves) if _is_branch(leaf)), None)
+    if x is None or sum(i is x for i in inputs) < 2:
+        return None
+    if any(i is not x for i in inputs) or len(set(leaves)) != len(leaves):
+        raise NearMiss("branches", "the sum holds other terms too, or a branch twice")
+    for n in adds:
+        if ctx.eager_reason(n):
+            raise NearMiss("eager", f"{n.name}: {ctx.eager_reason(n)}")
+    convs, identity = [], None
+    for leaf in leaves:
+        if len(leaf.users) != 1:
+            raise NearMiss("branches", f"{leaf.name} is read elsewhere too")
+        if _is_branch(leaf):
+            a = _EVAL_SIG.bind(*leaf.args, **leaf.kwargs).arguments
+            if a["act"] != "none" or a["transposed"]:
+                raise NearMiss("branches", f"{leaf.name}: an activation before the sum, or a transposed conv")
+            convs.append((leaf, a))
+            continue
+        bn = _bn_args(leaf)
+        if identity is not None or bn["training"] is not False or bn["running_mean"] is None or ctx.eager_reason(leaf):
+            raise NearMiss("branches", f"{leaf.name}: a second batch norm of the input, or one not in eval mode "
+                                       "with running statistics")
+        identity = (leaf, bn)
+    first = convs[0][1]
+    w0 = _value(first["conv_weight"])
+    for _, a in convs:
+        for key in ("stride", "groups", "dtype"):
+            if a[key] != first[key]:
+                raise NearMiss("branches", f"the branches differ in {key}")
+        if any(d != 1 for d in a["dilation"]) or isinstance(a["padding"], str):
+            raise NearMiss("branches", "dilation or string padding")
+        w = _value(a["conv_weight"])
+        kernel = tuple(w.shape[2:])
+        if shapes.is_symbolic(tuple(w.shape)) or any(k % 2 == 0 or p != (k - 1) // 2 for k, p in zip(kernel, a["padding"])):
+            raise NearMiss("branches", "kernels that are not odd and centred (padding (k - 1) / 2)")
+        if tuple(w.shape[:2]) != tuple(w0.shape[:2]):
+            raise NearMiss("branches", "the branches differ in channels")
+    if identity is not None and (any(st != 1 for st in first["stride"])
+                                 or not shapes.known_equal(w0.shape[0], _value(x).shape[1])):
+        raise NearMiss("branches", "a batch norm of the input beside convs with stride or as many outputs as inputs "
+                                   "not 1 and equal")
+    kernel = tuple(max(int(_value(a["conv_weight"]).shape[2 + d]) for _, a in convs) for d in range(w0.dim() - 2))
+    return {"leaves": leaves, "adds": adds, "convs": convs, "identity": identity, "x": x, "first": first,
+            "padding": tuple((k - 1) // 2 for k in kernel), "kernel": kernel}
+
+
+def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> bool:
+    """Eval conv -> BN branches of one input summed (``bn1(conv3x3(x)) + bn2(conv1x1(x))
+    [+ bn3(x)]``, an activation after the sum optional) become ONE convolution whose
+    kernel is the sum of the folded, zero-padded kernels (RepVGG's re-parameterisation,
+    done at run time). Runs after the pairs were rewritten: the branches are
+    ``conv_bn_act_eval`` calls without an activation."""
+    changed = False
+    for root in list(gm.graph.nodes):
+        if root.graph is not gm.graph or not _is_plain_add(root):
+            continue
+        if len(root.users) == 1 and _is_plain_add(next(iter(root.users))):
+            continue  # not the top of its tree of adds
+        try:
+            plan = _branch_plan(root, ctx)
+        except NearMiss as miss:
+            ctx.near_miss(PATTERN_BRANCHES, root, miss.reason)
+            continue
+        if plan is None:
+            continue
+        act_node, act = None, Activation("none")
+        if len(root.users) == 1:
+            user = next(iter(root.users))
+            try:
+                found = _activation(user, root)
+            except NearMiss:
+                found = None
+            if found is not None and not ctx.eager_reason(user):
+                act_node, act = user, found
+        replaced = plan["leaves"] + plan["adds"] + ([act_node] if act_node is not None else [])
+        moved = [(leaf, a) for leaf in plan["leaves"] for a in leaf.all_input_nodes]
+        if act_node is not None:
+            moved += [(act_node, a) for a in act_node.all_input_nodes if a is not root]
+        last = act_node if act_node is not None else root
+        barrier = graph.Effects(gm).first_barrier(moved, root, ignore=replaced)
+        if barrier is not None:
+            ctx.near_miss(PATTERN_BRANCHES, root, graph.moved_reads_reason(barrier))
+            continue
+        first, x = plan["first"], plan["x"]
+        onednn, why = _onednn_choice(_value(last), _value(x).dtype, _value(first["conv_weight"]), False,
+                                     len(plan["kernel"]), act.name, lambda: True, strategy, ctx.profile)
+        convs = tuple((a["conv_weight"], a["conv_bias"], a["running_mean"], a["running_var"], a["bn_weight"],
+                       a["bn_bias"], a["eps"]) for _, a in plan["convs"])
+        identity = None
+        if plan["identity"] is not None:
+            bn = plan["identity"][1]
+            identity = (bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], bn["eps"])
+        args = (x, convs, identity, tuple(first["stride"]), plan["padding"], first["groups"], act.name, act.lo, act.hi,
+                first["dtype"], onednn)
+        with gm.graph.inserting_before(root):
+            new = gm.graph.call_function(conv_bn_ops.branches_conv_bn_act_eval, args)
+        new.meta["example_value"] = _fake_run(conv_bn_ops.branches_conv_bn_act_eval, args, root,
+                                              _value(last).requires_grad)
+        _copy_source_meta(new, root)
+        last.replace_all_uses_with(new)
+        for n in reversed([n for n in gm.graph.nodes if n in set(replaced)]):
+            gm.graph.erase_node(n)
+        ctx.match(
+            PATTERN_BRANCHES, [n for n in replaced], branches=len(convs), identity=identity is not None,
+            kernel="x".join(map(str, plan["kernel"])), act=act.name,
+            conv_impl="onednn post-op" if onednn else "aten conv", why=why,
+        )  # fmt: skip
+        changed = True
+    return changed
+
+
 def run(gm: fx.GraphModule, ctx) -> bool:
     """Rewrite every conv -> BN [-> activation] of ``gm``; record matches and near-misses."""
     strategy = fleet.strategy("conv_bn_act", ctx.profile)
@@ -587,4 +752,6 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         else:
             _rewrite_eval(gm, c, ctx, strategy)
         changed = True
+    if changed:
+        changed = _fold_summed_branches(gm, ctx, strategy) or changed
     return changed
