@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from examples.resnet18_cnn import randomize_bn_statistics, resnet18
 from ger_inductor import _compat
+from ger_inductor.demo import RepVGGStage
 from ger_inductor.measure import saved_for_backward
 
 from .cases import register
@@ -68,6 +69,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
     "a": (ModelA, (16, 64, 56, 56), "A: 4x conv3x3(64->64)->BN->ReLU, 16x64x56x56"),
     "b": (ModelB, (16, 128, 56, 56), "B: 3x [dw3x3->BN->ReLU6->1x1->BN->ReLU6], 16x128x56x56"),
     "c": (lambda: resnet18(num_classes=1000), (8, 3, 224, 224), "C: ResNet-18, 8x3x224x224"),
+    "r": (RepVGGStage, (16, 64, 56, 56), "R: 4x RepVGG block relu(BN(conv3x3) + BN(conv1x1) + BN(x)), 16x64x56x56"),
 }
 
 

@@ -104,6 +104,25 @@ class DepthwiseStack(nn.Sequential):
         super().__init__(*layers)
 
 
+class RepVGGStage(nn.Sequential):
+    """RepVGG blocks as trained: relu(bn(conv3x3(x)) + bn(conv1x1(x)) + bn(x)), per block."""
+
+    class Block(nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.conv3, self.bn3 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+            self.conv1, self.bn1 = nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width)
+            self.identity = nn.BatchNorm2d(width)
+
+        def forward(self, x):
+            y = self.bn3(self.conv3(x)) + self.bn1(self.conv1(x))
+            y += self.identity(x)
+            return torch.relu(y)
+
+    def __init__(self, width: int = 64, blocks: int = 4):
+        super().__init__(*(RepVGGStage.Block(width) for _ in range(blocks)))
+
+
 def confidence_penalty_loss(z, y, beta: float = 0.1):
     """CE - beta * H(p), written the way users write it (no ger API)."""
     lp = torch.log_softmax(z, dim=-1)
