@@ -458,6 +458,35 @@ def test_summed_branches_near_miss_and_residual_adds(seed):
                                conv_bn_act.NEAR_MISS_REASONS["branches"] + " (the branches differ in groups)")]
 
 
+def test_summed_branches_inside_a_residual_sum(seed):
+    """``(b1 + b2) + x`` (branches summed, then the residual): the sub-sum folds. ``x + b1
+    + b2`` (no sub-sum of branches only): a near-miss that says how to write it."""
+
+    class Residual(nn.Module):
+        def __init__(self, residual_first: bool):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+            self.residual_first = residual_first
+
+        def forward(self, x):
+            if self.residual_first:
+                return (x + self.bn_a(self.a(x)) + self.bn_b(self.b(x))).relu()
+            return (self.bn_a(self.a(x)) + self.bn_b(self.b(x)) + x).relu()
+
+    x = torch.randn(2, 8, 6, 6)
+    for residual_first in (False, True):
+        model = randomize_bn_statistics(Residual(residual_first))
+        _assert_as_accurate_as_eager(_compare(model, x, False, True, rewrite_only()), model, x, False, True)
+        if residual_first:
+            assert not _report_matches(conv_bn_act.PATTERN_BRANCHES)
+            [(pattern, reason)] = _near_misses()
+            assert pattern == conv_bn_act.PATTERN_BRANCHES and "sum them first" in reason
+        else:
+            [m] = _report_matches(conv_bn_act.PATTERN_BRANCHES)
+            assert m.detail["act"] == "none" and not _near_misses()  # the relu is after the residual add
+
+
 def test_summed_branches_input_written_between_branches_is_refused(seed):
     """The input written in place between the branches' convs: eager's second branch
     reads the new values; one conv at the sum would read them for both. Refused, named."""

@@ -602,6 +602,18 @@ def _branch_input(leaf: fx.Node) -> Any:
     return None
 
 
+class _OtherTerms(Exception):
+    """The sum holds terms besides the branches of one input (or a branch twice)."""
+
+
+def _sub_sums(top: fx.Node):
+    """``top`` and the adds below it that only it reads, outermost first."""
+    yield top
+    for a in top.args:
+        if _is_plain_add(a) and len(a.users) == 1:
+            yield from _sub_sums(a)
+
+
 def _branch_plan(root: fx.Node, ctx) -> dict[str, Any] | None:
     """What :func:`conv_bn_ops.branches_conv_bn_act_eval` needs for the summed branches
     under ``root``; None where the sum holds fewer than two conv -> BN branches of one
@@ -613,7 +625,8 @@ def _branch_plan(root: fx.Node, ctx) -> dict[str, Any] | None:
     if x is None or sum(i is x for i in inputs) < 2:
         return None
     if any(i is not x for i in inputs) or len(set(leaves)) != len(leaves):
-        raise NearMiss("branches", "the sum holds other terms too, or a branch twice")
+        # a sub-sum may still be all branches (``(b1 + b2) + residual``): the caller tries it
+        raise _OtherTerms()
     for n in adds:
         if ctx.eager_reason(n):
             raise NearMiss("eager", f"{n.name}: {ctx.eager_reason(n)}")
@@ -662,17 +675,27 @@ def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> 
     done at run time). Runs after the pairs were rewritten: the branches are
     ``conv_bn_act_eval`` calls without an activation."""
     changed = False
-    for root in list(gm.graph.nodes):
-        if root.graph is not gm.graph or not _is_plain_add(root):
-            continue
-        if len(root.users) == 1 and _is_plain_add(next(iter(root.users))):
+    erased: set[fx.Node] = set()
+    for top in list(gm.graph.nodes):
+        if top in erased or not _is_plain_add(top) or (len(top.users) == 1 and _is_plain_add(next(iter(top.users)))):
             continue  # not the top of its tree of adds
-        try:
-            plan = _branch_plan(root, ctx)
-        except NearMiss as miss:
-            ctx.near_miss(PATTERN_BRANCHES, root, miss.reason)
-            continue
+        plan = None
+        mixed = False
+        for root in _sub_sums(top):  # the whole sum first, then its sub-sums
+            try:
+                plan = _branch_plan(root, ctx)
+            except _OtherTerms:
+                mixed = True
+                continue
+            except NearMiss as miss:
+                ctx.near_miss(PATTERN_BRANCHES, root, miss.reason)
+                break
+            if plan is not None:
+                break
         if plan is None:
+            if mixed:
+                ctx.near_miss(PATTERN_BRANCHES, top, NEAR_MISS_REASONS["branches"] + " (the branches are summed with "
+                              "other terms, and no sub-sum (a + b) holds only branches: sum them first)")
             continue
         act_node, act = None, Activation("none")
         if len(root.users) == 1:
@@ -711,6 +734,7 @@ def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> 
         last.replace_all_uses_with(new)
         for n in reversed([n for n in gm.graph.nodes if n in set(replaced)]):
             gm.graph.erase_node(n)
+        erased.update(replaced)
         ctx.match(
             PATTERN_BRANCHES, [n for n in replaced], branches=len(convs), identity=identity is not None,
             kernel="x".join(map(str, plan["kernel"])), act=act.name,
