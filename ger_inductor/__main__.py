@@ -116,6 +116,13 @@ def cmd_fleet(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ger_inductor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
     sub.add_parser("env", help="versions, devices and detected profiles").set_defaults(fn=cmd_env)
     d = sub.add_parser("demo", help="eager / inductor / ger on an LM step, CNN steps and an entropy-regularised loss")
     d.add_argument("--quick", action="store_true", help="the LM step and the loss only")
-    d.add_argument("--repeat", type=int, default=5, help="timed steps per backend (median reported)")
+    d.add_argument("--repeat", type=_positive_int, default=5, help="timed steps per backend (median reported)")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(fn=cmd_demo)
     du = sub.add_parser("dump", help="run a script, dumping every graph ger compiles")
