@@ -64,7 +64,7 @@ def cmd_demo(args) -> int:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     print("ger demo: eager / inductor / ger in one process on the same inputs (CPU, "
-          f"{torch.get_num_threads()} threads). ms/step: median of {args.repeat} steps (eager: 3); peak: the extra memory one "
+          f"{torch.get_num_threads()} threads). ms/step: median of {args.repeat} steps (eager: at most 3); peak: the extra memory one "
           "step needs (resident set; n/a under a warm allocator); saved: what autograd holds for backward "
           "beyond inputs and parameters; max rel err: the largest difference from eager, values and gradients")
     only = ("LM train step", "CE - 0.1 H(p) loss") if args.quick else ()

@@ -241,8 +241,9 @@ def run_demo(progress=None, warmup: int = 2, repeat: int = 5, only: tuple = ()) 
             run = fn if backend == "eager" else torch.compile(fn, backend=backend)
             out = w.step(run, inputs)  # the first call compiles
             ref = out if ref is None else ref
-            # eager needs no warm-up and is the slowest: fewer steps
-            times = time_step(lambda: w.step(run, inputs), cpu, *((1, 3) if backend == "eager" else (warmup, repeat)))
+            # the first call above warmed eager, which is the slowest: no more warm-up, at most 3 steps
+            steps = (0, min(3, repeat)) if backend == "eager" else (min(warmup, repeat), repeat)
+            times = time_step(lambda: w.step(run, inputs), cpu, *steps)
             peak = peak_extra_bytes(lambda: w.step(run, inputs), cpu)
             params = list(fn.parameters()) if isinstance(fn, nn.Module) else []
             _, saved = saved_for_backward(lambda: w.step(run, inputs), [*inputs, *params])
