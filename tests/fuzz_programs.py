@@ -1,5 +1,6 @@
 """A program fuzzer for ger's rewrites: random small programs that mix the three
-pattern families (loss + entropy, lm head, conv -> BN -> activation) with views,
+pattern families (loss + entropy, lm head, conv -> BN -> activation, the latter also
+with its output read elsewhere and as summed branches) with views,
 in-place writes on inputs and intermediates, module-buffer mutation, no_grad /
 inference_mode / autocast, ignore_index, class weights, NaN/-inf logits, dynamic sizes
 and a second backward. Each program runs eagerly and under ``backend="ger"`` (strict off
@@ -48,6 +49,9 @@ class Program:
     conv: str | None = None  # "eval" | "train"
     act: str = "relu"
     conv_write: str | None = None  # "input" | "running_mean"
+    #: "plain": conv -> BN -> act; "shared": the conv output is read after BN too;
+    #: "branches": act(BN(conv3x3(x)) + BN(conv1x1(x))), the second conv reading x after conv_write
+    conv_form: str = "plain"
     second_backward: bool = False
     dynamic: bool = False
     seed: int = 0
@@ -101,11 +105,13 @@ def _write(kind: str, q, y, other):
 
 
 class ConvBlock(nn.Module):
-    def __init__(self, act: str, conv_write: str | None):
+    def __init__(self, act: str, conv_write: str | None, form: str = "plain"):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
-        self.act, self.conv_write = act, conv_write
+        self.act, self.conv_write, self.form = act, conv_write, form
+        if form == "branches":
+            self.conv1, self.bn1 = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
 
     def forward(self, x):
         x = x * 1.0
@@ -116,6 +122,8 @@ class ConvBlock(nn.Module):
             with torch.no_grad():
                 self.bn.running_mean.add_(0.1)
         z = self.bn(y)
+        if self.form == "branches":
+            z = z + self.bn1(self.conv1(x))
         if self.act == "relu":
             z = torch.relu(z)
         elif self.act == "relu_inplace":
@@ -130,7 +138,8 @@ class ConvBlock(nn.Module):
             z = F.leaky_relu(z, 0.2, inplace=True)
         elif self.act == "mish":
             z = F.mish(z)
-        return z.mean() + x.mean()
+        out = z.mean() + x.mean()
+        return out + y.mean() if self.form == "shared" else out
 
 
 class Model(nn.Module):
@@ -138,7 +147,7 @@ class Model(nn.Module):
         super().__init__()
         self.p = p
         self.head = nn.Linear(hidden, p.v, bias=False)
-        self.block = ConvBlock(p.act, p.conv_write) if p.conv else None
+        self.block = ConvBlock(p.act, p.conv_write, p.conv_form) if p.conv else None
 
     def forward(self, q_in, y, w, h, x, other):
         p = self.p
@@ -183,8 +192,10 @@ def _model(p: Program) -> Model:
     m = Model(p)
     if m.block is not None:
         with torch.no_grad():
-            m.block.bn.running_mean.uniform_(-0.5, 0.5)
-            m.block.bn.running_var.uniform_(0.5, 2.0)
+            for bn in (m.block.bn, getattr(m.block, "bn1", None)):
+                if bn is not None:
+                    bn.running_mean.uniform_(-0.5, 0.5)
+                    bn.running_var.uniform_(0.5, 2.0)
         m.block.train(p.conv == "train")
     return m
 
@@ -321,6 +332,7 @@ def programs():
             conv=conv,
             act=draw(st.sampled_from(ACTS)),
             conv_write=draw(st.sampled_from((None, None, "input", "running_mean"))) if conv else None,
+            conv_form=draw(st.sampled_from(("plain", "shared", "branches"))) if conv else "plain",
             second_backward=draw(st.booleans()),
             dynamic=draw(st.booleans()),
             seed=draw(st.integers(0, 2**16)),
