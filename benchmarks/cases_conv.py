@@ -45,19 +45,21 @@ class ModelA(nn.Module):
 
 
 class ModelB(nn.Module):
-    """3 x [depthwise 3x3 -> BN -> ReLU6 -> 1x1 -> BN -> ReLU6] (MobileNet's separable block)."""
+    """3 x [depthwise 3x3 -> BN -> ReLU6 -> 1x1 -> BN -> ReLU6] (MobileNet's separable block);
+    ``act``: another activation module class (MobileNetV3's Hardswish in model H)."""
 
-    def __init__(self, channels: int = 128, blocks: int = 3):
+    def __init__(self, channels: int = 128, blocks: int = 3, act=None):
         super().__init__()
+        act = act or (lambda: nn.ReLU6(inplace=True))
         layers: list[nn.Module] = []
         for _ in range(blocks):
             layers += [
                 nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
                 nn.BatchNorm2d(channels),
-                nn.ReLU6(inplace=True),
+                act(),
                 nn.Conv2d(channels, channels, 1, bias=False),
                 nn.BatchNorm2d(channels),
-                nn.ReLU6(inplace=True),
+                act(),
             ]
         self.body = nn.Sequential(*layers)
 
@@ -69,6 +71,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
     "a": (ModelA, (16, 64, 56, 56), "A: 4x conv3x3(64->64)->BN->ReLU, 16x64x56x56"),
     "b": (ModelB, (16, 128, 56, 56), "B: 3x [dw3x3->BN->ReLU6->1x1->BN->ReLU6], 16x128x56x56"),
     "c": (lambda: resnet18(num_classes=1000), (8, 3, 224, 224), "C: ResNet-18, 8x3x224x224"),
+    "h": (lambda: ModelB(act=nn.Hardswish), (16, 128, 56, 56),
+          "H: 3x [dw3x3->BN->Hardswish->1x1->BN->Hardswish], 16x128x56x56"),
     "r": (RepVGGStage, (16, 64, 56, 56), "R: 4x RepVGG block relu(BN(conv3x3) + BN(conv1x1) + BN(x)), 16x64x56x56"),
 }
 
