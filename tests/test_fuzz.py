@@ -35,6 +35,15 @@ FOUND = {
     "head_output_copied_after_loss_autocast": fz.Program(context="autocast", n=5, v=33, terms=("ce_ls",), write="copy_",
                                                          write_at=1, logits_from="linear", conv="train", act="hardtanh",
                                                          conv_write="running_mean", seed=506),
+    # an eval BN's running mean written in place (under no_grad) between conv and BN, the
+    # conv output read beside BN: BN's weight gradient came from the mean written twice
+    # (AOTAutograd recomputed it from the written input); now refused (tests/test_soundness.py)
+    "running_mean_written_shared_conv": fz.Program(context="grad", n=2, v=16, bad_logit="nan", terms=("ce",),
+                                                   logits_from="scaled", conv="eval", act="relu",
+                                                   conv_write="running_mean", conv_form="shared", seed=2),
+    "running_mean_written_shared_conv_2": fz.Program(context="grad", n=2, v=16, bad_logit="nan", terms=("ce",),
+                                                     logits_from="scaled", conv="eval", act="relu",
+                                                     conv_write="running_mean", conv_form="shared", seed=0),
     # -inf logit, weighted CE beside p * log_softmax (eager: nan; ger gave inf)
     "neg_inf_weighted_prod": fz.Program(context="grad", n=3, v=33, bad_logit="-inf", terms=("entropy_prod", "ce_weighted", "zloss"),
                                         write="masked_fill_", write_at=0, act="silu", dynamic=True, seed=0),

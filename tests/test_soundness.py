@@ -5,6 +5,8 @@ test fails if the refusal were missing or too broad)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -193,6 +195,54 @@ def test_conv_input_written_before_bn(write):
     assert _matches("conv_bn_act") == (0 if write else 1)
     if write:
         assert any("mul_" in r for r in _near_misses("conv_bn_act"))
+
+
+class StatsWritten(nn.Module):
+    """An eval BN whose running mean (or weight) is written in place in the graph, before
+    the conv or between conv and BN; the conv output optionally read beside BN."""
+
+    def __init__(self, where: str, shared: bool, what: str = "running_mean", train: bool = False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.where, self.shared, self.what = where, shared, what
+        self.train(train)
+
+    def _write(self):
+        with torch.no_grad():
+            getattr(self.bn, self.what).add_(0.1)
+
+    def forward(self, x):
+        if self.where == "before":
+            self._write()
+        y = self.conv(x)
+        if self.where == "between":
+            self._write()
+        z = F.relu(self.bn(y))
+        return z.mean() + (y.mean() if self.shared else 0)
+
+
+@pytest.mark.parametrize("where,shared,what,train", [
+    ("before", False, "running_mean", False), ("before", True, "running_mean", False),
+    ("between", True, "running_mean", False), ("before", False, "weight", False), ("before", False, "weight", True)])
+def test_bn_statistic_or_weight_written_in_the_graph_is_refused(where, shared, what, train):
+    """Found by the fuzzer (tests/test_fuzz.py FOUND["running_mean_written_shared_conv"]):
+    with grad-enabled parameters, an eval BN whose running mean is written in place in the
+    graph got its weight gradient from the running mean written twice - AOTAutograd
+    recomputed the written value from the (by then written) input in the backward. ger
+    now leaves a conv -> BN alone when a weight or statistic it reads is written in the
+    graph: eager's gradients, a near-miss naming the write."""
+    torch.manual_seed(0)
+    m = _bn_stats(StatsWritten(where, shared, what, train))
+    m2 = copy.deepcopy(m)
+    x = torch.randn(2, 3, 6, 6)
+    m(x).backward()
+    torch.compile(m2, backend="ger", options=AOT)(x).backward()
+    for (name, p), p2 in zip(m.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, msg=name)
+    for (name, b), b2 in zip(m.named_buffers(), m2.buffers()):
+        torch.testing.assert_close(b2, b, msg=name)
+    assert _matches("conv_bn_act") == 0
+    assert any("written in place in this graph" in r and "add_" in r for r in _near_misses("conv_bn_act"))
 
 
 def test_conv_input_written_with_grad():

@@ -82,6 +82,8 @@ NEAR_MISS_REASONS = {
     "conv_output_leaves_graph": "the conv output leaves this graph, so a batch norm after it cannot be folded or fused",
     "bn_input_from_other_graph": "batch norm's input comes from another graph, so a conv before it cannot be folded or fused",
     "branches": "summed conv -> BN branches of one input that cannot become one convolution",
+    "written_param": "a weight or running statistic the rewrite reads is written in place in this graph (the fused "
+                     "op's backward could be computed from the value before the write)",
 }
 
 _REQUIRED = inspect.Parameter.empty
@@ -715,6 +717,12 @@ def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> 
         if barrier is not None:
             ctx.near_miss(PATTERN_BRANCHES, root, graph.moved_reads_reason(barrier))
             continue
+        if plan["identity"] is not None:
+            bn = plan["identity"][1]
+            writer = _written_param(gm, [bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"]], replaced)
+            if writer is not None:
+                ctx.near_miss(PATTERN_BRANCHES, root, NEAR_MISS_REASONS["written_param"] + f" ({graph.describe(writer)})")
+                continue
         first, x = plan["first"], plan["x"]
         onednn, why = _onednn_choice(_value(last), _value(x).dtype, _value(first["conv_weight"]), False,
                                      len(plan["kernel"]), act.name, lambda: True, strategy, ctx.profile)
@@ -744,6 +752,26 @@ def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> 
     return changed
 
 
+def _written_param(gm: fx.GraphModule, tensors, ignore) -> fx.Node | None:
+    """A node other than ``ignore`` that writes one of ``tensors`` in place anywhere in the
+    graph (an eval BN's running statistics or weights, a conv's weights), or None.
+
+    Eager BN saves what its backward needs when it runs. The rewrites compute BN in torch
+    ops whose backward AOTAutograd may recompute from the graph's inputs - and an input
+    written in place holds the written value by then: a fuzzed program
+    (``with no_grad: bn.running_mean.add_(0.1)`` before a grad-enabled eval BN) gave BN's
+    weight gradient from the running mean written twice. Such writes are rare in real
+    models (eval BN does not update its statistics); ger leaves them alone."""
+    effects = graph.Effects(gm)
+    skip = set(ignore)
+    for t in tensors:
+        if isinstance(t, fx.Node):
+            for m in effects.writers_of(t):
+                if m not in skip:
+                    return m
+    return None
+
+
 def run(gm: fx.GraphModule, ctx) -> bool:
     """Rewrite every conv -> BN [-> activation] of ``gm``; record matches and near-misses."""
     strategy = fleet.strategy("conv_bn_act", ctx.profile)
@@ -765,9 +793,17 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         except NearMiss as miss:
             ctx.near_miss(PATTERN_TRAIN if _training_flag(bn) is True else PATTERN_EVAL, bn, miss.reason)
             continue
+        pattern = PATTERN_TRAIN if c.bn_args["training"] else PATTERN_EVAL
         barrier = _moved_reads_barrier(gm, c)
         if barrier is not None:
-            ctx.near_miss(PATTERN_TRAIN if c.bn_args["training"] else PATTERN_EVAL, bn, graph.moved_reads_reason(barrier))
+            ctx.near_miss(pattern, bn, graph.moved_reads_reason(barrier))
+            continue
+        ba = c.bn_args
+        params = [ba["weight"], ba["bias"]] if ba["training"] else [
+            ba["weight"], ba["bias"], ba["running_mean"], ba["running_var"], c.conv_args["weight"], c.conv_args["bias"]]
+        writer = _written_param(gm, params, c.nodes)
+        if writer is not None:
+            ctx.near_miss(pattern, bn, NEAR_MISS_REASONS["written_param"] + f" ({graph.describe(writer)})")
             continue
         if c.bn_args["training"]:
             _rewrite_train(gm, c, ctx)
