@@ -553,7 +553,7 @@ def _replace(gm: fx.GraphModule, c: Candidate, new: fx.Node, keep_conv: bool = F
             gm.graph.erase_node(n)
 
 
-def _moved_reads_barrier(gm: fx.GraphModule, c: Candidate) -> fx.Node | None:
+def _moved_reads_barrier(effects: graph.Effects, c: Candidate) -> fx.Node | None:
     """The fused op runs at the batch norm's position: in eval the conv's reads (input,
     weight, bias) move there, and the activation's read of the BN output moves up to
     it. The node that forbids it (a write to one of them, a mode switch), or None."""
@@ -562,7 +562,7 @@ def _moved_reads_barrier(gm: fx.GraphModule, c: Candidate) -> fx.Node | None:
         moved += [(c.conv, a) for a in c.conv.all_input_nodes]
     if c.act_node is not None:
         moved += [(c.act_node, a) for a in c.act_node.all_input_nodes if a is not c.bn]
-    return graph.Effects(gm).first_barrier(moved, c.bn, ignore=c.nodes)
+    return effects.first_barrier(moved, c.bn, ignore=c.nodes)
 
 
 # ----------------------------------------------------------------------------- summed branches
@@ -713,13 +713,14 @@ def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> 
         if act_node is not None:
             moved += [(act_node, a) for a in act_node.all_input_nodes if a is not root]
         last = act_node if act_node is not None else root
-        barrier = graph.Effects(gm).first_barrier(moved, root, ignore=replaced)
+        effects = graph.Effects(gm)
+        barrier = effects.first_barrier(moved, root, ignore=replaced)
         if barrier is not None:
             ctx.near_miss(PATTERN_BRANCHES, root, graph.moved_reads_reason(barrier))
             continue
         if plan["identity"] is not None:
             bn = plan["identity"][1]
-            writer = _written_param(gm, [bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"]], replaced)
+            writer = _written_param(effects, [bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"]], replaced)
             if writer is not None:
                 ctx.near_miss(PATTERN_BRANCHES, root, NEAR_MISS_REASONS["written_param"] + f" ({graph.describe(writer)})")
                 continue
@@ -752,7 +753,7 @@ def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> 
     return changed
 
 
-def _written_param(gm: fx.GraphModule, tensors, ignore) -> fx.Node | None:
+def _written_param(effects: graph.Effects, tensors, ignore) -> fx.Node | None:
     """A node other than ``ignore`` that writes one of ``tensors`` in place anywhere in the
     graph (an eval BN's running statistics or weights, a conv's weights), or None.
 
@@ -762,7 +763,6 @@ def _written_param(gm: fx.GraphModule, tensors, ignore) -> fx.Node | None:
     (``with no_grad: bn.running_mean.add_(0.1)`` before a grad-enabled eval BN) gave BN's
     weight gradient from the running mean written twice. Such writes are rare in real
     models (eval BN does not update its statistics); ger leaves them alone."""
-    effects = graph.Effects(gm)
     skip = set(ignore)
     for t in tensors:
         if isinstance(t, fx.Node):
@@ -794,14 +794,15 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             ctx.near_miss(PATTERN_TRAIN if _training_flag(bn) is True else PATTERN_EVAL, bn, miss.reason)
             continue
         pattern = PATTERN_TRAIN if c.bn_args["training"] else PATTERN_EVAL
-        barrier = _moved_reads_barrier(gm, c)
+        effects = graph.Effects(gm)  # once per candidate: the graph changes with each rewrite
+        barrier = _moved_reads_barrier(effects, c)
         if barrier is not None:
             ctx.near_miss(pattern, bn, graph.moved_reads_reason(barrier))
             continue
         ba = c.bn_args
         params = [ba["weight"], ba["bias"]] if ba["training"] else [
             ba["weight"], ba["bias"], ba["running_mean"], ba["running_var"], c.conv_args["weight"], c.conv_args["bias"]]
-        writer = _written_param(gm, params, c.nodes)
+        writer = _written_param(effects, params, c.nodes)
         if writer is not None:
             ctx.near_miss(pattern, bn, NEAR_MISS_REASONS["written_param"] + f" ({graph.describe(writer)})")
             continue
