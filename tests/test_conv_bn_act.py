@@ -430,6 +430,32 @@ def test_summed_branches_under_cpu_autocast(seed):
     assert _rel(out, exact) <= max(4 * _rel(ref, exact), 1e-2), (_rel(out, exact), _rel(ref, exact))
 
 
+def test_summed_branches_with_a_promoting_sum_are_left_alone(seed):
+    """Under autocast the convs give bf16 and a BN of the fp32 input gives fp32: ``a + b +
+    bn(x)`` is fp32 (promotion; ``y += bn(x)`` would stay bf16 and fold). One conv would
+    give bf16: a near-miss, eager's dtype."""
+
+    class Promoting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.bn_a, self.bn_b, self.bn_x = nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn_a(self.a(x)) + self.bn_b(self.b(x)) + self.bn_x(x)
+
+    model = randomize_bn_statistics(Promoting()).eval()
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        out = torch.compile(model, backend=rewrite_only())(x)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    assert ref.dtype == torch.float32  # the sum promoted: left alone, with the reason
+    assert not _report_matches(conv_bn_act.PATTERN_BRANCHES)
+    assert any("type promotion" in r for _, r in _near_misses())
+
+
 def test_summed_branches_near_miss_and_residual_adds(seed):
     """Branches of one input that cannot be one conv (different groups) are a near-miss
     naming why (each pair is still folded); a residual add of a conv -> BN and the

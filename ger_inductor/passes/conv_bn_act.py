@@ -649,6 +649,10 @@ def _branch_plan(root: fx.Node, ctx) -> dict[str, Any] | None:
         identity = (leaf, bn)
     first = convs[0][1]
     w0 = _value(first["conv_weight"])
+    if any(_value(n).dtype != first["dtype"] for n in adds):
+        # e.g. an fp32 BN of the input added to bf16 convs under autocast: ``a + b`` promotes
+        # (``y += bn(x)`` keeps y's dtype, as one conv does)
+        raise NearMiss("branches", "the sum's dtype differs from the convolutions' (type promotion)")
     for _, a in convs:
         for key in ("stride", "groups", "dtype"):
             if a[key] != first[key]:
