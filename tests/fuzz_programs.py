@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from ger_inductor import _compat
 
 TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy_entr", "entropy_cat", "zloss",
-         "kl_uniform", "target_logp")
+         "kl_uniform", "target_logp",
+         # per-row losses written in place before they are reduced (transformers'
+         # LabelSmoother, fairseq's label_smoothed_nll_loss), the mask made before or after
+         "rows_masked_inplace", "rows_masked_late", "hf_label_smoother", "rows_view_written")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -54,6 +57,9 @@ class Program:
     conv_form: str = "plain"
     second_backward: bool = False
     dynamic: bool = False
+    #: ger's ``lm_head_chunk`` option: set, the lm head (logits_from="linear") is fused at
+    #: these small vocabularies, below the profiles' min_vocab
+    lm_chunk: int | None = None
     seed: int = 0
 
 
@@ -83,6 +89,28 @@ def _term(kind: str, q, y, w, ignore: int):
     if kind == "kl_uniform":
         lp = q.log_softmax(-1)
         return 0.1 * F.kl_div(lp, torch.full_like(lp, 1.0 / q.shape[-1]), reduction="batchmean")
+    if kind == "rows_masked_inplace":
+        pad = (y == ignore).unsqueeze(-1)
+        lp = -F.log_softmax(q, dim=-1)
+        nll = lp.gather(-1, y.clamp(min=0).unsqueeze(-1))
+        nll.masked_fill_(pad, 0.0)
+        return nll.sum() / (~pad).sum().clamp(min=1)
+    if kind == "rows_masked_late":
+        lp = F.log_softmax(q, dim=-1)
+        nll = -lp.gather(-1, y.clamp(min=0).unsqueeze(-1))
+        smooth = -lp.sum(-1, keepdim=True)
+        pad = y.unsqueeze(-1).eq(ignore)  # made after the loss's statistics
+        nll.masked_fill_(pad, 0.0)
+        smooth.masked_fill_(pad, 0.0)
+        return 0.9 * nll.sum() + 0.1 / q.shape[-1] * smooth.sum()
+    if kind == "hf_label_smoother":
+        from . import spellings
+
+        return spellings.ls_transformers(q, y, epsilon=0.1, ignore_index=ignore)
+    if kind == "rows_view_written":
+        per = F.cross_entropy(q, y.clamp(min=0), reduction="none", label_smoothing=0.1)
+        per.view(-1)[::2].mul_(0.5)  # written through a view
+        return per.mean()
     # target_logp: a gather beside the CE (index of shape (n, 1))
     return -0.01 * q.log_softmax(-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).mean()
 
@@ -228,7 +256,8 @@ def run_program(p: Program, backend: str | None, strict: bool = False) -> Outcom
         h.requires_grad_(True)
     fn = m if backend is None else torch.compile(
         m, backend=backend, dynamic=p.dynamic or None,
-        **({"options": {"strict": strict, "compiler": "aot_eager"}} if backend == "ger" else {}))
+        **({"options": {"strict": strict, "compiler": "aot_eager", "lm_head_chunk": p.lm_chunk}}
+           if backend == "ger" else {}))
     out = Outcome()
     try:
         with _context(p):
@@ -335,6 +364,7 @@ def programs():
             conv_form=draw(st.sampled_from(("plain", "shared", "branches"))) if conv else "plain",
             second_backward=draw(st.booleans()),
             dynamic=draw(st.booleans()),
+            lm_chunk=draw(st.sampled_from((None, 2, 4, 64))),
             seed=draw(st.integers(0, 2**16)),
         )
 

@@ -47,6 +47,20 @@ FOUND = {
     # -inf logit, weighted CE beside p * log_softmax (eager: nan; ger gave inf)
     "neg_inf_weighted_prod": fz.Program(context="grad", n=3, v=33, bad_logit="-inf", terms=("entropy_prod", "ce_weighted", "zloss"),
                                         write="masked_fill_", write_at=0, act="silu", dynamic=True, seed=0),
+    # the lm head fused (the fuzzer set no lm_head_chunk before, so at its vocabularies the
+    # head never fused; found by the model zoo, then by the fuzzer once it set one): per-row
+    # losses written in place before the sum (transformers' LabelSmoother, fairseq) - the
+    # in-forward copy of the loss code skipped the writes, so masked rows kept their
+    # gradient; the same with the mask made after the statistics (the copy's writes were
+    # then sorted after its reads)
+    "lm_head_rows_masked_in_place": fz.Program(context="grad", n=7, v=16, ignore=True, terms=("rows_masked_inplace",),
+                                               logits_from="linear", lm_chunk=2),
+    "lm_head_rows_masked_late": fz.Program(context="grad", n=7, v=16, ignore=True, terms=("rows_masked_late",),
+                                           logits_from="linear", lm_chunk=2),
+    "lm_head_hf_label_smoother": fz.Program(context="grad", n=7, v=16, ignore=True, terms=("hf_label_smoother",),
+                                            logits_from="linear", lm_chunk=2),
+    "lm_head_rows_written_through_a_view": fz.Program(context="grad", n=7, v=16, ignore=True,
+                                                      terms=("rows_view_written",), logits_from="linear", lm_chunk=2),
 }
 
 

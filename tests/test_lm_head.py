@@ -22,6 +22,7 @@ import ger_inductor
 from ger_inductor import GerOptions, fleet, ger_linear_loss, ger_loss, ger_loss_reference
 from ger_inductor.debug import graph_text
 from ger_inductor.ops import linear_loss as linear_loss_op
+from . import spellings
 from .conftest import rewrite_backend
 
 N, H, V = 37, 16, 53  # 37 rows in chunks of 8: four full chunks and a short one
@@ -164,6 +165,7 @@ class Head(nn.Module):
         if tied:
             self.head.weight = self.emb.weight
         self.loss_fn = loss_fn
+        self.register_buffer("acc", torch.zeros(()))
         self.to(dtype)
 
     def forward(self, x, y):
@@ -187,8 +189,42 @@ def _masked_mean(m, h, y):
     return (per * mask).sum() / mask.sum()
 
 
+def _hf_label_smoother(m, h, y):
+    """transformers' LabelSmoother on shifted logits: its per-token losses are written in
+    place (``nll_loss.masked_fill_(padding_mask, 0.0)``, result unused). Found by the model
+    zoo: the in-forward copy of the loss code skipped the writes, so padded rows kept
+    their gradient (lm-head weight gradient 19x eager's on a Llama config)."""
+    return spellings.ls_transformers(m.head(h)[..., :-1, :].contiguous(), y[..., 1:].contiguous())
+
+
+def _fairseq_label_smoothed(m, h, y):
+    return spellings.ls_fairseq(m.head(h).view(-1, V), y.view(-1).clamp_min(0), ignore_index=0)
+
+
+def _masked_through_a_view(m, h, y):
+    per = F.cross_entropy(m.head(h).transpose(1, 2), y.clamp_min(0), reduction="none", label_smoothing=0.1)
+    per.view(-1).masked_fill_((y < 0).view(-1), 0.0)  # written through a view of the per-token losses
+    return per.sum() / (y >= 0).sum()
+
+
+def _loss_accumulated_into_a_buffer(m, h, y):
+    return m.acc.add_(F.cross_entropy(m.head(h).view(-1, V), y.view(-1)))  # a buffer written by the loss
+
+
+def _written_after_the_loss(m, h, y):
+    per = F.cross_entropy(m.head(h).view(-1, V), y.view(-1), reduction="none")
+    loss = per.mean()
+    per.mul_(2.0)  # after the loss is formed: it does not change the loss, nor its gradient
+    return loss
+
+
 SPELLINGS = {
     # name: (loss_fn, Head kwargs, expected gradient mode)
+    "hf_label_smoother_shifted": (_hf_label_smoother, {}, "in_forward"),
+    "fairseq_label_smoothed_masked_in_place": (_fairseq_label_smoothed, {}, "in_forward"),
+    "per_token_losses_masked_through_a_view": (_masked_through_a_view, {}, "in_forward"),
+    "loss_accumulated_into_a_buffer": (_loss_accumulated_into_a_buffer, {}, "recompute"),
+    "per_token_losses_written_after_the_loss": (_written_after_the_loss, {}, "recompute"),
     "nn_linear_ce_ls_ignore": (lambda m, h, y: F.cross_entropy(m.head(h).view(-1, V), y.view(-1), ignore_index=-100,
                                                                label_smoothing=0.1), {}, "in_forward"),
     "bias_ce_sum": (lambda m, h, y: F.cross_entropy(m.head(h).reshape(-1, V), y.reshape(-1), reduction="sum"),
@@ -250,6 +286,8 @@ def _compare_with_eager(loss_fn, head_kw, backend):
         torch.testing.assert_close(a, r, **tol)
     for (name, p), (_, p2) in zip(m.named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(p2.grad, p.grad, **tol, msg=lambda s: f"{name}: {s}")
+    for (name, b), (_, b2) in zip(m.named_buffers(), m2.named_buffers()):
+        torch.testing.assert_close(b2, b, **tol, msg=lambda s: f"buffer {name}: {s}")
 
 
 def _code_lines(text: str) -> str:

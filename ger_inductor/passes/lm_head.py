@@ -45,6 +45,8 @@ _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm", "__matmul__"}
 #: functions the loss pass inserts that read the logits for their shape only
 _SHAPE_READERS = {losses.cross_entropy_from_stats, losses.row_statistic, losses.kl_div_reduce}
+#: methods that read only their tensor's dtype and device
+_NEW_TENSOR = {"new_zeros", "new_ones", "new_empty", "new_full"}
 _VIEW_LIKE = _VIEWS | {"unsqueeze", "squeeze", "view_as", "reshape_as", torch.unsqueeze, torch.squeeze}
 
 # operations y = f(x, ...) linear in the arguments that depend on the statistics
@@ -294,6 +296,8 @@ def _shape_only_user(u: fx.Node, n: fx.Node) -> bool:
     """``u`` reads only the shape of ``n`` (directly or through views)."""
     if _is(u, _SHAPE_ONLY) or (u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "dtype", "device")):
         return True
+    if _is(u, _NEW_TENSOR) and u.args and u.args[0] is n and all(a is not n for a in [*u.args[1:], *u.kwargs.values()]):
+        return True  # ``logits.new_zeros(())``: reads the dtype and device
     if u.op == "call_function" and u.target in _SHAPE_READERS:
         return u.args[0] is not n  # the logits may be a shape argument, never the statistics
     if _is(u, _VIEW_LIKE | _CASTS) and u.args[0] is n:
@@ -346,16 +350,43 @@ def _choose_gradient_mode(gm: fx.GraphModule, plan: Plan) -> None:
     if not isinstance(numel, int) or numel != 1 or lv.dtype not in _FLOAT_DTYPES:
         plan.why = f"the output {L.name} is not a scalar loss (e.g. reduction='none')"
         return
-    # the nodes between the statistics and L
-    anc = {L}
-    stack = [L]
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a in in_d and a not in anc and a is not plan.src:
-                anc.add(a)
-                stack.append(a)
+    # the nodes between the statistics and L, and every in-place op that writes one of
+    # their tensors (``nll.masked_fill_(pad, 0)`` as transformers' LabelSmoother does: its
+    # result is unused, L reads the written tensor): the copy must run those writes too,
+    # or its coefficients miss them
+    effects = graph.Effects(gm)
+    anc: set = set()
+
+    def close(seed: fx.Node) -> None:
+        anc.add(seed)
+        stack = [seed]
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if a in in_d and a not in anc and a is not plan.src:
+                    anc.add(a)
+                    stack.append(a)
+
+    close(L)
+    while True:
+        roots = frozenset().union(*(effects.roots_of(n) for n in anc))
+        writers = [w for w in D if w not in anc and w is not plan.src and effects.writes.get(w, frozenset()) & roots]
+        if not writers:
+            break
+        for w in writers:
+            if effects.order[w] > effects.order[L]:
+                plan.why = f"{graph.describe(w)} writes the loss code's values after the loss is formed"
+                return
+            close(w)
     path = [n for n in D if n in anc and n is not plan.src]
+    mine = set(path)
+    for n in path:
+        # the copy runs each write again: it may write only what the copy itself creates
+        # (never the statistics' own buffers, an input, a parameter or a buffer)
+        written = effects.writes.get(n, frozenset())
+        if effects.kinds.get(n) == "unknown" or not written <= mine:
+            plan.why = f"{graph.describe(n)} writes in place a tensor the loss code did not create"
+            return
     for n in path:
         why = _nonlinear(n, in_d)
         if why:
@@ -539,7 +570,11 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
         with g.inserting_before(src):
             stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "needs": plan.needs})
     else:
-        with g.inserting_before(src):
+        # the copy runs the loss code's nodes in their order, in-place writes included; when
+        # it reads values defined after the statistics, it goes after the last of them as a
+        # whole (a topological sort of a copy placed earlier would run a write after a read
+        # that follows it in the source: no data edge orders them)
+        with g.inserting_before(last.next if reorder else src):
             leaves = g.call_function(lm_head.stat_leaves, (plan.target, cdt, plan.extras))
             env = {src: leaves}
             for a in plan.zeroed:
