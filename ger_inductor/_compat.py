@@ -246,6 +246,12 @@ def counters():
     return _c
 
 
+def graph_break_reasons() -> list[str]:
+    """The reasons of the graph breaks Dynamo has counted in this process (its
+    ``counters["graph_break"]`` keys: the break's message and debug context)."""
+    return [str(k) for k in counters()["graph_break"]]
+
+
 def dynamo_reset() -> None:
     import torch._dynamo
 

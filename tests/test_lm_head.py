@@ -331,6 +331,10 @@ NEAR_MISSES = {
                         "also used by output"),
     "accuracy_from_logits": (lambda m, h, y: (lambda z: F.cross_entropy(z.view(-1, V), y.view(-1))
                                               + 0 * (z.argmax(-1) == y).float().mean())(m.head(h)), "also used by argmax"),
+    # the loss after a graph break: reported in the graph the logits leave
+    "graph_break_between_head_and_loss": (lambda m, h, y: (lambda z: (torch._dynamo.graph_break(),
+                                                                      F.cross_entropy(z.view(-1, V), y.view(-1)))[1])(
+        m.head(h)), "leave the graph at a graph break"),
     "rows_reordered_by_a_transpose": (lambda m, h, y: F.cross_entropy(m.head(h).transpose(0, 1).reshape(-1, V),
                                                                        y.t().reshape(-1)), "reorders the rows"),
 }
@@ -348,6 +352,21 @@ def test_near_miss(name):
         reasons = [n.reason for n in _lm_near_misses()]
         assert any(reason in r for r in reasons), reasons
     FileCheck().check("torch._C._nn.linear").run(_code_lines("\n".join(graphs)))
+
+
+def test_graph_break_near_miss_names_the_transformers_way_around(monkeypatch):
+    """transformers' ``loss_function`` logs ``warning_once`` on every call when the model's
+    loss_type is unset (GPT-2): Dynamo breaks the graph between head and loss. The
+    near-miss names the break and how to avoid it."""
+    from ger_inductor import _compat
+
+    msg = ("logging.Logger method not supported ... <Logger transformers.modeling_utils (WARNING)>.warning_once, "
+           "args: [ConstantVariable(str: '`loss_type=None` was set in the config but it is unrecognized.')]")
+    monkeypatch.setattr(_compat, "graph_break_reasons", lambda: [msg])
+    loss_fn, reason = NEAR_MISSES["graph_break_between_head_and_loss"]
+    _compare_with_eager(loss_fn, {}, rewrite_only(None, lm_head_chunk=4))
+    reasons = [n.reason for n in _lm_near_misses()]
+    assert any(reason in r and 'model.loss_type = "ForCausalLM"' in r for r in reasons), reasons
 
 
 # ----------------------------------------------------------------------------- end to end

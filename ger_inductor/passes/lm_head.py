@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .. import fleet, lm_head, losses
+from .. import _compat, fleet, lm_head, losses
 from ..shapes import known_equal
 from ..ops import ger_loss as _loss_op
 from . import graph
@@ -117,7 +117,47 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             continue
         _rewrite(gm, plan, ctx)
         changed = True
+    _split_near_misses(gm, ctx)
     return changed
+
+
+#: the graph break transformers' ``PreTrainedModel.loss_function`` causes on each call when
+#: the model's ``loss_type`` is not set (GPT-2, for one): ``logger.warning_once``
+_HF_LOSS_TYPE_HINT = (
+    "; transformers logs a warning inside `model.loss_function` when the model has no known loss_type: set "
+    "`model.loss_type = \"ForCausalLM\"` before compiling (or add that logger's warning_once to "
+    "torch._dynamo.config.ignore_logging_functions) and the head and loss are traced into one graph"
+)
+
+
+def _split_near_misses(gm: fx.GraphModule, ctx) -> None:
+    """An lm head whose logits leave a graph that a graph break ends: the loss after the
+    break cannot be fused with it. Ordinary graphs that return logits are not reported."""
+    split = _compat.graph_split_reason(gm)
+    if split is None or split[0] != "graph_break":
+        return
+    why = split[1]
+    min_vocab = int(fleet.strategy(FAMILY, ctx.profile).get("min_vocab", 0)) if ctx.options.lm_head_chunk is None else 2
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    for n in gm.graph.nodes:
+        lin = _linear_parts(gm, n) if n.op in ("call_function", "call_method", "call_module") else None
+        s = _shape(n)
+        if lin is None or s is None or len(s) < 2 or not isinstance(s[-1], int) or s[-1] < max(min_vocab, 2):
+            continue
+        cur, leaves = n, False
+        for _ in range(8):  # through views and casts
+            if out in cur.users:
+                leaves = True
+                break
+            nxt = [u for u in cur.users if _is(u, _VIEW_LIKE | _CASTS) or _selects_rows(u)]
+            if len(nxt) != 1:
+                break
+            cur = nxt[0]
+        if leaves:
+            hf = any("warning_once" in r and "loss_type" in r for r in _compat.graph_break_reasons())
+            hint = _HF_LOSS_TYPE_HINT if hf else ""
+            ctx.near_miss("linear+loss", n, f"the logits ({n.name}, {s[-1]} classes) leave the graph at a graph "
+                          f"break, so a loss after the break is not fused with the head ({why}){hint}")
 
 
 # ----------------------------------------------------------------------------- matching
