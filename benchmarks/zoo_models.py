@@ -150,7 +150,7 @@ LMS = [
              _lm("Phi3Config", pad_token_id=0, **_DECODER), _lm_inputs),
     ZooModel("gpt2", "transformers", "lm", "GPT-2: LayerNorm, GELU, tied head",
              _lm("GPT2Config", n_embd=LM_HIDDEN, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0,
-                 embd_pdrop=0.0, attn_pdrop=0.0), _lm_inputs),
+                 embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0), _lm_inputs),
 ]
 
 MODELS: dict[str, ZooModel] = {m.name: m for m in CNNS + LMS}

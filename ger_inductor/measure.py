@@ -58,6 +58,17 @@ def _rss() -> tuple[int, int]:
     return hwm, rss
 
 
+def _warm_allocator() -> bool:
+    """glibc told to keep large blocks (``MALLOC_MMAP_THRESHOLD_`` above 1 MiB). A small
+    fixed threshold (e.g. 131072) is the opposite: glibc's dynamic threshold is off, every
+    block above it is unmapped when freed, and the resident set follows the live bytes."""
+    v = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    try:
+        return v is not None and int(v) > (1 << 20)
+    except ValueError:
+        return True
+
+
 def peak_extra_bytes(step: Callable[[], Any], device: torch.device) -> int | None:
     """Peak memory one call needs beyond what is allocated before it (None: unknown here)."""
     if device.type == "cuda":
@@ -67,7 +78,7 @@ def peak_extra_bytes(step: Callable[[], Any], device: torch.device) -> int | Non
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    if _warm_allocator():
         return None  # warm allocator: freed blocks stay resident, RSS says nothing
     try:
         with open("/proc/self/clear_refs", "w") as f:
