@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 
 import pytest
 import torch
@@ -44,6 +46,16 @@ def rewrite_backend(options: dict, on_graph=None, reports: list | None = None):
         return gm.forward
 
     return backend
+
+
+@pytest.fixture
+def quiet_ger():
+    """ger's log at ERROR and warnings off: for tests that compile many programs."""
+    logging.getLogger("ger_inductor").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    logging.getLogger("ger_inductor").setLevel(logging.NOTSET)
 
 
 @pytest.fixture

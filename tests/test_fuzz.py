@@ -9,9 +9,7 @@ The deep profile (releases): ``python -m tests.fuzz_programs --examples 20000``.
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 
 import pytest
 
@@ -64,13 +62,7 @@ FOUND = {
 }
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    logging.getLogger("ger_inductor").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    logging.getLogger("ger_inductor").setLevel(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("quiet_ger")
 
 
 #: found and not fixed yet: expected to fail (the -inf logit ones, issue 13, are fixed:

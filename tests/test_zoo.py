@@ -8,8 +8,6 @@ The full zoo (times, memory, Inductor and freezing beside ger) is
 
 from __future__ import annotations
 
-import logging
-import warnings
 
 import pytest
 
@@ -24,20 +22,11 @@ pytest.importorskip("transformers")
 
 from benchmarks import zoo  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quiet_ger")]
 
 #: max |ger - eager| / max |eager| over outputs, gradients and BN statistics (fp32); the
 #: zoo's own rule compares with Inductor's deviation, which the smoke run does not compile
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    logging.getLogger("ger_inductor").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    logging.getLogger("ger_inductor").setLevel(logging.NOTSET)
 
 
 def _run(name, modes, backends=("eager", "ger")):
@@ -47,8 +36,8 @@ def _run(name, modes, backends=("eager", "ger")):
     return {r["mode"]: r for r in rows if r["backend"] == "ger"}
 
 
-def test_cnn_hard_swish_se_net_train_step():
-    """A train step of timm's LCNet (hard-swish, SE with hard-sigmoid, depthwise). BN's
+def test_cnn_train_step():
+    """A train step of timm's ResNet-10-T built with GELU (residual blocks, tiered stem). BN's
     batch statistics at these small sizes amplify rounding (fp32 eager and Inductor are
     both about 4e-3 from each other here), so the oracle is float64: ger's distance from
     the float64 step is within 4x eager fp32's own (or 1e-5)."""
@@ -58,7 +47,7 @@ def test_cnn_hard_swish_se_net_train_step():
 
     import ger_inductor
 
-    zm = zoo_models.MODELS["timm_lcnet_050"]
+    zm = zoo_models.MODELS["timm_resnet10t_gelu"]
     torch.manual_seed(0)
     base = zm.build(0.25)
     g = torch.Generator().manual_seed(0)
@@ -80,7 +69,7 @@ def test_cnn_hard_swish_se_net_train_step():
     assert d_ger <= max(4 * d_eager, 1e-5), (d_ger, d_eager)
     summary = zoo._ger_summary(ger_inductor.reports())
     fused = sum(n for k, n in summary["matches"].items() if k.startswith("conv_bn_act/") and k.endswith(".train"))
-    assert fused >= 20, summary  # lcnet_050 has 27 conv -> BN pairs
+    assert fused >= 12, summary  # resnet10t has 14 conv -> BN pairs
     assert not summary["fallbacks"], summary["fallbacks"]
 
 
