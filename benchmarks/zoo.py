@@ -50,11 +50,11 @@ import torch
 
 from ger_inductor.measure import peak_extra_bytes, time_step
 
+from .harness import WARM_ENV  # one definition of the warm allocator
 from .zoo_models import MODELS, ZooModel
 
 MODES = {"cnn": ("eval_nograd", "eval_grad", "train"), "lm": ("eval_nograd", "train_labels", "train_outside")}
 BACKENDS = ("eager", "inductor", "inductor_freezing", "ger")
-WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
 #: glibc's mmap threshold fixed at 128 KiB: its dynamic threshold (which rises after a
 #: large block is freed, so that later blocks of that size stay on the heap) is off, every
 #: block above 128 KiB is returned when freed, and the peak resident set of a step is its
