@@ -765,10 +765,11 @@ def ger_linear_distill_loss(
     with torch.no_grad():
         D, nll, gs, gt = linear_distill_kernel(*detached, y, cfg, chunk_size, coefs, needs_s, needs_t)
         loss = combine(D, nll, valid, cfg, rows_shape, out_dtype)
+    keep = [y] if isinstance(y, torch.Tensor) else []  # the target, as a hard-label CE saves it
     if needs_s:
-        loss = loss + torch.ops.ger.grad_carrier(hs, student_weight, student_bias, *gs).to(loss.dtype)
+        loss = loss + torch.ops.ger.grad_carrier(hs, student_weight, student_bias, *gs, keep).to(loss.dtype)
     if needs_t:
-        loss = loss + torch.ops.ger.grad_carrier(ht, teacher_weight, teacher_bias, *gt).to(loss.dtype)
+        loss = loss + torch.ops.ger.grad_carrier(ht, teacher_weight, teacher_bias, *gt, keep).to(loss.dtype)
     return loss
 
 

@@ -116,9 +116,12 @@ def stat_coefficients(loss: Tensor, leaves: LinearStats) -> Tensor:
     return torch.stack(out)
 
 
-def add_carrier(loss: Tensor, stats: LinearStats, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``loss`` plus a zero that carries the upstream gradient to h, weight and bias."""
-    z = torch.ops.ger.grad_carrier(h.reshape(-1, h.shape[-1]), weight, bias, stats.grad_h, stats.grad_w, stats.grad_b)
+def add_carrier(loss: Tensor, stats: LinearStats, h: Tensor, weight: Tensor, bias: Optional[Tensor],
+                keep: tuple = ()) -> Tensor:
+    """``loss`` plus a zero that carries the upstream gradient to h, weight and bias;
+    ``keep``: tensors eager's loss code would save (autograd checks their versions)."""
+    z = torch.ops.ger.grad_carrier(h.reshape(-1, h.shape[-1]), weight, bias, stats.grad_h, stats.grad_w, stats.grad_b,
+                                   [t for t in keep if isinstance(t, Tensor)])
     return loss + z.to(loss.dtype)
 
 
@@ -134,10 +137,11 @@ GRAPH_FUNCTIONS = (linear_row_stats, stat_leaves, stat_coefficients, add_carrier
 # ----------------------------------------------------------------------------- eager / public
 def linear_loss_head(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *, alpha: float,
                      ignore_index: int, extras: bool, chunk: int, combine: Callable[[LinearStats], Tensor],
-                     base: Tensor | None = None, log_base: Tensor | None = None) -> Tensor:
+                     base: Tensor | None = None, log_base: Tensor | None = None, keep: tuple = ()) -> Tensor:
     """``combine(stats)`` of the fused head's statistics, with the gradients formed in
     the forward when ``combine`` returns a scalar (it must then be linear in the
-    statistics) and by a second sweep otherwise."""
+    statistics) and by a second sweep otherwise. ``keep``: tensors ``combine`` reads that
+    the unfused loss would save (class weights; the target is kept anyway)."""
     needs = needs_of(h, weight, bias)
     kw = dict(base=base, log_base=log_base)
     if needs:
@@ -148,7 +152,7 @@ def linear_loss_head(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
             coefs = stat_coefficients(probe, leaves)
             stats = linear_row_stats(h, weight, bias, target, alpha, ignore_index, extras, chunk, coefs=coefs,
                                      needs=needs, **kw)
-            return add_carrier(combine(stats), stats, h, weight, bias)
+            return add_carrier(combine(stats), stats, h, weight, bias, (target, base, *keep))
     stats = linear_row_stats(h, weight, bias, target, alpha, ignore_index, extras, chunk, **kw)
     return combine(stats)
 
@@ -222,4 +226,4 @@ def ger_linear_loss(
     h2 = input.reshape(-1, input.shape[-1])
     return linear_loss_head(h2, linear_weight, linear_bias, target2, alpha=params.alpha, ignore_index=ignore_index,
                             extras=False, chunk=chunk or 0, combine=combine, base=params.u,
-                            log_base=params.log_u)
+                            log_base=params.log_u, keep=(weight,))

@@ -343,6 +343,11 @@ def combine_rows(nll, reg, target2, target_shape, *, beta, eps, smooth_scale, sm
     wy = None
     if weight is not None:
         wy = weight.to(cdt)[torch.where(valid, target2, torch.zeros_like(target2))]
+        if torch.is_grad_enabled() and nll.requires_grad and isinstance(weight, Tensor) \
+                and (is_compiling() or not _compat.functorch_transformed(nll, weight)):
+            # F.cross_entropy saves its class weights: a write to them before the backward
+            # raises autograd's error there, and so here
+            nll = torch.ops.ger.version_guard(nll, [weight])
     if eps is not None:
         smooth = reg if smooth_const is None else reg + smooth_const
         if smooth_lse is not None:

@@ -31,7 +31,7 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          # per-row losses written in place before they are reduced (transformers'
          # LabelSmoother, fairseq's label_smoothed_nll_loss), the mask made before or after
          "rows_masked_inplace", "rows_masked_late", "hf_label_smoother", "rows_view_written")
-WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "unrelated")
+WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
 #: errors ger may raise where eager does not, documented in docs/user-guide.md
@@ -115,7 +115,7 @@ def _term(kind: str, q, y, w, ignore: int):
     return -0.01 * q.log_softmax(-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).mean()
 
 
-def _write(kind: str, q, y, other):
+def _write(kind: str, q, y, w, other):
     if kind == "mul_":
         q.mul_(1.5)
     elif kind == "masked_fill_":
@@ -128,6 +128,8 @@ def _write(kind: str, q, y, other):
         q.copy_(q.flip(0))
     elif kind == "clamp_target":
         y.clamp_(max=2)
+    elif kind == "class_weight":  # the class weights a weighted CE reads (and eager saves)
+        w.mul_(1.5)
     else:
         other.mul_(2.0)
 
@@ -189,10 +191,10 @@ class Model(nn.Module):
         loss = q.new_zeros(())
         for i, kind in enumerate(p.terms):
             if p.write is not None and i == p.write_at:
-                _write(p.write, q, y, other)
+                _write(p.write, q, y, w, other)
             loss = loss + _term(kind, q, y, w, ignore)
         if p.write is not None and p.write_at >= len(p.terms):
-            _write(p.write, q, y, other)
+            _write(p.write, q, y, w, other)
         if self.block is not None:
             loss = loss + self.block(x)
         return loss
@@ -272,7 +274,7 @@ def run_program(p: Program, backend: str | None, strict: bool = False) -> Outcom
     except Exception as e:  # compared with eager's
         out.error = e
     out.state = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    out.inputs = (q.detach().clone(), y.clone(), other.clone())
+    out.inputs = (q.detach().clone(), y.clone(), w.clone(), other.clone())
     return out
 
 

@@ -59,6 +59,19 @@ FOUND = {
                                             logits_from="linear", lm_chunk=2),
     "lm_head_rows_written_through_a_view": fz.Program(context="grad", n=7, v=16, ignore=True,
                                                       terms=("rows_view_written",), logits_from="linear", lm_chunk=2),
+    # the target written in place after the loss, before the backward: eager's nll_loss
+    # saved it and raises; the fused head's in-forward mode needed nothing in its backward,
+    # so it ran (found by the deep fuzz, seed 1204); its grad carrier now saves the target
+    "lm_head_target_clamped_after_loss": fz.Program(context="grad", n=8, v=33, terms=("ce_ls", "entropy_cat"),
+                                                    write="clamp_target", write_at=2, logits_from="linear",
+                                                    second_backward=True, dynamic=True, lm_chunk=64, seed=8562),
+    # the class weights written after a weighted CE (the write kind added with the fix):
+    # F.cross_entropy saves them, ger's row form saved only the gathered w[y]
+    "class_weights_written_after_weighted_ce": fz.Program(context="grad", n=7, v=16, terms=("ce_weighted",),
+                                                          write="class_weight", write_at=1, seed=3),
+    "lm_head_class_weights_written_after_loss": fz.Program(context="grad", n=7, v=16, terms=("ce_weighted",),
+                                                           write="class_weight", write_at=1, logits_from="linear",
+                                                           lm_chunk=2, seed=3),
 }
 
 

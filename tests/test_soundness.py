@@ -382,6 +382,37 @@ def test_head_weight_changed_between_forward_and_backward():
     assert _matches("lm_head") == 1
 
 
+@pytest.mark.parametrize("what", ["target", "class_weight"])
+def test_loss_inputs_written_between_forward_and_backward(what):
+    """F.cross_entropy saves its target and class weights: written in place before the
+    backward, eager raises autograd's error. So must ger's public losses eagerly, and the
+    compiled fused head in its in-forward mode (whose backward needs neither)."""
+    h, W, y = _head_inputs()
+    cw = torch.rand(W.shape[0]) + 0.5
+
+    def write(y_, w_):
+        with torch.no_grad():
+            (y_.clamp_(max=2) if what == "target" else w_.mul_(2.0))
+
+    def fused(h_, W_, y_, w_):
+        return ger_inductor.ger_linear_loss(h_, W_, y_, weight=w_, label_smoothing=0.1, chunk=5)
+
+    def loss(h_, W_, y_, w_):
+        return ger_inductor.ger_loss(F.linear(h_, W_), y_, weight=w_, label_smoothing=0.1)
+
+    def eager(h_, W_, y_, w_):
+        return F.cross_entropy(F.linear(h_, W_), y_, weight=w_, label_smoothing=0.1)
+
+    compiled = torch.compile(eager, backend="ger", options={**AOT, "lm_head_chunk": 5})
+    for f in (eager, fused, loss, compiled):
+        y_, w_ = y.clone(), cw.clone()
+        out = f(h.clone().requires_grad_(), W.clone().requires_grad_(), y_, w_)
+        write(y_, w_)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+    assert _matches("lm_head") == 1
+
+
 # ----------------------------------------------------------------------------- the layer itself
 def _dynamo_graph(fn, *args):
     got = []

@@ -415,12 +415,17 @@ def _register() -> None:
 
 
 def _register_scaled_grad() -> None:
-    """``ger::scaled_grad``: a plain product (the kept tensors only pin saved inputs)."""
+    """``ger::scaled_grad``: a plain product, ``ger::version_guard`` a copy (the kept
+    tensors only pin saved inputs)."""
     aten = torch.ops.aten
 
     @_compat.register_lowering(torch.ops.ger.scaled_grad.default, type_promotion_kind=None)
     def _lower(grad, g, keep):
         return _compat.inductor_lowerings()[aten.mul.Tensor](grad, g)
+
+    @_compat.register_lowering(torch.ops.ger.version_guard.default, type_promotion_kind=None)
+    def _lower_guard(x, keep):  # ``ger::version_guard``: a copy (the kept tensors only pin saved inputs)
+        return _compat.inductor_lowerings()[aten.clone.default](x)
 
 
 _register()

@@ -273,3 +273,44 @@ def _differentiable_grad(ctx, logits, target, base, log_base, grads) -> Tensor:
 
 
 loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- version checks
+@torch.library.custom_op(f"{OPS_NAMESPACE}::scaled_grad", mutates_args=())
+def scaled_grad(grad: Tensor, g: Tensor, keep: list[Tensor]) -> Tensor:
+    """``grad * g``; ``keep`` (unused) makes a compiled backward save those tensors, so
+    autograd checks that they were not written after the forward, as eager does."""
+    return grad * g
+
+
+@scaled_grad.register_fake
+def _scaled_grad_fake(grad, g, keep):
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::version_guard", mutates_args=())
+def version_guard(x: Tensor, keep: list[Tensor]) -> Tensor:
+    """``x`` (a copy); its backward passes the gradient through and reads ``keep``, so
+    autograd checks that they were not written between forward and backward - the
+    tensors eager's spelling saves that the fused form does not need (a cross-entropy's
+    class weights)."""
+    return x.clone()
+
+
+@version_guard.register_fake
+def _version_guard_fake(x, keep):
+    return torch.empty_like(x)
+
+
+def _guard_setup(ctx, inputs, output):
+    x, keep = inputs
+    ctx.save_for_backward(*keep)
+    ctx.n_keep = len(keep)
+
+
+def _guard_backward(ctx, g):
+    keep = ctx.saved_tensors  # the version check
+    return scaled_grad(g, torch.ones((), dtype=g.dtype, device=g.device), list(keep)), [None] * ctx.n_keep
+
+
+version_guard.register_autograd(_guard_backward, setup_context=_guard_setup)

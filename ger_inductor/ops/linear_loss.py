@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from .ger_loss import OPS_NAMESPACE, xmul, check_targets, compute_dtype, log_ratio_p_m
+from .ger_loss import OPS_NAMESPACE, xmul, check_targets, compute_dtype, log_ratio_p_m, scaled_grad
 
 #: size of the low-precision grad_W block formed per matmul before it is added in fp32
 GRAD_W_BLOCK_BYTES = 32 << 20
@@ -476,26 +476,30 @@ linear_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- the gradient carrier
 @torch.library.custom_op(f"{OPS_NAMESPACE}::grad_carrier", mutates_args=())
 def grad_carrier(h: Tensor, weight: Tensor, bias: Optional[Tensor], grad_h: Tensor, grad_w: Tensor,
-                 grad_b: Tensor) -> Tensor:
+                 grad_b: Tensor, keep: list[Tensor]) -> Tensor:
     """A zero whose gradient is (g * grad_h, g * grad_w, g * grad_b): added to a loss,
-    it delivers gradients a precomputing ``linear_loss_fwd`` formed in its forward."""
+    it delivers gradients a precomputing ``linear_loss_fwd`` formed in its forward.
+    ``keep``: the other tensors eager's loss code saves for its backward (the target a
+    cross-entropy saves, a mask, a divisor); unused, saved only for the version check."""
     return torch.zeros((), dtype=compute_dtype(h.dtype), device=h.device)
 
 
 @grad_carrier.register_fake
-def _grad_carrier_fake(h, weight, bias, grad_h, grad_w, grad_b):
+def _grad_carrier_fake(h, weight, bias, grad_h, grad_w, grad_b, keep):
     return h.new_empty((), dtype=compute_dtype(h.dtype))
 
 
 def _carrier_setup(ctx, inputs, output):
-    h, weight, bias, grad_h, grad_w, grad_b = inputs
+    h, weight, bias, grad_h, grad_w, grad_b, keep = inputs
     # saved (not needed: the gradients exist already) so that autograd's version counter
-    # raises eager's error when h or the weight is written between forward and backward
-    ctx.save_for_backward(h, weight)
+    # raises eager's error when h, the weight or a kept tensor (the target) is written
+    # between forward and backward
+    ctx.save_for_backward(h, weight, *keep)
     # held as attributes, not saved tensors: the eager backward scales them in place (no
     # second V x H buffer) and so consumes them; detached, so no reference cycle
     ctx.grads = [grad_h.detach(), grad_w.detach(), grad_b.detach()]
     ctx.has_bias = bias is not None
+    ctx.n_keep = len(keep)
 
 
 def _carrier_backward(ctx, g):
@@ -505,7 +509,7 @@ def _carrier_backward(ctx, g):
             "ger's fused lm-head loss formed its gradients in the forward and its backward consumed them: "
             "a second backward through it (retain_graph=True) is not supported; call the loss again"
         )
-    h, weight = ctx.saved_tensors  # the version check
+    h, weight, *keep = ctx.saved_tensors  # the version check
     traced = any(_compat.is_traced_tensor(t) for t in (*grads, g))
     if not traced:
         ctx.grads = None
@@ -514,23 +518,14 @@ def _carrier_backward(ctx, g):
         if not ctx.needs_input_grad[i] or gr.numel() == 0:
             return None
         # in place when running eagerly; a compiled backward reuses the saved buffer itself,
-        # and reads h and the weight (so it saves them, and checks their versions)
-        return scaled_grad(gr, g.to(gr.dtype), [h, weight]) if traced else gr.mul_(g.to(gr.dtype))
+        # and reads h, the weight and the kept tensors (so it saves them, and checks their
+        # versions)
+        return scaled_grad(gr, g.to(gr.dtype), [h, weight, *keep]) if traced else gr.mul_(g.to(gr.dtype))
 
     gh, gw, gb = grads
-    return scaled(gh, 0), scaled(gw, 1), scaled(gb, 2) if ctx.has_bias else None, None, None, None
+    return (scaled(gh, 0), scaled(gw, 1), scaled(gb, 2) if ctx.has_bias else None, None, None, None,
+            [None] * ctx.n_keep)
 
 
 grad_carrier.register_autograd(_carrier_backward, setup_context=_carrier_setup)
 
-
-@torch.library.custom_op(f"{OPS_NAMESPACE}::scaled_grad", mutates_args=())
-def scaled_grad(grad: Tensor, g: Tensor, keep: list[Tensor]) -> Tensor:
-    """``grad * g``; ``keep`` (unused) makes a compiled backward save those tensors, so
-    autograd checks that they were not written after the forward, as eager does."""
-    return grad * g
-
-
-@scaled_grad.register_fake
-def _scaled_grad_fake(grad, g, keep):
-    return torch.empty_like(grad)

@@ -501,6 +501,43 @@ def _nonlinear(n: fx.Node, in_d: set) -> str | None:
     return f"{n.name} ({getattr(_target_of(n), '__name__', _target_of(n))}) is not known to be linear in the loss statistics"
 
 
+def _saved_by_eager(plan: Plan, args: tuple, kw: dict) -> list:
+    """The tensors from outside the loss code that eager saves for its backward, so that
+    the in-forward mode (whose backward needs none of them) still lets autograd's version
+    counter raise eager's error when one is written before the backward: the loss op's
+    target, smoothing weight and base (a cross-entropy saves its target), and per copied
+    op what its eager backward keeps of an operand that does not depend on the
+    statistics - a product's other factor, a divisor, a mask or condition, a tensor index.
+    A sum saves nothing."""
+    in_path = set(plan.path)
+    out: list = []
+
+    def add(a) -> None:
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                add(x)
+        elif isinstance(a, fx.Node) and a not in in_path and a is not plan.src and a not in out \
+                and isinstance(_val(a), torch.Tensor):
+            out.append(a)
+
+    add(args[3])
+    add([kw.get("smooth_weight"), kw.get("base"), kw.get("log_base")])
+    for n in plan.path:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        if _is(n, _SCALING):
+            add(list(n.args[:2]))
+        elif _is(n, _DIVIDING):
+            add(n.args[1] if len(n.args) > 1 else n.kwargs.get("other"))
+        elif _is(n, _MASKING):
+            add(n.args[0] if _target_of(n) is torch.where else (n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")))
+        elif n.target is operator.getitem and len(n.args) > 1:
+            add(n.args[1])
+        elif n.target is losses.cross_entropy_from_stats:  # its target and class weights
+            add([graph.op_args(n)[k] for k in ("target", "weight")])
+    return out
+
+
 # ----------------------------------------------------------------------------- rewrite
 def _stable_toposort(g: fx.Graph) -> None:
     """Order the nodes topologically, each as early as its original position and its
@@ -632,7 +669,8 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     if plan.mode == "in_forward":
         L = plan.exit
         with g.inserting_after(L):
-            new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias))
+            new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias,
+                                                           tuple(_saved_by_eager(plan, args, kw))))
         graph.copy_meta(new_l, L, values=True)
         L.replace_all_uses_with(new_l, delete_user_cb=lambda u: u is not new_l)
     for n in reversed(plan.chain):
