@@ -1,8 +1,9 @@
 """The benchmark harness: named cases, each run as eager / inductor / [inductor with
 freezing] / ger (plus case-specific variants) in ONE process on the SAME inputs.
 
-Per variant: warm-up calls (compilation and the first slow calls excluded), then
-``repeat`` timed calls; we report the median and the spread (min..max), the ratio to
+Per variant: warm-up calls (compilation and the first slow calls excluded); then
+``repeat`` timed calls per variant, spread over ``--rounds`` interleaved rounds whose
+order rotates (drift of a shared machine falls on every variant alike); we report the median and the spread (min..max), the ratio to
 the case's baseline variant (``inductor`` unless the case names another), and the
 peak extra memory of one call:
 
@@ -79,28 +80,57 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- running
-def run_case(case: Case, device: torch.device, warmup: int, repeat: int, allocator: str, log=print) -> list[Result]:
+def run_case(case: Case, device: torch.device, warmup: int, repeat: int, allocator: str, log=print,
+             rounds: int = 5) -> list[Result]:
+    """Every variant built and warmed up first (compilation excluded), then timed in
+    ``rounds`` interleaved rounds of ``ceil(repeat / rounds)`` calls each, the order
+    rotating from round to round: drift of the machine (other load, frequency) falls on
+    every variant alike instead of on whichever ran last. Peak memory and the outputs
+    the check compares are taken after the timing, one variant at a time."""
     torch.manual_seed(0)
+    torch._dynamo.reset()
     inputs = case.setup(device)
+    steps: dict[str, Callable[[], Any]] = {}
+    errors: dict[str, str] = {}
+    for v in case.variants:
+        t0 = time.perf_counter()
+        try:
+            steps[v.name] = v.build(inputs)
+            time_step(steps[v.name], device, warmup, 0)
+        except Exception as e:  # a variant that cannot run is reported, not fatal
+            steps.pop(v.name, None)
+            errors[v.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        log(f"  {case.name}/{v.name}: built and warmed up in {time.perf_counter() - t0:.1f}s"
+            + (f" ERROR {errors[v.name]}" if v.name in errors else ""))
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    names = list(steps)
+    rounds = max(1, min(rounds, repeat))
+    per_round = -(-repeat // rounds)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)] if names else []:
+            try:
+                times[n] += time_step(steps[n], device, 0, per_round)
+            except Exception as e:
+                errors[n] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                names.remove(n)
     results: list[Result] = []
     outputs: dict[str, Any] = {}
     for v in case.variants:
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        try:
-            step = v.build(inputs)
-            times = time_step(step, device, warmup, repeat)
-            peak = peak_extra_bytes(step, device)
-            outputs[v.name] = step()
-            res = Result(
-                case.name, v.name, str(device), allocator, statistics.median(times), min(times), max(times), repeat,
-                None if peak is None else peak / 2**20, note=v.note,
-            )
-        except Exception as e:  # a variant that cannot run is reported, not fatal
+        err = errors.get(v.name)
+        if err is None:
+            try:
+                peak = peak_extra_bytes(steps[v.name], device)
+                outputs[v.name] = steps[v.name]()
+            except Exception as e:
+                err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if err is not None:
             res = Result(case.name, v.name, str(device), allocator, float("nan"), float("nan"), float("nan"), 0, None,
-                         note=v.note, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        log(f"  {case.name}/{v.name}: {res.median_ms:.2f} ms ({time.perf_counter() - t0:.1f}s incl. compile)"
-            + (f" ERROR {res.error}" if res.error else ""))
+                         note=v.note, error=err)
+        else:
+            ts = times[v.name]
+            res = Result(case.name, v.name, str(device), allocator, statistics.median(ts), min(ts), max(ts), len(ts),
+                         None if peak is None else peak / 2**20, note=v.note)
+        log(f"  {case.name}/{v.name}: {res.median_ms:.2f} ms" + (f" ERROR {res.error}" if res.error else ""))
         results.append(res)
     base = next((r.median_ms for r in results if r.variant == case.baseline and r.error is None), None)
     for r in results:
@@ -142,7 +172,8 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--alloc", choices=("default", "warm", "both"), default="both")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=10, help="timed calls per variant")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the timed calls are spread over")
     ap.add_argument("--json", default=None, help="write results here (JSON)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", nargs="*", default=None, help="run only these variants (default: all)")
@@ -169,7 +200,8 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
                     env.pop(k, None)
             tmp = f"/tmp/ger_bench_{os.getpid()}_{alloc}.json"
             cmd = [sys.executable, "-m", "benchmarks", *names, "--device", args.device, "--alloc", alloc,
-                   "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--json", tmp]
+                   "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--rounds", str(args.rounds),
+                   "--json", tmp]
             if args.variants:
                 cmd += ["--variants", *args.variants]
             if args.threads:
@@ -198,7 +230,8 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
         if args.variants:
             case = dataclasses.replace(case, variants=[v for v in case.variants if v.name in args.variants])
         print(f"case {name}: {case.description}", flush=True)
-        all_results += run_case(case, device, args.warmup, args.repeat, alloc if device.type == "cpu" else "caching")
+        all_results += run_case(case, device, args.warmup, args.repeat, alloc if device.type == "cpu" else "caching",
+                                rounds=args.rounds)
     print(format_table(all_results))
     _write(args.json, all_results, device)
     return 0

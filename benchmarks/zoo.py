@@ -25,8 +25,9 @@ drift of a shared machine lands on all of them alike. For each (model, mode, bac
 Modes. CNNs: ``eval_nograd`` (inference), ``eval_grad`` (eval-mode forward + backward:
 frozen-BN fine-tuning, adversarial inputs, saliency), ``train`` (train-mode forward +
 backward, BN statistics updated). LMs: ``eval_nograd`` (``model(ids, labels=labels)``
-under no_grad), ``train_labels`` (the same with backward: transformers' own loss path)
-and ``train_outside`` (transformers' ``LabelSmoother`` applied to ``model(ids)`` in the
+under no_grad), ``train_labels`` (the same with backward: transformers' own loss path),
+``train_labels_nologits`` (the same after ``ger_inductor.integrations.transformers.
+drop_logits_with_labels``, under every backend: no logits returned) and ``train_outside`` (transformers' ``LabelSmoother`` applied to ``model(ids)`` in the
 compiled function, as Trainer does with ``label_smoothing_factor``). A train step is the
 forward and backward with gradients set to None first, no optimizer step (it is the same
 code under every backend). ``inductor_freezing`` runs only in ``eval_nograd``.
@@ -53,7 +54,8 @@ from ger_inductor.measure import peak_extra_bytes, time_step
 from .harness import WARM_ENV  # one definition of the warm allocator
 from .zoo_models import MODELS, ZooModel
 
-MODES = {"cnn": ("eval_nograd", "eval_grad", "train"), "lm": ("eval_nograd", "train_labels", "train_outside")}
+MODES = {"cnn": ("eval_nograd", "eval_grad", "train"),
+         "lm": ("eval_nograd", "train_labels", "train_labels_nologits", "train_outside")}
 BACKENDS = ("eager", "inductor", "inductor_freezing", "ger")
 #: glibc's mmap threshold fixed at 128 KiB: its dynamic threshold (which rises after a
 #: large block is freed, so that later blocks of that size stay on the heap) is off, every
@@ -139,6 +141,10 @@ class _Runner:
                 def call():
                     return fn(ids, labels)
             else:
+                if mode == "train_labels_nologits":  # the opt-in integration, under every backend
+                    from ger_inductor.integrations.transformers import drop_logits_with_labels
+
+                    drop_logits_with_labels(m)
                 fm = _compile(m, backend)
 
                 def call():

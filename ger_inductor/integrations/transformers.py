@@ -1,0 +1,109 @@
+"""transformers causal LMs: return no logits when labels are given, so the fused lm head
+(the ``lm_head`` pass) applies to ``model(input_ids, labels=labels)``.
+
+A transformers causal LM computes ``logits = lm_head(hidden)`` and, given ``labels``,
+``loss = model.loss_function(logits, labels, ...)``, and returns both. Logits that leave
+the compiled graph must be written out (N x V), and their gradient path kept: the head
+cannot be fused with the loss, and a training step holds two to three N x V buffers.
+Most training loops read only ``outputs.loss`` when they pass ``labels``;
+:func:`drop_logits_with_labels` makes such a model return ``logits=None`` then, and the
+head and loss compile into one chunked op that never holds the logits.
+
+It also sets ``model.loss_type = "ForCausalLM"`` where the model has none that
+transformers recognises (GPT-2): otherwise ``model.loss_function`` logs a warning once
+inside the forward, a graph break that separates the head from the loss.
+
+>>> import transformers, torch
+>>> from ger_inductor.integrations.transformers import drop_logits_with_labels, restore
+>>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+...                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+>>> model = drop_logits_with_labels(transformers.AutoModelForCausalLM.from_config(cfg))
+>>> ids = torch.randint(0, 64, (2, 8))
+>>> out = model(ids, labels=ids)
+>>> out.logits is None, out.loss.ndim
+(True, 0)
+>>> model(ids).logits.shape          # without labels: unchanged (generation, evaluation)
+torch.Size([2, 8, 64])
+>>> restore(model) is model
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+_ORIGINAL = "_ger_original_forward"
+_ORIGINAL_LOSS_TYPE = "_ger_original_loss_type"
+
+
+def _known_loss_types() -> set:
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:  # an older layout: nothing to check against
+        return {"ForCausalLM"}
+    return set(LOSS_MAPPING)
+
+
+def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` (a transformers causal LM) return ``logits=None`` whenever it is
+    called with ``labels``; calls without labels are unchanged. Patches the instance (its
+    ``forward``), returns it, and is undone by :func:`restore`. Call it before
+    ``torch.compile``.
+
+    Code that reads ``outputs.logits`` of a call with labels (an evaluation loop computing
+    accuracy, say) must not use it: it raises no error there, the logits are ``None``.
+    With ``return_dict=False`` the tuple keeps its positions, with ``None`` for the logits.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"drop_logits_with_labels: expected a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, _ORIGINAL):
+        return model  # already patched
+    forward = model.forward
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "labels" not in params:
+        raise ValueError(f"drop_logits_with_labels: {type(model).__name__}.forward takes no `labels` argument; "
+                         "expected a transformers causal LM (e.g. AutoModelForCausalLM)")
+    if getattr(model, "_loss_function", None) is None and hasattr(type(model), "loss_function"):
+        loss_type = getattr(model, "loss_type", None)
+        if loss_type is None or loss_type not in _known_loss_types():
+            setattr(model, _ORIGINAL_LOSS_TYPE, loss_type)
+            model.loss_type = "ForCausalLM"
+    names = list(params)
+
+    @functools.wraps(forward)
+    def forward_without_logits(*args: Any, **kwargs: Any):
+        labels = kwargs.get("labels")
+        if labels is None and "labels" in names and names.index("labels") < len(args):
+            labels = args[names.index("labels")]
+        out = forward(*args, **kwargs)
+        if labels is None:
+            return out
+        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
+            return (out[0], None, *out[2:])
+        # a new output without the logits (setting ``out.logits = None`` would leave them
+        # in the output's dict, and so among the compiled graph's outputs)
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+
+    setattr(model, _ORIGINAL, forward)
+    model.forward = forward_without_logits
+    return model
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`drop_logits_with_labels` (a model it did not patch is returned as is)."""
+    if hasattr(model, _ORIGINAL):
+        delattr(model, _ORIGINAL)
+        if "forward" in vars(model):
+            del model.forward
+    if hasattr(model, _ORIGINAL_LOSS_TYPE):
+        old = getattr(model, _ORIGINAL_LOSS_TYPE)
+        delattr(model, _ORIGINAL_LOSS_TYPE)
+        model.loss_type = old
+    return model

@@ -1,0 +1,85 @@
+"""ger_inductor.integrations.transformers: a transformers causal LM called with
+``labels=`` returns no logits, so the fused lm head applies to the HF training path
+(issue 14), with eager's loss and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ger_inductor
+from benchmarks import zoo_models
+
+try:
+    zoo_models.import_torchvision()  # transformers imports it when it is there
+except ImportError:
+    pass
+transformers = pytest.importorskip("transformers")
+
+from ger_inductor.integrations.transformers import drop_logits_with_labels, restore  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quiet_ger")]
+
+V = 96
+
+
+def _model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    else:  # GPT-2: no loss_type, so transformers' loss_function logs a warning (a graph break)
+        cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).float()
+
+
+def _step(model, fn, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = fn(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out, out.loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_labels_path_fuses_the_head_with_eager_numbers(kind):
+    base = _model(kind)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    _, ref_loss, ref_grads = _step(base, base, ids, labels)
+
+    model = drop_logits_with_labels(copy.deepcopy(base))
+    compiled = torch.compile(model, backend="ger", options={"strict": True, "compiler": "aot_eager",
+                                                             "lm_head_chunk": 8})
+    out, loss, grads = _step(model, compiled, ids, labels)
+    assert out.logits is None and "logits" not in out
+    fused = [m for r in ger_inductor.reports() for m in r.matches if m.family == "lm_head"]
+    assert len(fused) == 1, [n.reason for r in ger_inductor.reports() for n in r.near_misses]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    # without labels the output is the model's own; restore undoes the patch
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (2, 12, V)
+    assert restore(model) is model and "forward" not in vars(model)
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=labels).logits is not None
+    assert getattr(model, "loss_type", None) == getattr(base, "loss_type", None)
+
+
+def test_tuple_outputs_keep_their_positions_and_bad_input_is_refused():
+    model = drop_logits_with_labels(_model("llama"))
+    ids = torch.randint(0, V, (1, 6))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids, return_dict=False)
+    assert out[0].ndim == 0 and out[1] is None and len(out) >= 2
+    assert drop_logits_with_labels(model) is model  # a second call is a no-op
+    with pytest.raises(ValueError, match="takes no `labels` argument"):
+        drop_logits_with_labels(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        drop_logits_with_labels(lambda x: x)
