@@ -435,14 +435,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: worker exited {rc}", flush=True)
             results.append({"model": name, "mode": "-", "backend": "-", "kind": MODELS[name].kind,
                             "error": f"worker exited {rc} (signal {-rc})" if rc < 0 else f"worker exited {rc}"})
+            _dump(args, results)
             continue
         print(f"  {name}: {time.perf_counter() - t0:.0f}s (all {time.perf_counter() - t_all:.0f}s)", flush=True)
+        _dump(args, results)  # after every model: an interrupted run keeps what it measured
     ok = [r for r in results if r.get("mode") != "-"]
     print(f"\n== zoo, {args.alloc} allocator, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(format_table(ok))
     print()
     print(summary(ok))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "alloc": args.alloc, "results": results}, f, indent=1)
+    _dump(args, results)
     return 0
+
+
+def _dump(args, results: list[dict[str, Any]]) -> None:
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"torch": torch.__version__, "alloc": args.alloc, "results": results}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
