@@ -413,6 +413,42 @@ def test_loss_inputs_written_between_forward_and_backward(what):
     assert _matches("lm_head") == 1
 
 
+@pytest.mark.parametrize("use", ["added", "divided", "multiplied", "mask"])
+def test_head_loss_operand_written_after_the_loss(use):
+    """An O(rows) operand of the fused head's loss code, written in place after the loss
+    and before the backward: eager raises where its op saved the operand (a divisor, a
+    factor, a mask) and runs where it did not (a term added); the in-forward mode, whose
+    backward reads none of them, must do the same."""
+    h, W, y = _head_inputs()
+
+    def fn(h_, W_, y_, t):
+        per = F.cross_entropy(F.linear(h_, W_), y_, reduction="none")
+        if use == "added":
+            return per.sum() + t.sum()
+        if use == "divided":
+            return per.sum() / t.sum().clamp_min(1.0)
+        if use == "multiplied":
+            return (per * t).sum()
+        return per.masked_fill(t, 0.0).sum()  # t: a bool mask here
+
+    for compiled in (False, True):
+        t = torch.rand(y.shape[0]) + 0.25
+        if use == "mask":
+            t = t > 0.75
+        f = torch.compile(fn, backend="ger", options={**AOT, "lm_head_chunk": 5}) if compiled else fn
+        loss = f(h.clone().requires_grad_(), W.clone().requires_grad_(), y, t)
+        with torch.no_grad():
+            t.logical_not_() if use == "mask" else t.mul_(2.0)
+        if use in ("added", "divided"):  # sum() makes a new tensor: nothing saved of t itself
+            loss.backward()
+        else:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+    assert _matches("lm_head") == 1
+    assert [m.detail.get("gradients") for r in ger_inductor.reports() for m in r.matches
+            if m.family == "lm_head"] == ["in_forward"]
+
+
 # ----------------------------------------------------------------------------- the layer itself
 def _dynamo_graph(fn, *args):
     got = []
