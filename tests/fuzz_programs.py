@@ -249,9 +249,15 @@ def _context(p: Program):
     return torch.enable_grad()
 
 
-def run_program(p: Program, backend: str | None, strict: bool = False) -> Outcome:
+def run_program(p: Program, backend: str | None, strict: bool = False, float64: bool = False) -> Outcome:
+    """``p`` eagerly (``backend=None``) or compiled; ``float64``: eagerly in float64
+    without autocast (the oracle of an autocast program's rounding, see ``check``)."""
     m = _model(p)
     q, y, w, h, x, other = _inputs(p)
+    if float64:
+        m = m.double()
+        q, w, h, x, other = (t.double() for t in (q, w, h, x, other))
+        p = dataclasses.replace(p, context="grad" if p.context == "autocast" else p.context)
     grad = p.context in ("grad", "autocast")
     if grad:
         q.requires_grad_(True)
@@ -337,8 +343,53 @@ def check(p: Program, stricts=(False, True)) -> str | None:
             plain = run_program(p, "aot_eager")
             if compare(p, ref, plain) is not None:
                 continue  # torch.compile itself differs from eager here: not ger's doing
+            if p.context == "autocast" and not why.startswith("errors differ") \
+                    and _closer_than_eager(ref, got, run_program(p, None, float64=True)):
+                continue  # bf16 rounding: ger is as near the float64 math as eager is
             return f"strict={strict}: {why}"
     return None
+
+
+def _closer_than_eager(ref: Outcome, got: Outcome, exact: Outcome, k: float = 4.0) -> bool:
+    """Under autocast, a difference from eager beyond the bf16 tolerance may be rounding:
+    BN's training backward subtracts per-channel means of bf16 gradients and amplifies it
+    (ger's fused BN computes as Inductor's decomposition does, in fp32 from bf16, and
+    differs from eager's native kernel exactly as much as Inductor does). Accepted when
+    every loss, gradient, module state and written input of ger is within ``k`` times
+    eager's own distance from the float64 run of the same program (the model zoo's rule
+    against Inductor's deviation), NaNs where eager has them."""
+    if exact.error is not None:
+        return False
+
+    def pairs():
+        yield ref.loss, got.loss, exact.loss
+        for key in ref.grads.keys() | got.grads.keys():
+            yield ref.grads.get(key), got.grads.get(key), exact.grads.get(key)
+        for key in ref.state:
+            yield ref.state[key], got.state[key], exact.state.get(key)
+        yield from zip(ref.inputs, got.inputs, exact.inputs)
+
+    for a, b, e in pairs():
+        if a is None or b is None or e is None:
+            if not (a is None and b is None):
+                return False
+            continue
+        if a.shape != b.shape or a.shape != e.shape:
+            return False
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return False
+            continue
+        a, b, e = a.double(), b.double(), e.double()
+        if not torch.equal(a.isnan(), b.isnan()):
+            return False
+        fin = ~a.isnan()
+        scale = max(1.0, float(e[fin].abs().max())) if fin.any() else 1.0
+        err_eager = float((a - e)[fin].abs().max()) if fin.any() else 0.0
+        err_ger = float((b - e)[fin].abs().max()) if fin.any() else 0.0
+        if err_ger > max(k * err_eager, 2e-4 * scale):
+            return False
+    return True
 
 
 def programs():
