@@ -73,6 +73,14 @@ FOUND = {
     "lm_head_class_weights_written_after_loss": fz.Program(context="grad", n=7, v=16, terms=("ce_weighted",),
                                                            write="class_weight", write_at=1, logits_from="linear",
                                                            lm_chunk=2, seed=3),
+    # the target clamped between two of the loss's terms (deep fuzz, seed 1402, on the
+    # first fix): eager's CE saved it before the write and raises; the grad carrier, after
+    # the loss, kept the written version. A write to a kept tensor between its first read
+    # and the loss now selects the recompute mode (whose op saves the target where it reads)
+    "lm_head_target_clamped_between_terms": fz.Program(context="autocast", n=2, v=5,
+                                                       terms=("ce_ls", "entropy_cat", "entropy_cat"),
+                                                       write="clamp_target", write_at=2, logits_from="linear",
+                                                       lm_chunk=4, seed=39660),
     # the oracle, not ger (deep fuzz, seed 1301): a train-mode conv -> BN -> hardtanh under
     # CPU bf16 autocast with a second backward - ger's conv weight gradient is 0.023 from
     # eager's, exactly as far as Inductor's (BN's backward amplifies bf16 rounding), and

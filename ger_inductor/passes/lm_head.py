@@ -501,41 +501,58 @@ def _nonlinear(n: fx.Node, in_d: set) -> str | None:
     return f"{n.name} ({getattr(_target_of(n), '__name__', _target_of(n))}) is not known to be linear in the loss statistics"
 
 
-def _saved_by_eager(plan: Plan, args: tuple, kw: dict) -> list:
-    """The tensors from outside the loss code that eager saves for its backward, so that
-    the in-forward mode (whose backward needs none of them) still lets autograd's version
-    counter raise eager's error when one is written before the backward: the loss op's
-    target, smoothing weight and base (a cross-entropy saves its target), and per copied
-    op what its eager backward keeps of an operand that does not depend on the
-    statistics - a product's other factor, a divisor, a mask or condition, a tensor index.
-    A sum saves nothing."""
+def _saved_by_eager(plan: Plan) -> dict:
+    """The tensors from outside the loss code that eager saves for its backward, each
+    with the first node that reads it (where eager saves it), so that the in-forward mode
+    (whose backward needs none of them) still lets autograd's version counter raise
+    eager's error when one is written before the backward: the loss op's target,
+    smoothing weight and base (a cross-entropy saves its target), and per copied op what
+    its eager backward keeps of an operand that does not depend on the statistics - a
+    product's other factor, a divisor, a mask or condition, a tensor index. A sum saves
+    nothing."""
     in_path = set(plan.path)
-    out: list = []
+    out: dict = {}
 
-    def add(a) -> None:
+    def add(a, reader: fx.Node) -> None:
         if isinstance(a, (list, tuple)):
             for x in a:
-                add(x)
+                add(x, reader)
         elif isinstance(a, fx.Node) and a not in in_path and a is not plan.src and a not in out \
                 and isinstance(_val(a), torch.Tensor):
-            out.append(a)
+            out[a] = reader
 
-    add(args[3])
-    add([kw.get("smooth_weight"), kw.get("base"), kw.get("log_base")])
+    src = plan.src
+    add([plan.target, plan.smooth_weight, plan.base], src)
+    if plan.kind == "loss_fwd" and plan.base is not None:
+        add(graph.op_args(src)["log_base"], src)
     for n in plan.path:
         if n.op not in ("call_function", "call_method"):
             continue
         if _is(n, _SCALING):
-            add(list(n.args[:2]))
+            add(list(n.args[:2]), n)
         elif _is(n, _DIVIDING):
-            add(n.args[1] if len(n.args) > 1 else n.kwargs.get("other"))
+            add(n.args[1] if len(n.args) > 1 else n.kwargs.get("other"), n)
         elif _is(n, _MASKING):
-            add(n.args[0] if _target_of(n) is torch.where else (n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")))
+            add(n.args[0] if _target_of(n) is torch.where else (n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")), n)
         elif n.target is operator.getitem and len(n.args) > 1:
-            add(n.args[1])
+            add(n.args[1], n)
         elif n.target is losses.cross_entropy_from_stats:  # its target and class weights
-            add([graph.op_args(n)[k] for k in ("target", "weight")])
+            add([graph.op_args(n)[k] for k in ("target", "weight")], n)
     return out
+
+
+def _written_while_saved(plan: Plan, keep: dict, effects: graph.Effects) -> fx.Node | None:
+    """A write to a tensor eager saves, after eager's save (its first read) and up to the
+    loss: the gradient carrier, after the loss, would save the written version and miss
+    eager's error. (Writes after the loss bump the version the carrier saved.)"""
+    end = effects.order[plan.exit]
+    for t, reader in keep.items():
+        roots = effects.roots_of(t)
+        start = effects.order[reader]
+        for n, i in effects.order.items():
+            if start < i <= end and effects.writes.get(n, frozenset()) & roots:
+                return n
+    return None
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -595,6 +612,13 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
         if barrier is not None:
             plan.mode, plan.why = "recompute", (f"{graph.describe(barrier)} writes what the copied loss code reads, or "
                                                 "switches modes, between the loss statistics and its inputs")
+    keep: dict = {}
+    if plan.mode == "in_forward":
+        keep = _saved_by_eager(plan)
+        w = _written_while_saved(plan, keep, effects)
+        if w is not None:
+            plan.mode, plan.why = "recompute", (f"{graph.describe(w)} writes a tensor the loss saves for its backward "
+                                                "before the loss is formed (its version must be checked)")
     h_head = plan.h  # the head's own input (the logits before a row selection are its rows)
     if plan.row_index is not None:
         with g.inserting_before(lin_out):
@@ -669,8 +693,7 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     if plan.mode == "in_forward":
         L = plan.exit
         with g.inserting_after(L):
-            new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias,
-                                                           tuple(_saved_by_eager(plan, args, kw))))
+            new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias, tuple(keep)))
         graph.copy_meta(new_l, L, values=True)
         L.replace_all_uses_with(new_l, delete_user_cb=lambda u: u is not new_l)
     for n in reversed(plan.chain):
