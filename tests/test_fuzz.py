@@ -89,6 +89,14 @@ FOUND = {
     "autocast_train_bn_rounding_second_backward": fz.Program(context="autocast", n=2, v=33, terms=("entropy_entr",),
                                                              logits_from="scaled", conv="train", act="hardtanh",
                                                              second_backward=True, seed=1),
+    # the same at n=4, with a running-mean write and the conv output read twice: eager is
+    # 0.0008 from the float64 run, ger and Inductor both 0.036 (of 0.21): equal to
+    # Inductor's own deviation, accepted by the second rule (an Inductor compile)
+    "autocast_train_bn_rounding_as_inductor": fz.Program(context="autocast", n=4, v=33,
+                                                         terms=("hf_label_smoother", "ce_ls", "entropy_entr"),
+                                                         write="index_put", write_at=1, logits_from="scaled",
+                                                         conv="train", act="hardtanh", conv_write="running_mean",
+                                                         conv_form="shared", second_backward=True, seed=1),
 }
 
 
