@@ -51,7 +51,9 @@ class Program:
     logits_from: str = "input"  # "input" | "scaled" | "linear"
     conv: str | None = None  # "eval" | "train"
     act: str = "relu"
-    conv_write: str | None = None  # "input" | "running_mean"
+    #: "input" | "running_mean" (between conv and BN) | "running_mean_after" (after BN: eager's
+    #: BN saved the running statistics, so a train-mode backward raises)
+    conv_write: str | None = None
     #: "plain": conv -> BN -> act; "shared": the conv output is read after BN too;
     #: "branches": act(BN(conv3x3(x)) + BN(conv1x1(x))), the second conv reading x after conv_write
     conv_form: str = "plain"
@@ -152,6 +154,9 @@ class ConvBlock(nn.Module):
             with torch.no_grad():
                 self.bn.running_mean.add_(0.1)
         z = self.bn(y)
+        if self.conv_write == "running_mean_after":
+            with torch.no_grad():
+                self.bn.running_mean.mul_(0.5)
         if self.form == "branches":
             z = z + self.bn1(self.conv1(x))
         if self.act == "relu":
@@ -419,7 +424,7 @@ def programs():
             logits_from=draw(st.sampled_from(("input", "scaled", "linear"))),
             conv=conv,
             act=draw(st.sampled_from(ACTS)),
-            conv_write=draw(st.sampled_from((None, None, "input", "running_mean"))) if conv else None,
+            conv_write=draw(st.sampled_from((None, None, "input", "running_mean", "running_mean_after"))) if conv else None,
             conv_form=draw(st.sampled_from(("plain", "shared", "branches"))) if conv else "plain",
             second_backward=draw(st.booleans()),
             dynamic=draw(st.booleans()),

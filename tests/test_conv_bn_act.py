@@ -766,11 +766,12 @@ class GraphModule(torch.nn.Module):
 
         conv2d: "f32[2, 4, 5, 5]" = torch.conv2d(l_x_, l_self_modules_conv_parameters_weight_, None, (1, 1), (1, 1), (1, 1), 1);  l_x_ = l_self_modules_conv_parameters_weight_ = None
         add_: "i64[]" = l_self_modules_bn_buffers_num_batches_tracked_.add_(1);  l_self_modules_bn_buffers_num_batches_tracked_ = add_ = None
-        update_batch_stats = ger_inductor_ops_conv_bn_update_batch_stats(conv2d, l_self_modules_bn_buffers_running_mean_, l_self_modules_bn_buffers_running_var_, 0.1, 1e-05);  l_self_modules_bn_buffers_running_mean_ = l_self_modules_bn_buffers_running_var_ = None
+        update_batch_stats = ger_inductor_ops_conv_bn_update_batch_stats(conv2d, l_self_modules_bn_buffers_running_mean_, l_self_modules_bn_buffers_running_var_, 0.1, 1e-05)
         getitem: "f32[4]" = update_batch_stats[0]
         getitem_1: "f32[4]" = update_batch_stats[1];  update_batch_stats = None
+        version_guard_default: "f32[4]" = torch.ops.ger.version_guard.default(l_self_modules_bn_parameters_weight_, [l_self_modules_bn_buffers_running_mean_, l_self_modules_bn_buffers_running_var_]);  l_self_modules_bn_parameters_weight_ = l_self_modules_bn_buffers_running_mean_ = l_self_modules_bn_buffers_running_var_ = None
 
-        batch_norm_act_default: "f32[2, 4, 5, 5]" = torch.ops.ger.batch_norm_act.default(conv2d, getitem, getitem_1, l_self_modules_bn_parameters_weight_, l_self_modules_bn_parameters_bias_, 'relu', 0.0, 0.0);  conv2d = getitem = getitem_1 = l_self_modules_bn_parameters_weight_ = l_self_modules_bn_parameters_bias_ = None
+        batch_norm_act_default: "f32[2, 4, 5, 5]" = torch.ops.ger.batch_norm_act.default(conv2d, getitem, getitem_1, version_guard_default, l_self_modules_bn_parameters_bias_, 'relu', 0.0, 0.0);  conv2d = getitem = getitem_1 = version_guard_default = l_self_modules_bn_parameters_bias_ = None
         return (batch_norm_act_default,)
 """,
         )

@@ -81,6 +81,12 @@ FOUND = {
                                                        terms=("ce_ls", "entropy_cat", "entropy_cat"),
                                                        write="clamp_target", write_at=2, logits_from="linear",
                                                        lm_chunk=4, seed=39660),
+    # a train BN's running mean written after the BN, before the backward: eager's BN saved
+    # the running statistics and raises; ger's batch_norm_act did not need them and ran
+    # (found by reading eager's derivative formulas, then drawn by the fuzzer's new
+    # conv_write="running_mean_after"); a ger::version_guard now keeps them
+    "train_bn_running_mean_written_after": fz.Program(context="grad", n=3, v=5, terms=("ce",), logits_from="scaled",
+                                                      conv="train", act="relu", conv_write="running_mean_after"),
     # the oracle, not ger (deep fuzz, seed 1301): a train-mode conv -> BN -> hardtanh under
     # CPU bf16 autocast with a second backward - ger's conv weight gradient is 0.023 from
     # eager's, exactly as far as Inductor's (BN's backward amplifies bf16 rounding), and

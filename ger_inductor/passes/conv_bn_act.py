@@ -520,6 +520,20 @@ def _rewrite_eval_shared_conv(gm: fx.GraphModule, c: Candidate, ctx) -> None:
     )  # fmt: skip
 
 
+def _version_guard_input(c: Candidate) -> str | None:
+    """Which input of ``batch_norm_act`` carries the running statistics' version check:
+    None where BN keeps no running statistics or nothing needs a gradient."""
+    ba = c.bn_args
+    if not any(isinstance(ba[k], fx.Node) for k in ("running_mean", "running_var")):
+        return None
+    for k in ("weight", "bias"):
+        v = _value(ba[k]) if isinstance(ba[k], fx.Node) else None
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            return k
+    v = _value(c.conv)
+    return "x" if isinstance(v, torch.Tensor) and v.requires_grad else None
+
+
 def _rewrite_train(gm: fx.GraphModule, c: Candidate, ctx) -> None:
     ba = c.bn_args
     stats_args = (c.conv, ba["running_mean"], ba["running_var"], ba["momentum"], ba["eps"])
@@ -528,8 +542,23 @@ def _rewrite_train(gm: fx.GraphModule, c: Candidate, ctx) -> None:
         stats = graph.call_function(conv_bn_ops.update_batch_stats, stats_args)
         mean = graph.call_function(operator.getitem, (stats, 0))
         invstd = graph.call_function(operator.getitem, (stats, 1))
-        act_args = (c.conv, mean, invstd, ba["weight"], ba["bias"], c.act.name, c.act.lo, c.act.hi)
+        # eager's batch norm saves the running statistics (after updating them): a write to
+        # them before the backward raises autograd's error. ``batch_norm_act`` does not
+        # need them; a ``ger::version_guard`` on an input its backward differentiates
+        # (the C-sized weight or bias where one needs a gradient, else the conv output)
+        # saves them for the same check
+        guard = _version_guard_input(c)
+        act_in = {"x": c.conv, "weight": ba["weight"], "bias": ba["bias"]}
+        if guard is not None:
+            keep = [t for t in (ba["running_mean"], ba["running_var"]) if isinstance(t, fx.Node)]
+            act_in[guard] = graph.call_function(torch.ops.ger.version_guard.default, (act_in[guard], keep))
+        act_args = (act_in["x"], mean, invstd, act_in["weight"], act_in["bias"], c.act.name, c.act.lo, c.act.hi)
         y = graph.call_function(torch.ops.ger.batch_norm_act.default, act_args)
+    if guard is not None:
+        g_node = act_in[guard]
+        g_node.meta["example_value"] = _fake_run(torch.ops.ger.version_guard.default, g_node.args, c.conv,
+                                                 _value(g_node.args[0]).requires_grad)
+        _copy_source_meta(g_node, c.bn)
     stats_val = _fake_run(conv_bn_ops.update_batch_stats, stats_args, c.conv, False)
     stats.meta["example_value"] = stats_val
     mean.meta["example_value"], invstd.meta["example_value"] = stats_val
