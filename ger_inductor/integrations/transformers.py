@@ -4,10 +4,12 @@
 A transformers causal LM computes ``logits = lm_head(hidden)`` and, given ``labels``,
 ``loss = model.loss_function(logits, labels, ...)``, and returns both. Logits that leave
 the compiled graph must be written out (N x V), and their gradient path kept: the head
-cannot be fused with the loss, and a training step holds two to three N x V buffers.
-Most training loops read only ``outputs.loss`` when they pass ``labels``;
-:func:`drop_logits_with_labels` makes such a model return ``logits=None`` then, and the
-head and loss compile into one chunked op that never holds the logits.
+cannot be fused with the loss. Most training loops read only ``outputs.loss`` when they
+pass ``labels``; :func:`drop_logits_with_labels` makes such a model return
+``logits=None`` then, and the head and loss compile into one chunked op that holds at
+most one chunk of the logits (256 MiB by default). Where the logits fit in one chunk,
+the saving is the integration's own: Inductor compiling the patched model is as lean
+(docs/benchmarks.md, the model zoo).
 
 It also sets ``model.loss_type = "ForCausalLM"`` where the model has none that
 transformers recognises (GPT-2): otherwise ``model.loss_function`` logs a warning once
