@@ -57,6 +57,9 @@ from .zoo_models import MODELS, ZooModel
 MODES = {"cnn": ("eval_nograd", "eval_grad", "train"),
          "lm": ("eval_nograd", "train_labels", "train_labels_nologits", "train_outside")}
 BACKENDS = ("eager", "inductor", "inductor_freezing", "ger")
+#: asked for by name (``--backends``): ger with measured selection off (the static table
+#: decides), for compile times and choices with and without it
+EXTRA_BACKENDS = ("ger_prior",)
 #: glibc's mmap threshold fixed at 128 KiB: its dynamic threshold (which rises after a
 #: large block is freed, so that later blocks of that size stay on the heap) is off, every
 #: block above 128 KiB is returned when freed, and the peak resident set of a step is its
@@ -92,6 +95,8 @@ def _compile(model_or_fn, backend: str):
         return torch.compile(model_or_fn, backend="inductor", options={"freezing": True})
     if backend == "ger":
         return torch.compile(model_or_fn, backend="ger")
+    if backend == "ger_prior":
+        return torch.compile(model_or_fn, backend="ger", options={"autotune": False})
     raise ValueError(backend)
 
 
@@ -203,6 +208,9 @@ def _ger_summary(reports) -> dict[str, Any]:
         "near_miss_reasons": dict(nm.most_common(4)),
         "fallbacks": [f.one_line() for r in reports for f in r.fallbacks][:4],
         "graphs": len(reports),
+        "decisions": [{"node": d["node"], "summary": d["summary"], "choice": d["choice"]} for r in reports
+                      for d in r.decisions],
+        "autotune_s": sum(r.autotune_seconds for r in reports),
     }
 
 
@@ -242,7 +250,7 @@ def run_model(name: str, *, modes: list[str] | None = None, backends: list[str] 
             rows[be] = row
             try:
                 r = _Runner(zm, base, mode, be, inputs, gout)
-                if be == "ger":
+                if be.startswith("ger"):
                     ger_inductor.clear_reports()
                     breaks0 = sum(torch._dynamo.utils.counters["graph_break"].values())
                 t0 = time.perf_counter()
@@ -253,7 +261,7 @@ def run_model(name: str, *, modes: list[str] | None = None, backends: list[str] 
                     ref_state = state
                 elif ref_state is not None:
                     row["deviation"] = _deviation(state, ref_state)
-                if be == "ger":
+                if be.startswith("ger"):
                     row["ger"] = _ger_summary(ger_inductor.reports())
                     row["ger"]["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks0
                 r.step()  # a second call: recompiles (if any) and first-touch costs out of the rounds
@@ -326,6 +334,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
             rewrote += f" [{len(g['fallbacks'])} fallback]"
         if g.get("graph_breaks"):
             rewrote += f" [{g['graph_breaks']} break]"
+        for dd in g.get("decisions", []):
+            rewrote += f" [selected {dd['summary']}]"
+        pr = d.get("ger_prior", {})
+        if "median_ms" in pr:
+            rewrote += (f" [selection off: {pr['median_ms']:.1f} ms ({_fmt_ratio(pr)}), compile "
+                        f"{pr.get('compile_s', float('nan')):.0f}s]")
         dev = "/".join(f"{x['deviation']:.0e}" if "deviation" in x else "" for x in (ir, gr))
         if gr.get("numbers_ok") is False:
             dev += " !"
@@ -374,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--kind", choices=("cnn", "lm"), default=None, help="only CNNs or only LMs")
     ap.add_argument("--modes", nargs="*", default=None)
-    ap.add_argument("--backends", nargs="*", default=None, choices=BACKENDS)
+    ap.add_argument("--backends", nargs="*", default=None, choices=BACKENDS + EXTRA_BACKENDS)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=3, help="timed calls per backend per round")
     ap.add_argument("--alloc", choices=("exact", "warm"), default="exact",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .autotune import clear_decisions, decisions, export_decisions, import_decisions
 from .debug import GraphReport, clear_reports, last_report, reports
 from .distill import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
                       ger_token_stats, ger_token_stats_reference)
@@ -43,4 +44,8 @@ __all__ = [
     "last_report",
     "reports",
     "clear_reports",
+    "decisions",
+    "export_decisions",
+    "import_decisions",
+    "clear_decisions",
 ]

@@ -116,6 +116,34 @@ def cmd_fleet(args) -> int:
     return 0
 
 
+def cmd_decisions(args) -> int:
+    from ger_inductor import autotune
+
+    store = args.store or autotune.default_store_path()
+    if args.action == "list":
+        rows = autotune.decisions(store)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"ger measured decisions in {store}: {len(rows)}")
+        for r in rows:
+            site = ", ".join(f"{k}={v}" for k, v in r.get("site", {}).items() if k != "loss")
+            print(f"  {r.get('family')} on {r.get('profile')} (torch {r.get('torch')}): {site}\n"
+                  f"    -> {r['choice']}: ger {autotune.Timing(**r['ger'])} vs inductor {autotune.Timing(**r['inductor'])}")
+    elif args.action == "export":
+        if not args.path:
+            raise SystemExit("python -m ger_inductor decisions export: give the file to write")
+        print(f"exported {autotune.export_decisions(args.path, store)} decision(s) from {store} to {args.path}")
+    elif args.action == "import":
+        if not args.path:
+            raise SystemExit("python -m ger_inductor decisions import: give the file to read")
+        print(f"imported {autotune.import_decisions(args.path, store)} decision(s) from {args.path} into {store}")
+    else:
+        autotune.clear_decisions(store)
+        print(f"cleared {store}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -142,6 +170,12 @@ def main(argv=None) -> int:
     fl.add_argument("--json", action="store_true")
     fl.add_argument("--no-local", action="store_true", help="pinned profiles only")
     fl.set_defaults(fn=cmd_fleet)
+    de = sub.add_parser("decisions", help="measured strategy decisions: list, export, import, clear")
+    de.add_argument("action", choices=("list", "export", "import", "clear"))
+    de.add_argument("path", nargs="?", help="file to export to / import from")
+    de.add_argument("--store", default=None, help="decision store (default: <Inductor cache dir>/ger/decisions.json)")
+    de.add_argument("--json", action="store_true")
+    de.set_defaults(fn=cmd_decisions)
     args = ap.parse_args(argv)
     return args.fn(args)
 

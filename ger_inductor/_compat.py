@@ -9,6 +9,7 @@ Supported: torch >= 2.11 (GPU machines carry 2.11 with triton 3.6; CI pins 2.13.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Sequence
@@ -32,6 +33,46 @@ def compile_fx(gm, example_inputs, *, inner_compile, config_patches, decompositi
     if decompositions is not None:
         kwargs["decompositions"] = decompositions
     return _compile_fx(gm, example_inputs, **kwargs)
+
+
+def compile_fx_standalone(gm, example_inputs, config_patches):
+    """Inductor's ``compile_fx`` with its default inner compile: for the measurement
+    graphs ger compiles inside a backend call (run under :func:`isolated_compile`)."""
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx(gm, list(example_inputs), config_patches=config_patches)
+
+
+@contextlib.contextmanager
+def isolated_compile():
+    """Compile (and run, backward included) another graph while Dynamo compiles this one:
+    no tracing or compile context (the outer graph's fake mode and shape environment are
+    not touched) and a fresh compile-metrics context (Dynamo allows each metric once per
+    compile). Same thread: Dynamo's compile lock is re-entrant, a second thread would
+    wait on it."""
+    from torch._dynamo import utils as dutils
+    from torch._dynamo.metrics_context import MetricsContext
+    from torch._guards import compile_context, tracing
+
+    tls = dutils._metrics_context_tls
+    had = hasattr(tls, "metrics_context")
+    saved = getattr(tls, "metrics_context", None)
+    tls.metrics_context = MetricsContext(on_exit=lambda *a, **k: None)
+    try:
+        with tracing(None), compile_context(None):
+            yield
+    finally:
+        if had:
+            tls.metrics_context = saved
+        else:
+            del tls.metrics_context
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's on-disk cache folder (``TORCHINDUCTOR_CACHE_DIR`` or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
 
 
 def aot_eager(gm, example_inputs):
@@ -301,6 +342,13 @@ def detect_fake_mode(inputs=None):
     from torch._guards import detect_fake_mode as _d
 
     return _d(inputs)
+
+
+def new_fake_mode():
+    """A fresh fake-tensor mode of its own (measurement graphs built outside Dynamo)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
 
 
 def fake_mode_of(values):

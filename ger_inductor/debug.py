@@ -132,6 +132,10 @@ class GraphReport:
     #: sizes, and why (shapes.py): {setting: reason}
     dynamic_shapes: dict[str, str] = dataclasses.field(default_factory=dict)
     dump_path: str | None = None
+    #: measured strategy selection (autotune.py): one entry per site, with both timings
+    decisions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: compile time spent measuring (included in compile_seconds)
+    autotune_seconds: float = 0.0
 
     # ---- recording
     @property
@@ -185,6 +189,7 @@ class GraphReport:
             f"ger report: graph {self.name} on {', '.join(self.devices) or '?'}"
             f" (profile {prof.get('name', '?')}, {self.compile_seconds:.2f}s"
             + (f" + backward {self.backward_compile_seconds:.2f}s" if self.backward_compile_seconds else "")
+            + (f", measuring {self.autotune_seconds:.2f}s" if self.autotune_seconds else "")
             + ")",
         ]
         rows = [("pass", "matches", "near-misses", "time")]
@@ -205,6 +210,8 @@ class GraphReport:
         for p in self.passes:
             if p.strategy:
                 lines.append(f"  strategy  {p.name}: " + ", ".join(f"{k}={v}" for k, v in p.strategy.items()))
+        for d in self.decisions:
+            lines.append(f"  selected  {d['family']} at {d['node']}: {d['summary']}")
         if self.eager_nodes:
             lines.append(f"  eager     {len(self.eager_nodes)} node(s) in {self.regions} compiled region(s): {', '.join(self.eager_nodes[:6])}")
         for f in self.fallbacks:

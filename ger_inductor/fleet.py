@@ -223,19 +223,19 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
             "framework conv with the folded bias; activation fused by Inductor")),
     },
     "lm_head": {
-        "cpu": dict(gradients="in_forward", chunk_mib=256, unroll=64, unroll_fp32=False, min_vocab=16384, why=(
+        "cpu": dict(gradients="in_forward", chunk_mib=256, unroll=64, unroll_fp32=False, min_vocab=16384, autotune_min_mib=16, why=(
             "tokens in chunks whose (rows, V) fp32 logits buffer is ~256 MiB, large enough that the "
             "chunk matmuls run at the BLAS's full speed; gradients formed in the forward sweep "
             "(3 matmuls). fp32: the op's kernel (in-place passes over one reused buffer, grad_W "
             "accumulated in place by addmm_) beat the unrolled Inductor form, 17.5 s vs 19.5 s at "
             "4096x1024x128256; bf16: the unrolled form (one fused C++ kernel per chunk) beat the "
             "kernel, 5.9 s vs 7.1 s")),
-        "nvidia": dict(gradients="in_forward", chunk_mib=512, unroll=64, min_vocab=16384, why=(
+        "nvidia": dict(gradients="in_forward", chunk_mib=512, unroll=64, min_vocab=16384, autotune_min_mib=16, why=(
             "chunks of ~1k rows at V=128k keep the cuBLAS matmuls and the fused Triton row "
             "kernels wide enough to fill 100+ SMs; still O(chunk x V), never N x V")),
-        "amd": dict(gradients="in_forward", chunk_mib=512, unroll=64, min_vocab=16384,
+        "amd": dict(gradients="in_forward", chunk_mib=512, unroll=64, min_vocab=16384, autotune_min_mib=16,
                     why="as on NVIDIA, with rocBLAS/hipBLASLt"),
-        "other": dict(gradients="in_forward", chunk_mib=256, unroll=0, min_vocab=16384,
+        "other": dict(gradients="in_forward", chunk_mib=256, unroll=0, min_vocab=16384, autotune_min_mib=16,
                       why="the CPU choice: bounded memory first"),
     },
 }

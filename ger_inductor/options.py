@@ -60,6 +60,17 @@ class GerOptions:
         default=None,
         metadata={"doc": "rows per chunk of the fused lm-head loss (default: the device profile's choice)"},
     )
+    autotune: bool = dataclasses.field(
+        default=True,
+        metadata={"doc": "measure a rewrite site's fused form against Inductor's at compile time and keep the faster "
+                         "(lm head sites; decisions stored on disk); default on, env GER_AUTOTUNE=0 turns the "
+                         "default off"},
+    )
+    autotune_store: str | None = dataclasses.field(
+        default=None,
+        metadata={"doc": "file of measured decisions (default <Inductor cache dir>/ger/decisions.json; env "
+                         "GER_AUTOTUNE_STORE)"},
+    )
     compiler: str = dataclasses.field(
         default="inductor",
         metadata={"doc": "'inductor' (default), or 'aot_eager': ger's rewrites run by AOTAutograd without code "
@@ -113,6 +124,17 @@ class GerOptions:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ger option 'lm_head_chunk' must be a positive int (rows per chunk), got {v!r}")
             kw["lm_head_chunk"] = v
+        if "autotune" in options:
+            kw["autotune"] = _expect_bool("autotune", options["autotune"])
+        else:
+            from .autotune import enabled_by_default
+
+            kw["autotune"] = enabled_by_default()
+        if options.get("autotune_store") is not None:
+            v = options["autotune_store"]
+            if not isinstance(v, (str, os.PathLike)):
+                raise TypeError(f"ger option 'autotune_store' must be a str or os.PathLike, got {type(v).__name__}")
+            kw["autotune_store"] = os.path.abspath(os.fspath(v))
         if "compiler" in options:
             v = options["compiler"]
             if not isinstance(v, str):
@@ -135,6 +157,8 @@ class GerOptions:
             "device_profile": self.device_profile,
             "inductor_config": {k: repr(v) for k, v in sorted(self.inductor_config.items())},
             "lm_head_chunk": self.lm_head_chunk,
+            "autotune": self.autotune,
+            "autotune_store": self.autotune_store,
             "compiler": self.compiler,
         }
 
@@ -143,6 +167,7 @@ class GerOptions:
         d = self.to_json_dict()
         d.pop("dump_dir")
         d.pop("strict")
+        d.pop("autotune_store")  # where decisions are kept; a decision itself shows in the graph
         return json.dumps(d, sort_keys=True)
 
 

@@ -59,6 +59,12 @@ class PassContext:
         assert self.record is not None
         self.record.near_misses.append(NearMiss(self.record.name, pattern, getattr(node, "name", str(node)), reason))
 
+    def decision(self, node, decision) -> None:
+        """Record a measured selection (``autotune.Decision``) made at ``node``."""
+        self.report.decisions.append({"family": decision.family, "node": getattr(node, "name", str(node)),
+                                      "summary": decision.one_line(), **decision.to_json_dict()})
+        self.report.autotune_seconds += decision.seconds
+
     def strategy(self, **choices: Any) -> None:
         assert self.record is not None
         self.record.strategy.update({k: _jsonable(v) for k, v in choices.items()})

@@ -25,12 +25,13 @@ the chunks again; the report says which and why.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
 import torch.fx as fx
 
-from .. import _compat, fleet, lm_head, losses
+from .. import _compat, autotune, fleet, lm_head, losses
 from ..shapes import known_equal
 from ..ops import ger_loss as _loss_op
 from . import graph
@@ -91,6 +92,10 @@ class Plan:
     path: list = dataclasses.field(default_factory=list)
     zeroed: set = dataclasses.field(default_factory=set)  # read as 0 by the copy
     row_index: object = None  # logits[row_index] right after the head: applied to h instead
+    # set by _settle: the copied loss code moves after ``last`` (reorder); what eager saves
+    reorder: bool = False
+    last: fx.Node | None = None
+    keep: dict = dataclasses.field(default_factory=dict)
 
 
 def run(gm: fx.GraphModule, ctx) -> bool:
@@ -114,6 +119,9 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         barrier = graph.Effects(gm).first_barrier([(lin_out, a) for a in lin_out.all_input_nodes], src)
         if barrier is not None:
             ctx.near_miss("linear+loss", src, graph.moved_reads_reason(barrier))
+            continue
+        _settle(gm, plan)
+        if not _selected(gm, plan, ctx):
             continue
         _rewrite(gm, plan, ctx)
         changed = True
@@ -226,10 +234,6 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
         if s is None or not (known_equal(s[-1], V) or (n is logits and kind == "loss_fwd"
                                                         and known_equal(s[-2:], (V, 1)))):
             return miss(f"a view between the lm head and the loss ({n.name}) moves the classes", n)
-    min_vocab = int(fleet.strategy(FAMILY, ctx.profile).get("min_vocab", 0))
-    if isinstance(V, int) and V < min_vocab and ctx.options.lm_head_chunk is None:
-        return miss(f"{V} classes, below this profile's min_vocab ({min_vocab}): the logits are small and the "
-                    "unfused head is as fast; the option lm_head_chunk fuses it anyway")
     hs = _shape(h)
     if hs is None or len(hs) < 2:
         return miss("the lm head's input is not a batch of rows (..., H)", h)
@@ -555,6 +559,227 @@ def _written_while_saved(plan: Plan, keep: dict, effects: graph.Effects) -> fx.N
     return None
 
 
+# ----------------------------------------------------------------------------- selection
+def _prior(plan: Plan, ctx) -> str | None:
+    """Why the profile's static table refuses the site (None: it fuses it)."""
+    V = (_shape(plan.chain[0]) or (None,))[-1]
+    min_vocab = int(fleet.strategy(FAMILY, ctx.profile).get("min_vocab", 0))
+    if isinstance(V, int) and V < min_vocab:
+        return (f"{V} classes, below this profile's min_vocab ({min_vocab}): the logits are small and the unfused "
+                "head is as fast; the option lm_head_chunk fuses it anyway")
+    return None
+
+
+def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
+    """Whether the site is rewritten: ``lm_head_chunk`` forces it; else the measured
+    decision (``autotune``) where the site can be measured, else the profile's prior."""
+    if ctx.options.lm_head_chunk is not None:
+        return True
+    prior = _prior(plan, ctx)
+    site = _site_class(gm, plan, ctx)
+    if isinstance(site, str):  # not measured: the prior decides
+        if ctx.options.autotune:
+            ctx.strategy(selection=f"prior ({site})")
+        if prior is not None:
+            ctx.near_miss("linear+loss", plan.src, prior)
+        return prior is None
+    store = ctx.options.autotune_store or autotune.default_store_path()
+    key = autotune.site_key(FAMILY, ctx.profile, site)
+    try:
+        d = autotune.decide(FAMILY, key, lambda: _measure(gm, plan, ctx), store)
+    except Exception as e:  # noqa: BLE001 - a failed measurement leaves the prior in charge
+        if ctx.options.strict:
+            raise
+        ctx.report.add_fallback("autotune", f"measuring the lm head at {plan.src.name} failed; the profile's "
+                                "prior decides", exc=e, node=plan.src.name)
+        if prior is not None:
+            ctx.near_miss("linear+loss", plan.src, prior)
+        return prior is None
+    ctx.decision(plan.src, d)
+    if d.choice != "ger":
+        ctx.near_miss("linear+loss", plan.src, f"measured on {ctx.profile.name}: the fused head is slower here "
+                      f"({d.one_line()}); the unfused head is kept (options autotune=False or lm_head_chunk "
+                      "fuse it anyway)")
+        return False
+    return True
+
+
+def _site_class(gm: fx.GraphModule, plan: Plan, ctx) -> dict | str:
+    """The site's shape class (the decision's key), or why it is not measured."""
+    if not ctx.options.autotune:
+        return "autotune is off"
+    if ctx.options.compiler != "inductor":
+        return "not compiled by Inductor"
+    hv, wv, tv = _val(plan.h), _val(plan.chain[0]), _val(plan.target)
+    if not all(isinstance(v, torch.Tensor) for v in (hv, wv, tv)):
+        return "no example values"
+    H, V, N = hv.shape[-1], wv.shape[-1], tv.numel()
+    if not all(isinstance(x, int) for x in (H, V, N)) or not isinstance(hv.numel(), int):
+        return "symbolic sizes"
+    floor = int(fleet.strategy(FAMILY, ctx.profile).get("autotune_min_mib", 0)) << 20
+    if N * V * 4 < floor:
+        return "below the profile's autotune_min_mib"
+    if not autotune.fits(hv.device, 4 * N * V * 3):
+        return "the unfused form would not fit in free memory"
+    if plan.module is not None:
+        mod = gm.get_submodule(plan.module)
+        wdt, bias = mod.weight.dtype, mod.bias is not None
+    else:
+        wdt, bias = _dtype(plan.weight if plan.weight is not None else plan.weight_t), plan.bias is not None
+    return {"rows": 1 << max(0, (N - 1).bit_length()), "H": H, "V": V, "dtype": str(hv.dtype), "wdtype": str(wdt),
+            "bias": bias,
+            "needs": plan.needs, "mode": plan.mode, "kind": plan.kind, "alpha": plan.alpha, "extras": plan.extras,
+            "smoothing": plan.smooth_weight is not None, "base": plan.base is not None,
+            "loss": _loss_signature(plan)}
+
+
+def _loss_signature(plan: Plan) -> list[str]:
+    """The loss code after the statistics, op by op (part of the shape class: a z-loss
+    or an entropy term costs differently from a plain cross-entropy)."""
+    return [str(getattr(_target_of(n), "__name__", _target_of(n))) for n in plan.path] if plan.mode == "in_forward" else []
+
+
+def _measure(gm: fx.GraphModule, plan: Plan, ctx) -> tuple:
+    """Time the site both ways: its head and loss statistics as one small graph (the form
+    Inductor compiles without this rewrite), and the same graph after this pass (the fused
+    op), forward and backward as the site needs. (The site's graph carries its own casts:
+    no autocast of the context that compiles it applies.)"""
+    with torch.autocast(_val(plan.h).device.type, enabled=False):
+        return _measure_forms(gm, plan, ctx)
+
+
+def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx) -> tuple:
+    from . import PassContext, cacheable_functions_patch, snapshot_graph
+    from ..debug import GraphReport, PassRecord
+
+    mini, inputs, leaves, msrc = _site_graph(gm, plan, ctx)
+    fused = fx.GraphModule(torch.nn.Module(), snapshot_graph(mini.graph))
+    fsrc = next(n for n in fused.graph.nodes if n.name == msrc.name)
+    V = (_shape(plan.chain[0]) or (None,))[-1]
+    sub = PassContext(dataclasses.replace(ctx.options, lm_head_chunk=fleet.lm_head_chunk(ctx.profile, V), autotune=False,
+                                          strict=True), ctx.profile, GraphReport(-1, "autotune", []),
+                      record=PassRecord(FAMILY, 0.0, False))
+    fplan = _plan(fused, fsrc, sub)
+    if fplan is not None:
+        _settle(fused, fplan)
+    if fplan is None or fplan.mode != plan.mode:
+        raise RuntimeError(f"the measurement graph plans differently ({None if fplan is None else fplan.mode} vs "
+                           f"{plan.mode}): {[m.reason for m in sub.record.near_misses]}")
+    _rewrite(fused, fplan, sub)
+    fused.graph.lint()
+    fused.recompile()
+    mini.recompile()
+    out_vals = next(n for n in mini.graph.nodes if n.op == "output").args[0]
+    grads = [torch.ones(v.meta["example_value"].shape, dtype=v.meta["example_value"].dtype,
+                        device=v.meta["example_value"].device) for v in out_vals] if plan.mode == "recompute" else None
+
+    def finish(out):
+        if plan.mode == "in_forward":
+            (out[0] if isinstance(out, (list, tuple)) else out).backward()
+        elif plan.mode == "recompute":
+            torch.autograd.backward(list(out), grads)
+        for t in leaves:
+            t.grad = None
+
+    patches = {**fleet.inductor_patches(ctx.profile), **cacheable_functions_patch(), **dict(ctx.options.inductor_config)}
+    t = autotune.compile_and_time({"ger": (fused, inputs, finish), "inductor": (mini, inputs, finish)},
+                                  _val(plan.h).device, patches)
+    return t["ger"], t["inductor"]
+
+
+def _site_graph(gm: fx.GraphModule, plan: Plan, ctx):
+    """The site as a graph of its own: placeholders for what it reads (random tensors of
+    the same shapes, dtypes and devices), the head, the views and casts after it, the
+    loss statistics, and the loss as the site uses them - a sum of the statistics with
+    fixed coefficients where the gradients are formed in the forward, the statistics
+    themselves otherwise. Returns (graph module, inputs, leaves needing grad, stats node)."""
+    g = fx.Graph()
+    env: dict = {}
+    inputs: list = []
+    leaves: list = []
+    V = (_shape(plan.chain[0]) or (None,))[-1]
+    gen = torch.Generator().manual_seed(0)
+
+    def rand_like(v: torch.Tensor, role: str) -> torch.Tensor:
+        shape, dev = tuple(v.shape), v.device
+        if v.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            return torch.randint(0, V, shape, generator=gen, dtype=v.dtype).to(dev)
+        if v.dtype == torch.bool:
+            return (torch.rand(shape, generator=gen) > 0.5).to(dev)
+        x = torch.randn(shape, generator=gen) if role in ("h", "weight", "bias") else torch.rand(shape, generator=gen) + 0.5
+        if role == "weight":
+            x = x / math.sqrt(max(1, shape[-1] if plan.weight_t is None else shape[0]))
+        return x.to(dev, v.dtype)
+
+    def place(node, role: str, value=None, grad: bool = False):
+        v = value if value is not None else _val(node)
+        if not isinstance(v, torch.Tensor):
+            raise RuntimeError(f"{getattr(node, 'name', node)}: no tensor value to measure with")
+        t = rand_like(v, role)
+        if grad:
+            t.requires_grad_(True)
+            leaves.append(t)
+        p = g.placeholder(f"{role}_{len(inputs)}")
+        inputs.append(t)
+        if node is not None:
+            env[node] = p
+        return p
+
+    needs = plan.needs
+    h = place(plan.h, "h", grad=bool(needs & 1))
+    if plan.module is not None:
+        mod = gm.get_submodule(plan.module)
+        w = place(None, "weight", mod.weight, grad=bool(needs & 2))
+        b = place(None, "bias", mod.bias, grad=bool(needs & 4)) if mod.bias is not None else None
+        lin = g.call_function(torch.nn.functional.linear, (h, w, b))
+    else:
+        wnode = plan.weight if plan.weight is not None else plan.weight_t
+        w = place(wnode, "weight", grad=bool(needs & 2))
+        b = place(plan.bias, "bias", grad=bool(needs & 4)) if plan.bias is not None else None
+        lin = g.call_function(torch.nn.functional.linear, (h, w, b)) if plan.weight is not None \
+            else g.call_function(torch.matmul, (h, w))
+    lin.meta["example_value"] = _val(plan.chain[0])
+    env[plan.chain[0]] = lin
+
+    def arg(a):
+        if a in env:
+            return env[a]
+        if isinstance(_val(a), torch.Tensor):
+            return place(a, "target" if a is plan.target else "input")
+        raise RuntimeError(f"{a.name}: the site reads a non-tensor value ({type(_val(a)).__name__})")
+
+    for n in [*plan.chain[1:], plan.src]:
+        env[n] = g.node_copy(n, arg)
+    src = env[plan.src]
+    if plan.mode == "in_forward":
+        # the loss code itself, from the statistics to the scalar loss
+        for n in plan.path:
+            env[n] = g.node_copy(n, arg)
+        g.output(env[plan.exit])
+    else:
+        g.output(tuple(g.call_function(operator.getitem, (src, i)) for i in range(4 if plan.extras else 3)))
+    mini = fx.GraphModule(torch.nn.Module(), g)
+    _fill_values(mini, inputs)
+    return mini, inputs, leaves, src
+
+
+def _fill_values(mini: fx.GraphModule, inputs: list) -> None:
+    """Fake values for every node of the measurement graph, under one fresh fake mode."""
+    mode = _compat.new_fake_mode()
+    vals = {}
+    it = iter(inputs)
+    for n in mini.graph.nodes:
+        if n.op == "placeholder":
+            vals[n] = mode.from_tensor(next(it))
+        elif n.op in ("call_function", "call_method"):
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: vals[a])
+            with mode:
+                vals[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            continue
+        n.meta["example_value"] = vals[n]
+
+
 # ----------------------------------------------------------------------------- rewrite
 def _stable_toposort(g: fx.Graph) -> None:
     """Order the nodes topologically, each as early as its original position and its
@@ -581,22 +806,18 @@ def _stable_toposort(g: fx.Graph) -> None:
             prev.append(n)
 
 
-def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
+def _settle(gm: fx.GraphModule, plan: Plan) -> None:
+    """The gradient mode the rewrite will use, final: the in-forward mode falls back to
+    recompute where the copied loss code cannot move to the op, or where a tensor eager
+    saves is written before the loss. Sets ``plan.reorder``, ``plan.last``, ``plan.keep``."""
     g = gm.graph
     src = plan.src
-    lin_out = plan.chain[0]
-    V = (_shape(lin_out) or (None,))[-1]
-    chunk = fleet.lm_head_chunk(ctx.profile, V, ctx.options.lm_head_chunk)
-    tv = _val(plan.target)
-    rows = tv.numel() if isinstance(tv, torch.Tensor) else None
-    if isinstance(rows, int) and rows > 0:
-        chunk = min(chunk, rows) if chunk else chunk
     pos = {n: i for i, n in enumerate(g.nodes)}
     # the op goes where the statistics were; the copied loss code may read values defined
     # later (a mask computed after the loss): a stable topological sort then moves it, and
     # what depends on it, after them - unless that would move code across an in-place
     # operation or a grad-mode switch
-    reorder = False
+    reorder, last = False, None
     if plan.mode == "in_forward":
         in_path = set(plan.path)
         reads = [(n, a) for n in plan.path for a in n.all_input_nodes if a not in in_path and a is not src]
@@ -619,6 +840,20 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
         if w is not None:
             plan.mode, plan.why = "recompute", (f"{graph.describe(w)} writes a tensor the loss saves for its backward "
                                                 "before the loss is formed (its version must be checked)")
+    plan.reorder, plan.last, plan.keep = reorder, last, keep
+
+
+def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
+    g = gm.graph
+    src = plan.src
+    lin_out = plan.chain[0]
+    V = (_shape(lin_out) or (None,))[-1]
+    chunk = fleet.lm_head_chunk(ctx.profile, V, ctx.options.lm_head_chunk)
+    tv = _val(plan.target)
+    rows = tv.numel() if isinstance(tv, torch.Tensor) else None
+    if isinstance(rows, int) and rows > 0:
+        chunk = min(chunk, rows) if chunk else chunk
+    reorder, last, keep = plan.reorder, plan.last, plan.keep
     h_head = plan.h  # the head's own input (the logits before a row selection are its rows)
     if plan.row_index is not None:
         with g.inserting_before(lin_out):

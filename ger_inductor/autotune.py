@@ -1,0 +1,320 @@
+"""Measured strategy selection: time a rewrite site's fused form against the form
+Inductor would compile without it, on the site's shapes and device, at compile time,
+and keep the faster one (ties within noise go to the fused form, which is the leaner).
+
+* A **site** is described by its family and a *shape class* (the family chooses it: for
+  the lm head the rows rounded up to a power of two, H, V, dtypes and the loss's form).
+  Identical sites of a graph, and of later graphs, share one measurement.
+* Each form is a small graph compiled by Inductor exactly as ger's backend compiles
+  (same lowerings, same config patches), called on random inputs of the site's shapes,
+  forward and backward when the site needs gradients, in interleaved rounds: the
+  medians decide, the spread is reported.
+* Decisions are kept in a JSON store keyed by family, device profile (name, arch,
+  device type), torch version and shape class. Default place:
+  ``<Inductor cache dir>/ger/decisions.json``; ``GER_AUTOTUNE_STORE`` or the option
+  ``autotune_store`` move it. :func:`export_decisions` / :func:`import_decisions` (and
+  ``python -m ger_inductor decisions``) carry one machine's decisions to a fleet of the
+  same device kind.
+* A decision changes the graph handed to Inductor (fused op or not), so Inductor's and
+  AOTAutograd's caches, keyed by that graph, never serve code of the other choice.
+* Without a measurement (switched off, symbolic sizes, a site below the family's size
+  floor, a measurement that failed) the static strategy table in ``fleet`` decides, as
+  before; the report says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import _compat
+from .fleet import DeviceProfile
+from .measure import _sync
+
+log = logging.getLogger("ger_inductor")
+
+AUTOTUNE_ENV = "GER_AUTOTUNE"
+STORE_ENV = "GER_AUTOTUNE_STORE"
+#: version of the store's format and of the measurement method (a change invalidates)
+FORMAT = 1
+#: the fused form is kept while its median time is at most this much above the other's
+#: (noise on these machines; the fused form holds less memory)
+TOLERANCE = 0.03
+#: interleaved rounds per measurement, and the wall time one form's calls aim at per round
+ROUNDS = 5
+ROUND_SECONDS = 0.05
+#: most calls of one form in one round
+MAX_REPEAT = 20
+
+CHOICES = ("ger", "inductor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Milliseconds of one form's step: median, min and max of the interleaved rounds."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    calls: int
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.3g} ms ({self.min_ms:.3g}-{self.max_ms:.3g})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What a site's measurement chose, and from where (``measured`` now, ``stored``
+    on disk, ``memo``: an identical site earlier in this process)."""
+
+    family: str
+    key: str
+    choice: str  # "ger" | "inductor"
+    ger: Timing
+    inductor: Timing
+    source: str
+    seconds: float = 0.0  # compile + timing spent on it (0 when not measured now)
+
+    @property
+    def ratio(self) -> float:
+        return self.ger.median_ms / self.inductor.median_ms if self.inductor.median_ms > 0 else math.inf
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "key": self.key, "choice": self.choice, "ger": self.ger.to_json_dict(),
+                "inductor": self.inductor.to_json_dict(), "source": self.source, "seconds": round(self.seconds, 3)}
+
+    def one_line(self) -> str:
+        return (f"ger {self.ger} vs inductor {self.inductor}, {self.ratio:.2f}x -> {self.choice} "
+                f"({self.source}{f', {self.seconds:.1f}s' if self.seconds else ''})")
+
+
+def choose(ger: Timing, inductor: Timing, tolerance: float = TOLERANCE) -> str:
+    """The fused form unless it is slower than the other beyond ``tolerance``."""
+    return "ger" if ger.median_ms <= inductor.median_ms * (1.0 + tolerance) else "inductor"
+
+
+# ----------------------------------------------------------------------------- keys and store
+def enabled_by_default() -> bool:
+    v = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    return v not in ("0", "false", "off", "no", "")
+
+
+def default_store_path() -> str:
+    env = os.environ.get(STORE_ENV)
+    if env:
+        return os.path.abspath(env)
+    return os.path.join(_compat.inductor_cache_dir(), "ger", "decisions.json")
+
+
+def site_key(family: str, profile: DeviceProfile, shape_class: dict[str, Any]) -> str:
+    """The store's key: family, device kind, torch version and the site's shape class."""
+    return json.dumps({"format": FORMAT, "family": family, "profile": profile.name, "arch": profile.arch,
+                       "device_type": profile.device_type, "torch": torch.__version__, "site": shape_class},
+                      sort_keys=True, default=str)
+
+
+def _decision_from(entry: dict[str, Any], key: str, source: str) -> Decision:
+    return Decision(entry["family"], key, entry["choice"], Timing(**entry["ger"]), Timing(**entry["inductor"]),
+                    source)
+
+
+def load(path: str) -> dict[str, dict[str, Any]]:
+    """The decisions stored at ``path`` ({} when there is no store). A store written by
+    another format version is ignored, not misread."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ger autotune: cannot read the decision store %s (%s); measuring afresh", path, e)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("decisions"), dict):
+        return {}
+    return dict(data["decisions"])
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: last writer wins
+        yield
+        return
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def save(path: str, entries: dict[str, dict[str, Any]]) -> None:
+    """Merge ``entries`` into the store at ``path`` (atomically: a reader sees the old or
+    the new file)."""
+    with _locked(path):
+        merged = load(path)
+        merged.update(entries)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"format": FORMAT, "decisions": merged}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def decisions(store: str | None = None) -> list[dict[str, Any]]:
+    """The stored decisions, each with its key unpacked (family, profile, arch, torch,
+    site) beside the choice and both timings."""
+    out = []
+    for k, e in sorted(load(store or default_store_path()).items()):
+        try:
+            meta = json.loads(k)
+        except ValueError:
+            meta = {"key": k}
+        out.append({**meta, **e})
+    return out
+
+
+def export_decisions(path: str, store: str | None = None) -> int:
+    """Write the decisions of ``store`` (default: this machine's) to ``path``, for
+    :func:`import_decisions` on other machines of the same device kind. Returns how
+    many were written."""
+    entries = load(store or default_store_path())
+    with open(path, "w") as f:
+        json.dump({"format": FORMAT, "decisions": entries}, f, indent=1, sort_keys=True)
+    return len(entries)
+
+
+def import_decisions(path: str, store: str | None = None) -> int:
+    """Merge the decisions exported to ``path`` into ``store`` (default: this
+    machine's). Keys name the device kind and torch version, so decisions of another
+    kind are kept but never used here. Returns how many were imported."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a ger decision export: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("decisions"), dict):
+        raise ValueError(f"{path} is not a ger decision export of format {FORMAT}")
+    for k, e in data["decisions"].items():
+        if not isinstance(e, dict) or e.get("choice") not in CHOICES:
+            raise ValueError(f"{path}: entry {k!r} is not a decision")
+    save(store or default_store_path(), data["decisions"])
+    _memo.clear()
+    return len(data["decisions"])
+
+
+def clear_decisions(store: str | None = None) -> None:
+    """Forget every decision (the store and this process's memo)."""
+    path = store or default_store_path()
+    with _locked(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    _memo.clear()
+
+
+def fits(device: torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` more can be allocated on ``device`` now (free device memory on
+    CUDA, MemAvailable on Linux CPUs; True where neither is known): a measurement must
+    never run a model out of the memory a fused form saves it."""
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return nbytes <= free
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return nbytes <= int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return True
+
+
+# ----------------------------------------------------------------------------- deciding
+_memo: dict[tuple[str, str], Decision] = {}
+
+
+def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], store: str) -> Decision:
+    """The decision for ``key``: from this process's memo, the store, or ``measure()``
+    (which returns the two forms' timings, or raises: the caller falls back to its
+    prior). A new measurement is saved to the store."""
+    hit = _memo.get((store, key))
+    if hit is not None:
+        return dataclasses.replace(hit, source="memo", seconds=0.0)
+    entry = load(store).get(key)
+    if entry is not None:
+        try:
+            d = _decision_from(entry, key, "stored")
+        except (KeyError, TypeError):
+            d = None
+        if d is not None and d.choice in CHOICES:
+            _memo[(store, key)] = d
+            return d
+    t0 = time.perf_counter()
+    ger, ind = measure()
+    d = Decision(family, key, choose(ger, ind), ger, ind, "measured", time.perf_counter() - t0)
+    _memo[(store, key)] = d
+    try:
+        save(store, {key: {k: v for k, v in d.to_json_dict().items() if k not in ("key", "source", "seconds")}})
+    except OSError as e:
+        log.warning("ger autotune: cannot write the decision store %s (%s)", store, e)
+    log.info("ger autotune %s: %s", family, d.one_line())
+    return d
+
+
+def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds: int = ROUNDS) -> dict[str, Timing]:
+    """Each step timed in ``rounds`` interleaved rounds after two warm-up calls (the
+    first compiles a lazily compiled backward); per round as many calls as fit
+    ``ROUND_SECONDS`` (at least one)."""
+    est = {}
+    for name, step in steps.items():
+        step()
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        est[name] = time.perf_counter() - t0
+    repeat = {n: max(1, min(MAX_REPEAT, int(ROUND_SECONDS / max(t, 1e-6)))) for n, t in est.items()}
+    # slow steps: fewer rounds (at least 3), so one measurement stays within ~2 s of calls
+    per_round = sum(repeat[n] * est[n] for n in steps)
+    rounds = max(3, min(rounds, int(2.0 / max(per_round, 1e-6))))
+    samples: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(repeat[name]):
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
+
+
+def compile_and_time(forms: dict[str, tuple[torch.fx.GraphModule, list, Callable[[Any], Any]]],
+                     device: torch.device, config_patches: dict[str, Any]) -> dict[str, Timing]:
+    """Compile each form ``(graph, inputs, finish)`` with Inductor (``config_patches``
+    as ger's backend uses them) and time ``finish(graph(*inputs))`` (``finish`` runs
+    the backward, or nothing). Runs inside the backend's own compile, isolated from it."""
+    with _compat.isolated_compile():
+        steps = {}
+        for name, (gm, inputs, finish) in forms.items():
+            fn = _compat.compile_fx_standalone(gm, inputs, config_patches)
+
+            def step(fn=fn, inputs=inputs, finish=finish):
+                finish(fn(*inputs))
+
+            steps[name] = step
+        return time_forms(steps, device)

@@ -1,0 +1,283 @@
+"""Measured strategy selection (ger_inductor/autotune.py, the lm head's ``_selected``):
+the store, the decision rule, the report, and that a decision decides the graph.
+
+One test measures for real (two small Inductor compiles); the others give the decision
+through the store, so what they check does not depend on this machine's load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ger_inductor
+from ger_inductor import autotune
+from ger_inductor.__main__ import main as cli
+from ger_inductor.options import GerOptions
+
+from .conftest import rewrite_backend
+
+# a site just above the CPU profile's autotune floor (16 MiB of fp32 logits)
+N, H, V = 256, 64, 16384
+
+
+class Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(H, H)
+        self.head = torch.nn.Linear(H, V, bias=False)
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.head(torch.tanh(self.proj(x))), y, label_smoothing=0.1)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, H, generator=g), torch.randint(0, V, (N,), generator=g)
+
+
+@pytest.fixture
+def store(tmp_path):
+    autotune._memo.clear()
+    yield str(tmp_path / "decisions.json")
+    autotune._memo.clear()
+
+
+def _timing(ms):
+    return autotune.Timing(ms, ms * 0.95, ms * 1.05, 5)
+
+
+# ----------------------------------------------------------------------------- rule and store
+def test_choose_keeps_the_fused_form_within_noise_and_refuses_it_beyond():
+    assert autotune.choose(_timing(100.0), _timing(100.0)) == "ger"
+    assert autotune.choose(_timing(102.9), _timing(100.0)) == "ger"  # a tie within 3 %: the leaner form
+    assert autotune.choose(_timing(103.5), _timing(100.0)) == "inductor"
+    assert autotune.choose(_timing(50.0), _timing(100.0)) == "ger"
+
+
+def test_decide_measures_once_then_serves_memo_and_store(store):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return _timing(90.0), _timing(100.0)
+
+    d1 = autotune.decide("lm_head", "k1", measure, store)
+    assert (d1.choice, d1.source, len(calls)) == ("ger", "measured", 1)
+    assert d1.seconds > 0
+    d2 = autotune.decide("lm_head", "k1", measure, store)
+    assert (d2.source, d2.seconds, len(calls)) == ("memo", 0.0, 1)
+    autotune._memo.clear()  # a new process: the store answers
+    d3 = autotune.decide("lm_head", "k1", measure, store)
+    assert (d3.source, d3.choice, len(calls)) == ("stored", "ger", 1)
+    assert d3.ger == d1.ger and d3.inductor == d1.inductor
+
+
+def test_a_failed_measurement_raises_and_stores_nothing(store):
+    def measure():
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no"):
+        autotune.decide("lm_head", "k", measure, store)
+    assert autotune.load(store) == {}
+
+
+def test_store_of_another_format_is_ignored_and_bad_imports_raise(store, tmp_path):
+    with open(store, "w") as f:
+        json.dump({"format": autotune.FORMAT + 1, "decisions": {"k": {"choice": "ger"}}}, f)
+    assert autotune.load(store) == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a ger decision export"):
+        autotune.import_decisions(str(bad), store)
+    bad.write_text(json.dumps({"format": autotune.FORMAT, "decisions": {"k": {"choice": "maybe"}}}))
+    with pytest.raises(ValueError, match="is not a decision"):
+        autotune.import_decisions(str(bad), store)
+
+
+def test_export_import_round_trip_and_cli(store, tmp_path, capsys):
+    autotune.decide("lm_head", "k1", lambda: (_timing(120.0), _timing(100.0)), store)
+    out = tmp_path / "fleet.json"
+    assert cli(["decisions", "export", str(out), "--store", store]) == 0
+    other = str(tmp_path / "other.json")
+    assert cli(["decisions", "import", str(out), "--store", other]) == 0
+    assert autotune.load(other) == autotune.load(store)
+    assert cli(["decisions", "list", "--store", other]) == 0
+    assert "-> inductor: ger 120 ms" in capsys.readouterr().out
+    assert ger_inductor.decisions(other)[0]["choice"] == "inductor"
+    assert cli(["decisions", "clear", "--store", other]) == 0
+    assert autotune.load(other) == {}
+
+
+def test_key_names_device_kind_torch_version_and_site():
+    from ger_inductor import fleet
+
+    a = autotune.site_key("lm_head", fleet.PINNED_PROFILES["h100"], {"V": 1})
+    b = autotune.site_key("lm_head", fleet.PINNED_PROFILES["mi300x"], {"V": 1})
+    c = autotune.site_key("lm_head", fleet.PINNED_PROFILES["h100"], {"V": 2})
+    assert len({a, b, c}) == 3
+    k = json.loads(a)
+    assert (k["profile"], k["arch"], k["torch"]) == ("h100", "sm90", torch.__version__)
+
+
+def test_options():
+    assert GerOptions.parse({}).autotune is False  # conftest sets GER_AUTOTUNE=0 for the suite
+    assert GerOptions.parse({"autotune": True}).autotune is True
+    with pytest.raises(TypeError, match="'autotune' must be a bool"):
+        GerOptions.parse({"autotune": 1})
+    with pytest.raises(TypeError, match="autotune_store"):
+        GerOptions.parse({"autotune_store": 3})
+    assert "autotune_store" not in GerOptions.parse({"autotune_store": "/tmp/x.json"}).cache_key()
+
+
+def test_env_turns_the_default_off(monkeypatch):
+    monkeypatch.setenv("GER_AUTOTUNE", "1")
+    assert GerOptions.parse({}).autotune is True
+    monkeypatch.setenv("GER_AUTOTUNE", "off")
+    assert GerOptions.parse({}).autotune is False
+
+
+# ----------------------------------------------------------------------------- the lm head site
+def _rewrite(model, store, rows=N, **options):
+    reports = []
+    f = torch.compile(model, backend=rewrite_backend({"autotune": True, "autotune_store": store, **options},
+                                                     reports=reports))
+    x, y = _inputs()
+    loss = f(x[:rows], y[:rows])
+    loss.backward()
+    return reports[-1], loss
+
+
+def _eager(model):
+    x, y = _inputs()
+    model.zero_grad()
+    loss = model(x, y)
+    loss.backward()
+    return loss, model.head.weight.grad.clone()
+
+
+def test_measured_site_decides_the_graph_and_keeps_eager_numbers(store):
+    """The one real measurement: two small Inductor compiles, timed both ways. Whatever
+    it chooses, the report carries both timings, the graph follows the choice, the
+    numbers are eager's; flipping the stored choice flips the graph."""
+    torch.manual_seed(0)
+    model = Head()
+    ref, ref_g = _eager(model)
+    model.zero_grad()
+    report, loss = _rewrite(model, store)
+    assert len(report.decisions) == 1
+    d = report.decisions[0]
+    assert d["source"] == "measured" and d["ger"]["median_ms"] > 0 and d["inductor"]["median_ms"] > 0
+    assert report.autotune_seconds > 0
+    fused = report.match_count("lm_head") == 1
+    assert fused == (d["choice"] == "ger")
+    if not fused:
+        assert any("measured on" in m.reason and "-> inductor" in m.reason for m in report.near_misses)
+    assert "selected  lm_head" in report.table()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(model.head.weight.grad, ref_g)
+
+    # the other choice, through the store (as an imported fleet decision would give it)
+    entries = autotune.load(store)
+    (key, entry), = entries.items()
+    entry["choice"] = "inductor" if fused else "ger"
+    autotune.save(store, {key: entry})
+    autotune._memo.clear()
+    torch._dynamo.reset()
+    model.zero_grad()
+    report2, loss2 = _rewrite(model, store)
+    assert report2.decisions[0]["source"] == "stored" and report2.autotune_seconds == 0
+    assert (report2.match_count("lm_head") == 1) == (not fused)
+    torch.testing.assert_close(loss2, ref)
+    torch.testing.assert_close(model.head.weight.grad, ref_g)
+
+
+def test_forced_small_and_off_sites_are_not_measured(store, monkeypatch):
+    from ger_inductor.passes import lm_head
+
+    def boom(*a, **k):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(lm_head, "_measure", boom)
+    torch.manual_seed(0)
+    model = Head()
+    report, _ = _rewrite(model, store, lm_head_chunk=64)  # forced: no measurement
+    assert report.match_count("lm_head") == 1 and report.decisions == []
+    torch._dynamo.reset()
+    report, _ = _rewrite(model, store, autotune=False)  # the prior: V >= min_vocab fuses
+    assert report.match_count("lm_head") == 1 and report.decisions == []
+    torch._dynamo.reset()
+    report, _ = _rewrite(model, store, rows=8)  # 8 x 16384 fp32 logits: below the 16 MiB floor
+    assert report.match_count("lm_head") == 1 and report.decisions == []
+    assert report.passes[-1].strategy["selection"] == "prior (below the profile's autotune_min_mib)"
+
+
+def test_failed_measurement_leaves_the_prior_in_charge_and_strict_raises(store, monkeypatch):
+    from ger_inductor.passes import lm_head
+
+    def boom(*a, **k):
+        raise RuntimeError("measurement exploded")
+
+    monkeypatch.setattr(lm_head, "_measure", boom)
+    torch.manual_seed(0)
+    model = Head()
+    reports = []
+    f = torch.compile(model, backend=rewrite_backend({"autotune": True, "autotune_store": store, "strict": False},
+                                                     reports=reports))
+    x, y = _inputs()
+    f(x, y)
+    rep = reports[-1]
+    assert rep.match_count("lm_head") == 1  # the prior fuses V=16384
+    assert any(fb.stage == "autotune" and "measurement exploded" in (fb.message or "") for fb in rep.fallbacks)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="measurement exploded"):
+        _rewrite(model, store)  # rewrite_backend is strict
+
+
+class HeadNone(Head):
+    def forward(self, x, y):  # per-token losses returned: the backward sweeps again
+        return F.cross_entropy(self.head(torch.tanh(self.proj(x))), y, reduction="none")
+
+
+@pytest.mark.parametrize("model_cls, grad, mode", [(Head, True, "in_forward"), (HeadNone, True, "recompute"),
+                                                   (Head, False, "no_grad")])
+def test_measured_forms_compute_the_same_values(store, monkeypatch, model_cls, grad, mode):
+    """The two graphs a measurement compiles, without compiling them: the unfused one
+    holds the head and the statistics, the fused one the op, in the site's gradient mode,
+    and on the same random inputs they give the same values."""
+    from ger_inductor import lm_head as lm_fns
+
+    seen = {}
+
+    def fake_compile_and_time(forms, device, patches):
+        seen.update(forms)
+        return {"ger": _timing(1.0), "inductor": _timing(2.0)}
+
+    monkeypatch.setattr(autotune, "compile_and_time", fake_compile_and_time)
+    torch.manual_seed(0)
+    model = model_cls()
+    with torch.set_grad_enabled(grad):
+        report = _rewrite_nobackward(model, store)
+    assert report.decisions[0]["choice"] == "ger" and report.match_count("lm_head") == 1
+    assert report.matches[-1].detail["gradients"] == mode
+    fused, inputs, finish = seen["ger"]
+    unfused, inputs2, _ = seen["inductor"]
+    assert inputs is inputs2
+    targets = lambda gm: {n.target for n in gm.graph.nodes if n.op == "call_function"}  # noqa: E731
+    assert lm_fns.linear_row_stats in targets(fused) and F.linear not in targets(fused)
+    assert F.linear in targets(unfused) and lm_fns.linear_row_stats not in targets(unfused)
+    with torch.set_grad_enabled(grad):
+        a, b = fused(*inputs), unfused(*inputs)
+        torch.testing.assert_close(a, b)
+        finish(b)  # the step's backward (none without gradients) runs on the unfused form's output
+
+
+def _rewrite_nobackward(model, store):
+    reports = []
+    f = torch.compile(model, backend=rewrite_backend({"autotune": True, "autotune_store": store}, reports=reports))
+    x, y = _inputs()
+    f(x, y)
+    return reports[-1]
