@@ -93,7 +93,8 @@ class Decision:
 
     def to_json_dict(self) -> dict[str, Any]:
         return {"family": self.family, "key": self.key, "choice": self.choice, "ger": self.ger.to_json_dict(),
-                "inductor": self.inductor.to_json_dict(), "source": self.source, "seconds": round(self.seconds, 3)}
+                "inductor": self.inductor.to_json_dict(), "ratio": round(self.ratio, 4), "source": self.source,
+                "seconds": round(self.seconds, 3)}
 
     def one_line(self) -> str:
         return (f"ger {self.ger} vs inductor {self.inductor}, {self.ratio:.2f}x -> {self.choice} "
@@ -268,7 +269,7 @@ def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], 
     d = Decision(family, key, choose(ger, ind), ger, ind, "measured", time.perf_counter() - t0)
     _memo[(store, key)] = d
     try:
-        save(store, {key: {k: v for k, v in d.to_json_dict().items() if k not in ("key", "source", "seconds")}})
+        save(store, {key: {k: v for k, v in d.to_json_dict().items() if k not in ("key", "source", "seconds", "ratio")}})
     except OSError as e:
         log.warning("ger autotune: cannot write the decision store %s (%s)", store, e)
     log.info("ger autotune %s: %s", family, d.one_line())

@@ -156,7 +156,10 @@ def _rewrites(reports) -> str:
     c = Counter(f"{m.family}/{m.pattern}" for r in reports for m in r.matches)
     fb = sum(len(r.fallbacks) for r in reports)
     text = ", ".join(f"{k} x{v}" for k, v in sorted(c.items())) or "nothing"
-    return text + (f"; {fb} fallback(s)" if fb else "")
+    # measured selection (autotune): ger's form against Inductor's, timed at compile time
+    sel = [f"{d['family']} measured {d['ratio']:.2f}x -> {d['choice']}" if "ratio" in d
+           else f"{d['family']} -> {d['choice']}" for r in reports for d in r.decisions]
+    return text + (f"; {fb} fallback(s)" if fb else "") + (f" [{'; '.join(sel)}]" if sel else "")
 
 
 def _max_rel_err(got: list, ref: list) -> float:
