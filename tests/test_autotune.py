@@ -141,13 +141,15 @@ def test_env_turns_the_default_off(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the lm head site
-def _rewrite(model, store, rows=N, **options):
+def _rewrite(model, store, rows=N, backward=True, **options):
+    """Compile with ger's passes only (rewrite_backend), autotune on; one call (and its backward)."""
     reports = []
     f = torch.compile(model, backend=rewrite_backend({"autotune": True, "autotune_store": store, **options},
                                                      reports=reports))
     x, y = _inputs()
     loss = f(x[:rows], y[:rows])
-    loss.backward()
+    if backward and loss.requires_grad:
+        loss.backward()
     return reports[-1], loss
 
 
@@ -224,12 +226,7 @@ def test_failed_measurement_leaves_the_prior_in_charge_and_strict_raises(store, 
     monkeypatch.setattr(lm_head, "_measure", boom)
     torch.manual_seed(0)
     model = Head()
-    reports = []
-    f = torch.compile(model, backend=rewrite_backend({"autotune": True, "autotune_store": store, "strict": False},
-                                                     reports=reports))
-    x, y = _inputs()
-    f(x, y)
-    rep = reports[-1]
+    rep, _ = _rewrite(model, store, strict=False)
     assert rep.match_count("lm_head") == 1  # the prior fuses V=16384
     assert any(fb.stage == "autotune" and "measurement exploded" in (fb.message or "") for fb in rep.fallbacks)
     torch._dynamo.reset()
@@ -260,7 +257,7 @@ def test_measured_forms_compute_the_same_values(store, monkeypatch, model_cls, g
     torch.manual_seed(0)
     model = model_cls()
     with torch.set_grad_enabled(grad):
-        report = _rewrite_nobackward(model, store)
+        report, _ = _rewrite(model, store, backward=False)
     assert report.decisions[0]["choice"] == "ger" and report.match_count("lm_head") == 1
     assert report.matches[-1].detail["gradients"] == mode
     fused, inputs, finish = seen["ger"]
@@ -274,10 +271,3 @@ def test_measured_forms_compute_the_same_values(store, monkeypatch, model_cls, g
         torch.testing.assert_close(a, b)
         finish(b)  # the step's backward (none without gradients) runs on the unfused form's output
 
-
-def _rewrite_nobackward(model, store):
-    reports = []
-    f = torch.compile(model, backend=rewrite_backend({"autotune": True, "autotune_store": store}, reports=reports))
-    x, y = _inputs()
-    f(x, y)
-    return reports[-1]
