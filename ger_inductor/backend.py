@@ -138,7 +138,8 @@ def rewrite(
     options: dict[str, Any] | GerOptions | None = None,
 ) -> tuple[fx.GraphModule, debug.GraphReport]:
     """ger's pattern passes alone, on a Dynamo graph, in place: the rewritten graph and
-    the report of what matched, what was refused and why. No Inductor compile; the
+    the report of what matched, what was refused and why. The graph is not compiled (a
+    measured selection compiles its small site graphs, unless ``autotune=False``); the
     backend runs exactly this before handing the graph to Inductor. ``strict`` re-raises
     a pass's error (else its rewrites are dropped and the failure is in the report)."""
     settings = GerOptions.parse(options)
