@@ -215,6 +215,11 @@ def test_forced_small_and_off_sites_are_not_measured(store, monkeypatch):
     report, _ = _rewrite(model, store, rows=8)  # 8 x 16384 fp32 logits: below the 16 MiB floor
     assert report.match_count("lm_head") == 1 and report.decisions == []
     assert report.passes[-1].strategy["selection"] == "prior (below the profile's autotune_min_mib)"
+    torch._dynamo.reset()
+    monkeypatch.setattr(autotune, "fits", lambda device, nbytes: False)
+    report, _ = _rewrite(model, store)  # a measurement must not run the model out of memory
+    assert report.match_count("lm_head") == 1 and report.decisions == []
+    assert report.passes[-1].strategy["selection"] == "prior (the unfused form would not fit in free memory)"
 
 
 def test_failed_measurement_leaves_the_prior_in_charge_and_strict_raises(store, monkeypatch):

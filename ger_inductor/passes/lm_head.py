@@ -619,7 +619,7 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx) -> dict | str:
     floor = int(fleet.strategy(FAMILY, ctx.profile).get("autotune_min_mib", 0)) << 20
     if N * V * 4 < floor:
         return "below the profile's autotune_min_mib"
-    if not autotune.fits(hv.device, 4 * N * V * 3):
+    if not autotune.fits(hv.device, 4 * (3 * N * V + V * H + N * H)):  # logits, their grads, W and h
         return "the unfused form would not fit in free memory"
     if plan.module is not None:
         mod = gm.get_submodule(plan.module)
