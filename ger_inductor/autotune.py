@@ -46,8 +46,8 @@ AUTOTUNE_ENV = "GER_AUTOTUNE"
 STORE_ENV = "GER_AUTOTUNE_STORE"
 #: version of the store's format and of the measurement method (a change invalidates)
 FORMAT = 1
-#: the fused form is kept while its median time is at most this much above the other's
-#: (noise on these machines; the fused form holds less memory)
+#: two medians within this fraction tie (noise on these machines); a tie goes to the
+#: leaner form
 TOLERANCE = 0.03
 #: interleaved rounds per measurement, and the wall time one form's calls aim at per round
 ROUNDS = 5
@@ -101,9 +101,13 @@ class Decision:
                 f"({self.source}{f', {self.seconds:.1f}s' if self.seconds else ''})")
 
 
-def choose(ger: Timing, inductor: Timing, tolerance: float = TOLERANCE) -> str:
-    """The fused form unless it is slower than the other beyond ``tolerance``."""
-    return "ger" if ger.median_ms <= inductor.median_ms * (1.0 + tolerance) else "inductor"
+def choose(ger: Timing, inductor: Timing, tolerance: float = TOLERANCE, fused_leaner: bool = True) -> str:
+    """The faster form; within ``tolerance`` (a tie) the leaner one: the fused form when
+    ``fused_leaner`` (the family knows it holds less memory at this site), else
+    Inductor's (then the fused form must be faster beyond the tolerance)."""
+    if fused_leaner:
+        return "ger" if ger.median_ms <= inductor.median_ms * (1.0 + tolerance) else "inductor"
+    return "ger" if ger.median_ms < inductor.median_ms * (1.0 - tolerance) else "inductor"
 
 
 # ----------------------------------------------------------------------------- keys and store
@@ -248,10 +252,12 @@ def fits(device: torch.device, nbytes: int) -> bool:
 _memo: dict[tuple[str, str], Decision] = {}
 
 
-def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], store: str) -> Decision:
+def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], store: str,
+           fused_leaner: bool = True) -> Decision:
     """The decision for ``key``: from this process's memo, the store, or ``measure()``
     (which returns the two forms' timings, or raises: the caller falls back to its
-    prior). A new measurement is saved to the store."""
+    prior) and :func:`choose`. A new measurement is saved to the store. (``key`` must
+    determine ``fused_leaner``: a stored decision is reused as it is.)"""
     hit = _memo.get((store, key))
     if hit is not None:
         return dataclasses.replace(hit, source="memo", seconds=0.0)
@@ -266,7 +272,8 @@ def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], 
             return d
     t0 = time.perf_counter()
     ger, ind = measure()
-    d = Decision(family, key, choose(ger, ind), ger, ind, "measured", time.perf_counter() - t0)
+    d = Decision(family, key, choose(ger, ind, fused_leaner=fused_leaner), ger, ind, "measured",
+                 time.perf_counter() - t0)
     _memo[(store, key)] = d
     try:
         save(store, {key: {k: v for k, v in d.to_json_dict().items() if k not in ("key", "source", "seconds", "ratio")}})
@@ -289,9 +296,9 @@ def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds
         _sync(device)
         est[name] = time.perf_counter() - t0
     repeat = {n: max(1, min(MAX_REPEAT, int(ROUND_SECONDS / max(t, 1e-6)))) for n, t in est.items()}
-    # slow steps: fewer rounds (at least 3), so one measurement stays within ~2 s of calls
+    # slow steps: fewer rounds (at least 3), so one measurement stays within ~4 s of calls
     per_round = sum(repeat[n] * est[n] for n in steps)
-    rounds = max(3, min(rounds, int(2.0 / max(per_round, 1e-6))))
+    rounds = max(3, min(rounds, int(4.0 / max(per_round, 1e-6))))
     samples: dict[str, list[float]] = {n: [] for n in steps}
     for _ in range(rounds):
         for name, step in steps.items():

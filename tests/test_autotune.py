@@ -51,11 +51,15 @@ def _timing(ms):
 
 
 # ----------------------------------------------------------------------------- rule and store
-def test_choose_keeps_the_fused_form_within_noise_and_refuses_it_beyond():
+def test_choose_the_faster_form_and_the_leaner_on_a_tie():
     assert autotune.choose(_timing(100.0), _timing(100.0)) == "ger"
     assert autotune.choose(_timing(102.9), _timing(100.0)) == "ger"  # a tie within 3 %: the leaner form
     assert autotune.choose(_timing(103.5), _timing(100.0)) == "inductor"
     assert autotune.choose(_timing(50.0), _timing(100.0)) == "ger"
+    # where the fused form is not the leaner (one chunk holds all rows), a tie goes to Inductor's
+    assert autotune.choose(_timing(100.0), _timing(100.0), fused_leaner=False) == "inductor"
+    assert autotune.choose(_timing(97.5), _timing(100.0), fused_leaner=False) == "inductor"
+    assert autotune.choose(_timing(96.0), _timing(100.0), fused_leaner=False) == "ger"
 
 
 def test_decide_measures_once_then_serves_memo_and_store(store):
