@@ -1,9 +1,11 @@
 """Measured strategy selection: time a rewrite site's fused form against the form
 Inductor would compile without it, on the site's shapes and device, at compile time,
-and keep the faster one (ties within noise go to the fused form, which is the leaner).
+and keep the faster one (a tie within noise goes to the leaner form; the family says
+which that is).
 
 * A **site** is described by its family and a *shape class* (the family chooses it: for
-  the lm head the rows rounded up to a power of two, H, V, dtypes and the loss's form).
+  the lm head the rows rounded up to a power of two, the chunks, H, V, dtypes and the
+  loss's form).
   Identical sites of a graph, and of later graphs, share one measurement.
 * Each form is a small graph compiled by Inductor exactly as ger's backend compiles
   (same lowerings, same config patches), called on random inputs of the site's shapes,
