@@ -597,9 +597,10 @@ def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
         return prior is None
     ctx.decision(plan.src, d)
     if d.choice != "ger":
-        ctx.near_miss("linear+loss", plan.src, f"measured on {ctx.profile.name}: the fused head is slower here "
-                      f"({d.one_line()}); the unfused head is kept (options autotune=False or lm_head_chunk "
-                      "fuse it anyway)")
+        why = ("the fused head is slower here" if d.ratio > 1 + autotune.TOLERANCE else
+               "the fused head is not faster beyond noise here, and in one chunk it is not the leaner")
+        ctx.near_miss("linear+loss", plan.src, f"measured on {ctx.profile.name}: {why} ({d.one_line()}); the "
+                      "unfused head is kept (options autotune=False or lm_head_chunk fuse it anyway)")
         return False
     return True
 
