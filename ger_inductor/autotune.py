@@ -40,7 +40,7 @@ import torch
 
 from . import _compat
 from .fleet import DeviceProfile
-from .measure import _sync
+from .measure import time_step
 
 log = logging.getLogger("ger_inductor")
 
@@ -287,16 +287,9 @@ def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], 
 
 def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds: int = ROUNDS) -> dict[str, Timing]:
     """Each step timed in ``rounds`` interleaved rounds after two warm-up calls (the
-    first compiles a lazily compiled backward); per round as many calls as fit
-    ``ROUND_SECONDS`` (at least one)."""
-    est = {}
-    for name, step in steps.items():
-        step()
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        est[name] = time.perf_counter() - t0
+    first compiles a lazily compiled backward), with ``measure.time_step`` (CUDA events
+    on CUDA); per round as many calls as fit ``ROUND_SECONDS`` (at least one)."""
+    est = {name: time_step(step, device, 1, 1)[0] / 1e3 for name, step in steps.items()}
     repeat = {n: max(1, min(MAX_REPEAT, int(ROUND_SECONDS / max(t, 1e-6)))) for n, t in est.items()}
     # slow steps: fewer rounds (at least 3), so one measurement stays within ~4 s of calls
     per_round = sum(repeat[n] * est[n] for n in steps)
@@ -304,12 +297,7 @@ def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds
     samples: dict[str, list[float]] = {n: [] for n in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            for _ in range(repeat[name]):
-                _sync(device)
-                t0 = time.perf_counter()
-                step()
-                _sync(device)
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+            samples[name] += time_step(step, device, 0, repeat[name])
     return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
 
 

@@ -127,8 +127,9 @@ def test_key_names_device_kind_torch_version_and_site():
     assert (k["profile"], k["arch"], k["torch"]) == ("h100", "sm90", torch.__version__)
 
 
-def test_options():
-    assert GerOptions.parse({}).autotune is False  # conftest sets GER_AUTOTUNE=0 for the suite
+def test_options(monkeypatch):
+    monkeypatch.setenv("GER_AUTOTUNE", "0")  # as conftest sets it for the suite
+    assert GerOptions.parse({}).autotune is False
     assert GerOptions.parse({"autotune": True}).autotune is True
     with pytest.raises(TypeError, match="'autotune' must be a bool"):
         GerOptions.parse({"autotune": 1})
