@@ -161,3 +161,4 @@ _loss_case(
 from . import cases_conv  # noqa: E402,F401
 from . import cases_lm_head  # noqa: E402,F401
 from . import cases_dynamic  # noqa: E402,F401
+from . import cases_distill  # noqa: E402,F401

@@ -171,9 +171,17 @@ def _lse(x: Tensor) -> Tensor:
     return (M + torch.log(torch.exp(x - M).sum(1, keepdim=True))).squeeze(1)
 
 
-def _log_ratios(r: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """(log(p_t / m), log(p_s / m)) for m = beta p_t + (1 - beta) p_s, 0 < beta < 1, from
-    r = log p_t - log p_s only:
+#: betas for which log m is formed directly (one log per element; see _log_ratios)
+LOG_FORM_BETAS = (0.25, 0.75)
+
+
+def _log_ratios(lpt: Tensor, lps: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(log(p_t / m), log(p_s / m)) for m = beta p_t + (1 - beta) p_s, 0 < beta < 1.
+
+    For beta in LOG_FORM_BETAS: log m = log(beta p_t + (1 - beta) p_s) directly, one log
+    per element (the cheapest, as GER's ``log_ratio_p_m``: its rounding, eps |log m|, is
+    multiplied by at most 1 / 0.25 = 4 in J_beta). Nearer the ends, from r = log p_t -
+    log p_s only:
 
         log(p_t / m) = -logaddexp(log(1 - beta) - r, log beta)
         log(p_s / m) = -logaddexp(log beta + r, log(1 - beta))
@@ -183,7 +191,12 @@ def _log_ratios(r: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     results accurate (absolute error ~eps * beta near beta -> 0, so the 1/beta of J_beta
     and of its gradient does not amplify it). Exact limits at r = +-inf; no overflow for
     any r (a ratio p_t / p_s, as GER's ``log_ratio_p_m`` forms, overflows when one side is
-    subnormal)."""
+    subnormal). The lowering (lowerings/distill.py) spells the same expressions."""
+    lo, hi = LOG_FORM_BETAS
+    if lo <= beta <= hi:
+        log_m = torch.log(beta * torch.exp(lpt) + (1.0 - beta) * torch.exp(lps))
+        return lpt - log_m, lps - log_m
+    r = lpt - lps
     la, lb = math.log(beta), math.log1p(-beta)
     return -torch.logaddexp(lb - r, torch.full_like(r, la)), -torch.logaddexp(la + r, torch.full_like(r, lb))
 
@@ -220,7 +233,7 @@ def _prelude(zs: Tensor, zt: Tensor, cfg: DistillConfig, Ls: Optional[Tensor] = 
     ps, pt = torch.exp(lps), torch.exp(lpt)
     log_t_m = log_s_m = None
     if cfg.kind == "mix":
-        log_t_m, log_s_m = _log_ratios(lpt - lps, cfg.beta)
+        log_t_m, log_s_m = _log_ratios(lpt, lps, cfg.beta)
     return _Pre(lps, lpt, ps, pt, log_t_m, log_s_m), Ls, Lt
 
 
@@ -321,70 +334,13 @@ def _differentiable_grads(fwd, inputs, needs, grads):
                                     allow_unused=True))
 
 
-class _DistillRows(torch.autograd.Function):
-    """(D, nll) per row of (R, V) student and teacher logits, chunk by chunk; saves the
-    logits and O(R) statistics; analytic backward, chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, zs, zt, y, cfg, chunk):
-        R, V = zs.shape
-        cd = cfg.cd
-        c = _chunk_rows(chunk, R, V)
-        D = zs.new_empty((R,), dtype=cd)
-        nll = zs.new_empty((R,) if cfg.hard else (0,), dtype=cd)
-        st = RowStats(*(zs.new_empty((R,), dtype=cd) for _ in range(5)))
-        if not cfg.hard:
-            st = st._replace(Ls1=zs.new_empty((0,), dtype=cd))
-        for s in range(0, R, c):
-            e = min(s + c, R)
-            d_, n_, st_, _ = forward_rows(zs[s:e].to(cd), zt[s:e].to(cd), None if y is None else y[s:e], cfg)
-            D[s:e] = d_
-            if cfg.hard:
-                nll[s:e] = n_
-                st.Ls1[s:e] = st_.Ls1
-            for k in ("Ls", "Lt", "kt", "ks"):
-                getattr(st, k)[s:e] = getattr(st_, k)
-        ctx.save_for_backward(zs, zt, y, *st)
-        ctx.cfg, ctx.chunk = cfg, c
-        ctx.set_materialize_grads(False)
-        if not cfg.hard:
-            ctx.mark_non_differentiable(nll)
-        return D, nll
-
-    @staticmethod
-    def backward(ctx, gD, gn):
-        zs, zt, y, *st = ctx.saved_tensors
-        st = RowStats(*st)
-        cfg, c = ctx.cfg, ctx.chunk
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not cfg.hard:
-            gn = None
-        none = (None, None, None, None, None)
-        if (gD is None and gn is None) or not (need_s or need_t):
-            return none
-        if torch.is_grad_enabled():
-            cd = cfg.cd
-            gs = _differentiable_grads(lambda: forward_rows(zs.to(cd), zt.to(cd), y, cfg)[:2], (zs, zt),
-                                       (need_s, need_t), (gD, gn))
-            it = iter(gs)
-            g_s = next(it) if need_s else None
-            g_t = next(it) if need_t else None
-            return g_s, g_t, None, None, None
-        R = zs.shape[0]
-        cd = cfg.cd
-        g_s = torch.empty_like(zs) if need_s else None
-        g_t = torch.empty_like(zt) if need_t else None
-        for s in range(0, R, c):
-            e = min(s + c, R)
-            sub = RowStats(*(t[s:e] if t.numel() else t for t in st))
-            dzs, dzt = backward_rows(zs[s:e].to(cd), zt[s:e].to(cd), None if y is None else y[s:e], cfg, sub,
-                                     None if gD is None else gD[s:e].to(cd), None if gn is None else gn[s:e].to(cd),
-                                     need_s, need_t)
-            if need_s:
-                g_s[s:e] = dzs
-            if need_t:
-                g_t[s:e] = dzt
-        return g_s, g_t, None, None, None
+def distill_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfig, chunk: Optional[int]):
+    """(D, nll) per row of (R, V) student and teacher logits, by the ``ger::distill_fwd``
+    op (ops/distill.py): chunks of rows eagerly, one fused kernel under Inductor; saves
+    the logits and O(R) statistics for an analytic backward (``ger::distill_bwd``)."""
+    D, nll, *_ = torch.ops.ger.distill_fwd(zs, zt, y, cfg.kind, cfg.beta, cfg.wt, cfg.ws, cfg.T, cfg.hard,
+                                           cfg.ignore_index, chunk or 0)
+    return D, nll
 
 
 def _check_pair(who: str, zs, zt, s_name: str, t_name: str) -> None:
@@ -461,7 +417,7 @@ def ger_distill_loss(
         # them; the same math in torch ops does
         D, nll, _, _ = forward_rows(zs.to(cfg.cd), zt.to(cfg.cd), y, cfg)
     else:
-        D, nll = _DistillRows.apply(zs, zt, y, cfg, chunk_size)
+        D, nll = distill_rows(zs, zt, y, cfg, chunk_size)
     return combine(D, nll, valid, cfg, rows_shape, student_logits.dtype)
 
 
@@ -517,7 +473,9 @@ def ger_distill_reference(
         D = b * kl(pt, lpt, lm) + (1 - b) * kl(ps, lps, lm)
         if cfg.convention == "skew_jensen":
             D = D / (b * (1 - b))
-    per = (1 - cfg.hw) * T * T * D
+    # a term of weight 0 is not formed (as ``combine`` does): hard_weight = 1 is the plain
+    # CE even where D is infinite (a class the teacher excludes), not 0 * inf = NaN
+    per = (1 - cfg.hw) * T * T * D if cfg.hw < 1.0 else torch.zeros_like(D)
     valid = None
     if target is not None:
         y = target.reshape(-1).long()
@@ -813,40 +771,6 @@ def token_backward(z: Tensor, y: Tensor, T: float, L: Tensor, H: Tensor, g_lp: O
     return dz if T == 1.0 else dz / T
 
 
-class _TokenRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, y, T, cd, chunk):
-        R, V = z.shape
-        c = _chunk_rows(chunk, R, V)
-        logp = z.new_empty((R,), dtype=cd)
-        H = torch.empty_like(logp)
-        L = torch.empty_like(logp)
-        for s in range(0, R, c):
-            e = min(s + c, R)
-            logp[s:e], H[s:e], L[s:e] = token_forward(z[s:e].to(cd), y[s:e], T)
-        ctx.save_for_backward(z, y, L, H)
-        ctx.T, ctx.cd, ctx.chunk = T, cd, c
-        ctx.set_materialize_grads(False)
-        return logp, H
-
-    @staticmethod
-    def backward(ctx, g_lp, g_H):
-        z, y, L, H = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (g_lp is None and g_H is None):
-            return None, None, None, None, None
-        T, cd, c = ctx.T, ctx.cd, ctx.chunk
-        if torch.is_grad_enabled():
-            (g,) = _differentiable_grads(lambda: token_forward(z.to(cd), y, T)[:2], (z,), (True,), (g_lp, g_H))
-            return g, None, None, None, None
-        out = torch.empty_like(z)
-        for s in range(0, z.shape[0], c):
-            e = min(s + c, z.shape[0])
-            out[s:e] = token_backward(z[s:e].to(cd), y[s:e], T, L[s:e], H[s:e],
-                                      None if g_lp is None else g_lp[s:e].to(cd),
-                                      None if g_H is None else g_H[s:e].to(cd))
-        return out, None, None, None, None
-
-
 def kl_estimate(logp: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from log pi(y) and log pi_ref(y), y ~ pi:
     k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1
@@ -922,7 +846,7 @@ def ger_token_stats(
     if not _losses.is_compiling() and _compat.functorch_transformed(logits, target):
         logp, H, _ = token_forward(z.to(cd), y, T)
     else:
-        logp, H = _TokenRows.apply(z, y, T, cd, chunk_size)
+        logp, H, _ = torch.ops.ger.token_fwd(z, y, T, chunk_size or 0)
     logp, H = logp.reshape(rows_shape), H.reshape(rows_shape)
     kl = None
     if ref_logprobs is not None:

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 
 from ger_inductor import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
                           ger_token_stats, ger_token_stats_reference)
+from ger_inductor import _compat
 from ger_inductor.losses import TargetDtypeError
+from torch.testing import FileCheck
+
+from .distill_spellings import liger_jsd_rows, trl_generalized_jsd_loss
 
 BETAS = [0.0, 1e-6, 0.1, 0.5, 0.9, 1 - 1e-6, 1.0]
 V = 37
@@ -186,55 +190,6 @@ def test_skew_jensen_near_ends_fp32_against_float64():
 
 
 # ----------------------------------------------------------------------------- the trainers' code
-def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
-                             reduction="batchmean"):
-    """Trainer-style code: a transcription of TRL's GKDTrainer.generalized_jsd_loss
-    (huggingface/trl, trl/trainer/gkd_trainer.py)."""
-    student_logits = student_logits / temperature
-    teacher_logits = teacher_logits / temperature
-    student_log_probs = F.log_softmax(student_logits, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
-    if beta == 0:
-        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    elif beta == 1:
-        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
-    else:
-        beta = torch.tensor(beta, dtype=student_log_probs.dtype)
-        mixture_log_probs = torch.logsumexp(
-            torch.stack([student_log_probs + torch.log(1 - beta), teacher_log_probs + torch.log(beta)]),
-            dim=0,
-        )
-        kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
-        kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
-        jsd = beta * kl_teacher + (1 - beta) * kl_student
-    if labels is not None:
-        mask = labels != -100
-        jsd = jsd[mask]
-    if reduction == "batchmean":
-        return jsd.sum() / mask.sum() if labels is not None else jsd.sum() / (jsd.size(0) * jsd.size(1))
-    elif reduction == "sum":
-        return jsd.sum()
-    elif reduction == "mean":
-        return jsd.mean()
-    else:
-        return jsd
-
-
-def liger_jsd_rows(X, Y, beta):
-    """Trainer-style code: the per-element formulas of Liger-Kernel's _jsd_kernel
-    (linkedin/Liger-Kernel, src/liger_kernel/ops/jsd.py); X = log Q (student), Y = log P
-    (teacher), summed per row."""
-    if beta == 0.0:
-        loss = Y.exp() * (Y - X)
-    elif beta == 1.0:
-        loss = X.exp() * (X - Y)
-    else:
-        P, Q = Y.exp(), X.exp()
-        M = beta * P + (1 - beta) * Q
-        loss = beta * P * Y + (1 - beta) * Q * X - M * torch.log(M)
-    return loss.sum(-1)
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_jsd_convention_is_trl_generalized_jsd(beta, temperature):
@@ -359,6 +314,49 @@ def test_torch_func_transforms():
     _close(g, g_ref, 1e-6)
     per_row = torch.func.vmap(lambda s, t: ger_distill_loss(s, t, beta=0.3))(zs0, zt.detach())
     _close(per_row, ger_distill_loss(zs0, zt.detach(), beta=0.3, reduction="none").mean(-1), 1e-6)
+
+
+@pytest.mark.parametrize("beta,T,hw,dtype,teacher_grad", [
+    (0.5, 2.0, 0.1, torch.float32, True),   # mix, tempered, hard CE at T != 1, teacher trained
+    (0.0, 1.0, 0.0, torch.float32, False),  # forward KL
+    (1.0, 0.5, 1.0, torch.bfloat16, True),  # reverse KL, only the hard term weighs (gD = 0)
+])
+def test_inductor_lowering_equals_eager_op(beta, T, hw, dtype, teacher_grad):
+    """ger::distill_fwd / distill_bwd lowered by Inductor (lowerings/distill.py) against
+    the ops' eager kernels and the float64 reference, value and gradients, with -inf
+    logits (a masked vocabulary) in some rows; the generated code calls no ger op (the
+    lowering ran) and the forward is one fused kernel."""
+    g = torch.Generator().manual_seed(7)
+    R, Vn = 19, 203
+    zs = (3 * torch.randn(R, Vn, generator=g)).to(dtype)
+    zt = (3 * torch.randn(R, Vn, generator=g)).to(dtype)
+    zs[2, :7] = zt[2, :7] = -math.inf  # masked classes in both
+    zt[4, 10:20] = -math.inf  # the teacher excludes classes the student does not
+    zs.requires_grad_()
+    zt.requires_grad_(teacher_grad)
+    y = torch.randint(7, Vn, (R,), generator=g)
+    y[5] = -100
+    kw = dict(beta=beta, temperature=T, hard_weight=hw)
+
+    def f(a, b):
+        return ger_distill_loss(a, b, y, **kw)
+
+    wrt = [zs] + ([zt] if teacher_grad else [])
+    compiled = torch.compile(f, backend="inductor", fullgraph=True, dynamic=False)
+    _, code = _compat.run_and_get_code(lambda: (lambda l: (l, torch.autograd.grad(l, wrt)))(compiled(zs, zt)))
+    got = compiled(zs, zt)
+    ref = f(zs, zt)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    exact = ger_distill_reference(zs.double(), zt.double(), y, **kw)
+    for other in (ref, exact):  # NaN where eager is NaN (0 * the infinite KL of row 4 at hard_weight = 1)
+        torch.testing.assert_close(got.double(), other.double(), rtol=tol, atol=0.0, equal_nan=True)
+    for a, b in zip(_grads(got, wrt), _grads(ref, wrt)):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * 1e-2, equal_nan=True)
+    fwd, bwd = code
+    FileCheck().check_not("ger.distill").run(fwd)
+    FileCheck().check_not("ger.distill").run(bwd)
+    assert fwd.count("cpp_fused") == 2, fwd  # the kernel's definition and its one call
 
 
 def test_compiled_aot_eager():
@@ -508,6 +506,35 @@ def test_token_stats_double_backward_and_compile():
     b = ger_token_stats(z, y, temperature=0.5)
     _close(a.logp, b.logp, 1e-12)
     _close(a.entropy, b.entropy, 1e-12)
+
+
+@pytest.mark.parametrize("T,dtype", [(0.7, torch.float32), (1.0, torch.bfloat16)])
+def test_token_stats_inductor_lowering(T, dtype):
+    """ger::token_fwd / token_bwd lowered by Inductor against the eager kernels and the
+    float64 reference (with -inf logits in a row), logp, entropy and the KL estimator
+    weighted into one loss; the generated code calls no ger op."""
+    g = torch.Generator().manual_seed(3)
+    z = (2 * torch.randn(23, 157, generator=g)).to(dtype)
+    z[1, :9] = -math.inf
+    z.requires_grad_()
+    y = torch.randint(9, 157, (23,), generator=g)
+    ref_lp = torch.randn(23, generator=g) - 5
+
+    def f(x):
+        st = ger_token_stats(x, y, temperature=T, ref_logprobs=ref_lp, kl_estimator="k3")
+        return st.logp.sum() * 0.3 - 0.01 * st.entropy.mean() + 0.1 * st.kl.mean(), st
+
+    compiled = torch.compile(f, backend="inductor", fullgraph=True, dynamic=False)
+    _, code = _compat.run_and_get_code(lambda: torch.autograd.grad(compiled(z)[0], z))
+    (loss, st), (l_ref, st_ref) = compiled(z), f(z)
+    exact = ger_token_stats_reference(z.double(), y, temperature=T, ref_logprobs=ref_lp, kl_estimator="k3")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b, c in ((st.logp, st_ref.logp, exact.logp), (st.entropy, st_ref.entropy, exact.entropy)):
+        _close(a, b, tol)
+        _close(a, c, tol)
+    _close(torch.autograd.grad(loss, z)[0], torch.autograd.grad(l_ref, z)[0], tol)
+    for c in code:
+        FileCheck().check_not("ger.token").run(c)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -19,5 +19,6 @@ def ensure_registered() -> None:
             return
         from . import ger_loss  # noqa: F401  (registers on import)
         from . import conv_bn  # noqa: F401  (registers on import)
+        from . import distill  # noqa: F401  (registers on import)
 
         _registered = True

@@ -4,5 +4,6 @@
 from . import ger_loss  # noqa: F401
 from . import conv_bn  # noqa: F401
 from . import linear_loss  # noqa: F401
+from . import distill  # noqa: F401
 
 __all__ = ["ger_loss"]

@@ -1,0 +1,292 @@
+"""Inductor IR lowerings of ``ger::distill_fwd`` and ``ger::distill_bwd``.
+
+The math of ``ops/distill.py`` (the row math of ``ger_inductor.distill``), written once
+in Inductor IR, so it becomes C++ on CPU and Triton on GPUs.
+
+Forward, per row pair (z_s, z_t), a = z_s / T, b = z_t / T:
+
+    loop 1   Ms = max a, Mt = max b (M1 = max z_s for the CE at T != 1)
+    loop 2   Ss = sum e^(a - Ms), St = sum e^(b - Mt) (S1)        Ls = Ms + log Ss, Lt = ...
+    loop 3   kt, ks: sum p_t (log p_t - log p_s) (fwd), sum p_s (log p_s - log p_t) (rev),
+             or sum p_t log(p_t/m), sum p_s log(p_s/m) (mix: ``distill._log_ratios``, one
+             log per element for beta in [0.25, 0.75], two logaddexp nearer the ends),
+             with p = e^(log p), 0 where p == 0
+
+Inductor fuses the reductions of a row into one kernel (a loop each over a row pair
+that is still in cache); no N x V buffer is written. Backward: ONE elementwise pass
+over the row pair writing d/dz_s (and d/dz_t when the teacher needs a gradient), p
+recomputed from the saved log-sum-exps. ``ger::token_fwd`` / ``token_bwd`` (the per-token
+log p(y) and entropy of policy-gradient training) are lowered the same way. Tested against the eager kernels (tests/test_distill.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _compat
+from ..distill import LOG_FORM_BETAS
+from ..ops.distill import compute_dtype
+
+aten = torch.ops.aten
+
+
+class _Pair:
+    """Loaders and IR helpers of (R, V) student / teacher rows."""
+
+    def __init__(self, zs, zt, y, T: float):
+        self.ir = _compat.inductor_ir()
+        _, self.ops = _compat.inductor_ops()
+        self.R, self.V = zs.get_size()
+        self.device = zs.get_device()
+        self.s_dtype, self.t_dtype = zs.get_dtype(), zt.get_dtype()
+        self.cdt = compute_dtype(self.s_dtype, self.t_dtype)
+        self._zs, self._zt = zs.make_loader(), zt.make_loader()
+        self._y = y.make_loader() if y is not None else None
+        self.T = float(T)
+
+    def const(self, v: float):
+        return self.ops.constant(v, self.cdt)
+
+    def xmul(self, w, x):
+        """w * x, 0 where w == 0 (ops/ger_loss.xmul)."""
+        ops = self.ops
+        return ops.where(ops.eq(w, self.const(0.0)), self.const(0.0), ops.mul(w, x))
+
+    def zs(self, a, j):
+        return self.ops.to_dtype(self._zs([a, j]), self.cdt)
+
+    def zt(self, a, j):
+        return self.ops.to_dtype(self._zt([a, j]), self.cdt)
+
+    def tempered(self, x):
+        return x if self.T == 1.0 else self.ops.truediv(x, self.const(self.T))
+
+    def a(self, r, j):
+        return self.tempered(self.zs(r, j))
+
+    def b(self, r, j):
+        return self.tempered(self.zt(r, j))
+
+    def reduction(self, fn, rtype: str):
+        """A per-row reduction over the classes. (Chaining them so that Inductor's CPU
+        backend fuses them under one loop over the rows measured slower on a 2-core
+        CPU, 210 vs 129 ms for the JSD forward at 2048 x 32000: each runs as its own
+        vectorised sweep.)"""
+        out = self.ir.Reduction.create(
+            device=self.device, dst_dtype=self.cdt, src_dtype=self.cdt,
+            inner_fn=lambda idx, ridx: fn(idx[0], ridx[0]),
+            ranges=[self.R], reduction_ranges=[self.V], reduction_type=rtype,
+        )
+        out.realize()
+        return out.make_loader()
+
+    def lse(self, x):
+        """(a loader of LSE_j x(r, j), as IEEE as distill._lse: max, then sum of e^(x - max))."""
+        ops = self.ops
+        M = self.reduction(x, "max")
+        S = self.reduction(lambda r, j: ops.exp(ops.sub(x(r, j), M([r]))), "sum")
+        return lambda idx: ops.add(M(idx), ops.log(S(idx)))
+
+    def pointwise(self, fn, ranges, dtype):
+        return self.ir.Pointwise.create(device=self.device, dtype=dtype, inner_fn=fn, ranges=list(ranges))
+
+    def empty(self, dtype):
+        return _compat.inductor_lowerings()[aten.empty.memory_format]([0], dtype=dtype, device=self.device)
+
+    def logaddexp_c(self, x, c: float):
+        """logaddexp(x, c) for a finite constant c, as torch.logaddexp: max + log1p(e^-|x - c|)
+        (+inf at x = +inf, c at x = -inf, NaN at NaN)."""
+        ops = self.ops
+        cc = self.const(c)
+        return ops.add(ops.maximum(x, cc), ops.log1p(ops.exp(ops.neg(ops.abs(ops.sub(x, cc))))))
+
+    def log_ratios(self, lpt, lps, pt, ps, beta: float):
+        """(log(p_t/m), log(p_s/m)): the expressions of distill._log_ratios."""
+        ops = self.ops
+        lo, hi = LOG_FORM_BETAS
+        if lo <= beta <= hi:
+            log_m = ops.log(ops.add(ops.mul(self.const(beta), pt), ops.mul(self.const(1.0 - beta), ps)))
+            return ops.sub(lpt, log_m), ops.sub(lps, log_m)
+        r = ops.sub(lpt, lps)
+        la, lb = math.log(beta), math.log1p(-beta)
+        return (ops.neg(self.logaddexp_c(ops.sub(self.const(lb), r), la)),
+                ops.neg(self.logaddexp_c(ops.add(self.const(la), r), lb)))
+
+
+def _register() -> None:
+    @_compat.register_lowering(torch.ops.ger.distill_fwd.default, type_promotion_kind=None)
+    def distill_fwd(zs, zt, y, kind, beta, wt, ws, T, hard, ignore_index, chunk):
+        P = _Pair(zs, zt, y, T)
+        ops = P.ops
+        Ls = P.lse(P.a)
+        Lt = P.lse(P.b)
+        Ls1 = (P.lse(P.zs) if P.T != 1.0 else Ls) if hard else None
+
+        def logs(r, j):
+            return ops.sub(P.a(r, j), Ls([r])), ops.sub(P.b(r, j), Lt([r]))
+
+        kt = ks = None
+        if kind == "fwd":
+            def kt_fn(r, j):
+                lps, lpt = logs(r, j)
+                return P.xmul(ops.exp(lpt), ops.sub(lpt, lps))
+            kt = P.reduction(kt_fn, "sum")
+        elif kind == "rev":
+            def ks_fn(r, j):
+                lps, lpt = logs(r, j)
+                return P.xmul(ops.exp(lps), ops.sub(lps, lpt))
+            ks = P.reduction(ks_fn, "sum")
+        else:
+            def both(r, j):
+                lps, lpt = logs(r, j)
+                ps, pt = ops.exp(lps), ops.exp(lpt)
+                return ps, pt, P.log_ratios(lpt, lps, pt, ps, beta)
+
+            def kt_fn(r, j):
+                _, pt, (ltm, _) = both(r, j)
+                return P.xmul(pt, ltm)
+
+            def ks_fn(r, j):
+                ps, _, (_, lsm) = both(r, j)
+                return P.xmul(ps, lsm)
+            kt = P.reduction(kt_fn, "sum")
+            ks = P.reduction(ks_fn, "sum")
+
+        zero = lambda idx: P.const(0.0)  # noqa: E731
+        kt_out = (lambda idx: kt(idx)) if kt is not None else zero
+        ks_out = (lambda idx: ks(idx)) if ks is not None else zero
+        if kind == "fwd":
+            D_fn = kt_out
+        elif kind == "rev":
+            D_fn = ks_out
+        else:
+            D_fn = lambda idx: ops.add(ops.mul(P.const(wt), kt(idx)), ops.mul(P.const(ws), ks(idx)))  # noqa: E731
+
+        rows = [P.R]
+        D = P.pointwise(D_fn, rows, P.cdt)
+        if hard:
+            def nll_fn(idx):
+                (r,) = idx
+                j = ops.indirect_indexing(P._y([r]), P.V, check=True, wrap_neg=False)
+                return ops.sub(Ls1([r]), P.zs(r, j))
+            nll = P.pointwise(nll_fn, rows, P.cdt)
+            ls1 = P.pointwise(lambda idx: Ls1(idx), rows, P.cdt)
+        else:
+            nll = P.empty(P.cdt)
+            ls1 = P.empty(P.cdt)
+        return (D, nll, P.pointwise(lambda idx: Ls(idx), rows, P.cdt), P.pointwise(lambda idx: Lt(idx), rows, P.cdt),
+                ls1, P.pointwise(kt_out, rows, P.cdt), P.pointwise(ks_out, rows, P.cdt))
+
+    @_compat.register_lowering(torch.ops.ger.distill_bwd.default, type_promotion_kind=None)
+    def distill_bwd(gD, gn, zs, zt, y, Ls, Lt, Ls1, kt, ks, kind, beta, wt, ws, T, hard, ignore_index, need_s,
+                    need_t, chunk):
+        P = _Pair(zs, zt, y, T)
+        ops = P.ops
+        Ls_, Lt_ = Ls.make_loader(), Lt.make_loader()
+        kt_, ks_ = kt.make_loader(), ks.make_loader()
+        gD_ = gD.make_loader() if gD is not None else None
+        gn_ = gn.make_loader() if (gn is not None and hard) else None
+        Ls1_ = Ls1.make_loader() if gn_ is not None and P.T != 1.0 else None
+
+        def pre(r, j):
+            lps = ops.sub(P.a(r, j), Ls_([r]))
+            lpt = ops.sub(P.b(r, j), Lt_([r]))
+            return lps, lpt, ops.exp(lps), ops.exp(lpt)
+
+        def g_of(r):
+            return ops.truediv(ops.to_dtype(gD_([r]), P.cdt), P.const(P.T))
+
+        def ds_fn(idx):
+            r, j = idx
+            lps, lpt, ps, pt = pre(r, j)
+            out = None
+            if gD_ is not None:
+                if kind == "fwd":
+                    da = ops.sub(ps, pt)
+                elif kind == "rev":
+                    da = P.xmul(ps, ops.sub(ops.sub(lps, lpt), ks_([r])))
+                else:
+                    lsm = P.log_ratios(lpt, lps, pt, ps, beta)[1]
+                    da = ops.mul(P.const(ws), P.xmul(ps, ops.sub(lsm, ks_([r]))))
+                out = P.xmul(g_of(r), da)
+            if gn_ is not None:
+                p1 = ps if P.T == 1.0 else ops.exp(ops.sub(P.zs(r, j), Ls1_([r])))
+                g = ops.to_dtype(gn_([r]), P.cdt)
+                is_y = ops.eq(ops.index_expr(j, torch.int64), ops.to_dtype(P._y([r]), torch.int64))
+                h = ops.add(P.xmul(g, p1), ops.where(is_y, ops.neg(g), P.const(0.0)))
+                out = h if out is None else ops.add(out, h)
+            if out is None:
+                out = P.const(0.0)
+            return ops.to_dtype(out, P.s_dtype)
+
+        def dt_fn(idx):
+            r, j = idx
+            lps, lpt, ps, pt = pre(r, j)
+            if gD_ is None:
+                return ops.to_dtype(P.const(0.0), P.t_dtype)
+            if kind == "fwd":
+                db = P.xmul(pt, ops.sub(ops.sub(lpt, lps), kt_([r])))
+            elif kind == "rev":
+                db = ops.sub(pt, ps)
+            else:
+                ltm = P.log_ratios(lpt, lps, pt, ps, beta)[0]
+                db = ops.mul(P.const(wt), P.xmul(pt, ops.sub(ltm, kt_([r]))))
+            return ops.to_dtype(P.xmul(g_of(r), db), P.t_dtype)
+
+        full = [P.R, P.V]
+        g_s = P.pointwise(ds_fn, full, P.s_dtype) if need_s else P.empty(P.s_dtype)
+        g_t = P.pointwise(dt_fn, full, P.t_dtype) if need_t else P.empty(P.t_dtype)
+        return g_s, g_t
+
+
+    @_compat.register_lowering(torch.ops.ger.token_fwd.default, type_promotion_kind=None)
+    def token_fwd(z, y, T, chunk):
+        P = _Pair(z, z, y, T)  # one row: the "student" side only
+        ops = P.ops
+        L = P.lse(P.a)
+
+        def h_fn(r, j):  # -p log p, 0 where p == 0
+            lp = ops.sub(P.a(r, j), L([r]))
+            return ops.neg(P.xmul(ops.exp(lp), lp))
+
+        H = P.reduction(h_fn, "sum")
+
+        def logp_fn(idx):
+            (r,) = idx
+            j = ops.indirect_indexing(P._y([r]), P.V, check=True, wrap_neg=False)
+            return ops.sub(P.a(r, j), L([r]))
+
+        rows = [P.R]
+        return (P.pointwise(logp_fn, rows, P.cdt), P.pointwise(lambda idx: H(idx), rows, P.cdt),
+                P.pointwise(lambda idx: L(idx), rows, P.cdt))
+
+    @_compat.register_lowering(torch.ops.ger.token_bwd.default, type_promotion_kind=None)
+    def token_bwd(g_lp, g_H, z, y, L, H, T, chunk):
+        P = _Pair(z, z, y, T)
+        ops = P.ops
+        L_, H_ = L.make_loader(), H.make_loader()
+        glp = g_lp.make_loader() if g_lp is not None else None
+        gH = g_H.make_loader() if g_H is not None else None
+
+        def fn(idx):  # [g_lp (onehot - p) - g_H p (log p + H)] / T
+            r, j = idx
+            lp = ops.sub(P.a(r, j), L_([r]))
+            p = ops.exp(lp)
+            out = P.const(0.0)
+            if gH is not None:
+                g = ops.to_dtype(gH([r]), P.cdt)
+                out = ops.sub(out, P.xmul(g, P.xmul(p, ops.add(lp, H_([r])))))
+            if glp is not None:
+                g = ops.to_dtype(glp([r]), P.cdt)
+                is_y = ops.eq(ops.index_expr(j, torch.int64), ops.to_dtype(P._y([r]), torch.int64))
+                out = ops.add(ops.sub(out, P.xmul(g, p)), ops.where(is_y, g, P.const(0.0)))
+            if P.T != 1.0:
+                out = ops.truediv(out, P.const(P.T))
+            return ops.to_dtype(out, P.s_dtype)
+
+        return P.pointwise(fn, [P.R, P.V], P.s_dtype)
+
+
+_register()
