@@ -10,6 +10,15 @@ Variants, same inputs, one process:
   ger_distill_loss eager   the public API without compile (the ops' chunked eager kernels)
   floor2            the in-run floor for reading two logit rows: one exp pass of each
                     into a reused buffer + one max pass of each
+
+With the lm heads (h (N, H) @ W.T (V, H), N=1024, H=1024, V=32000 fp32 on CPU: the
+issue's N=4096, V=128256 takes ~15 s a step on 2 cores):
+  distill_two_heads  TRL's JSD on F.linear logits of a trained student and a frozen
+                     teacher (eager / inductor) vs ger_linear_distill_loss (no N x V
+                     logits of either model) under backend="ger"
+  rl_token_head      a PPO/GRPO-style objective from the per-token log p(y), entropy and
+                     k3 KL of F.linear logits (eager / inductor / the unmodified code
+                     under ger) vs ger_linear_token_stats under backend="ger"
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from typing import Any, Callable
 
 import torch
 
-from ger_inductor import ger_distill_loss
+import torch.nn.functional as F
+
+from ger_inductor import ger_distill_loss, ger_linear_distill_loss, ger_linear_token_stats
 
 from .cases import register
 from .harness import Case, Variant
@@ -108,3 +119,114 @@ def _spellings():
 
 
 _spellings()
+
+# ----------------------------------------------------------------------------- with the lm heads
+NH, HH, VH = 1024, 1024, 32000
+
+
+def _head_setup(two: bool):
+    def setup(device):
+        g = torch.Generator().manual_seed(0)
+        out = {"h": torch.randn((NH, HH), generator=g).to(device).requires_grad_(),
+               "W": torch.randn((VH, HH), generator=g).mul_(HH ** -0.5).to(device).requires_grad_(),
+               "y": torch.randint(0, VH, (NH,), generator=g).to(device)}
+        if two:  # a frozen teacher
+            out["ht"] = torch.randn((NH, HH), generator=g).to(device)
+            out["Wt"] = torch.randn((VH, HH), generator=g).mul_(HH ** -0.5).to(device)
+        else:  # what a PPO step reads besides the policy: old / reference log-probs, advantages, a mask
+            out["old"] = (torch.randn(NH, generator=g) - 10).to(device)
+            out["ref"] = (torch.randn(NH, generator=g) - 10).to(device)
+            out["adv"] = torch.randn(NH, generator=g).to(device)
+            out["mask"] = (torch.rand(NH, generator=g) > 0.1).float().to(device)
+        return out
+
+    return setup
+
+
+def _head_step(fn: Callable, backend: str | None) -> Callable[[dict], Callable[[], Any]]:
+    def build(inp):
+        f = fn if backend is None else torch.compile(fn, backend=backend)
+        h, W = inp["h"], inp["W"]
+
+        def step():
+            loss = f(inp)
+            gh, gW = torch.autograd.grad(loss, (h, W))
+            return loss.detach(), gh, gW
+
+        return step
+
+    return build
+
+
+def _head_check(inp, out) -> str:
+    names = list(out)
+    ref = [t.double() for t in out[names[0]]]
+    msgs = []
+    for n in names[1:]:
+        got = [t.double() for t in out[n]]
+        rel = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, ref)]
+        msgs.append(f"{n}: loss rel {rel[0]:.1e}, grad_h rel {rel[1]:.1e}, grad_W rel {rel[2]:.1e}")
+    return "; ".join(msgs)
+
+
+def _trl_two_heads(inp):
+    from tests import distill_spellings as sp
+
+    zs = F.linear(inp["h"], inp["W"])
+    with torch.no_grad():
+        zt = F.linear(inp["ht"], inp["Wt"])
+    return sp.trl_generalized_jsd_loss(zs.unsqueeze(0), zt.unsqueeze(0), beta=0.5)
+
+
+def _api_two_heads(inp):
+    return ger_linear_distill_loss(inp["h"], inp["W"], inp["ht"], inp["Wt"], beta=0.5)
+
+
+def _ppo_objective(logp, entropy, kl, inp):
+    ratio = torch.exp(logp - inp["old"])
+    clipped = torch.clamp(ratio, 0.8, 1.2)
+    pg = -torch.minimum(ratio * inp["adv"], clipped * inp["adv"])
+    per_token = pg - 0.01 * entropy + 0.04 * kl
+    return (per_token * inp["mask"]).sum() / inp["mask"].sum()
+
+
+def _rl_unmodified(inp, T: float = 0.9):
+    """verl/TRL-style: logits / T, log_softmax, gather at the sampled tokens, entropy from
+    softmax * log_softmax, the k3 KL to the reference policy."""
+    logits = F.linear(inp["h"], inp["W"]) / T
+    lp = F.log_softmax(logits, dim=-1)
+    logp = lp.gather(-1, inp["y"].unsqueeze(-1)).squeeze(-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    d = inp["ref"] - logp
+    kl = torch.exp(d) - d - 1
+    return _ppo_objective(logp, entropy, kl, inp)
+
+
+def _rl_api(inp, T: float = 0.9):
+    st = ger_linear_token_stats(inp["h"], inp["W"], inp["y"], temperature=T, ref_logprobs=inp["ref"],
+                                kl_estimator="k3")
+    return _ppo_objective(st.logp, st.entropy, st.kl, inp)
+
+
+register(Case(
+    "distill_two_heads",
+    f"JSD beta=0.5 of a trained student head and a frozen teacher head, N={NH} H={HH} V={VH} fp32, fwd+bwd",
+    _head_setup(True),
+    [Variant("eager", _head_step(_trl_two_heads, None), "TRL's JSD on F.linear logits"),
+     Variant("inductor", _head_step(_trl_two_heads, "inductor")),
+     Variant("ger(trainer code)", _head_step(_trl_two_heads, "ger"), "unmodified code under backend=ger"),
+     Variant("ger_linear_distill_loss", _head_step(_api_two_heads, "ger"), "the public API: no N x V logits"),
+     Variant("ger_linear_distill_loss eager", _head_step(_api_two_heads, None))],
+    check=_head_check,
+))
+register(Case(
+    "rl_token_head",
+    f"PPO-style objective from log p(y), entropy and k3 KL at T=0.9, N={NH} H={HH} V={VH} fp32, fwd+bwd",
+    _head_setup(False),
+    [Variant("eager", _head_step(_rl_unmodified, None), "verl/TRL-style code on F.linear logits"),
+     Variant("inductor", _head_step(_rl_unmodified, "inductor")),
+     Variant("ger(unmodified)", _head_step(_rl_unmodified, "ger"), "unmodified code under backend=ger"),
+     Variant("ger_linear_token_stats", _head_step(_rl_api, "ger"), "the public API: no N x V logits"),
+     Variant("ger_linear_token_stats eager", _head_step(_rl_api, None))],
+    check=_head_check,
+))

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 from .autotune import clear_decisions, decisions, export_decisions, import_decisions
 from .debug import GraphReport, clear_reports, last_report, reports
 from .distill import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
-                      ger_token_stats, ger_token_stats_reference)
+                      ger_linear_token_stats, ger_token_stats, ger_token_stats_reference)
 from .distributed import ger_loss_vocab_parallel
 from .fleet import PINNED_PROFILES, DeviceProfile
 from .lm_head import ger_linear_loss
@@ -35,6 +35,7 @@ __all__ = [
     "ger_distill_reference",
     "ger_linear_distill_loss",
     "ger_token_stats",
+    "ger_linear_token_stats",
     "ger_token_stats_reference",
     "TokenStats",
     "GerOptions",

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import _compat
 from . import losses as _losses
+from .ops import distill as _ops_distill
 from .ops import linear_loss as _lin
 from .ops.ger_loss import xmul
 
@@ -339,7 +340,7 @@ def distill_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfig
     op (ops/distill.py): chunks of rows eagerly, one fused kernel under Inductor; saves
     the logits and O(R) statistics for an analytic backward (``ger::distill_bwd``)."""
     D, nll, *_ = torch.ops.ger.distill_fwd(zs, zt, y, cfg.kind, cfg.beta, cfg.wt, cfg.ws, cfg.T, cfg.hard,
-                                           cfg.ignore_index, chunk or 0)
+                                           cfg.ignore_index, chunk or 0, _ops_distill.REV)
     return D, nll
 
 
@@ -612,22 +613,23 @@ class _LinearDistillRows(torch.autograd.Function):
 
 
 def _check_head(who: str, name: str, h: Tensor, W: Tensor, b: Optional[Tensor]) -> None:
+    n = f"{name}_" if name else ""  # argument names: student_hidden, ... or hidden, ...
     if not isinstance(h, Tensor) or not isinstance(W, Tensor) or (b is not None and not isinstance(b, Tensor)):
-        raise TypeError(f"{who}: {name}_hidden, {name}_weight and {name}_bias must be tensors")
+        raise TypeError(f"{who}: {n}hidden, {n}weight and {n}bias must be tensors")
     if h.dim() < 1 or W.dim() != 2:
-        raise ValueError(f"{who}: expected {name}_hidden (..., H) and {name}_weight (V, H), got "
+        raise ValueError(f"{who}: expected {n}hidden (..., H) and {n}weight (V, H), got "
                          f"{tuple(h.shape)} and {tuple(W.shape)}")
     if h.shape[-1] != W.shape[1]:
-        raise ValueError(f"{who}: {name}_hidden has {h.shape[-1]} features but {name}_weight {tuple(W.shape)} "
+        raise ValueError(f"{who}: {n}hidden has {h.shape[-1]} features but {n}weight {tuple(W.shape)} "
                          f"expects {W.shape[1]}")
     if h.dtype not in _losses.LOGIT_DTYPES:
-        raise TypeError(f"{who}: {name}_hidden must be float16, bfloat16, float32 or float64, got {h.dtype}")
+        raise TypeError(f"{who}: {n}hidden must be float16, bfloat16, float32 or float64, got {h.dtype}")
     if W.dtype != h.dtype or (b is not None and b.dtype != h.dtype):
-        raise TypeError(f"{who}: {name}_hidden, {name}_weight and {name}_bias must share a dtype")
+        raise TypeError(f"{who}: {n}hidden, {n}weight and {n}bias must share a dtype")
     if b is not None and tuple(b.shape) != (W.shape[0],):
-        raise ValueError(f"{who}: {name}_bias must be (V,) = ({W.shape[0]},), got {tuple(b.shape)}")
+        raise ValueError(f"{who}: {n}bias must be (V,) = ({W.shape[0]},), got {tuple(b.shape)}")
     if W.device != h.device or (b is not None and b.device != h.device):
-        raise ValueError(f"{who}: {name}_hidden, {name}_weight and {name}_bias must be on one device")
+        raise ValueError(f"{who}: {n}hidden, {n}weight and {n}bias must be on one device")
 
 
 def ger_linear_distill_loss(
@@ -791,8 +793,14 @@ def _check_token_args(who, logits, target, temperature, ref_logprobs, kl_estimat
         raise TypeError(f"{who}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"{who}: logits must be (..., V) with V >= 1, got {list(logits.shape)}")
-    rows_shape = tuple(logits.shape[:-1])
-    _check_target(who, target, rows_shape, logits.device, f"the logits {list(logits.shape)} without their last dimension")
+    return _check_token_rest(who, tuple(logits.shape[:-1]), logits.device,
+                             f"the logits {list(logits.shape)} without their last dimension", target, temperature,
+                             ref_logprobs, kl_estimator)
+
+
+def _check_token_rest(who, rows_shape, device, what, target, temperature, ref_logprobs, kl_estimator):
+    """The checks of the target, temperature and KL arguments against rows of ``rows_shape``."""
+    _check_target(who, target, rows_shape, device, what)
     T = _positive(who, "temperature", temperature)
     if kl_estimator is not None and kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"{who}: kl_estimator must be one of {KL_ESTIMATORS} (k1 = logp - ref, "
@@ -806,8 +814,8 @@ def _check_token_args(who, logits, target, temperature, ref_logprobs, kl_estimat
         if tuple(ref_logprobs.shape) != tuple(target.shape):
             raise ValueError(f"{who}: ref_logprobs shape {list(ref_logprobs.shape)} must match target "
                              f"{list(target.shape)}")
-        if ref_logprobs.device != logits.device:
-            raise ValueError(f"{who}: ref_logprobs is on {ref_logprobs.device} but logits on {logits.device}")
+        if ref_logprobs.device != device:
+            raise ValueError(f"{who}: ref_logprobs is on {ref_logprobs.device} but the logits on {device}")
     return T, rows_shape
 
 
@@ -846,7 +854,102 @@ def ger_token_stats(
     if not _losses.is_compiling() and _compat.functorch_transformed(logits, target):
         logp, H, _ = token_forward(z.to(cd), y, T)
     else:
-        logp, H, _ = torch.ops.ger.token_fwd(z, y, T, chunk_size or 0)
+        logp, H, _ = torch.ops.ger.token_fwd(z, y, T, chunk_size or 0, _ops_distill.REV)
+    logp, H = logp.reshape(rows_shape), H.reshape(rows_shape)
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_estimate(logp, ref_logprobs.to(cd), kl_estimator)
+    return TokenStats(logp, H, kl)
+
+
+class _LinearTokenRows(torch.autograd.Function):
+    """(logp, H) per token of an lm head, ``chunk`` tokens at a time: only (chunk, V)
+    logits exist at once. Saves h, W, b, the targets and O(tokens) statistics (L, H);
+    the backward recomputes each chunk's logits (the loss downstream of the statistics -
+    a PPO ratio, advantages, masks - is the user's, so its gradient is known only then)."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, y, T, cd, chunk):
+        N, V = h.shape[0], W.shape[0]
+        c = _chunk_rows(chunk, N, V)
+        logp = h.new_empty((N,), dtype=cd)
+        H = torch.empty_like(logp)
+        L = torch.empty_like(logp)
+        for s in range(0, N, c):
+            e = min(s + c, N)
+            z = F.linear(h[s:e], W, b).to(cd)
+            logp[s:e], H[s:e], L[s:e] = token_forward(z, y[s:e], T)
+        ctx.save_for_backward(h, W, b, y, L, H)
+        ctx.T, ctx.cd, ctx.chunk = T, cd, c
+        ctx.set_materialize_grads(False)
+        return logp, H
+
+    @staticmethod
+    def backward(ctx, g_lp, g_H):
+        h, W, b, y, L, H = ctx.saved_tensors
+        needs = _needs(ctx.needs_input_grad, 0, b is not None)
+        none = (None,) * 7
+        if not needs or (g_lp is None and g_H is None):
+            return none
+        if torch.is_grad_enabled():
+            raise RuntimeError("ger_linear_token_stats: a double backward (backward(create_graph=True)) is not "
+                               "supported; use ger_token_stats on materialised logits for higher-order gradients")
+        T, cd, c = ctx.T, ctx.cd, ctx.chunk
+        grads = _head_grads_init(h, W, b, needs, cd)
+        for s in range(0, h.shape[0], c):
+            e = min(s + c, h.shape[0])
+            z = F.linear(h[s:e], W, b).to(cd)
+            dz = token_backward(z, y[s:e], T, L[s:e], H[s:e], None if g_lp is None else g_lp[s:e].to(cd),
+                                None if g_H is None else g_H[s:e].to(cd))
+            del z
+            _head_grads_add(grads, dz, h, W, s, e, needs)
+        gh, gw, gb = _head_grads_done(grads, W, b)
+        return (gh if needs & _lin.NEED_H else None, gw if needs & _lin.NEED_W else None,
+                gb if needs & _lin.NEED_B else None, None, None, None, None)
+
+
+def ger_linear_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ref_logprobs: Optional[Tensor] = None,
+    kl_estimator: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+) -> TokenStats:
+    """``ger_token_stats(F.linear(hidden, weight, bias), target, ...)`` without the (N, V)
+    logits: ``chunk_size`` tokens at a time (default: a ~32 MiB fp32 (chunk, V) buffer).
+    ``hidden`` (..., H), ``weight`` (V, H), ``target`` (...) the sampled tokens. The
+    forward keeps O(tokens) statistics; the backward recomputes each chunk's logits
+    (one more matmul than a materialised head) and forms grad_hidden, grad_weight and
+    grad_bias chunk by chunk. A double backward is not supported.
+
+    >>> import torch
+    >>> h, W = torch.randn(2, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    >>> st = ger_linear_token_stats(h, W, torch.randint(0, 11, (2, 3)), temperature=0.7)
+    >>> (st.logp.sum() - 0.01 * st.entropy.mean()).backward()
+    """
+    who = "ger_linear_token_stats"
+    _check_head(who, "", hidden, weight, bias)
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError(f"{who}: the head has 0 classes")
+    rows_shape = tuple(hidden.shape[:-1])
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{who}: target must be a tensor")
+    T, _ = _check_token_rest(who, rows_shape, hidden.device, "the hidden states without their last dimension", target,
+                             temperature, ref_logprobs, kl_estimator)
+    _check_chunk(who, chunk_size)
+    cd = _compute_dtype(hidden.dtype)
+    y = target.reshape(-1).long()
+    _check_target_range(who, y, V, None)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if not _losses.is_compiling() and _compat.functorch_transformed(hidden, weight, bias, target):
+        logp, H, _ = token_forward(F.linear(h, weight, bias).to(cd), y, T)
+    else:
+        logp, H = _LinearTokenRows.apply(h, weight, bias, y, T, cd, chunk_size)
     logp, H = logp.reshape(rows_shape), H.reshape(rows_shape)
     kl = None
     if ref_logprobs is not None:

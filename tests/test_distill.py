@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ger_inductor import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
-                          ger_token_stats, ger_token_stats_reference)
+                          ger_linear_token_stats, ger_token_stats, ger_token_stats_reference)
 from ger_inductor import _compat
 from ger_inductor.losses import TargetDtypeError
 from torch.testing import FileCheck
@@ -535,6 +535,94 @@ def test_token_stats_inductor_lowering(T, dtype):
     _close(torch.autograd.grad(loss, z)[0], torch.autograd.grad(l_ref, z)[0], tol)
     for c in code:
         FileCheck().check_not("ger.token").run(c)
+
+
+@pytest.mark.parametrize("dtype,bias,chunk", [(torch.float32, True, 3), (torch.bfloat16, False, None)])
+def test_linear_token_stats_equal_logits_version(dtype, bias, chunk):
+    """ger_linear_token_stats (the head chunked, logits recomputed in the backward)
+    against ger_token_stats on materialised logits and the float64 reference: the
+    statistics, the KL estimator, and grad_hidden / grad_weight / grad_bias of a PPO-like
+    masked objective built from them."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 5, 6, generator=g).to(dtype).requires_grad_()
+    W = (0.7 * torch.randn(V, 6, generator=g)).to(dtype).requires_grad_()
+    b = (0.3 * torch.randn(V, generator=g)).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, V, (2, 5), generator=g)
+    ref_lp = torch.randn(2, 5, generator=g) - 3
+    adv, mask = torch.randn(2, 5, generator=g), (torch.rand(2, 5, generator=g) > 0.2).float()
+    kw = dict(temperature=0.8, ref_logprobs=ref_lp, kl_estimator="k3")
+
+    def objective(st):
+        ratio = torch.exp(st.logp - st.logp.detach())
+        return (-(ratio * adv) * mask).sum() / mask.sum() - 0.01 * st.entropy.mean() + 0.05 * st.kl.mean()
+
+    a = ger_linear_token_stats(h, W, y, bias=b, chunk_size=chunk, **kw)
+    r = ger_token_stats(F.linear(h, W, b), y, **kw)
+    exact = ger_token_stats_reference(F.linear(h.double(), W.double(), None if b is None else b.double()), y, **kw)
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    for x, z, e in zip(a, r, exact):
+        assert x.dtype == torch.float32
+        _close(x, z, tol)
+        _close(x, e, tol)
+    params = [h, W] + ([b] if bias else [])
+    for x, z in zip(_grads(objective(a), params), _grads(objective(r), params)):
+        assert x.dtype == dtype
+        _close(x, z, tol if dtype == torch.float32 else 3e-2)
+
+
+def test_linear_token_stats_errors_and_memory():
+    h, W = torch.randn(4, 6, requires_grad=True), torch.randn(V, 6, requires_grad=True)
+    y = torch.randint(0, V, (4,))
+    with pytest.raises(ValueError, match="hidden has 5 features but weight"):
+        ger_linear_token_stats(h[:, :5], W, y)
+    with pytest.raises(TypeError, match="hidden, weight and bias must share a dtype"):
+        ger_linear_token_stats(h, W.double(), y)
+    with pytest.raises(ValueError, match="target"):
+        ger_linear_token_stats(h, W, y[:3])
+    with pytest.raises(IndexError):
+        ger_linear_token_stats(h, W, torch.full((4,), V))
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ger_linear_token_stats(h, W, y, temperature=0.0)
+    st = ger_linear_token_stats(h, W, y, chunk_size=2)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(st.logp.sum(), h, create_graph=True)
+    # what the backward keeps: the inputs and O(tokens) statistics, never a (tokens, V) tensor
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        ger_linear_token_stats(h, W, y, chunk_size=2).logp.sum()
+    assert (4, V) not in saved and saved, saved
+    # traced whole by torch.compile (the chunk loop unrolled)
+    f = lambda h_, W_: ger_linear_token_stats(h_, W_, y, chunk_size=3).logp.sum()  # noqa: E731
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(h, W)
+    want = f(h, W)
+    _close(got, want, 1e-6)
+    for x, z in zip(_grads(got, [h, W]), _grads(want, [h, W])):
+        _close(x, z, 1e-6)
+
+
+def test_inductor_lowering_dynamic_shapes_compile_once():
+    """Symbolic rows and classes: the lowerings take them, one graph serves every size."""
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    def f(a, b, y):
+        return ger_distill_loss(a, b, y, beta=0.3, temperature=1.5, hard_weight=0.2)
+
+    compiled = torch.compile(f, backend=backend, dynamic=True)
+    g = torch.Generator().manual_seed(11)
+    for R, Vn in ((7, 31), (40, 77)):
+        zs = torch.randn(R, Vn, generator=g).requires_grad_()
+        zt = torch.randn(R, Vn, generator=g)
+        y = torch.randint(0, Vn, (R,), generator=g)
+        got, want = compiled(zs, zt, y), f(zs, zt, y)
+        _close(got, want, 1e-5)
+        _close(_grads(got, [zs])[0], _grads(want, [zs])[0], 1e-5)
+    assert counts["n"] == 1
 
 
 # ----------------------------------------------------------------------------- errors

@@ -34,6 +34,10 @@ JOB_TIMEOUT_S = 300
 REASONS = conv_bn_act.NEAR_MISS_REASONS
 
 
+#: one pytest-xdist worker runs this module (its 2-rank job is a module fixture): --dist loadgroup
+pytestmark = pytest.mark.xdist_group("distributed")
+
+
 # ----------------------------------------------------------------------------- the 2-rank job
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):

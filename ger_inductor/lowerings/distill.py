@@ -117,7 +117,7 @@ class _Pair:
 
 def _register() -> None:
     @_compat.register_lowering(torch.ops.ger.distill_fwd.default, type_promotion_kind=None)
-    def distill_fwd(zs, zt, y, kind, beta, wt, ws, T, hard, ignore_index, chunk):
+    def distill_fwd(zs, zt, y, kind, beta, wt, ws, T, hard, ignore_index, chunk, rev):
         P = _Pair(zs, zt, y, T)
         ops = P.ops
         Ls = P.lse(P.a)
@@ -181,7 +181,7 @@ def _register() -> None:
 
     @_compat.register_lowering(torch.ops.ger.distill_bwd.default, type_promotion_kind=None)
     def distill_bwd(gD, gn, zs, zt, y, Ls, Lt, Ls1, kt, ks, kind, beta, wt, ws, T, hard, ignore_index, need_s,
-                    need_t, chunk):
+                    need_t, chunk, rev):
         P = _Pair(zs, zt, y, T)
         ops = P.ops
         Ls_, Lt_ = Ls.make_loader(), Lt.make_loader()
@@ -242,7 +242,7 @@ def _register() -> None:
 
 
     @_compat.register_lowering(torch.ops.ger.token_fwd.default, type_promotion_kind=None)
-    def token_fwd(z, y, T, chunk):
+    def token_fwd(z, y, T, chunk, rev):
         P = _Pair(z, z, y, T)  # one row: the "student" side only
         ops = P.ops
         L = P.lse(P.a)
@@ -263,7 +263,7 @@ def _register() -> None:
                 P.pointwise(lambda idx: L(idx), rows, P.cdt))
 
     @_compat.register_lowering(torch.ops.ger.token_bwd.default, type_promotion_kind=None)
-    def token_bwd(g_lp, g_H, z, y, L, H, T, chunk):
+    def token_bwd(g_lp, g_H, z, y, L, H, T, chunk, rev):
         P = _Pair(z, z, y, T)
         ops = P.ops
         L_, H_ = L.make_loader(), H.make_loader()

@@ -22,12 +22,31 @@ reductions of a row, fused into one kernel), one elementwise pass backward.
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .ger_loss import OPS_NAMESPACE, _ensure_lowerings
+
+
+def _source_rev() -> int:
+    """A hash of the sources that decide these ops' generated code. Every call passes it
+    as the ``rev`` argument, so it is part of the graph and of Inductor's FX-graph cache
+    key: under ``backend="inductor"`` (which knows nothing of ger's lowerings) a changed
+    lowering never reuses a kernel compiled from the old one. (``backend="ger"`` also
+    hashes the package into its pass's uuid.)"""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in ("ops/distill.py", "lowerings/distill.py", "distill.py"):
+        h.update((root / rel).read_bytes())
+    return int(h.hexdigest()[:12], 16)
+
+
+#: pass as ``rev`` to every op of this module
+REV = _source_rev()
 
 
 def _cfg(kind, beta, wt, ws, T, hard, ignore_index, cd):
@@ -60,6 +79,7 @@ def distill_fwd(
     hard: bool,
     ignore_index: int,
     chunk: int,
+    rev: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..distill import forward_rows
 
@@ -83,7 +103,7 @@ def distill_fwd(
 
 
 @distill_fwd.register_fake
-def _distill_fwd_fake(zs, zt, y, kind, beta, wt, ws, T, hard, ignore_index, chunk):
+def _distill_fwd_fake(zs, zt, y, kind, beta, wt, ws, T, hard, ignore_index, chunk, rev):
     _ensure_lowerings()  # a trace is under way: Inductor may lower this op next
     R = zs.shape[0]
     cd = compute_dtype(zs.dtype, zt.dtype)
@@ -114,6 +134,7 @@ def distill_bwd(
     need_s: bool,
     need_t: bool,
     chunk: int,
+    rev: int,
 ) -> tuple[Tensor, Tensor]:
     from ..distill import RowStats, backward_rows
 
@@ -139,7 +160,7 @@ def distill_bwd(
 
 @distill_bwd.register_fake
 def _distill_bwd_fake(gD, gn, zs, zt, y, Ls, Lt, Ls1, kt, ks, kind, beta, wt, ws, T, hard, ignore_index, need_s,
-                      need_t, chunk):
+                      need_t, chunk, rev):
     _ensure_lowerings()
     return (torch.empty_like(zs) if need_s else zs.new_empty((0,)),
             torch.empty_like(zt) if need_t else zt.new_empty((0,)))
@@ -150,7 +171,7 @@ _CFG_ARGS = ("kind", "beta", "wt", "ws", "T", "hard", "ignore_index")
 
 
 def _setup_context(ctx, inputs, output):
-    zs, zt, y, *cfg, chunk = inputs
+    zs, zt, y, *cfg, chunk, _rev = inputs
     D, nll, Ls, Lt, Ls1, kt, ks = output
     ctx.save_for_backward(zs, zt, y, Ls, Lt, Ls1, kt, ks)
     ctx.cfg = tuple(cfg)
@@ -167,7 +188,7 @@ def _backward(ctx, gD, gn, *_stats):
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not hard:
         gn = None
-    none = (None,) * (3 + len(_CFG_ARGS) + 1)
+    none = (None,) * (3 + len(_CFG_ARGS) + 2)
     if (gD is None and gn is None) or not (need_s or need_t):
         return none
     if torch.is_grad_enabled():
@@ -184,10 +205,10 @@ def _backward(ctx, gD, gn, *_stats):
         g_t = next(it) if need_t else None
     else:
         g_s, g_t = distill_bwd(gD, gn, zs, zt, y, Ls, Lt, Ls1, kt, ks, kind, beta, wt, ws, T, hard, ignore_index,
-                               need_s, need_t, ctx.chunk)
+                               need_s, need_t, ctx.chunk, REV)
         g_s = g_s if need_s else None
         g_t = g_t if need_t else None
-    return (g_s, g_t) + (None,) * (1 + len(_CFG_ARGS) + 1)
+    return (g_s, g_t) + (None,) * (1 + len(_CFG_ARGS) + 2)
 
 
 distill_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -195,7 +216,7 @@ distill_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- per-token RL statistics
 @torch.library.custom_op(f"{OPS_NAMESPACE}::token_fwd", mutates_args=())
-def token_fwd(z: Tensor, y: Tensor, T: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def token_fwd(z: Tensor, y: Tensor, T: float, chunk: int, rev: int) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, H, L) per row of (R, V) logits at the sampled classes y: log softmax(z/T)[y],
     the entropy of softmax(z/T), and L = LSE(z/T) (``distill.token_forward``)."""
     from ..distill import token_forward
@@ -211,7 +232,7 @@ def token_fwd(z: Tensor, y: Tensor, T: float, chunk: int) -> tuple[Tensor, Tenso
 
 
 @token_fwd.register_fake
-def _token_fwd_fake(z, y, T, chunk):
+def _token_fwd_fake(z, y, T, chunk, rev):
     _ensure_lowerings()
     cd = compute_dtype(z.dtype)
     return tuple(z.new_empty((z.shape[0],), dtype=cd) for _ in range(3))
@@ -219,7 +240,7 @@ def _token_fwd_fake(z, y, T, chunk):
 
 @torch.library.custom_op(f"{OPS_NAMESPACE}::token_bwd", mutates_args=())
 def token_bwd(g_lp: Optional[Tensor], g_H: Optional[Tensor], z: Tensor, y: Tensor, L: Tensor, H: Tensor, T: float,
-              chunk: int) -> Tensor:
+              chunk: int, rev: int) -> Tensor:
     """d/dz of sum(g_lp logp + g_H H) (``distill.token_backward``), in z's dtype."""
     from ..distill import token_backward
 
@@ -235,13 +256,13 @@ def token_bwd(g_lp: Optional[Tensor], g_H: Optional[Tensor], z: Tensor, y: Tenso
 
 
 @token_bwd.register_fake
-def _token_bwd_fake(g_lp, g_H, z, y, L, H, T, chunk):
+def _token_bwd_fake(g_lp, g_H, z, y, L, H, T, chunk, rev):
     _ensure_lowerings()
     return torch.empty_like(z)
 
 
 def _token_setup(ctx, inputs, output):
-    z, y, T, chunk = inputs
+    z, y, T, chunk, _rev = inputs
     logp, H, L = output
     ctx.save_for_backward(z, y, L, H)
     ctx.T, ctx.chunk = T, chunk
@@ -252,14 +273,14 @@ def _token_setup(ctx, inputs, output):
 def _token_backward(ctx, g_lp, g_H, _g_L):
     z, y, L, H = ctx.saved_tensors
     if not ctx.needs_input_grad[0] or (g_lp is None and g_H is None):
-        return None, None, None, None
+        return None, None, None, None, None
     if torch.is_grad_enabled():  # double backward: autograd through the row math
         from ..distill import _differentiable_grads, token_forward
 
         cd = compute_dtype(z.dtype)
         (g,) = _differentiable_grads(lambda: token_forward(z.to(cd), y, ctx.T)[:2], (z,), (True,), (g_lp, g_H))
-        return g, None, None, None
-    return token_bwd(g_lp, g_H, z, y, L, H, ctx.T, ctx.chunk), None, None, None
+        return g, None, None, None, None
+    return token_bwd(g_lp, g_H, z, y, L, H, ctx.T, ctx.chunk, REV), None, None, None, None
 
 
 token_fwd.register_autograd(_token_backward, setup_context=_token_setup)
