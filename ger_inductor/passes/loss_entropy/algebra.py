@@ -211,9 +211,15 @@ def join_nan(a: tuple, b: tuple) -> tuple:
     return tuple(_join_inf(x, y) for x, y in zip(a, b))
 
 
+#: appended to the near-misses of expressions of two logits tensors
+TWO_DISTRIBUTIONS_HINT = (
+    ": a divergence between two distributions (distillation, a KL to a reference policy) is not found in user code "
+    "yet; ger_distill_loss / ger_linear_distill_loss compute KL, the generalized JSD and the skew-Jensen fused")
+
+
 def vadd(a: Vocab, b: Vocab, sign: float = 1.0) -> Vocab:
     if a.root != b.root:
-        raise NotRepresentable("combines two different logits tensors")
+        raise NotRepresentable("combines two different logits tensors" + TWO_DISTRIBUTIONS_HINT)
     if a.alpha is not None and b.alpha is not None and a.alpha != b.alpha:
         raise NotRepresentable("two different mixtures")
     terms = dict(a.terms)

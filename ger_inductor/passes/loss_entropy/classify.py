@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ... import losses, shapes
 from ..graph import arg as _arg, dtype as _dtype, is_op as _is, shape as _shape, target_of as _target_of, val as _val
-from .algebra import NotRepresentable, Root, Row, Vocab, add_coef, lse_row, vscale
+from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, Row, Vocab, add_coef, lse_row, vscale
 from .evaluate import (
     Evaluator, CE, GATHER, KL, LOGSUMEXP, LOG_SOFTMAX, MEAN, NLL, SOFTMAX, SUM, class_dim_ok,
     refuse_log_of_probabilities,
@@ -148,6 +148,25 @@ def _has_softmax_ancestor(node, depth: int = 8) -> bool:
     return False
 
 
+def _softmax_roots(ev: Evaluator, nodes, depth: int = 8) -> set:
+    """The logits tensors (roots, views stripped) whose softmax / log_softmax the nodes
+    are computed from, within ``depth`` steps."""
+    roots, seen, frontier = set(), set(), list(nodes)
+    for _ in range(depth):
+        nxt = []
+        for m in frontier:
+            if not isinstance(m, fx.Node) or m in seen:
+                continue
+            seen.add(m)
+            if _is(m, LOG_SOFTMAX | SOFTMAX):
+                x = m.args[0]
+                roots.add((ev._shifted_root(x) or ev.root_of(x)).base)  # the evaluator's own root
+                continue
+            nxt.extend(m.all_input_nodes)
+        frontier = nxt
+    return roots
+
+
 def _squeeze_last(index) -> fx.Node | None:
     """y from y.unsqueeze(-1) / y.view(..., 1) / y[..., None]."""
     if not isinstance(index, fx.Node):
@@ -211,6 +230,18 @@ def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
 
 
 def _classify_kl(ev: Evaluator, n: fx.Node) -> Candidate:
+    """A kl_div against a constant distribution (either direction), or the refusal; a
+    refused kl_div between two logits tensors' distributions says so (and what to call)."""
+    try:
+        return _classify_kl_one(ev, n)
+    except NotRepresentable:
+        if len(_softmax_roots(ev, [n.args[0], _arg(n, 1, "target")])) > 1:
+            raise NotRepresentable("kl_div between the distributions of two logits tensors" + TWO_DISTRIBUTIONS_HINT,
+                                   n) from None
+        raise
+
+
+def _classify_kl_one(ev: Evaluator, n: fx.Node) -> Candidate:
     inp, tgt = n.args[0], _arg(n, 1, "target")
     reduction = _arg(n, 4, "reduction", "mean")
     log_target = bool(_arg(n, 5, "log_target", False))

@@ -21,7 +21,7 @@ from ..graph import (
     target_of as _target_of, val as _val,
 )
 from .algebra import (
-    NotRepresentable, Root, Row, VPoly, Vocab, add_coef, coef_eq, join_nan, log_softmax, lse_row, probs, scale_coef,
+    TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, Row, VPoly, Vocab, add_coef, coef_eq, join_nan, log_softmax, lse_row, probs, scale_coef,
     vadd, vscale,
 )
 
@@ -316,7 +316,7 @@ class Evaluator:
             return self._scale(a, b)
         if isinstance(a, Vocab) and isinstance(b, Vocab):
             if a.root != b.root:
-                raise NotRepresentable("product of two different logits tensors")
+                raise NotRepresentable("product of two different logits tensors" + TWO_DISTRIBUTIONS_HINT)
             for x, y in ((a, b), (b, a)):
                 if x.is_(one=x.terms.get("one")) and isinstance(x.terms.get("one"), float):
                     return vscale(y, x.terms["one"])  # a constant (e.g. u = 1/V) times y
