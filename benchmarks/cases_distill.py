@@ -18,7 +18,8 @@ issue's N=4096, V=128256 takes ~15 s a step on 2 cores):
                      logits of either model) under backend="ger"
   rl_token_head      a PPO/GRPO-style objective from the per-token log p(y), entropy and
                      k3 KL of F.linear logits (eager / inductor / the unmodified code
-                     under ger) vs ger_linear_token_stats under backend="ger"
+                     under ger, variant "ger(trainer code)") vs ger_linear_token_stats
+                     under backend="ger"
 """
 
 from __future__ import annotations
@@ -208,25 +209,18 @@ def _rl_api(inp, T: float = 0.9):
     return _ppo_objective(st.logp, st.entropy, st.kl, inp)
 
 
-register(Case(
-    "distill_two_heads",
-    f"JSD beta=0.5 of a trained student head and a frozen teacher head, N={NH} H={HH} V={VH} fp32, fwd+bwd",
-    _head_setup(True),
-    [Variant("eager", _head_step(_trl_two_heads, None), "TRL's JSD on F.linear logits"),
-     Variant("inductor", _head_step(_trl_two_heads, "inductor")),
-     Variant("ger(trainer code)", _head_step(_trl_two_heads, "ger"), "unmodified code under backend=ger"),
-     Variant("ger_linear_distill_loss", _head_step(_api_two_heads, "ger"), "the public API: no N x V logits"),
-     Variant("ger_linear_distill_loss eager", _head_step(_api_two_heads, None))],
-    check=_head_check,
-))
-register(Case(
-    "rl_token_head",
-    f"PPO-style objective from log p(y), entropy and k3 KL at T=0.9, N={NH} H={HH} V={VH} fp32, fwd+bwd",
-    _head_setup(False),
-    [Variant("eager", _head_step(_rl_unmodified, None), "verl/TRL-style code on F.linear logits"),
-     Variant("inductor", _head_step(_rl_unmodified, "inductor")),
-     Variant("ger(unmodified)", _head_step(_rl_unmodified, "ger"), "unmodified code under backend=ger"),
-     Variant("ger_linear_token_stats", _head_step(_rl_api, "ger"), "the public API: no N x V logits"),
-     Variant("ger_linear_token_stats eager", _head_step(_rl_api, None))],
-    check=_head_check,
-))
+def _head_case(name: str, desc: str, two: bool, trainer_fn: Callable, api_name: str, api_fn: Callable) -> Case:
+    variants = [Variant("eager", _head_step(trainer_fn, None), "the trainer-style code on F.linear logits"),
+                Variant("inductor", _head_step(trainer_fn, "inductor")),
+                Variant("ger(trainer code)", _head_step(trainer_fn, "ger"), "unmodified code under backend=ger"),
+                Variant(api_name, _head_step(api_fn, "ger"), "the public API: no N x V logits"),
+                Variant(f"{api_name} eager", _head_step(api_fn, None))]
+    return register(Case(name, desc, _head_setup(two), variants, check=_head_check))
+
+
+_head_case("distill_two_heads",
+           f"JSD beta=0.5 of a trained student head and a frozen teacher head, N={NH} H={HH} V={VH} fp32, fwd+bwd",
+           True, _trl_two_heads, "ger_linear_distill_loss", _api_two_heads)
+_head_case("rl_token_head",
+           f"PPO-style objective from log p(y), entropy and k3 KL at T=0.9, N={NH} H={HH} V={VH} fp32, fwd+bwd",
+           False, _rl_unmodified, "ger_linear_token_stats", _rl_api)

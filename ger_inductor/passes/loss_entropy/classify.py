@@ -133,38 +133,36 @@ def _value_if_loss_like(ev: Evaluator, x):
         return None
 
 
-def _has_softmax_ancestor(node, depth: int = 8) -> bool:
-    seen, frontier = set(), [node]
+def _walk_up(nodes, depth: int, stop=lambda n: False):
+    """The graph nodes within ``depth`` steps above ``nodes`` (themselves included),
+    breadth first, not going above a node where ``stop`` holds."""
+    seen, frontier = set(), list(nodes)
     for _ in range(depth):
         nxt = []
         for n in frontier:
             if not isinstance(n, fx.Node) or n in seen:
                 continue
             seen.add(n)
-            if _is(n, LOG_SOFTMAX | SOFTMAX) or (n.op == "call_function" and n.target is torch.ops.ger.loss_fwd.default):
-                return True
-            nxt.extend(n.all_input_nodes)
+            yield n
+            if not stop(n):
+                nxt.extend(n.all_input_nodes)
         frontier = nxt
-    return False
+
+
+def _is_softmax(n) -> bool:
+    return _is(n, LOG_SOFTMAX | SOFTMAX)
+
+
+def _has_softmax_ancestor(node, depth: int = 8) -> bool:
+    return any(_is_softmax(n) or (n.op == "call_function" and n.target is torch.ops.ger.loss_fwd.default)
+               for n in _walk_up([node], depth))
 
 
 def _softmax_roots(ev: Evaluator, nodes, depth: int = 8) -> set:
     """The logits tensors (roots, views stripped) whose softmax / log_softmax the nodes
-    are computed from, within ``depth`` steps."""
-    roots, seen, frontier = set(), set(), list(nodes)
-    for _ in range(depth):
-        nxt = []
-        for m in frontier:
-            if not isinstance(m, fx.Node) or m in seen:
-                continue
-            seen.add(m)
-            if _is(m, LOG_SOFTMAX | SOFTMAX):
-                x = m.args[0]
-                roots.add((ev._shifted_root(x) or ev.root_of(x)).base)  # the evaluator's own root
-                continue
-            nxt.extend(m.all_input_nodes)
-        frontier = nxt
-    return roots
+    are computed from, within ``depth`` steps (the evaluator's own notion of a root)."""
+    return {(ev._shifted_root(n.args[0]) or ev.root_of(n.args[0])).base
+            for n in _walk_up(nodes, depth, stop=_is_softmax) if _is_softmax(n)}
 
 
 def _squeeze_last(index) -> fx.Node | None:
