@@ -74,8 +74,7 @@ class DistillConfig(NamedTuple):
     cd: torch.dtype
 
 
-def _compute_dtype(*dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+_compute_dtype = _ops_distill.compute_dtype  # fp32, or fp64 when any input is fp64
 
 
 def _positive(who: str, name: str, value) -> float:

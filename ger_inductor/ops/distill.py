@@ -57,6 +57,7 @@ def _cfg(kind, beta, wt, ws, T, hard, ignore_index, cd):
 
 
 def compute_dtype(*dtypes) -> torch.dtype:
+    """The math's dtype for inputs of ``dtypes``: float64 if any is, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
