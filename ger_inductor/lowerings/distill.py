@@ -12,11 +12,14 @@ Forward, per row pair (z_s, z_t), a = z_s / T, b = z_t / T:
              log per element for beta in [0.25, 0.75], two logaddexp nearer the ends),
              with p = e^(log p), 0 where p == 0
 
-Inductor fuses the reductions of a row into one kernel (a loop each over a row pair
-that is still in cache); no N x V buffer is written. Backward: ONE elementwise pass
-over the row pair writing d/dz_s (and d/dz_t when the teacher needs a gradient), p
-recomputed from the saved log-sum-exps. ``ger::token_fwd`` / ``token_bwd`` (the per-token
-log p(y) and entropy of policy-gradient training) are lowered the same way. Tested against the eager kernels (tests/test_distill.py).
+Inductor puts the reductions into one kernel; on CPU each is its own vectorised sweep
+over the rows (the student's and the teacher's reductions are independent, so they are
+not fused under one loop over the rows; chaining them so that they are measured
+slower, see ``_Pair.reduction``). No N x V buffer is written. Backward: ONE elementwise
+pass over the row pair writing d/dz_s (and d/dz_t when the teacher needs a gradient),
+p recomputed from the saved log-sum-exps. ``ger::token_fwd`` / ``token_bwd`` (the
+per-token log p(y) and entropy of policy-gradient training) are lowered the same way.
+Tested against the eager kernels (tests/test_distill.py).
 """
 
 from __future__ import annotations
