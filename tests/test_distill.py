@@ -647,6 +647,16 @@ def test_trainer_code_under_ger_is_a_near_miss_naming_the_api():
         assert any("two" in r and "ger_distill_loss" in r for r in reasons), reasons
 
 
+def test_gpu_check_distill_skips_without_cuda(monkeypatch, tmp_path, capsys):
+    """benchmarks/gpu_check_distill.py checks the Triton lowering where a GPU is lent;
+    without one it says so and exits 0 (its --cpu-dry-run passes on this machine)."""
+    from benchmarks import gpu_check_distill
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check_distill.main(["--out", str(tmp_path)]) == 0
+    assert "no CUDA device here" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- errors
 def test_errors():
     zs, zt, y = _inputs()
