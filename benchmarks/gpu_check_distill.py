@@ -11,16 +11,13 @@
    rl_token_head (eager / inductor / ger / the in-run floor), CUDA events.
 
 Without CUDA it prints why it skips and exits 0 (``--cpu-dry-run`` runs step 1 on the
-CPU, to test the script). Writes gpu_check_distill.json.
+CPU, to test the script). Writes gpu_check_distill.json (frame: ``harness.gpu_check_main``);
+exits 1 when a correctness row fails.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import time
 
 import torch
 
@@ -95,43 +92,22 @@ def correctness(device) -> list[dict]:
     return rows
 
 
-def timing(device) -> list[dict]:
+def timing(device, report) -> None:
     from benchmarks.cases import CASES
-    from benchmarks.harness import run_case
+    from benchmarks.harness import Result, format_table, run_case
 
     rows = []
     for name in ("distill_jsd", "distill_kd", "distill_two_heads", "rl_token_head"):
         res = run_case(CASES[name], device, warmup=2, repeat=10, allocator="caching", log=lambda s: print(s, flush=True))
         rows += [r.__dict__ for r in res]
-    return rows
+    report["timing"] = rows
+    print(format_table([Result(**r) for r in rows]), flush=True)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    ap.add_argument("--cpu-dry-run", action="store_true")
-    ap.add_argument("--skip-timing", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available() and not args.cpu_dry_run:
-        print("gpu_check_distill: no CUDA device here; nothing to do (use --cpu-dry-run to test the script)")
-        return 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from .gpu_check_lm_head import _ensure_backend
+    from benchmarks.harness import gpu_check_main
 
-    _ensure_backend()
-    os.makedirs(args.out, exist_ok=True)
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    t0 = time.time()
-    report["correctness"] = rows = correctness(device)
-    bad = [r for r in rows if not r["ok"]]
-    print(f"correctness: {len(rows) - len(bad)}/{len(rows)} ok ({time.time() - t0:.0f}s)", flush=True)
-    for r in bad:
-        print("  BAD", r, flush=True)
-    if not args.skip_timing:
-        report["timing"] = timing(device)
-    with open(os.path.join(args.out, "gpu_check_distill.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    return 1 if bad else 0
+    return gpu_check_main("gpu_check_distill", argv, correctness, "gpu_check_distill.json", timing=timing)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,6 @@ saying why (``--cpu-dry-run`` runs parts 1-2 on the CPU to test the script).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 
@@ -68,16 +65,6 @@ def correctness(device) -> list[dict]:
     return rows
 
 
-def _ensure_backend() -> None:
-    """backend="ger" from a checkout that is not pip-installed (no entry point)."""
-    import torch._dynamo
-
-    if "ger" not in torch._dynamo.list_backends(exclude_tags=()):
-        from ger_inductor.backend import ger
-
-        torch._dynamo.register_backend(compiler_fn=ger, name="ger")
-
-
 def train_small_lm(device) -> dict:
     import ger_inductor
     from ger_inductor.demo import TinyLM
@@ -119,27 +106,9 @@ def timing(device, sizes) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    ap.add_argument("--cpu-dry-run", action="store_true")
-    ap.add_argument("--skip-timing", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available() and not args.cpu_dry_run:
-        print("gpu_check_lm_head: no CUDA device here; nothing to do (use --cpu-dry-run to test the script)")
-        return 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _ensure_backend()
-    os.makedirs(args.out, exist_ok=True)
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    t0 = time.time()
-    report["correctness"] = rows = correctness(device)
-    bad = [r for r in rows if not r["ok"]]
-    print(f"correctness: {len(rows) - len(bad)}/{len(rows)} ok ({time.time() - t0:.0f}s)", flush=True)
-    for r in bad:
-        print("  BAD", r, flush=True)
+def _after_correctness(device, report) -> None:
     worst = {}
-    for r in rows:
+    for r in report["correctness"]:
         k = r["dtype"]
         worst[k] = max(worst.get(k, 0.0), r["err_loss"], r["err_h"], r["err_W"], r["err_b"])
     print("  worst norm-wise relative error vs float64:", worst, flush=True)
@@ -151,15 +120,20 @@ def main(argv=None) -> int:
     except Exception as e:  # reported, the timing still runs
         report["train"] = {"error": f"{type(e).__name__}: {e}"}
         print("train ERROR", report["train"], flush=True)
-    if not args.skip_timing and device.type == "cuda":
-        from benchmarks.harness import format_table, Result
 
-        rows = timing(device, ["lmhead_ce_bf16", "lmhead_ls_bf16", "lmhead_ce_fp32"])
-        report["timing"] = rows
-        print(format_table([Result(**r) for r in rows]), flush=True)
-    with open(os.path.join(args.out, "lm_head_gpu.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    return 0
+
+def _timing(device, report) -> None:
+    from benchmarks.harness import format_table, Result
+
+    rows = timing(device, ["lmhead_ce_bf16", "lmhead_ls_bf16", "lmhead_ce_fp32"])
+    report["timing"] = rows
+    print(format_table([Result(**r) for r in rows]), flush=True)
+
+
+def main(argv=None) -> int:
+    from benchmarks.harness import gpu_check_main
+
+    return gpu_check_main("gpu_check_lm_head", argv, correctness, "lm_head_gpu.json", _after_correctness, _timing)
 
 
 if __name__ == "__main__":

@@ -246,3 +246,47 @@ def _write(path: str | None, results: list[Result], device: torch.device) -> Non
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
     print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- GPU check scripts
+def gpu_check_main(name: str, argv, correctness, out_file: str, after_correctness=None, timing=None) -> int:
+    """The frame of a ``benchmarks.gpu_check_*`` script: ``--out``, ``--cpu-dry-run``,
+    ``--skip-timing``; without CUDA (and no dry run) it says so and returns 0. Runs
+    ``correctness(device)`` (rows with an ``ok`` key, the bad ones printed), then
+    ``after_correctness(device, report)`` and, on CUDA unless skipped,
+    ``timing(device, report)``; writes the report as JSON to ``<out>/<out_file>``.
+    Returns 1 when a correctness row failed."""
+    import argparse
+    import json
+    import os
+
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--cpu-dry-run", action="store_true", help="run the checks on the CPU, to test the script")
+    ap.add_argument("--skip-timing", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() and not args.cpu_dry_run:
+        print(f"{name}: no CUDA device here; nothing to do (use --cpu-dry-run to test the script)")
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import torch._dynamo as dynamo
+
+    if "ger" not in dynamo.list_backends(exclude_tags=()):  # a checkout without the entry point
+        from ger_inductor.backend import ger
+
+        dynamo.register_backend(compiler_fn=ger, name="ger")
+    os.makedirs(args.out, exist_ok=True)
+    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    t0 = time.time()
+    report["correctness"] = rows = correctness(device)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"correctness: {len(rows) - len(bad)}/{len(rows)} ok ({time.time() - t0:.0f}s)", flush=True)
+    for r in bad:
+        print("  BAD", r, flush=True)
+    if after_correctness is not None:
+        after_correctness(device, report)
+    if timing is not None and not args.skip_timing and device.type == "cuda":
+        timing(device, report)
+    with open(os.path.join(args.out, out_file), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    return 1 if bad else 0
