@@ -13,8 +13,8 @@ hard-label CE is formed) and ``ignore_index``. The forward returns per row
 
 The eager kernels below run chunks of ``chunk`` rows (the row math of
 ``ger_inductor.distill``, so no N x V buffer but the gradients exists); Inductor lowers
-the same math in ``lowerings/distill.py``: one read of each row pair forward (the
-reductions of a row, fused into one kernel), one elementwise pass backward.
+the same math in ``lowerings/distill.py``: one kernel forward (the max, sum and KL
+reductions over the classes; no N x V buffer), one elementwise pass backward.
 
 ``ger::token_fwd`` / ``ger::token_bwd``: the per-token statistics of
 ``ger_token_stats`` (log softmax(z/T)[y], the entropy, the row's LSE), the same way.
