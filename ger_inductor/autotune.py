@@ -301,15 +301,18 @@ def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds
     return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
 
 
-def compile_and_time(forms: dict[str, tuple[torch.fx.GraphModule, list, Callable[[Any], Any]]],
-                     device: torch.device, config_patches: dict[str, Any]) -> dict[str, Timing]:
-    """Compile each form ``(graph, inputs, finish)`` with Inductor (``config_patches``
-    as ger's backend uses them) and time ``finish(graph(*inputs))`` (``finish`` runs
-    the backward, or nothing). Runs inside the backend's own compile, isolated from it."""
+def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patches: dict[str, Any]) -> dict[str, Timing]:
+    """Compile each form ``(graph, inputs, finish[, wrap])`` with Inductor
+    (``config_patches`` as ger's backend uses them) and time
+    ``finish(wrap(compiled)(*inputs))`` (``finish`` runs the backward, or nothing;
+    ``wrap``, when given and not None, is what the backend applies to the compiled graph).
+    Runs inside the backend's own compile, isolated from it."""
     with _compat.isolated_compile():
         steps = {}
-        for name, (gm, inputs, finish) in forms.items():
+        for name, (gm, inputs, finish, *rest) in forms.items():
             fn = _compat.compile_fx_standalone(gm, inputs, config_patches)
+            if rest and rest[0] is not None:
+                fn = rest[0](fn)
 
             def step(fn=fn, inputs=inputs, finish=finish):
                 finish(fn(*inputs))

@@ -61,6 +61,8 @@ def ger(
     functorch_depth = _compat.functorch_layer_depth()
     try:
         profile = _rewrite(gm, example_inputs, settings, report, dumper, devices)
+        # graph outputs whose autograd must be attached outside the compiled graph
+        reattach = passes.detach_outputs(gm)
         shape_patches, report.dynamic_shapes = shapes.inductor_patches(gm, example_inputs)
 
         config_patches = {
@@ -96,6 +98,8 @@ def ger(
             dumper.graph("regions", compiled)  # type: ignore[arg-type]
         else:
             compiled = compile_region(gm, example_inputs)
+        if reattach is not None:
+            compiled = reattach(compiled)
     except _compat.dynamo_restart_exceptions():
         # Dynamo traces the frame again (e.g. with dynamic=True, after specialising float
         # hyper-parameters it first passed as symbols): not a failure, and this attempt's

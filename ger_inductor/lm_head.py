@@ -35,6 +35,7 @@ class LinearStats(NamedTuple):
     grad_h: Tensor
     grad_w: Tensor
     grad_b: Tensor
+    logits: Tensor  # the head's logits when asked for (``logits=True``), else empty
 
 
 def needs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
@@ -55,7 +56,8 @@ def needs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
 def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, alpha: float,
                      ignore_index: int, extras: bool, chunk: int, smooth_eps: float | None = None,
                      smooth_weight: Tensor | None = None, coefs: Tensor | None = None, needs: int = 0,
-                     base: Tensor | None = None, unroll: int = 0, log_base: Tensor | None = None) -> LinearStats:
+                     base: Tensor | None = None, unroll: int = 0, log_base: Tensor | None = None,
+                     logits: bool = False) -> LinearStats:
     """The op's statistics of ``h @ weight.T + bias`` against ``target``, each shaped like
     ``target`` (``h`` is ``target.shape + (H,)``). With ``coefs`` (4, *target.shape) the
     statistics are constants and ``grad_*`` hold the gradients of
@@ -66,7 +68,11 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     ``unroll`` > 0 (set by the pass for compiled graphs): when the rows are static, their
     number of chunks at most ``unroll`` and no backward sweep is needed (``coefs`` given,
     or no gradient), the chunks are written out in functional torch
-    (``ops.linear_loss.unrolled``) for Inductor to fuse; else the op is called."""
+    (``ops.linear_loss.unrolled``) for Inductor to fuse; else the op is called.
+
+    ``logits=True``: the op also writes the logits (``h.shape[:-1] + (V,)``, the input
+    dtype), chunk by chunk as it forms them, for a graph that returns them; they are not
+    differentiable here (``logits_output`` gives them their gradient)."""
     H = h.shape[-1]
     V = weight.shape[0]
     cdt = _loss_op.compute_dtype(h.dtype)
@@ -77,17 +83,18 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     flat_coefs = None if coefs is None else coefs.reshape(4, -1)
     N = target.numel()
     fn = torch.ops.ger.linear_loss_fwd
-    if unroll and isinstance(N, int) and N > 0 and (coefs is not None or needs == 0):
+    if unroll and not logits and isinstance(N, int) and N > 0 and (coefs is not None or needs == 0):
         if -(-N // _op.rows_per_chunk(chunk, N, V)) <= unroll:
             fn = _op.unrolled
     out = fn(
         h.reshape(-1, H), weight, bias, target.reshape(-1), u, log_u, float(alpha),
-        int(ignore_index), bool(extras), int(chunk), flat_coefs, int(needs),
+        int(ignore_index), bool(extras), int(chunk), flat_coefs, int(needs), [*h.shape[:-1], V] if logits else None,
     )
     rows = target.shape
-    nll, reg, lse, ent, aux, gh, gw, gb = out
+    nll, reg, lse, ent, aux, gh, gw, gb = out[:8]
+    lo = out[8] if logits else h.new_empty((0,))
     return LinearStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows), ent.reshape(rows) if extras else ent,
-                       aux.reshape(rows), gh, gw, gb)
+                       aux.reshape(rows), gh, gw, gb, lo)
 
 
 def stat_leaves(target: Tensor, dtype: torch.dtype, extras: bool) -> LinearStats:
@@ -100,7 +107,7 @@ def stat_leaves(target: Tensor, dtype: torch.dtype, extras: bool) -> LinearStats
         empty = torch.zeros((0,), dtype=dtype, device=target.device)
         ent = leaf() if extras else empty
         aux = torch.zeros(target.shape, dtype=dtype, device=target.device)
-        return LinearStats(leaf(), leaf(), leaf(), ent, aux, empty, empty, empty)
+        return LinearStats(leaf(), leaf(), leaf(), ent, aux, empty, empty, empty, empty)
 
 
 def stat_coefficients(loss: Tensor, leaves: LinearStats) -> Tensor:
@@ -131,7 +138,42 @@ def logits_stand_in(h: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros((), dtype=dtype, device=h.device).expand(*h.shape[:-1], weight.shape[0])
 
 
-GRAPH_FUNCTIONS = (linear_row_stats, stat_leaves, stat_coefficients, add_carrier, logits_stand_in)
+class _LogitsGrad(torch.autograd.Function):
+    """The logits a fused head wrote, given back their own gradient: the linear's
+    backward (grad_h = g W, grad_W = g^T h, grad_b = sum g), run only when a gradient
+    reaches the logits. ``z`` is returned itself (marked dirty, so it stays a plain
+    tensor that in-place code may write, as eager's logits)."""
+
+    @staticmethod
+    def forward(ctx, z, h, weight, bias):
+        ctx.save_for_backward(h, weight)  # what eager's linear saves: same version checks
+        ctx.has_bias = bias is not None
+        ctx.mark_dirty(z)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = (g2 @ weight).reshape(h.shape) if ctx.needs_input_grad[1] else None
+        gw = g2.t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return None, gh, gw, gb
+
+
+def logits_output(z: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The head's logits ``z`` (written by the fused op, not differentiable) as the graph
+    returns them, with the gradient of ``h @ weight.T + bias``. In a graph ger compiles,
+    this node is taken out before AOTAutograd (``passes.lm_head.detach_logits_outputs``)
+    and applied to the compiled graph's outputs: inside the graph, AOTAutograd would give
+    the returned logits an N x V zero gradient in every backward that does not use them."""
+    if not torch.is_grad_enabled() or not any(
+            isinstance(t, Tensor) and t.requires_grad for t in (h, weight, bias)):
+        return z
+    return _LogitsGrad.apply(z, h, weight, bias)
+
+
+GRAPH_FUNCTIONS = (linear_row_stats, stat_leaves, stat_coefficients, add_carrier, logits_stand_in, logits_output)
 
 
 # ----------------------------------------------------------------------------- eager / public

@@ -62,6 +62,10 @@ class Program:
     #: ger's ``lm_head_chunk`` option: set, the lm head (logits_from="linear") is fused at
     #: these small vocabularies, below the profiles' min_vocab
     lm_chunk: int | None = None
+    #: the logits returned beside the loss (as transformers' causal LMs do): "logits";
+    #: "logits_written" (the caller writes them in place before the backward);
+    #: "logits_grad" (a gradient reaches them too)
+    returned: str | None = None
     seed: int = 0
 
 
@@ -202,7 +206,7 @@ class Model(nn.Module):
             _write(p.write, q, y, w, other)
         if self.block is not None:
             loss = loss + self.block(x)
-        return loss
+        return (loss, q) if p.returned else loss
 
 
 def _inputs(p: Program):
@@ -242,6 +246,7 @@ class Outcome:
     grads: dict = dataclasses.field(default_factory=dict)
     state: dict = dataclasses.field(default_factory=dict)
     inputs: tuple = ()
+    logits: Any = None  # the returned logits (Program.returned)
 
 
 def _context(p: Program):
@@ -275,6 +280,14 @@ def run_program(p: Program, backend: str | None, strict: bool = False, float64: 
     try:
         with _context(p):
             loss = fn(q, y, w, h, x, other)
+        if p.returned:
+            loss, z = loss
+            out.logits = z.detach().float().clone()
+            if p.returned == "logits_written":
+                z.mul_(0.5)
+            elif p.returned == "logits_grad" and z.requires_grad:
+                c = torch.linspace(-1.0, 1.0, z.numel(), dtype=z.dtype).view(z.shape)
+                loss = loss + (z * c).sum()
         out.loss = loss.detach().float().clone()
         if grad and loss.requires_grad:
             loss.backward(retain_graph=p.second_backward)
@@ -315,6 +328,8 @@ def compare(p: Program, ref: Outcome, got: Outcome) -> str | None:
     tol = 3e-2 if p.context == "autocast" else 2e-4
     if not _close(ref.loss, got.loss, tol):
         return f"loss {ref.loss} vs {got.loss}"
+    if not _close(ref.logits, got.logits, tol):
+        return "returned logits differ"
     for k in ref.grads.keys() | got.grads.keys():
         if not _close(ref.grads.get(k), got.grads.get(k), tol):
             return f"gradient of {k} differs"
@@ -374,6 +389,7 @@ def _closer_than_eager(ref: Outcome, got: Outcome, exact: Outcome, k: float = 4.
 
     def pairs():
         yield ref.loss, got.loss, exact.loss
+        yield ref.logits, got.logits, exact.logits
         for key in ref.grads.keys() | got.grads.keys():
             yield ref.grads.get(key), got.grads.get(key), exact.grads.get(key)
         for key in ref.state:
@@ -429,6 +445,7 @@ def programs():
             second_backward=draw(st.booleans()),
             dynamic=draw(st.booleans()),
             lm_chunk=draw(st.sampled_from((None, 2, 4, 64))),
+            returned=draw(st.sampled_from((None, None, "logits", "logits_written", "logits_grad"))),
             seed=draw(st.integers(0, 2**16)),
         )
 

@@ -249,8 +249,14 @@ class HeadNone(Head):
         return F.cross_entropy(self.head(torch.tanh(self.proj(x))), y, reduction="none")
 
 
+class HeadLogits(Head):
+    def forward(self, x, y):  # the logits returned beside the loss: the fused op writes them
+        z = self.head(torch.tanh(self.proj(x)))
+        return F.cross_entropy(z, y), z
+
+
 @pytest.mark.parametrize("model_cls, grad, mode", [(Head, True, "in_forward"), (HeadNone, True, "recompute"),
-                                                   (Head, False, "no_grad")])
+                                                   (Head, False, "no_grad"), (HeadLogits, True, "in_forward")])
 def test_measured_forms_compute_the_same_values(store, monkeypatch, model_cls, grad, mode):
     """The two graphs a measurement compiles, without compiling them: the unfused one
     holds the head and the statistics, the fused one the op, in the site's gradient mode,
@@ -270,14 +276,17 @@ def test_measured_forms_compute_the_same_values(store, monkeypatch, model_cls, g
         report, _ = _rewrite(model, store, backward=False)
     assert report.decisions[0]["choice"] == "ger" and report.match_count("lm_head") == 1
     assert report.matches[-1].detail["gradients"] == mode
-    fused, inputs, finish = seen["ger"]
-    unfused, inputs2, _ = seen["inductor"]
-    assert inputs is inputs2
+    fused, inputs, finish, wrap = seen["ger"]
+    unfused, inputs2, _, no_wrap = seen["inductor"]
+    assert inputs is inputs2 and no_wrap is None
+    # returned logits: the fused graph returns them detached, the backend's wrapper
+    # attaches their gradient (what the measurement times too)
+    assert (wrap is not None) == (model_cls is HeadLogits)
     targets = lambda gm: {n.target for n in gm.graph.nodes if n.op == "call_function"}  # noqa: E731
     assert lm_fns.linear_row_stats in targets(fused) and F.linear not in targets(fused)
     assert F.linear in targets(unfused) and lm_fns.linear_row_stats not in targets(unfused)
     with torch.set_grad_enabled(grad):
-        a, b = fused(*inputs), unfused(*inputs)
+        a, b = (wrap or (lambda f: f))(fused)(*inputs), unfused(*inputs)
         torch.testing.assert_close(a, b)
         finish(b)  # the step's backward (none without gradients) runs on the unfused form's output
 

@@ -83,3 +83,35 @@ def test_tuple_outputs_keep_their_positions_and_bad_input_is_refused():
         drop_logits_with_labels(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         drop_logits_with_labels(lambda x: x)
+
+
+def test_unmodified_labels_path_fuses_the_head_and_returns_the_logits():
+    """No integration: Llama called with ``labels=`` returns its logits beside the loss;
+    the fused op writes them as it forms them (eager's values), the loss and gradients
+    are eager's, and a gradient into the returned logits reaches the model as in eager."""
+    base = _model("llama")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    ref, ref_loss, ref_grads = _step(base, base, ids, labels)
+    model = copy.deepcopy(base)
+    compiled = torch.compile(model, backend="ger", options={"strict": True, "compiler": "aot_eager",
+                                                             "lm_head_chunk": 8})
+    out, loss, grads = _step(model, compiled, ids, labels)
+    fused = [m for r in ger_inductor.reports() for m in r.matches if m.family == "lm_head"]
+    assert [m.detail.get("logits") for m in fused] == ["written and returned"], \
+        [n.reason for r in ger_inductor.reports() for n in r.near_misses]
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    assert out.logits.requires_grad
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    # a loss on the returned logits as well (e.g. a z-loss computed outside the model)
+    for m, f in ((base, base), (model, compiled)):
+        m.zero_grad(set_to_none=True)
+        o = f(input_ids=ids, labels=labels)
+        (o.loss + 1e-3 * o.logits.float().logsumexp(-1).pow(2).mean()).backward()
+    for (k, p), (_, p2) in zip(base.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)

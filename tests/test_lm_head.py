@@ -218,6 +218,17 @@ def _written_after_the_loss(m, h, y):
     return loss
 
 
+def _hf_causal_lm_loss(m, h, y):
+    """transformers' ``ForCausalLMLoss`` as a causal LM calls it with ``labels=``: the
+    logits upcast, the labels shifted by padding, a sum over the tokens divided by their
+    count; the model returns the logits beside the loss."""
+    logits = m.head(h)
+    z = logits.float()
+    labels = F.pad(y, (0, 1), value=-100)[..., 1:].contiguous()
+    loss = F.cross_entropy(z.view(-1, V), labels.view(-1), ignore_index=-100, reduction="sum")
+    return loss / (labels != -100).sum(), logits
+
+
 SPELLINGS = {
     # name: (loss_fn, Head kwargs, expected gradient mode)
     "hf_label_smoother_shifted": (_hf_label_smoother, {}, "in_forward"),
@@ -257,6 +268,14 @@ SPELLINGS = {
                             {}, "recompute"),
     "nonlinear_use_of_loss": (lambda m, h, y: F.cross_entropy(m.head(h).view(-1, V), y.view(-1)).exp(), {},
                               "recompute"),
+    # the logits returned beside the loss (transformers' causal LMs): the op writes them
+    "logits_returned": (lambda m, h, y: (lambda z: (F.cross_entropy(z.view(-1, V), y.view(-1)), z))(m.head(h)), {},
+                        "in_forward"),
+    "logits_returned_hf_sum_over_items": (_hf_causal_lm_loss, {"bias": True}, "in_forward"),
+    "logits_returned_bf16_upcast": (_hf_causal_lm_loss, {"dtype": torch.bfloat16}, "in_forward"),
+    "logits_returned_twice_with_reduction_none": (
+        lambda m, h, y: (lambda z: (F.cross_entropy(z.view(-1, V), y.view(-1), reduction="none"), z, z))(m.head(h)),
+        {}, "recompute"),
 }
 
 
@@ -268,7 +287,9 @@ def _tokens(seed=0):
     return x, y
 
 
-def _compare_with_eager(loss_fn, head_kw, backend):
+def _compare_with_eager(loss_fn, head_kw, backend, backward_outputs=None):
+    """Values and gradients of the compiled model against eager, with random gradients
+    into the outputs (the first ``backward_outputs`` of them; all by default)."""
     torch.manual_seed(0)
     m = Head(loss_fn, **head_kw)
     m2 = Head(loss_fn, **head_kw)
@@ -277,9 +298,10 @@ def _compare_with_eager(loss_fn, head_kw, backend):
     out = torch.compile(m2, backend=backend)(x, y)
     ref = m(x, y)
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
-    gs = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o.dtype) for i, o in enumerate(outs)]
-    torch.autograd.backward(outs, gs)
-    torch.autograd.backward(refs, gs)
+    k = backward_outputs or len(outs)
+    gs = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o.dtype) for i, o in enumerate(outs[:k])]
+    torch.autograd.backward(outs[:k], gs)
+    torch.autograd.backward(refs[:k], gs)
     bf16 = head_kw.get("dtype") == torch.bfloat16
     tol = dict(rtol=2e-2, atol=2e-3) if bf16 else dict(rtol=1e-5, atol=1e-6)
     for a, r in zip(outs, refs):
@@ -307,7 +329,10 @@ def _lm_near_misses():
 def test_rewrite_spelling(name):
     loss_fn, head_kw, mode = SPELLINGS[name]
     graphs: list = []
-    _compare_with_eager(loss_fn, head_kw, rewrite_only(graphs, lm_head_chunk=4))
+    # a returned logits' gradient: test_returned_logits_gradient (eager sums the two
+    # gradients of the logits before the head's matmuls, the fused head after them)
+    _compare_with_eager(loss_fn, head_kw, rewrite_only(graphs, lm_head_chunk=4),
+                        backward_outputs=1 if name.startswith("logits_returned") else None)
     matches = _lm_matches()
     heads = 2 if name == "two_heads_one_loss" else 1
     assert len(matches) == heads, (matches, [n.reason for n in _lm_near_misses()])
@@ -327,8 +352,11 @@ NEAR_MISSES = {
                                     "below this profile's min_vocab (16384)"),
     "fp64_upcast_before_the_loss": (lambda m, h, y: F.cross_entropy(m.head(h).double().view(-1, V), y.view(-1)),
                                     "cast from torch.float32 to torch.float64"),
-    "logits_returned": (lambda m, h, y: (lambda z: (F.cross_entropy(z.view(-1, V), y.view(-1)), z))(m.head(h)),
-                        "also used by output"),
+    "logits_returned_after_a_row_selection": (
+        lambda m, h, y: (lambda z: (F.cross_entropy(z[:, :-1].reshape(-1, V), y[:, 1:].reshape(-1)), z))(m.head(h)),
+        "rows are selected between the head and the loss"),
+    "upcast_logits_returned": (lambda m, h, y: (lambda z: (F.cross_entropy(z.view(-1, V), y.view(-1)), z))(
+        m.head(h).float()), "are also used by"),
     "accuracy_from_logits": (lambda m, h, y: (lambda z: F.cross_entropy(z.view(-1, V), y.view(-1))
                                               + 0 * (z.argmax(-1) == y).float().mean())(m.head(h)), "also used by argmax"),
     # the loss after a graph break: reported in the graph the logits leave
@@ -367,6 +395,94 @@ def test_graph_break_near_miss_names_the_transformers_way_around(monkeypatch):
     _compare_with_eager(loss_fn, {}, rewrite_only(None, lm_head_chunk=4))
     reasons = [n.reason for n in _lm_near_misses()]
     assert any(reason in r and 'model.loss_type = "ForCausalLM"' in r for r in reasons), reasons
+
+
+# ----------------------------------------------------------------------------- returned logits
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_returned_logits_gradient(dtype):
+    """Gradients into the loss and into the returned logits: the fused head's, and eager's,
+    against a float64 model. Eager sums the two gradients of the logits before the head's
+    matmuls, the fused head after them (``lm_head.logits_output`` runs the linear's
+    backward on the logits' own gradient): both are within float64 by as much. A write
+    into the returned logits after the call is allowed, as in eager."""
+    loss_fn = _hf_causal_lm_loss
+    torch.manual_seed(0)
+    models = {k: Head(loss_fn, bias=True) for k in ("eager", "ger", "f64")}
+    for m in models.values():
+        m.load_state_dict(models["eager"].state_dict())
+    models["f64"].double()
+    models["eager"].to(dtype)
+    models["ger"].to(dtype)
+    x, y = _tokens()
+    cm = torch.compile(models["ger"], backend=rewrite_only(None, lm_head_chunk=4))
+    grads = {}
+    for k, f in (("eager", models["eager"]), ("ger", cm), ("f64", models["f64"])):
+        loss, z = f(x, y)
+        assert z.requires_grad and z.dtype == (torch.float64 if k == "f64" else dtype)
+        gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(1)).to(z.dtype)
+        (loss * 3.0 + (z * gz).sum()).backward()
+        grads[k] = {n: p.grad.double() for n, p in models[k].named_parameters()}
+    assert [mt.detail.get("logits") for mt in _lm_matches()] == ["written and returned"]
+    for n, ref in grads["f64"].items():
+        err = {k: (grads[k][n] - ref).abs().max().item() for k in ("eager", "ger")}
+        scale = ref.abs().max().item()
+        assert err["ger"] <= 2 * err["eager"] + (1e-6 if dtype == torch.float32 else 1e-2) * scale, (n, err, scale)
+    loss, z = cm(x, y)
+    z.mul_(2.0)  # the logits are a plain tensor: in-place code may write them
+    loss.backward()
+
+
+def _detached_backend(captured: dict):
+    """ger's passes, the returned logits taken out of the graph as the backend does, and
+    AOTAutograd (no code generation) capturing the forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from ger_inductor import passes
+    from ger_inductor.backend import rewrite
+
+    def grab(kind):
+        def compiler(gm, inputs):
+            captured[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def backend(gm, example_inputs):
+        gm, _ = rewrite(gm, example_inputs, {"strict": True, "passes": ["loss_entropy", "lm_head"],
+                                             "lm_head_chunk": 4})
+        wrap = passes.detach_outputs(gm)
+        compiled = aot_autograd(fw_compiler=grab("fw"), bw_compiler=grab("bw"))(gm, example_inputs)
+        return wrap(compiled) if wrap is not None else compiled
+
+    return backend
+
+
+def test_returned_logits_leave_the_compiled_graph():
+    """The logits the fused op writes leave AOTAutograd's graph as a non-differentiable
+    output, so the backward has no N x V gradient input for them (inside, autograd would
+    hand it an N x V zero tensor on every step, and the head's matmuls would run on it);
+    their gradient is attached outside and runs only when one reaches them."""
+    captured: dict = {}
+    loss_fn = SPELLINGS["logits_returned"][0]
+    _compare_with_eager(loss_fn, {}, _detached_backend(captured), backward_outputs=1)
+    assert [mt.detail.get("logits") for mt in _lm_matches()] == ["written and returned"]
+    shapes = [tuple(n.meta["val"].shape) for n in captured["bw"].graph.nodes if n.op == "placeholder"]
+    assert shapes and not any(len(s) >= 2 and s[-1] == V for s in shapes), shapes
+    FileCheck().check("ger.linear_loss_fwd").check("ger.grad_carrier").run(captured["fw"].code)
+    # (a gradient into the logits as well: test_returned_logits_gradient)
+
+
+def test_returned_logits_without_gradients_are_a_near_miss():
+    """Under no_grad fusing a head whose logits are returned saves nothing: refused."""
+    loss_fn = SPELLINGS["logits_returned"][0]
+    torch.manual_seed(0)
+    m = Head(loss_fn)
+    x, y = _tokens()
+    with torch.no_grad():
+        out = torch.compile(m, backend=rewrite_only(None, lm_head_chunk=4))(x, y)
+        ref = m(x, y)
+    torch.testing.assert_close(out, ref)
+    assert not _lm_matches()
+    assert any("no gradient is needed" in n.reason for n in _lm_near_misses()), _lm_near_misses()
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -160,6 +160,31 @@ def test_loss_write_under_real_inductor():
     assert _matches("loss_entropy") == 0
 
 
+def test_returned_logits_written_before_backward_under_inductor():
+    """The loss's logits returned beside it and written by the caller before the backward
+    (found by the fuzzer): eager's gradient is unchanged (its softmax saved its own
+    output). The fused loss op saves the logits; Inductor's partitioner would save the
+    returned tensor itself through an alias with its own version counter, so the write
+    changed the gradient silently. The op now reads a private copy (``ger::version_guard``)."""
+    def fn(q_in, y):
+        q = q_in * 1.0
+        return F.cross_entropy(q, y, label_smoothing=0.1), q
+
+    g = torch.Generator().manual_seed(0)
+    q0, y = torch.randn(6, 11, generator=g), torch.randint(0, 11, (6,), generator=g)
+    grads = []
+    for f in (fn, torch.compile(fn, backend="ger", options={"strict": True})):
+        q_in = q0.clone().requires_grad_()
+        loss, q = f(q_in, y)
+        q.mul_(0.5)
+        loss.backward()
+        grads.append(q_in.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert _matches("loss_entropy") == 1
+    rep = ger_inductor.last_report()
+    assert "copied for" in next(p for p in rep.passes if p.name == "loss_entropy").strategy["saved_logits"]
+
+
 # ----------------------------------------------------------------------------- conv -> BN
 class ConvBNWrite(nn.Module):
     def __init__(self, write: bool):

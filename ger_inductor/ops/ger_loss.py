@@ -293,7 +293,8 @@ def version_guard(x: Tensor, keep: list[Tensor]) -> Tensor:
     """``x`` (a copy); its backward passes the gradient through and reads ``keep``, so
     autograd checks that they were not written between forward and backward - the
     tensors eager's spelling saves that the fused form does not need (a cross-entropy's
-    class weights)."""
+    class weights). With ``keep`` empty: a private copy that AOTAutograd's partitioner
+    saves rather than recomputes (``loss_entropy.protect_saved_logits``)."""
     return x.clone()
 
 

@@ -94,7 +94,7 @@ def _row_coefs(alpha, uniform, log_v, g_nll, g_reg, g_lse, g_ent, ezs, logs, reg
 
 def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, base: Optional[Tensor],
             log_base: Optional[Tensor], alpha: float, ignore_index: int, extras: bool, chunk: int,
-            coefs: Optional[Tensor], needs: int):
+            coefs: Optional[Tensor], needs: int, logits: Optional[list] = None):
     N, H = h.shape
     V = weight.shape[0]
     check_targets(target, V, ignore_index)
@@ -121,6 +121,10 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     gh = torch.empty_like(h) if need_h else h.new_empty((0,))
     gw = torch.zeros(V, H, dtype=cd, device=dev) if need_w else h.new_empty((0,))
     gb = torch.zeros(V, dtype=cd, device=dev) if need_b else h.new_empty((0,))
+    # the logits themselves, in the input dtype and the shape ``logits`` (rows..., V) the
+    # caller returns them in (a tensor of its own, not a view: the caller may write it)
+    lo = torch.empty(logits, dtype=h.dtype, device=dev) if logits is not None else h.new_empty((0,))
+    lo2 = lo.view(N, V) if logits is not None else None
     # one buffer for the chunk's logits (in the compute dtype), reused by every chunk
     buf = torch.empty(c, V, dtype=cd, device=dev)
     low = None if h.dtype == cd else torch.empty(c, V, dtype=h.dtype, device=dev)
@@ -137,7 +141,14 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
         hc = h[s:e]
         z = buf[:r]
         # ---- logits of the chunk, in the input dtype, then the compute dtype
-        if low is None:
+        if lo2 is not None:
+            zl = lo2[s:e]
+            if bias is None:
+                torch.mm(hc, wt, out=zl)
+            else:
+                torch.addmm(bias, hc, wt, out=zl)
+            z.copy_(zl)
+        elif low is None:
             if bias is None:
                 torch.mm(hc, wt, out=z)
             else:
@@ -237,13 +248,13 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
         gw = gw.to(weight.dtype)
     if need_b and bias.dtype != cd:
         gb = gb.to(bias.dtype)
-    return nll, reg, lse, ent, aux, gh, gw, gb
+    return nll, reg, lse, ent, aux, gh, gw, gb, lo
 
 
 # ----------------------------------------------------------------------------- traced form
 def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, base: Optional[Tensor],
              log_base: Optional[Tensor], alpha: float, ignore_index: int, extras: bool, chunk: int,
-             coefs: Optional[Tensor], needs: int):
+             coefs: Optional[Tensor], needs: int, logits: Optional[list] = None):
     """The op's forward (statistics and, with ``coefs``, gradients) in functional torch
     with the chunk loop unrolled - for AOTAutograd to trace when the number of rows is
     static, so that Inductor fuses each chunk's row reductions and its logits gradient
@@ -251,6 +262,8 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
     math as :func:`_kernel`; no autograd through it (the gradients are explicit)."""
     from ..losses import log_classes
 
+    if logits is not None:
+        raise ValueError("ger linear loss: the unrolled form does not write the logits (the op does)")
     h, weight = h.detach(), weight.detach()
     bias = None if bias is None else bias.detach()
     N, H = h.shape
@@ -365,6 +378,15 @@ def _check(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) ->
         raise ValueError(f"ger linear loss: bias must be (V,) = {tuple(weight.shape[:1])}, got {tuple(bias.shape)}")
 
 
+def _check_logits_shape(h: Tensor, weight: Tensor, logits) -> None:
+    if logits is None:
+        return
+    rows = math.prod(logits[:-1]) if len(logits) else None
+    if len(logits) < 2 or logits[-1] != weight.shape[0] or rows != h.shape[0]:
+        raise ValueError(f"ger linear loss: the logits' shape {list(logits)} must be (rows..., V) with "
+                         f"{h.shape[0]} rows and V = {weight.shape[0]}")
+
+
 # ----------------------------------------------------------------------------- forward
 @torch.library.custom_op(f"{OPS_NAMESPACE}::linear_loss_fwd", mutates_args=())
 def linear_loss_fwd(
@@ -380,27 +402,33 @@ def linear_loss_fwd(
     chunk: int,
     coefs: Optional[Tensor],
     needs: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    logits: Optional[list[int]],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check(h, weight, bias, target)
-    return _kernel(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs)
+    _check_logits_shape(h, weight, logits)
+    return _kernel(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs, logits)
 
 
 @linear_loss_fwd.register_fake
-def _linear_loss_fwd_fake(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs):
+def _linear_loss_fwd_fake(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs,
+                          logits):
     _check(h, weight, bias, target)
     N = h.shape[0]
     cd = compute_dtype(h.dtype)
     row = h.new_empty((N,), dtype=cd)
     ent = h.new_empty((N,) if extras else (0,), dtype=cd)
     gh, gw, gb = _grad_outputs(h, weight, bias, needs if coefs is not None else 0)
-    return row, torch.empty_like(row), torch.empty_like(row), ent, torch.empty_like(row), gh, gw, gb
+    _check_logits_shape(h, weight, logits)
+    lo = h.new_empty(list(logits) if logits is not None else (0,))
+    return row, torch.empty_like(row), torch.empty_like(row), ent, torch.empty_like(row), gh, gw, gb, lo
 
 
 def _grad_outputs(h, weight, bias, needs):
     """Empty (grad_h, grad_w, grad_b) as the op returns them: (0,) where not needed."""
     gh = torch.empty_like(h) if needs & NEED_H else h.new_empty((0,))
-    gw = torch.empty_like(weight) if needs & NEED_W else h.new_empty((0,))
-    gb = torch.empty_like(bias) if bias is not None and needs & NEED_B else h.new_empty((0,))
+    # contiguous, as the kernel forms them (the weight may be a transposed view: h @ W_t)
+    gw = weight.new_empty(weight.shape) if needs & NEED_W else h.new_empty((0,))
+    gb = bias.new_empty(bias.shape) if bias is not None and needs & NEED_B else h.new_empty((0,))
     return gh, gw, gb
 
 
@@ -441,13 +469,16 @@ def _needs_of(ctx, with_bias: bool) -> int:
 
 
 def _setup_context(ctx, inputs, output):
-    h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, _needs = inputs
+    h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, _needs, _logits = inputs
     ctx.precomputed = coefs is not None
-    ctx.mark_non_differentiable(*output[4:])
+    # aux, the precomputed gradients and the logits (whose own gradient, when they are
+    # returned, ``lm_head.logits_output`` adds outside the compiled graph); with
+    # precomputed gradients all of them (grad_carrier delivers the gradients). One call:
+    # ``mark_non_differentiable`` replaces what an earlier call marked
     if ctx.precomputed:
-        # the gradients were formed in the forward; grad_carrier delivers them
-        ctx.mark_non_differentiable(*output[:4])
+        ctx.mark_non_differentiable(*output)
         return
+    ctx.mark_non_differentiable(*output[4:])
     ctx.save_for_backward(h, weight, bias, target, base, log_base)
     ctx.cfg = (alpha, ignore_index, extras, chunk)
     ctx.needs = _needs_of(ctx, bias is not None)
@@ -455,7 +486,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_nll, g_reg, g_lse, g_ent, *_unused):
-    none = (None,) * 12
+    none = (None,) * 13
     if ctx.precomputed or ctx.needs == 0:
         return none
     grads = (g_nll, g_reg, g_lse, g_ent if ctx.cfg[2] else None)
@@ -467,7 +498,7 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, *_unused):
     coefs = torch.stack([torch.zeros(N, dtype=cd, device=h.device) if g is None else g.to(cd) for g in grads])
     gh, gw, gb = linear_loss_bwd(coefs, h, weight, bias, target, base, log_base, *ctx.cfg, ctx.needs)
     return (gh if ctx.needs & NEED_H else None, gw if ctx.needs & NEED_W else None,
-            gb if ctx.needs & NEED_B else None) + (None,) * 9
+            gb if ctx.needs & NEED_B else None) + (None,) * 10
 
 
 linear_loss_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -192,6 +192,30 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
                 record.guards.append(Guard(name, cond, "added while the pass ran (a size comparison)"))
         ctx.record = None
         dumper.graph(name, gm)
+    _protect_saved_logits(gm, ctx)
+
+
+def _protect_saved_logits(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """After every family ran (the lm head pass may have fused a loss whose logits are
+    returned): the loss ops that would save logits the graph also returns read a copy
+    (``loss_entropy.protect_saved_logits``); recorded in the loss pass's strategy."""
+    record = next((r for r in ctx.report.passes if r.name == "loss_entropy"), None)
+    if record is None:
+        return
+    copied = family_module("loss_entropy").protect_saved_logits(gm, ctx)
+    if copied:
+        gm.graph.lint()
+        gm.recompile()
+        record.strategy["saved_logits"] = (f"copied for {', '.join(copied)}: the graph returns the logits, and a write "
+                                           "to them before the backward must not change the loss's gradient")
+
+
+def detach_outputs(gm: fx.GraphModule):
+    """Graph outputs whose autograd a pass attaches outside the compiled graph (the logits
+    a fused lm head writes and returns: ``lm_head.detach_logits_outputs``): takes them out
+    of ``gm`` and returns the function that wraps the compiled graph to attach it (None
+    when there are none)."""
+    return family_module("lm_head").detach_logits_outputs(gm)
 
 
 # ----------------------------------------------------------------------------- inductor hook

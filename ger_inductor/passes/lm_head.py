@@ -96,6 +96,7 @@ class Plan:
     reorder: bool = False
     last: fx.Node | None = None
     keep: dict = dataclasses.field(default_factory=dict)
+    returned: bool = False  # the graph returns the head's logits as well: the op writes them
 
 
 def run(gm: fx.GraphModule, ctx) -> bool:
@@ -239,11 +240,17 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
         return miss("the lm head's input is not a batch of rows (..., H)", h)
     if _dtype(h) not in _FLOAT_DTYPES:
         return None
-    # the logits must serve the loss only
+    # the logits must serve the loss only - or be returned as they are (the head's own
+    # output, as transformers' causal LMs return it beside the loss)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = False
     for i, n in enumerate(chain):
         nxt = chain[i + 1] if i + 1 < len(chain) else src
         for u in n.users:
             if u is nxt or _shape_only_user(u, n):
+                continue
+            if u is out and i == 0:
+                returned = True
                 continue
             return miss(f"the logits ({n.name}) are also used by {u.name}: the N x V tensor must exist, "
                         "the lm head is left unfused", u)
@@ -257,11 +264,31 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
         if module is not None:
             mod = gm.get_submodule(module)
             needs |= (2 if mod.weight.requires_grad else 0) | (4 if mod.bias is not None and mod.bias.requires_grad else 0)
+    if returned:
+        why = _returned_logits_refusal(out, chain[0], needs, selects)
+        if why:
+            return miss(f"the logits ({chain[0].name}) are also returned by the graph, and {why}: the lm head is "
+                        "left unfused", out)
     plan = Plan(src, kind, chain, h, weight, weight_t, bias, module, target, float(alpha), int(ignore_index),
-                bool(extras), smooth_eps, smooth_weight, base, needs, row_index=selects[0].args[1] if selects else None)
+                bool(extras), smooth_eps, smooth_weight, base, needs, row_index=selects[0].args[1] if selects else None,
+                returned=returned)
     if needs:
         _choose_gradient_mode(gm, plan)
     return plan
+
+
+def _returned_logits_refusal(out: fx.Node, lin_out: fx.Node, needs: int, selects: list) -> str | None:
+    """Why a head whose logits the graph returns is not fused (None: it is, and the op
+    writes the logits as it forms them). The fusion pays only in training: it keeps the
+    loss's N x V gradient (and AOTAutograd's N x V zero gradient of the returned logits)
+    out of the step."""
+    if not needs:
+        return "no gradient is needed (fusing then saves nothing: the logits are written anyway)"
+    if selects:
+        return "rows are selected between the head and the loss (the loss reads fewer rows than are returned)"
+    if not isinstance(out.args[0], (tuple, list)) or lin_out not in out.args[0]:
+        return "they are returned inside a structure (only a flat output tuple is handled)"
+    return None
 
 
 def _selects_rows(n) -> bool:
@@ -586,7 +613,10 @@ def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
     store = ctx.options.autotune_store or autotune.default_store_path()
     key = autotune.site_key(FAMILY, ctx.profile, site)
     try:
-        d = autotune.decide(FAMILY, key, lambda: _measure(gm, plan, ctx), store, fused_leaner=site["chunks"] > 1)
+        # leaner: where the rows take more than one chunk, or where the logits are returned
+        # (the unfused head's step then holds them, their zero gradient and the loss's)
+        d = autotune.decide(FAMILY, key, lambda: _measure(gm, plan, ctx), store,
+                            fused_leaner=site["chunks"] > 1 or plan.returned)
     except Exception as e:  # noqa: BLE001 - a failed measurement leaves the prior in charge
         if ctx.options.strict:
             raise
@@ -631,13 +661,26 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx) -> dict | str:
     # rows take more than one chunk (with one, it holds a full N x V buffer too, and the
     # fp32 grad_W from the forward to the backward: measured 156 vs 125 MiB at
     # 1024 x 256 x 32000 on CPU)
-    chunks = -(-N // max(1, min(fleet.lm_head_chunk(ctx.profile, V), N)))
+    chunks = -(-N // max(1, _chunk_rows(ctx, V, N, plan.returned)))
     return {"rows": 1 << max(0, (N - 1).bit_length()), "chunks": chunks, "H": H, "V": V, "dtype": str(hv.dtype),
             "wdtype": str(wdt),
-            "bias": bias,
+            "bias": bias, "returned": plan.returned,
             "needs": plan.needs, "mode": plan.mode, "kind": plan.kind, "alpha": plan.alpha, "extras": plan.extras,
             "smoothing": plan.smooth_weight is not None, "base": plan.base is not None,
             "loss": _loss_signature(plan)}
+
+
+def _chunk_rows(ctx, V, rows, returned: bool) -> int:
+    """Rows per chunk of the fused op: the profile's (or the option's), at most the rows;
+    where the logits are returned, at most a quarter of them (at least 128): the op then
+    holds the logits themselves beside its chunk buffers, and a one-chunk buffer would
+    double them."""
+    chunk = fleet.lm_head_chunk(ctx.profile, V, ctx.options.lm_head_chunk)
+    if isinstance(rows, int) and rows > 0 and chunk:
+        chunk = min(chunk, rows)
+        if returned and ctx.options.lm_head_chunk is None:
+            chunk = min(chunk, max(128, -(-rows // 4)))
+    return chunk
 
 
 def _loss_signature(plan: Plan) -> list[str]:
@@ -675,8 +718,11 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx) -> tuple:
     _rewrite(fused, fplan, sub)
     fused.graph.lint()
     fused.recompile()
+    wrap = detach_logits_outputs(fused) if plan.returned else None
     mini.recompile()
     out_vals = next(n for n in mini.graph.nodes if n.op == "output").args[0]
+    if plan.returned:
+        out_vals = out_vals[:-1]  # the returned logits: no gradient reaches them
     grads = [torch.ones(v.meta["example_value"].shape, dtype=v.meta["example_value"].dtype,
                         device=v.meta["example_value"].device) for v in out_vals] if plan.mode == "recompute" else None
 
@@ -684,12 +730,12 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx) -> tuple:
         if plan.mode == "in_forward":
             (out[0] if isinstance(out, (list, tuple)) else out).backward()
         elif plan.mode == "recompute":
-            torch.autograd.backward(list(out), grads)
+            torch.autograd.backward(list(out)[:len(grads)], grads)
         for t in leaves:
             t.grad = None
 
     patches = {**fleet.inductor_patches(ctx.profile), **cacheable_functions_patch(), **dict(ctx.options.inductor_config)}
-    t = autotune.compile_and_time({"ger": (fused, inputs, finish), "inductor": (mini, inputs, finish)},
+    t = autotune.compile_and_time({"ger": (fused, inputs, finish, wrap), "inductor": (mini, inputs, finish, None)},
                                   _val(plan.h).device, patches)
     return t["ger"], t["inductor"]
 
@@ -762,9 +808,10 @@ def _site_graph(gm: fx.GraphModule, plan: Plan, ctx):
         # the loss code itself, from the statistics to the scalar loss
         for n in plan.path:
             env[n] = g.node_copy(n, arg)
-        g.output(env[plan.exit])
+        outs = (env[plan.exit],)
     else:
-        g.output(tuple(g.call_function(operator.getitem, (src, i)) for i in range(4 if plan.extras else 3)))
+        outs = tuple(g.call_function(operator.getitem, (src, i)) for i in range(4 if plan.extras else 3))
+    g.output(outs + ((lin,) if plan.returned else ()))  # the returned logits last
     mini = fx.GraphModule(torch.nn.Module(), g)
     _fill_values(mini, inputs)
     return mini, inputs, leaves, src
@@ -855,11 +902,8 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     src = plan.src
     lin_out = plan.chain[0]
     V = (_shape(lin_out) or (None,))[-1]
-    chunk = fleet.lm_head_chunk(ctx.profile, V, ctx.options.lm_head_chunk)
     tv = _val(plan.target)
-    rows = tv.numel() if isinstance(tv, torch.Tensor) else None
-    if isinstance(rows, int) and rows > 0:
-        chunk = min(chunk, rows) if chunk else chunk
+    chunk = _chunk_rows(ctx, V, tv.numel() if isinstance(tv, torch.Tensor) else None, plan.returned)
     reorder, last, keep = plan.reorder, plan.last, plan.keep
     h_head = plan.h  # the head's own input (the logits before a row selection are its rows)
     if plan.row_index is not None:
@@ -884,10 +928,11 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
                         else g.call_method(v.target, (s, *v.args[1:]), dict(v.kwargs))
             return s
 
+        out_node = next(n for n in g.nodes if n.op == "output")
         redirect = []
         for i, n in enumerate(plan.chain):
             for u in list(n.users):
-                if u is src or (i + 1 < len(plan.chain) and u is plan.chain[i + 1]):
+                if u is src or (i + 1 < len(plan.chain) and u is plan.chain[i + 1]) or (plan.returned and u is out_node):
                     continue
                 if _is(u, _CASTS):  # a cast read for its shape: a stand-in of the cast's dtype
                     redirect.append((u, None, stand_in(i, _dtype(u))))
@@ -929,6 +974,14 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
                 env[n] = g.node_copy(n, lambda a: env.get(a, a))
             coefs = g.call_function(lm_head.stat_coefficients, (env[plan.exit], leaves))
             stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "coefs": coefs, "needs": plan.needs})
+    if plan.returned:
+        stats.kwargs = {**stats.kwargs, "logits": True}
+        with g.inserting_after(stats):
+            lo = g.call_function(operator.getitem, (stats, 8))
+        with g.inserting_after(lo):
+            ret = g.call_function(lm_head.logits_output, (lo, plan.h, weight, bias))
+        graph.copy_meta(ret, lin_out, values=True)
+        out_node.replace_input_with(lin_out, ret)
     src.replace_all_uses_with(stats)
     graph.copy_meta(stats, src)
     g.erase_node(src)
@@ -946,5 +999,59 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     ctx.match(
         "linear+" + ("ger_loss" if plan.kind == "loss_fwd" else "loss"), [lin_out, stats],
         chunk=chunk, gradients=plan.mode, why=plan.why or None, alpha=plan.alpha, extras=plan.extras, unroll=unroll,
+        **({"logits": "written and returned"} if plan.returned else {}),
     )
     ctx.strategy(**{k: v for k, v in fleet.strategy(FAMILY, ctx.profile).items() if k != "why"})
+
+
+# ----------------------------------------------------------------------------- returned logits
+def detach_logits_outputs(gm: fx.GraphModule):
+    """Take the ``logits_output`` nodes out of the graph before it is compiled: the graph
+    returns the logits the fused op wrote (not differentiable) and, as extra outputs, the
+    head's h, W and b; the returned function applies ``lm_head.logits_output`` to the
+    compiled graph's outputs. Inside the graph, AOTAutograd would make the logits a
+    differentiable output, and then every backward gets an N x V zero gradient for them
+    (autograd materialises the gradients of a function's unused outputs) and runs the
+    head's two gradient matmuls on it. Outside, that backward runs only when a gradient
+    reaches the logits, as in eager. Returns None when the graph has no such node."""
+    g = gm.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    marks = [n for n in g.nodes if n.op == "call_function" and n.target is lm_head.logits_output
+             and set(n.users) == {out}]
+    if not marks or not isinstance(out.args[0], (tuple, list)):
+        return None
+    outs = list(out.args[0])
+    n_orig = len(outs)
+    specs = []
+    for m in marks:
+        z, h, w, b = m.args
+        at = len(outs)
+        outs += [h, w] + ([b] if b is not None else [])
+        pos = [i for i, o in enumerate(outs[:n_orig]) if o is m]
+        for i in pos:
+            outs[i] = z
+        specs.append((pos, at, b is not None))
+    out.args = (type(out.args[0])(outs),) + tuple(out.args[1:])
+    for m in marks:
+        g.erase_node(m)
+    g.lint()
+    gm.recompile()
+
+    def finish(raw):
+        res = list(raw)
+        tail = res[n_orig:]
+        res = res[:n_orig]
+        for pos, at, has_b in specs:
+            k = at - n_orig
+            z = lm_head.logits_output(res[pos[0]], tail[k], tail[k + 1], tail[k + 2] if has_b else None)
+            for i in pos:
+                res[i] = z
+        return tuple(res) if isinstance(raw, tuple) else res
+
+    def wrap(compiled):
+        def run(*args):  # as Dynamo calls a backend's function
+            return finish(compiled(*args))
+
+        return run
+
+    return wrap

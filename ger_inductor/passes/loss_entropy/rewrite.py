@@ -7,6 +7,7 @@ switch (passes/graph.py), and replace the reductions by O(rows) combinations of 
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx as fx
@@ -352,3 +353,62 @@ def _drop_dead(g: fx.Graph, vocab: set) -> None:
                 g.erase_node(n)
                 vocab.discard(n)
                 removed = True
+
+
+# ----------------------------------------------------------------------------- returned logits
+#: ops whose result may share the storage of their first argument
+_ALIASING = {"view", "reshape", "flatten", "unflatten", "contiguous", "unsqueeze", "squeeze", "view_as",
+             "reshape_as", "transpose", "permute", "movedim", "swapaxes", "t", "expand", "expand_as", "narrow",
+             "select", "detach", "float", "to", "type", "double", "half", "bfloat16", "as_strided",
+             torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, torch.transpose,
+             torch.permute, torch.movedim, torch.swapaxes, torch.t, torch.narrow, torch.select, torch.detach,
+             torch.as_strided, operator.getitem}
+
+
+def _alias_base(n):
+    while isinstance(n, fx.Node) and n.op in ("call_method", "call_function") and n.args and \
+            isinstance(n.args[0], fx.Node) and (n.target in _ALIASING):
+        n = n.args[0]
+    return n
+
+
+def protect_saved_logits(gm: fx.GraphModule, ctx) -> list[str]:
+    """The fused loss op saves its logits for the backward (eager's loss saves its
+    log-softmax, a tensor of its own). Where those logits are also returned by the graph
+    (or are a view of what it returns), the caller may write them in place before the
+    backward: eager's gradient does not change, the op's would - silently under
+    Inductor, whose outputs do not share the saved tensor's version counter. Such an op
+    reads a private copy instead (one N x V copy, held to the backward; made by
+    ``ger::version_guard``, which the partitioner saves rather than recomputes). Runs after the
+    lm head pass: a head it fused writes and returns the logits itself, and saves none.
+    Returns the names of the statistics nodes given a copy."""
+    g = gm.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    returned = {_alias_base(a) for a in _compat_leaves(out.args[0]) if isinstance(a, fx.Node)}
+    copied = []
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not losses.row_stats:
+            continue
+        logits = n.args[0]
+        v = _val(logits)
+        if not (isinstance(v, torch.Tensor) and v.requires_grad) or _alias_base(logits) not in returned:
+            continue
+        with g.inserting_before(n):
+            # an op of ger's, not a clone: AOTAutograd's partitioner would recompute a
+            # clone in the backward from the returned tensor itself
+            private = g.call_function(torch.ops.ger.version_guard.default, (logits, []))
+        graph.copy_meta(private, logits, values=True)
+        n.args = (private, *n.args[1:])
+        copied.append(n.name)
+    return copied
+
+
+def _compat_leaves(x):
+    if isinstance(x, (list, tuple)):
+        for a in x:
+            yield from _compat_leaves(a)
+    elif isinstance(x, dict):
+        for a in x.values():
+            yield from _compat_leaves(a)
+    else:
+        yield x
