@@ -111,3 +111,47 @@ _case("lmhead_ls_fp32", torch.float32, 0.1)
 _case("lmhead_ls_bf16", torch.bfloat16, 0.1)
 # a small size for a quick look (and the CPU dry run of the GPU script)
 _case("lmhead_ce_small", torch.float32, 0.0, n=1024, h=256, v=32000)
+
+
+# ----------------------------------------------------------------------------- logits returned
+def _hf_loss_and_logits(hh, W, y):
+    """transformers' causal-LM path: the head's logits returned beside the loss
+    (``ForCausalLMLoss``: upcast, labels shifted by padding, a sum over the tokens divided
+    by their count)."""
+    logits = F.linear(hh, W)
+    labels = F.pad(y, (0, 1), value=-100)[1:]
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum") / (labels != -100).sum()
+    return loss, logits
+
+
+def _step_returned(backend: str | None, **compile_kw) -> Callable[[dict], Callable[[], Any]]:
+    def build(inp):
+        f = _hf_loss_and_logits if backend is None else torch.compile(_hf_loss_and_logits, backend=backend, **compile_kw)
+        h, W, y = inp["h"], inp["W"], inp["y"]
+
+        def step():
+            loss, logits = f(h, W, y)  # the caller holds the logits through the backward
+            gh, gW = torch.autograd.grad(loss, (h, W))
+            return loss.detach(), gh, gW
+
+        return step
+
+    return build
+
+
+def _case_returned(name: str, dtype: torch.dtype, n: int, h: int, v: int) -> Case:
+    variants = [
+        Variant("eager", _step_returned(None), "the loss and the logits it returns, plain torch"),
+        Variant("inductor", _step_returned("inductor")),
+        Variant("ger", _step_returned("ger"), "backend=ger: the head fused, the op writes the returned logits "
+                "(where the measured selection keeps it)"),
+        Variant("ger_prior", _step_returned("ger", options={"autotune": False}),
+                "backend=ger with measured selection off"),
+    ]
+    desc = (f"lm head + cross-entropy with the logits returned (transformers' labels= path), h {n}x{h} @ W {v}x{h}, "
+            f"{str(dtype).replace('torch.', '')}, fwd+bwd of the loss only")
+    return register(Case(name, desc, _setup(dtype, n, h, v), variants, check=_check))
+
+
+_case_returned("lmhead_returned_fp32", torch.float32, 2048, 512, 32000)
+_case_returned("lmhead_returned_bf16", torch.bfloat16, 2048, 512, 32000)

@@ -109,6 +109,12 @@ FOUND = {
     # (tests/test_soundness.py::test_returned_logits_written_before_backward_under_inductor)
     "returned_logits_written_before_backward": fz.Program(context="grad", n=2, v=5, terms=("ce",),
                                                           returned="logits_written", seed=0),
+    # the same where eager's spelling saves the logits themselves (Categorical's
+    # logsumexp): eager raises autograd's version error, and ger must too - the copy the
+    # op reads had let the write pass (the copy now keeps the logits for the check)
+    "returned_logits_written_eager_saves_them": fz.Program(
+        context="grad", n=2, v=5, terms=("entropy_cat", "ce_weighted", "entropy_cat"), write="masked_fill_",
+        write_at=0, act="silu", dynamic=True, returned="logits_written", seed=4),
 }
 
 

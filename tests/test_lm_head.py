@@ -668,3 +668,36 @@ def test_in_forward_gradients_are_consumed_once():
     torch.testing.assert_close(W.grad, gW, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_returned_logits_dynamic_sequence_lengths():
+    """Symbolic rows: the op writes logits of a symbolic shape; one graph serves every
+    sequence length (Dynamo may specialise length 1), values and gradients eager's."""
+    loss_fn = SPELLINGS["logits_returned"][0]
+    torch.manual_seed(0)
+    m, m2 = Head(loss_fn), Head(loss_fn)
+    m2.load_state_dict(m.state_dict())
+    captured: dict = {}
+    graphs = []
+    backend = _detached_backend(captured)
+    cm = torch.compile(m2, backend=lambda gm, ex: (graphs.append(gm), backend(gm, ex))[1], dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for T in (7, 13, 5):
+        x = torch.randint(0, V, (2, T), generator=g)
+        y = torch.randint(0, V, (2, T), generator=g)
+        m.zero_grad()
+        m2.zero_grad()
+        (loss, z), (rl, rz) = cm(x, y), m(x, y)
+        first = len(graphs) if first is None else first
+        torch.testing.assert_close(z, rz)
+        torch.testing.assert_close(loss, rl)
+        loss.backward()
+        rl.backward()
+        for (n, p), (_, p2) in zip(m.named_parameters(), m2.named_parameters()):
+            torch.testing.assert_close(p2.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
+    # no recompile after the first call (whose trace Dynamo may restart once, to
+    # specialise float hyper-parameters: a second call of the backend)
+    assert len(graphs) == first, (first, len(graphs))
+    assert re.search(r"\bs\d+\b", graph_text(graphs[-1]))  # symbolic sizes
+    assert _lm_matches() and all(mt.detail.get("logits") == "written and returned" for mt in _lm_matches())

@@ -185,6 +185,29 @@ def test_returned_logits_written_before_backward_under_inductor():
     assert "copied for" in next(p for p in rep.passes if p.name == "loss_entropy").strategy["saved_logits"]
 
 
+def test_returned_input_logits_are_not_copied():
+    """Logits that are a graph input and returned as they are: the op saves the caller's
+    own tensor (a write bumps its version counter and autograd raises), no copy; logits
+    the graph does not return: no copy either."""
+    from .conftest import rewrite_backend
+
+    def strategy():
+        return next(p for p in ger_inductor.last_report().passes if p.name == "loss_entropy").strategy
+
+    q, y = _lv()
+    q.requires_grad_()
+    out = torch.compile(lambda q, y: (F.cross_entropy(q, y, label_smoothing=0.1), q),
+                        backend=rewrite_backend({}))(q, y)
+    assert out[1] is q and _matches("loss_entropy") == 1 and "saved_logits" not in strategy()
+    torch._dynamo.reset()
+    torch.compile(lambda q, y: F.cross_entropy(q * 2.0, y, label_smoothing=0.1), backend=rewrite_backend({}))(q, y)
+    assert _matches("loss_entropy") == 1 and "saved_logits" not in strategy()
+    torch._dynamo.reset()
+    torch.compile(lambda q, y: (lambda z: (F.cross_entropy(z, y, label_smoothing=0.1), z.view(-1)))(q * 2.0),
+                  backend=rewrite_backend({}))(q, y)
+    assert _matches("loss_entropy") == 1 and "copied for" in strategy()["saved_logits"]
+
+
 # ----------------------------------------------------------------------------- conv -> BN
 class ConvBNWrite(nn.Module):
     def __init__(self, write: bool):

@@ -27,6 +27,10 @@ Two ways to get gradients:
   coefficients: four matmuls in all, for losses that are not a known linear function of
   the statistics (e.g. ``reduction='none'``).
 
+``logits`` (a shape ``(rows..., V)``, or None): the op also writes the logits, each
+chunk's straight into that output as it forms them, for a graph that returns them (not
+differentiable here: ``lm_head.logits_output``).
+
 Logits are formed in the input dtype (as ``F.linear`` does) and reduced in float32
 (float64 for float64 inputs); the chunk's logits gradient is cast to the input dtype for
 the two gradient matmuls, grad_W and grad_b accumulate in the compute dtype.

@@ -9,8 +9,10 @@ through views (that keep the classes last) and upcasts it looks for
     F.linear(h, W[, b]) / nn.Linear / h @ W.T / torch.matmul(h, W_t) / h.mm(W_t)
 
 (a tied embedding weight is just a weight). The logits must have no other user than the
-loss: if they are returned, or read for an accuracy, they must exist anyway, and the
-candidate is reported as a near-miss.
+loss - except the graph's output: logits returned beside the loss (transformers' causal
+LMs with ``labels=``) are written by the op as it forms them, and in a graph that needs
+gradients the head is fused anyway; their own gradient is attached outside the compiled
+graph (``detach_logits_outputs``). Another use (an accuracy) is a near-miss.
 
 Gradients. When the graph's loss (its one output that depends on the statistics) is a
 scalar and every operation between the statistics and it is linear (sums, means,

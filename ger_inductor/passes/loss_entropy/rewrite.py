@@ -247,6 +247,7 @@ def _vocab_closure(ev: Evaluator, nodes) -> set:
 def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan, ctx) -> None:
     g = gm.graph
     first = min((c.node for c in group), key=_order(g))
+    eager_saves = _eager_saves_logits(root.base, plan.vocab | {c.node for c in group})
     logits = root.base
     shp = _shape(logits)
     ce = plan.ce
@@ -267,6 +268,7 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
             (logits, target, plan.alpha, plan.ignore_index, plan.extras, chunk),
             stats_kw,
         )
+        stats.meta[EAGER_SAVES_LOGITS] = eager_saves
     views_cache: dict = {}
     for c in group:
         with g.inserting_before(c.node):
@@ -365,6 +367,43 @@ _ALIASING = {"view", "reshape", "flatten", "unflatten", "contiguous", "unsqueeze
              torch.as_strided, operator.getitem}
 
 
+#: ops whose backward saves none of the inputs the logits reach them by (only their
+#: outputs, an index, a mask or a shape); any other op reading the logits is taken to save
+#: them (``_eager_saves_logits``)
+_SAVES_NO_INPUT = {"log_softmax", "softmax", "exp", "add", "sub", "neg", "sum", "mean", "gather", "masked_fill",
+                   "__add__", "__radd__", "__sub__", "__rsub__", "__neg__", "cross_entropy", "nll_loss",
+                   torch.log_softmax, torch.softmax, torch.exp, torch.add, torch.sub, torch.neg, torch.sum, torch.mean,
+                   torch.gather, torch.where, torch.masked_fill, torch.nn.functional.log_softmax,
+                   torch.nn.functional.softmax, torch.nn.functional.cross_entropy, operator.add, operator.sub,
+                   operator.neg}
+_SCALED = {"mul", "div", "__mul__", "__rmul__", "__truediv__", torch.mul, torch.div, operator.mul, operator.truediv}
+#: meta key of a loss-statistics node: whether eager's spelling saved the logits themselves
+EAGER_SAVES_LOGITS = "ger_eager_saves_logits"
+
+
+def _eager_saves_logits(logits: fx.Node, nodes) -> bool:
+    """Whether eager's spelling of the loss saves the logits (or a view of them) for its
+    backward: a product with them, a logsumexp of them, ``Categorical(logits=z)``...; a
+    cross-entropy, softmax or log-softmax saves its output instead. Where the logits are
+    returned, a write to them before the backward then raises autograd's error in eager,
+    and the private copy the op reads keeps them for that check (``version_guard``)."""
+    base = _alias_base(logits)
+    for n in nodes:
+        if n.op not in ("call_function", "call_method") or n.target in _ALIASING:
+            continue
+        reads = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node) and _alias_base(a) is base]
+        if not reads:
+            continue
+        t = n.target
+        if t in _SAVES_NO_INPUT:
+            continue
+        if t in _SCALED and not any(isinstance(a, fx.Node) and _alias_base(a) is not base and
+                                    isinstance(_val(a), torch.Tensor) for a in n.args[:2]):
+            continue  # scaled by a number (a temperature): nothing saved of the logits
+        return True
+    return False
+
+
 def _alias_base(n):
     while isinstance(n, fx.Node) and n.op in ("call_method", "call_function") and n.args and \
             isinstance(n.args[0], fx.Node) and (n.target in _ALIASING):
@@ -391,12 +430,18 @@ def protect_saved_logits(gm: fx.GraphModule, ctx) -> list[str]:
             continue
         logits = n.args[0]
         v = _val(logits)
-        if not (isinstance(v, torch.Tensor) and v.requires_grad) or _alias_base(logits) not in returned:
+        base = _alias_base(logits)
+        # (logits that are a graph input are the caller's own tensor: a write to it bumps
+        # the version counter the op's saved tensor shares, and autograd raises)
+        if not (isinstance(v, torch.Tensor) and v.requires_grad) or base not in returned or base.op == "placeholder":
             continue
+        # where eager's spelling saved the logits themselves, the copy keeps them for
+        # autograd's version check (eager raises on the caller's write; so does ger)
+        keep = [logits] if n.meta.get(EAGER_SAVES_LOGITS, True) else []
         with g.inserting_before(n):
             # an op of ger's, not a clone: AOTAutograd's partitioner would recompute a
             # clone in the backward from the returned tensor itself
-            private = g.call_function(torch.ops.ger.version_guard.default, (logits, []))
+            private = g.call_function(torch.ops.ger.version_guard.default, (logits, keep))
         graph.copy_meta(private, logits, values=True)
         n.args = (private, *n.args[1:])
         copied.append(n.name)
