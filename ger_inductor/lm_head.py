@@ -141,15 +141,16 @@ def logits_stand_in(h: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
 class _LogitsGrad(torch.autograd.Function):
     """The logits a fused head wrote, given back their own gradient: the linear's
     backward (grad_h = g W, grad_W = g^T h, grad_b = sum g), run only when a gradient
-    reaches the logits. ``z`` is returned itself (marked dirty, so it stays a plain
-    tensor that in-place code may write, as eager's logits)."""
+    reaches the logits. Returns ``z.detach()``: the same storage and version counter (a
+    caller's write is seen by any version check on ``z``), not a view, so in-place code
+    may write it as it may write eager's logits. (Returning ``z`` itself would need
+    ``mark_dirty``, which bumps the version counter.)"""
 
     @staticmethod
     def forward(ctx, z, h, weight, bias):
         ctx.save_for_backward(h, weight)  # what eager's linear saves: same version checks
         ctx.has_bias = bias is not None
-        ctx.mark_dirty(z)
-        return z
+        return z.detach()
 
     @staticmethod
     def backward(ctx, g):

@@ -115,6 +115,12 @@ FOUND = {
     "returned_logits_written_eager_saves_them": fz.Program(
         context="grad", n=2, v=5, terms=("entropy_cat", "ce_weighted", "entropy_cat"), write="masked_fill_",
         write_at=0, act="silu", dynamic=True, returned="logits_written", seed=4),
+    # the fused head writes and returns the logits, the loss code's z-loss (logsumexp)
+    # saves them in eager: the caller's write raises there, and must in ger (the gradient
+    # carrier now keeps the returned logits for the check)
+    "fused_head_returned_logits_written_eager_saves_them": fz.Program(
+        context="grad", n=7, v=33, bad_logit="-inf", ignore=True, terms=("rows_view_written", "kl_uniform", "zloss"),
+        write_at=2, logits_from="linear", act="hardtanh", lm_chunk=2, returned="logits_written", seed=0),
 }
 
 

@@ -39,7 +39,7 @@ from ..ops import ger_loss as _loss_op
 from . import graph
 from .graph import CASTS as _CASTS, SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS
 from .graph import arg as _arg, dtype as _dtype, is_op as _is, shape as _shape, target_of as _target_of, val as _val
-from .loss_entropy import LOSS_FWD
+from .loss_entropy import EAGER_SAVES_LOGITS, LOSS_FWD
 
 FAMILY = "lm_head"
 GRAPH_FUNCTIONS = lm_head.GRAPH_FUNCTIONS
@@ -124,6 +124,11 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             ctx.near_miss("linear+loss", src, graph.moved_reads_reason(barrier))
             continue
         _settle(gm, plan)
+        if plan.returned and plan.mode == "recompute" and _eager_saves_logits(plan):
+            ctx.near_miss("linear+loss", src, f"the logits ({plan.chain[0].name}) are also returned by the graph, the "
+                          "loss code saves them (eager raises autograd's error when they are written before the "
+                          f"backward) and its gradients are recomputed ({plan.why}): the lm head is left unfused")
+            continue
         if not _selected(gm, plan, ctx):
             continue
         _rewrite(gm, plan, ctx)
@@ -277,6 +282,12 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
     if needs:
         _choose_gradient_mode(gm, plan)
     return plan
+
+
+def _eager_saves_logits(plan: Plan) -> bool:
+    """Whether eager's loss code saves the logits themselves for its backward (the loss
+    pass's analysis; ``ger_loss`` called directly saves them)."""
+    return bool(plan.src.meta.get(EAGER_SAVES_LOGITS, True)) if plan.kind == "row_stats" else True
 
 
 def _returned_logits_refusal(out: fx.Node, lin_out: fx.Node, needs: int, selects: list) -> str | None:
@@ -989,8 +1000,11 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     g.erase_node(src)
     if plan.mode == "in_forward":
         L = plan.exit
+        # returned logits that eager's loss code saves: the carrier keeps them too, so a
+        # caller's write before the backward raises autograd's error, as in eager
+        kept = tuple(keep) + ((lo,) if plan.returned and _eager_saves_logits(plan) else ())
         with g.inserting_after(L):
-            new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias, tuple(keep)))
+            new_l = g.call_function(lm_head.add_carrier, (L, stats, plan.h, weight, bias, kept))
         graph.copy_meta(new_l, L, values=True)
         L.replace_all_uses_with(new_l, delete_user_cb=lambda u: u is not new_l)
     for n in reversed(plan.chain):

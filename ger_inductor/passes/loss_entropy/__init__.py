@@ -35,8 +35,8 @@ from __future__ import annotations
 from .algebra import NotRepresentable, Root, Row, Vocab, VPoly
 from .classify import GATHER_ROWS_WHY, Candidate
 from .evaluate import STATIC_CLASSES_REASON, SYMBOLIC_SCALAR_REASON, Evaluator
-from .rewrite import FAMILY, GRAPH_FUNCTIONS, LOSS_FWD, NO_IGNORE, protect_saved_logits, run
+from .rewrite import EAGER_SAVES_LOGITS, FAMILY, GRAPH_FUNCTIONS, LOSS_FWD, NO_IGNORE, alias_base, protect_saved_logits, run
 
-__all__ = ["FAMILY", "GRAPH_FUNCTIONS", "LOSS_FWD", "NO_IGNORE", "protect_saved_logits", "GATHER_ROWS_WHY", "STATIC_CLASSES_REASON",
+__all__ = ["EAGER_SAVES_LOGITS", "FAMILY", "GRAPH_FUNCTIONS", "LOSS_FWD", "NO_IGNORE", "alias_base", "protect_saved_logits", "GATHER_ROWS_WHY", "STATIC_CLASSES_REASON",
            "SYMBOLIC_SCALAR_REASON", "Candidate", "Evaluator", "NotRepresentable", "Root", "Row", "Vocab", "VPoly",
            "run"]

@@ -404,11 +404,21 @@ def _eager_saves_logits(logits: fx.Node, nodes) -> bool:
     return False
 
 
-def _alias_base(n):
+_CASTING = {"float", "to", "type", "double", "half", "bfloat16"}
+
+
+def alias_base(n):
+    """The tensor ``n`` may share storage with: up through views, and through casts that
+    keep the dtype (``x.float()`` of a float32 tensor is ``x``; of a bfloat16 one, a copy)."""
     while isinstance(n, fx.Node) and n.op in ("call_method", "call_function") and n.args and \
             isinstance(n.args[0], fx.Node) and (n.target in _ALIASING):
+        if n.target in _CASTING and _dtype(n) != _dtype(n.args[0]):
+            break
         n = n.args[0]
     return n
+
+
+_alias_base = alias_base
 
 
 def protect_saved_logits(gm: fx.GraphModule, ctx) -> list[str]:
