@@ -290,3 +290,24 @@ def test_measured_forms_compute_the_same_values(store, monkeypatch, model_cls, g
         torch.testing.assert_close(a, b)
         finish(b)  # the step's backward (none without gradients) runs on the unfused form's output
 
+
+
+def test_returned_logits_try_lean_chunks_then_the_largest(store, monkeypatch):
+    """Logits returned: the lean chunking (a quarter of the rows, at least 128) is
+    measured first; slower, the largest chunk the memory rule allows is measured next,
+    and kept where it is not slower. Each chunking is a decision of its own."""
+    calls = []
+
+    def fake_compile_and_time(forms, device, patches):
+        calls.append(forms)
+        ger = 130.0 if len(calls) == 1 else 100.0  # lean chunks: slower; one chunk: a tie
+        return {"ger": _timing(ger), "inductor": _timing(100.0)}
+
+    monkeypatch.setattr(autotune, "compile_and_time", fake_compile_and_time)
+    torch.manual_seed(0)
+    report, _ = _rewrite(HeadLogits(), store, backward=False)
+    assert len(calls) == 2
+    assert [d["choice"] for d in report.decisions] == ["inductor", "ger"]
+    keys = [json.loads(d["key"])["site"] for d in report.decisions]
+    assert [k["chunks"] for k in keys] == [2, 1] and all(k["returned"] for k in keys)
+    assert report.match_count("lm_head") == 1 and report.matches[-1].detail["chunk"] == N

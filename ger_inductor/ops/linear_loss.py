@@ -145,13 +145,17 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
         hc = h[s:e]
         z = buf[:r]
         # ---- logits of the chunk, in the input dtype, then the compute dtype
+        src = z  # what the row statistics read before z holds z - m
         if lo2 is not None:
             zl = lo2[s:e]
             if bias is None:
                 torch.mm(hc, wt, out=zl)
             else:
                 torch.addmm(bias, hc, wt, out=zl)
-            z.copy_(zl)
+            if zl.dtype == cd:
+                src = zl  # read where it was written; z - m formed in one pass below
+            else:
+                z.copy_(zl)
         elif low is None:
             if bias is None:
                 torch.mm(hc, wt, out=z)
@@ -166,11 +170,14 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
             z.copy_(zl)
         tc, vc = t[s:e], valid[s:e]
         # ---- statistics
-        m = z.amax(1)
-        zy = z.gather(1, tc.unsqueeze(1)).squeeze(1)
+        m = src.amax(1)
+        zy = src.gather(1, tc.unsqueeze(1)).squeeze(1)
         if alpha == 1.0:
-            zu = z.sum(1) / V if uniform else torch.mv(z, u)  # E_u[z]
-        z.sub_(m.unsqueeze(1))  # z - m
+            zu = src.sum(1) / V if uniform else torch.mv(src, u)  # E_u[z]
+        if src is z:
+            z.sub_(m.unsqueeze(1))  # z - m
+        else:
+            torch.sub(src, m.unsqueeze(1), out=z)
         zs = None
         if buf2 is not None:
             zs = buf2[:r]

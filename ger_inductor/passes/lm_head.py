@@ -99,6 +99,7 @@ class Plan:
     last: fx.Node | None = None
     keep: dict = dataclasses.field(default_factory=dict)
     returned: bool = False  # the graph returns the head's logits as well: the op writes them
+    chunk: int | None = None  # rows per chunk the measured selection chose
 
 
 def run(gm: fx.GraphModule, ctx) -> bool:
@@ -604,6 +605,11 @@ def _prior(plan: Plan, ctx) -> str | None:
     """Why the profile's static table refuses the site (None: it fuses it)."""
     V = (_shape(plan.chain[0]) or (None,))[-1]
     min_vocab = int(fleet.strategy(FAMILY, ctx.profile).get("min_vocab", 0))
+    if plan.returned and ctx.profile.device_type == "cpu" and _dtype(plan.h) in (torch.bfloat16, torch.float16):
+        # the op's chunk loop runs eagerly here (the unrolled form cannot write the logits)
+        return ("the logits are returned and are bfloat16/float16 on a CPU: the fused head writing them was "
+                "heavier and slower than Inductor's (406 vs 375 MiB, 1.38x at 2048 x 512 x 32000 bf16); "
+                "the option lm_head_chunk fuses it anyway")
     if isinstance(V, int) and V < min_vocab:
         return (f"{V} classes, below this profile's min_vocab ({min_vocab}): the logits are small and the unfused "
                 "head is as fast; the option lm_head_chunk fuses it anyway")
@@ -612,11 +618,14 @@ def _prior(plan: Plan, ctx) -> str | None:
 
 def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
     """Whether the site is rewritten: ``lm_head_chunk`` forces it; else the measured
-    decision (``autotune``) where the site can be measured, else the profile's prior."""
+    decision (``autotune``) where the site can be measured, else the profile's prior.
+    Where the logits are returned there are two fused forms, lean chunks first (a quarter
+    of the rows) and then the largest chunk the memory rule allows: the first that is
+    not slower than Inductor's form beyond noise is kept (``plan.chunk``)."""
     if ctx.options.lm_head_chunk is not None:
         return True
     prior = _prior(plan, ctx)
-    site = _site_class(gm, plan, ctx)
+    site = _site_class(gm, plan, ctx, None)
     if isinstance(site, str):  # not measured: the prior decides
         if ctx.options.autotune:
             ctx.strategy(selection=f"prior ({site})")
@@ -624,32 +633,44 @@ def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
             ctx.near_miss("linear+loss", plan.src, prior)
         return prior is None
     store = ctx.options.autotune_store or autotune.default_store_path()
-    key = autotune.site_key(FAMILY, ctx.profile, site)
-    try:
-        # leaner: where the rows take more than one chunk, or where the logits are returned
-        # (the unfused head's step then holds them, their zero gradient and the loss's)
-        d = autotune.decide(FAMILY, key, lambda: _measure(gm, plan, ctx), store,
-                            fused_leaner=site["chunks"] > 1 or plan.returned)
-    except Exception as e:  # noqa: BLE001 - a failed measurement leaves the prior in charge
-        if ctx.options.strict:
-            raise
-        ctx.report.add_fallback("autotune", f"measuring the lm head at {plan.src.name} failed; the profile's "
-                                "prior decides", exc=e, node=plan.src.name)
-        if prior is not None:
-            ctx.near_miss("linear+loss", plan.src, prior)
-        return prior is None
-    ctx.decision(plan.src, d)
-    if d.choice != "ger":
-        why = ("the fused head is slower here" if d.ratio > 1 + autotune.TOLERANCE else
-               "the fused head is not faster beyond noise here, and in one chunk it is not the leaner")
-        ctx.near_miss("linear+loss", plan.src, f"measured on {ctx.profile.name}: {why} ({d.one_line()}); the "
-                      "unfused head is kept (options autotune=False or lm_head_chunk fuse it anyway)")
-        return False
-    return True
+    N = _val(plan.target).numel()
+    V = _val(plan.chain[0]).shape[-1]
+    chunks = [_chunk_rows(ctx, V, N, plan, lean=True)]
+    if plan.returned and _chunk_rows(ctx, V, N, plan) != chunks[0]:
+        chunks.append(_chunk_rows(ctx, V, N, plan))
+    d = None
+    for chunk in chunks:
+        site = _site_class(gm, plan, ctx, chunk)
+        key = autotune.site_key(FAMILY, ctx.profile, site)
+        try:
+            # leaner: where the rows take more than one chunk, or where the logits are
+            # returned (the unfused head's step then holds them, their zero gradient and
+            # the loss's: three N x V tensors; the fused op the logits and at most one
+            # N x V of chunk buffers, ``_chunk_rows``)
+            d = autotune.decide(FAMILY, key, lambda c=chunk: _measure(gm, plan, ctx, c), store,
+                                fused_leaner=site["chunks"] > 1 or plan.returned)
+        except Exception as e:  # noqa: BLE001 - a failed measurement leaves the prior in charge
+            if ctx.options.strict:
+                raise
+            ctx.report.add_fallback("autotune", f"measuring the lm head at {plan.src.name} failed; the profile's "
+                                    "prior decides", exc=e, node=plan.src.name)
+            if prior is not None:
+                ctx.near_miss("linear+loss", plan.src, prior)
+            return prior is None
+        ctx.decision(plan.src, d)
+        if d.choice == "ger":
+            plan.chunk = chunk
+            return True
+    why = ("the fused head is slower here" if d.ratio > 1 + autotune.TOLERANCE else
+           "the fused head is not faster beyond noise here, and in one chunk it is not the leaner")
+    ctx.near_miss("linear+loss", plan.src, f"measured on {ctx.profile.name}: {why} ({d.one_line()}); the "
+                  "unfused head is kept (options autotune=False or lm_head_chunk fuse it anyway)")
+    return False
 
 
-def _site_class(gm: fx.GraphModule, plan: Plan, ctx) -> dict | str:
-    """The site's shape class (the decision's key), or why it is not measured."""
+def _site_class(gm: fx.GraphModule, plan: Plan, ctx, chunk: int | None) -> dict | str:
+    """The site's shape class with ``chunk`` rows per chunk (the decision's key), or why
+    it is not measured."""
     if not ctx.options.autotune:
         return "autotune is off"
     if ctx.options.compiler != "inductor":
@@ -674,7 +695,7 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx) -> dict | str:
     # rows take more than one chunk (with one, it holds a full N x V buffer too, and the
     # fp32 grad_W from the forward to the backward: measured 156 vs 125 MiB at
     # 1024 x 256 x 32000 on CPU)
-    chunks = -(-N // max(1, _chunk_rows(ctx, V, N, plan.returned)))
+    chunks = -(-N // max(1, chunk or _chunk_rows(ctx, V, N, plan, lean=True)))
     return {"rows": 1 << max(0, (N - 1).bit_length()), "chunks": chunks, "H": H, "V": V, "dtype": str(hv.dtype),
             "wdtype": str(wdt),
             "bias": bias, "returned": plan.returned,
@@ -683,16 +704,27 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx) -> dict | str:
             "loss": _loss_signature(plan)}
 
 
-def _chunk_rows(ctx, V, rows, returned: bool) -> int:
-    """Rows per chunk of the fused op: the profile's (or the option's), at most the rows;
-    where the logits are returned, at most a quarter of them (at least 128): the op then
-    holds the logits themselves beside its chunk buffers, and a one-chunk buffer would
-    double them."""
+def _chunk_rows(ctx, V, rows, plan: Plan, lean: bool = False) -> int:
+    """Rows per chunk of the fused op: the profile's (or the option's), at most the rows.
+    Where the logits are returned, the op's chunk buffers (the compute-dtype logits, a
+    second one for the entropy and general-alpha terms, a low-precision copy of the
+    gradient for bf16/fp16) hold at most one N x V tensor of the logits' dtype, half of
+    what Inductor's unfused step adds to the logits (their zero gradient and the loss's);
+    ``lean``: at most a quarter of the rows (at least 128) as well. Chunks cost time on
+    the CPU (2048 x 512 x 32000 fp32, warm allocator: a quarter of the rows per chunk
+    1.05x Inductor's step, one chunk 1.01x; at 512 x 256 x 32000 the quarter was the
+    faster), so the selection measures both (``_selected``)."""
     chunk = fleet.lm_head_chunk(ctx.profile, V, ctx.options.lm_head_chunk)
     if isinstance(rows, int) and rows > 0 and chunk:
         chunk = min(chunk, rows)
-        if returned and ctx.options.lm_head_chunk is None:
-            chunk = min(chunk, max(128, -(-rows // 4)))
+        if plan.returned and ctx.options.lm_head_chunk is None:
+            dt = _dtype(plan.h)
+            isz = torch.empty((), dtype=dt).element_size() if dt is not None else 4
+            csz = 8 if dt == torch.float64 else 4
+            per_row = csz * (2 if (plan.extras or plan.alpha != 1.0) else 1) + (isz if isz < csz else 0)
+            chunk = max(1, min(chunk, (rows * isz) // per_row))
+            if lean:
+                chunk = min(chunk, max(128, -(-rows // 4)))
     return chunk
 
 
@@ -702,24 +734,23 @@ def _loss_signature(plan: Plan) -> list[str]:
     return [str(getattr(_target_of(n), "__name__", _target_of(n))) for n in plan.path] if plan.mode == "in_forward" else []
 
 
-def _measure(gm: fx.GraphModule, plan: Plan, ctx) -> tuple:
+def _measure(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
     """Time the site both ways: its head and loss statistics as one small graph (the form
     Inductor compiles without this rewrite), and the same graph after this pass (the fused
     op), forward and backward as the site needs. (The site's graph carries its own casts:
     no autocast of the context that compiles it applies.)"""
     with torch.autocast(_val(plan.h).device.type, enabled=False):
-        return _measure_forms(gm, plan, ctx)
+        return _measure_forms(gm, plan, ctx, chunk)
 
 
-def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx) -> tuple:
+def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
     from . import PassContext, cacheable_functions_patch, snapshot_graph
     from ..debug import GraphReport, PassRecord
 
     mini, inputs, leaves, msrc = _site_graph(gm, plan, ctx)
     fused = fx.GraphModule(torch.nn.Module(), snapshot_graph(mini.graph))
     fsrc = next(n for n in fused.graph.nodes if n.name == msrc.name)
-    V = (_shape(plan.chain[0]) or (None,))[-1]
-    sub = PassContext(dataclasses.replace(ctx.options, lm_head_chunk=fleet.lm_head_chunk(ctx.profile, V), autotune=False,
+    sub = PassContext(dataclasses.replace(ctx.options, lm_head_chunk=chunk, autotune=False,
                                           strict=True), ctx.profile, GraphReport(-1, "autotune", []),
                       record=PassRecord(FAMILY, 0.0, False))
     fplan = _plan(fused, fsrc, sub)
@@ -916,7 +947,7 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     lin_out = plan.chain[0]
     V = (_shape(lin_out) or (None,))[-1]
     tv = _val(plan.target)
-    chunk = _chunk_rows(ctx, V, tv.numel() if isinstance(tv, torch.Tensor) else None, plan.returned)
+    chunk = plan.chunk or _chunk_rows(ctx, V, tv.numel() if isinstance(tv, torch.Tensor) else None, plan, lean=True)
     reorder, last, keep = plan.reorder, plan.last, plan.keep
     h_head = plan.h  # the head's own input (the logits before a row selection are its rows)
     if plan.row_index is not None:
