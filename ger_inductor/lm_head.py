@@ -24,8 +24,9 @@ from .ops import linear_loss as _op
 
 
 class LinearStats(NamedTuple):
-    """``ger::loss_fwd``'s statistics (same order, so ``stats[i]`` reads alike) and the
-    gradients a precomputing forward formed (empty otherwise)."""
+    """``ger::loss_fwd``'s statistics (same order, so ``stats[i]`` reads alike), the
+    gradients a precomputing forward formed and the logits the op wrote for a graph that
+    returns them (each empty otherwise)."""
 
     nll: Tensor
     reg: Tensor
