@@ -202,7 +202,7 @@ def _protect_saved_logits(gm: fx.GraphModule, ctx: PassContext) -> None:
     record = next((r for r in ctx.report.passes if r.name == "loss_entropy"), None)
     if record is None:
         return
-    copied = family_module("loss_entropy").protect_saved_logits(gm, ctx)
+    copied = family_module("loss_entropy").protect_saved_logits(gm)
     if copied:
         gm.graph.lint()
         gm.recompile()

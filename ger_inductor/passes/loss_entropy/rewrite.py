@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ... import fleet, losses, shapes
+from ... import _compat, fleet, losses, shapes
 from .. import graph
 from ..graph import (
     SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, mutates, dtype as _dtype, is_op as _is, shape as _shape,
@@ -359,12 +359,11 @@ def _drop_dead(g: fx.Graph, vocab: set) -> None:
 
 # ----------------------------------------------------------------------------- returned logits
 #: ops whose result may share the storage of their first argument
-_ALIASING = {"view", "reshape", "flatten", "unflatten", "contiguous", "unsqueeze", "squeeze", "view_as",
-             "reshape_as", "transpose", "permute", "movedim", "swapaxes", "t", "expand", "expand_as", "narrow",
-             "select", "detach", "float", "to", "type", "double", "half", "bfloat16", "as_strided",
-             torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, torch.transpose,
-             torch.permute, torch.movedim, torch.swapaxes, torch.t, torch.narrow, torch.select, torch.detach,
-             torch.as_strided, operator.getitem}
+_ALIASING = graph.VIEWS | graph.CASTS | {
+    "unflatten", "unsqueeze", "squeeze", "view_as", "reshape_as", "transpose", "permute", "movedim", "swapaxes", "t",
+    "expand", "expand_as", "narrow", "select", "detach", "as_strided", torch.unflatten, torch.squeeze,
+    torch.unsqueeze, torch.transpose, torch.permute, torch.movedim, torch.swapaxes, torch.t, torch.narrow,
+    torch.select, torch.detach, torch.as_strided, operator.getitem}
 
 
 #: ops whose backward saves none of the inputs the logits reach them by (only their
@@ -387,24 +386,21 @@ def _eager_saves_logits(logits: fx.Node, nodes) -> bool:
     cross-entropy, softmax or log-softmax saves its output instead. Where the logits are
     returned, a write to them before the backward then raises autograd's error in eager,
     and the private copy the op reads keeps them for that check (``version_guard``)."""
-    base = _alias_base(logits)
+    base = alias_base(logits)
     for n in nodes:
         if n.op not in ("call_function", "call_method") or n.target in _ALIASING:
             continue
-        reads = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node) and _alias_base(a) is base]
+        reads = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node) and alias_base(a) is base]
         if not reads:
             continue
         t = n.target
         if t in _SAVES_NO_INPUT:
             continue
-        if t in _SCALED and not any(isinstance(a, fx.Node) and _alias_base(a) is not base and
+        if t in _SCALED and not any(isinstance(a, fx.Node) and alias_base(a) is not base and
                                     isinstance(_val(a), torch.Tensor) for a in n.args[:2]):
             continue  # scaled by a number (a temperature): nothing saved of the logits
         return True
     return False
-
-
-_CASTING = {"float", "to", "type", "double", "half", "bfloat16"}
 
 
 def alias_base(n):
@@ -412,16 +408,14 @@ def alias_base(n):
     keep the dtype (``x.float()`` of a float32 tensor is ``x``; of a bfloat16 one, a copy)."""
     while isinstance(n, fx.Node) and n.op in ("call_method", "call_function") and n.args and \
             isinstance(n.args[0], fx.Node) and (n.target in _ALIASING):
-        if n.target in _CASTING and _dtype(n) != _dtype(n.args[0]):
+        if n.target in graph.CASTS and _dtype(n) != _dtype(n.args[0]):
             break
         n = n.args[0]
     return n
 
 
-_alias_base = alias_base
 
-
-def protect_saved_logits(gm: fx.GraphModule, ctx) -> list[str]:
+def protect_saved_logits(gm: fx.GraphModule) -> list[str]:
     """The fused loss op saves its logits for the backward (eager's loss saves its
     log-softmax, a tensor of its own). Where those logits are also returned by the graph
     (or are a view of what it returns), the caller may write them in place before the
@@ -433,14 +427,14 @@ def protect_saved_logits(gm: fx.GraphModule, ctx) -> list[str]:
     Returns the names of the statistics nodes given a copy."""
     g = gm.graph
     out = next(n for n in g.nodes if n.op == "output")
-    returned = {_alias_base(a) for a in _compat_leaves(out.args[0]) if isinstance(a, fx.Node)}
+    returned = {alias_base(a) for a in _compat.tree_leaves(out.args[0]) if isinstance(a, fx.Node)}
     copied = []
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not losses.row_stats:
             continue
         logits = n.args[0]
         v = _val(logits)
-        base = _alias_base(logits)
+        base = alias_base(logits)
         # (logits that are a graph input are the caller's own tensor: a write to it bumps
         # the version counter the op's saved tensor shares, and autograd raises)
         if not (isinstance(v, torch.Tensor) and v.requires_grad) or base not in returned or base.op == "placeholder":
@@ -457,13 +451,3 @@ def protect_saved_logits(gm: fx.GraphModule, ctx) -> list[str]:
         copied.append(n.name)
     return copied
 
-
-def _compat_leaves(x):
-    if isinstance(x, (list, tuple)):
-        for a in x:
-            yield from _compat_leaves(a)
-    elif isinstance(x, dict):
-        for a in x.values():
-            yield from _compat_leaves(a)
-    else:
-        yield x
