@@ -18,7 +18,7 @@ from .autotune import clear_decisions, decisions, export_decisions, import_decis
 from .debug import GraphReport, clear_reports, last_report, reports
 from .distill import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
                       ger_linear_token_stats, ger_token_stats, ger_token_stats_reference)
-from .distributed import ger_loss_vocab_parallel
+from .distributed import ger_distill_loss_vocab_parallel, ger_loss_vocab_parallel, ger_token_stats_vocab_parallel
 from .fleet import PINNED_PROFILES, DeviceProfile
 from .lm_head import ger_linear_loss
 from .losses import GERLoss, ger_loss, ger_loss_reference
@@ -30,6 +30,8 @@ __all__ = [
     "GERLoss",
     "ger_loss_reference",
     "ger_loss_vocab_parallel",
+    "ger_distill_loss_vocab_parallel",
+    "ger_token_stats_vocab_parallel",
     "ger_linear_loss",
     "ger_distill_loss",
     "ger_distill_reference",

@@ -29,7 +29,7 @@ See docs/distributed.md.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ from torch import Tensor
 from . import losses as _losses
 from .ops import ger_loss as _op
 
-__all__ = ["ger_loss_vocab_parallel"]
+__all__ = ["ger_loss_vocab_parallel", "ger_distill_loss_vocab_parallel", "ger_token_stats_vocab_parallel"]
 
 _NAME = "ger_loss_vocab_parallel"
 
@@ -114,24 +114,28 @@ def _shard_stats(z: Tensor, y: Tensor, u: Tensor, lu: Tensor, ulu: Tensor, alpha
     return nll, reg, L, ent, aux
 
 
-def _check_tiling(v_max: Tensor, v_min: Tensor, total_v: Tensor, n_owners: Tensor, valid: Tensor) -> None:
+def _check_tiling(v_max: Tensor, v_min: Tensor, total_v: Tensor, n_owners: Optional[Tensor], valid: Optional[Tensor],
+                  who: str = _NAME) -> None:
     """The shards tile [0, V): all ranks agree on V, the shard sizes sum to it, and every
-    non-ignored target has exactly one owner. Raises ValueError eagerly (an async assert
-    when compiled); the inputs are all-reduced, so every rank decides alike."""
+    non-ignored target has exactly one owner (``n_owners`` None: no target read). Raises
+    ValueError eagerly (an async assert when compiled); the inputs are all-reduced, so
+    every rank decides alike."""
     if torch.compiler.is_compiling():
-        torch._assert_async((v_max == v_min) & (total_v == v_max), f"{_NAME}: the shards do not tile the vocabulary")
+        torch._assert_async((v_max == v_min) & (total_v == v_max), f"{who}: the shards do not tile the vocabulary")
     else:
         vmax, vmin, total = int(v_max), int(v_min), int(total_v)
         if vmax != vmin or total != vmax:
             raise ValueError(
-                f"{_NAME}: the ranks' shards hold {total} classes, but the ranks expect vocab_size "
+                f"{who}: the ranks' shards hold {total} classes, but the ranks expect vocab_size "
                 + (f"{vmax}" if vmax == vmin else f"between {vmin} and {vmax}")
                 + ": for unequal shards pass vocab_start and vocab_size on every rank"
             )
+    if n_owners is None:
+        return
     bad = valid & (n_owners != 1)
     _losses.runtime_check(
         ~bad.any(),
-        f"{_NAME}: a target class is owned by no rank or by several: the shards overlap or leave a gap "
+        f"{who}: a target class is owned by no rank or by several: the shards overlap or leave a gap "
         "(check vocab_start), or the ranks were given different targets",
     )
 
@@ -179,7 +183,7 @@ class _VocabParallelRows(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- shards
-def _local_shard(logits, process_group):
+def _local_shard(logits, process_group, who: str = _NAME):
     """(local logits, group, vocab_start, vocab_size) from a DTensor sharded over its
     last dimension, or (logits, process_group, None, None) for a plain tensor."""
     try:
@@ -194,17 +198,50 @@ def _local_shard(logits, process_group):
         last, -1,
     ):
         raise ValueError(
-            f"{_NAME}: DTensor logits must be sharded over the last (class) dimension on a 1-d mesh, "
+            f"{who}: DTensor logits must be sharded over the last (class) dimension on a 1-d mesh, "
             f"got placements {placements} on a {mesh.ndim}-d mesh"
         )
     group = mesh.get_group()
     if process_group is not None and process_group is not group:
-        raise ValueError(f"{_NAME}: process_group differs from the DTensor's mesh group")
+        raise ValueError(f"{who}: process_group differs from the DTensor's mesh group")
     V = logits.shape[-1]
     W, r = mesh.size(), mesh.get_local_rank()
     chunk = -(-V // W)  # torch.chunk's split, what Shard uses
     start = min(r * chunk, V)
     return logits.to_local(), group, start, V
+
+
+def _shard_of(logits, process_group, vocab_start, vocab_size, who: str):
+    """(local shard, group, vocab_start, vocab_size): a DTensor's own offsets, else the
+    arguments as given (checked by :func:`_place` once the other arguments are)."""
+    logits, group, dt_start, dt_size = _local_shard(logits, process_group, who)
+    if dt_start is not None:
+        if vocab_start is not None or vocab_size is not None:
+            raise ValueError(f"{who}: vocab_start / vocab_size come from the DTensor; do not pass them")
+        vocab_start, vocab_size = dt_start, dt_size
+    return logits, group, vocab_start, vocab_size
+
+
+def _place(Vr: int, group, vocab_start: Optional[int], vocab_size: Optional[int], who: str) -> tuple[int, int]:
+    """(vocab_start, V) of a shard of ``Vr`` classes: the arguments checked, or equal
+    shards in rank order. Needs an initialised process group (checked here, after the
+    arguments every rank can check alone)."""
+    if (vocab_start is None) != (vocab_size is None):
+        raise ValueError(f"{who}: pass both vocab_start and vocab_size (unequal shards) or neither (equal shards)")
+    for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{who}: {name} must be an int, got {type(v).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{who}: needs an initialised torch.distributed process group (init_process_group)")
+    if vocab_start is None:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        vocab_start, vocab_size = rank * Vr, world * Vr
+    if vocab_size <= 0 or not (0 <= vocab_start and vocab_start + Vr <= vocab_size):
+        raise ValueError(
+            f"{who}: this rank's shard [{vocab_start}, {vocab_start + Vr}) does not lie in the vocabulary "
+            f"[0, {vocab_size})"
+        )
+    return vocab_start, vocab_size
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -253,11 +290,7 @@ def ger_loss_vocab_parallel(
     >>> loss = ger_loss_vocab_parallel(shard, y, alpha=0.5, beta=0.2)  # doctest: +SKIP
     >>> loss.backward()                                                # doctest: +SKIP
     """
-    logits, group, dt_start, dt_size = _local_shard(logits, process_group)
-    if dt_start is not None:
-        if vocab_start is not None or vocab_size is not None:
-            raise ValueError(f"{_NAME}: vocab_start / vocab_size come from the DTensor; do not pass them")
-        vocab_start, vocab_size = dt_start, dt_size
+    logits, group, vocab_start, vocab_size = _shard_of(logits, process_group, vocab_start, vocab_size, _NAME)
     if hasattr(target, "full_tensor"):  # a replicated DTensor target
         target = target.full_tensor()
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
@@ -272,23 +305,8 @@ def ger_loss_vocab_parallel(
                      label_smoothing=label_smoothing, who=_NAME)
     _losses.loss_params(logits, target, base=None, weight=None, V=logits.shape[-1], **loss_args)  # before any rank talks
 
-    # ---- the shard's place in the vocabulary
-    if (vocab_start is None) != (vocab_size is None):
-        raise ValueError(f"{_NAME}: pass both vocab_start and vocab_size (unequal shards) or neither (equal shards)")
-    for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise TypeError(f"{_NAME}: {name} must be an int, got {type(v).__name__}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{_NAME}: needs an initialised torch.distributed process group (init_process_group)")
     Vr = logits.shape[-1]
-    if vocab_start is None:
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        vocab_start, vocab_size = rank * Vr, world * Vr
-    V = vocab_size
-    if V <= 0 or not (0 <= vocab_start and vocab_start + Vr <= V):
-        raise ValueError(
-            f"{_NAME}: this rank's shard [{vocab_start}, {vocab_start + Vr}) does not lie in the vocabulary [0, {V})"
-        )
+    vocab_start, V = _place(Vr, group, vocab_start, vocab_size, _NAME)
     cdt = _op.compute_dtype(logits.dtype)
     # ---- every other argument exactly as ger_loss checks it (full-vocabulary weight/base)
     params = _losses.loss_params(logits, target, base=base, weight=weight, V=V, **loss_args)
@@ -330,3 +348,307 @@ def ger_loss_vocab_parallel(
         ent.dtype
     )
     return _losses.GERLossOutput(loss, entropy, lse.reshape(target.shape))
+
+
+# ----------------------------------------------------------------------------- two distributions
+def _row_max(x: Tensor) -> Tensor:
+    return x.amax(1) if x.shape[1] > 0 else x.new_full((x.shape[0],), -math.inf)
+
+
+def _owned_target(y: Tensor, valid: Tensor, start: int, Vr: int):
+    """(owned, local index): where this rank's shard holds the row's target class, and
+    that class's index in the shard (0 elsewhere)."""
+    owned = valid & (y >= start) & (y < start + Vr)
+    return owned, torch.where(owned, y - start, torch.zeros_like(y))
+
+
+def _gather_owned(z: Tensor, yl: Tensor, owned: Tensor) -> Tensor:
+    if z.shape[1] == 0:
+        return z.new_zeros((z.shape[0],))
+    zy = z.gather(1, yl.unsqueeze(1)).squeeze(1)
+    return torch.where(owned, zy, torch.zeros_like(zy))
+
+
+def _distill_shard_stats(zs: Tensor, zt: Tensor, y: Optional[Tensor], valid: Optional[Tensor], cfg, start: int,
+                         V: int, group, who: str):
+    """(D, nll, RowStats, owned, local target) of the FULL rows from this rank's shards
+    ``zs``, ``zt`` (R, V_r) in the compute dtype: the row math of
+    :func:`ger_inductor.distill.forward_rows` with every max and sum over the classes
+    all-reduced. Three all-reduces of O(R) numbers:
+
+    1. MAX of the row maxima of z_s/T and z_t/T (and z_s, for the hard CE at T != 1), with
+       V and -V riding along (do all ranks agree on V?);
+    2. SUM of sum e^(x - M) for each, and for the hard CE the target logit and how many
+       ranks own the target, with the shard size riding along: then L_s, L_t (, L_s1);
+    3. SUM of the KL partial sums the kind needs (KL(p_t||p_s), KL(p_s||p_t), or both
+       KL(.||m)): elementwise given L_s and L_t, as forward_rows forms them."""
+    from .distill import RowStats, _prelude
+    from .ops.ger_loss import xmul
+
+    R, Vr = zs.shape
+    T = cfg.T
+    a = zs if T == 1.0 else zs / T
+    b = zt if T == 1.0 else zt / T
+    own_ce = cfg.hard and T != 1.0  # the CE's lse is of the untempered student logits
+    maxes = [_row_max(a), _row_max(b)] + ([_row_max(zs)] if own_ce else [])
+    k1 = len(maxes)
+    mx = _all_reduce(torch.cat([torch.stack(maxes, 1).reshape(-1), zs.new_tensor([V, -V])]), dist.ReduceOp.MAX,
+                     group)
+    M, v_max, v_min = mx[:-2].view(R, k1), mx[-2], -mx[-1]
+    sums = [torch.exp(a - M[:, 0:1]).sum(1), torch.exp(b - M[:, 1:2]).sum(1)]
+    if own_ce:
+        sums.append(torch.exp(zs - M[:, 2:3]).sum(1))
+    owned = yl = None
+    if cfg.hard:
+        owned, yl = _owned_target(y, valid, start, Vr)
+        sums += [_gather_owned(zs, yl, owned), owned.to(zs.dtype)]
+    k2 = len(sums)
+    flat = _all_reduce(torch.cat([torch.stack(sums, 1).reshape(-1), zs.new_tensor([Vr])]), dist.ReduceOp.SUM, group)
+    S, total_v = flat[:-1].view(R, k2), flat[-1]
+    _check_tiling(v_max, v_min, total_v, S[:, k2 - 1] if cfg.hard else None, valid if cfg.hard else None, who)
+    Ls = M[:, 0] + S[:, 0].log()
+    Lt = M[:, 1] + S[:, 1].log()
+    if cfg.hard:
+        Ls1 = (M[:, 2] + S[:, 2].log()) if own_ce else Ls
+        nll = Ls1 - S[:, k2 - 2]
+    else:
+        Ls1 = nll = zs.new_empty((0,))
+    pre, _, _ = _prelude(zs, zt, cfg, Ls, Lt)
+    if cfg.kind == "fwd":
+        cols = [xmul(pre.pt, pre.lpt - pre.lps).sum(1)]
+    elif cfg.kind == "rev":
+        cols = [xmul(pre.ps, pre.lps - pre.lpt).sum(1)]
+    else:
+        cols = [xmul(pre.pt, pre.log_t_m).sum(1), xmul(pre.ps, pre.log_s_m).sum(1)]
+    kl = _all_reduce(torch.stack(cols, 1).contiguous(), dist.ReduceOp.SUM, group)
+    zero = torch.zeros((R,), dtype=zs.dtype, device=zs.device)
+    if cfg.kind == "fwd":
+        kt, ks, D = kl[:, 0], zero, kl[:, 0]
+    elif cfg.kind == "rev":
+        kt, ks, D = zero, kl[:, 0], kl[:, 0]
+    else:
+        kt, ks = kl[:, 0], kl[:, 1]
+        D = cfg.wt * kt + cfg.ws * ks
+    return D, nll, RowStats(Ls, Lt, Ls1, kt, ks), owned, yl
+
+
+class _VocabParallelDistillRows(torch.autograd.Function):
+    """(D, nll) per row from vocabulary shards of the student's and the teacher's logits;
+    saves the shards and O(rows) statistics; the backward is local (no communication)."""
+
+    @staticmethod
+    def forward(ctx, zs, zt, y, valid, cfg, start, V, group, who):
+        cd = cfg.cd
+        D, nll, st, owned, yl = _distill_shard_stats(zs.to(cd), zt.to(cd), y, valid, cfg, start, V, group, who)
+        ctx.save_for_backward(zs, zt, owned, yl, *st)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        if not cfg.hard:
+            ctx.mark_non_differentiable(nll)
+        return D, nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gD, gn):
+        from .distill import RowStats, backward_rows
+        from .ops.ger_loss import xmul
+
+        zs, zt, owned, yl, *stats = ctx.saved_tensors
+        st = RowStats(*stats)
+        cfg = ctx.cfg
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        none = (None,) * 7
+        if not cfg.hard:
+            gn = None
+        if (gD is None and gn is None) or not (need_s or need_t):
+            return (None, None) + none
+        zsc, ztc = zs.to(cfg.cd), zt.to(cfg.cd)
+        dzs, dzt = backward_rows(zsc, ztc, None, cfg._replace(hard=False), st, gD, None, need_s, need_t)
+        if need_s and gn is not None:
+            # d nll / dz_s = softmax(z_s) - onehot(y): the onehot only on the rank that owns y
+            gnc = gn.unsqueeze(1)
+            h = xmul(gnc, torch.exp(zsc - st.Ls1.unsqueeze(1)))
+            if zs.shape[1] > 0:
+                h = h.scatter_add(1, yl.unsqueeze(1), -torch.where(owned, gn, torch.zeros_like(gn)).unsqueeze(1))
+            dzs = dzs + h
+        return (dzs.to(zs.dtype) if need_s else None, dzt.to(zt.dtype) if need_t else None) + none
+
+
+def _two_shards(student, teacher, process_group, vocab_start, vocab_size, who: str):
+    """The local shards of the student's and the teacher's logits, their group and
+    offsets: both plain tensors, or both DTensors sharded alike."""
+    if hasattr(student, "to_local") != hasattr(teacher, "to_local"):
+        raise TypeError(f"{who}: student_logits and teacher_logits must both be DTensors or both plain tensors")
+    zs, group, start, size = _shard_of(student, process_group, vocab_start, vocab_size, who)
+    zt, group_t, start_t, size_t = _shard_of(teacher, process_group, vocab_start, vocab_size, who)
+    if group_t is not group or (start_t, size_t) != (start, size):
+        raise ValueError(f"{who}: the student's and the teacher's DTensors must be sharded alike (same mesh, "
+                         f"same split of the classes)")
+    return zs, zt, group, start, size
+
+
+def ger_distill_loss_vocab_parallel(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    convention: str = "jsd",
+    process_group: Any = None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> Tensor:
+    """:func:`~ger_inductor.ger_distill_loss` of student and teacher logits sharded over
+    the classes across ranks (vocabulary-parallel lm heads).
+
+    Each rank passes its shards ``(..., V_r)`` of both models' logits, sharded alike
+    (classes last), and the same global ``target``. Every rank returns the loss over the
+    full vocabulary - the value ``ger_distill_loss`` gives on the concatenated logits -
+    and backward gives each rank the gradients with respect to its shards (to the
+    teacher's too when it requires grad). Per call the ranks exchange three all-reduces
+    of per-position statistics (row maxima; sums of exponentials with the target logit;
+    the KL partial sums): O(positions) bytes, never the logits of either model. The
+    backward needs no communication. fp32/bf16/fp16 logits are reduced in fp32 (fp64
+    when either is fp64).
+
+    Args:
+        student_logits, teacher_logits: this rank's shards, the same shape; or two
+            ``DTensor``s sharded alike over their last dimension (``Shard(-1)``, 1-d mesh).
+        target, beta, temperature, hard_weight, ignore_index, reduction, convention:
+            as in :func:`~ger_inductor.ger_distill_loss` (target: global class indices).
+        process_group, vocab_start, vocab_size: as in
+            :func:`ger_loss_vocab_parallel` (default: equal shards in rank order).
+
+    A double backward (``create_graph=True``) is not supported (it raises).
+
+    >>> # each of 2 ranks: zs_r = h_s @ W_s[rank_slice].T, zt_r = h_t @ W_t[rank_slice].T
+    >>> loss = ger_distill_loss_vocab_parallel(zs_r, zt_r, beta=0.5)  # doctest: +SKIP
+    """
+    from . import distill as _distill
+
+    who = "ger_distill_loss_vocab_parallel"
+    zs, zt, group, vocab_start, vocab_size = _two_shards(student_logits, teacher_logits, process_group, vocab_start,
+                                                         vocab_size, who)
+    if hasattr(target, "full_tensor"):  # a replicated DTensor target
+        target = target.full_tensor()
+    _distill._check_pair(who, zs, zt, "student_logits", "teacher_logits")
+    if zs.shape != zt.shape:
+        raise ValueError(f"{who}: the student's shard {list(zs.shape)} and the teacher's {list(zt.shape)} must have "
+                         "the same shape (..., V_r)")
+    if zs.dim() == 0:
+        raise ValueError(f"{who}: logits must have at least 1 dimension (the classes, last)")
+    rows_shape = tuple(zs.shape[:-1])
+    _distill._check_target(who, target, rows_shape, zs.device, f"the logits {list(zs.shape)} without their last "
+                           "(class) dimension")
+    cfg = _distill._config(who, beta=beta, temperature=temperature, hard_weight=hard_weight,
+                           ignore_index=ignore_index, reduction=reduction, convention=convention,
+                           has_target=target is not None, dtypes=(zs.dtype, zt.dtype))
+    Vr = zs.shape[-1]
+    vocab_start, V = _place(Vr, group, vocab_start, vocab_size, who)
+    y, valid = _distill._rows_target(target, ignore_index)
+    if cfg.hard:
+        _distill._check_target_range(who, target.reshape(-1).long(), V, ignore_index)
+    D, nll = _VocabParallelDistillRows.apply(zs.reshape(-1, Vr), zt.reshape(-1, Vr), y, valid, cfg, vocab_start, V,
+                                             group, who)
+    return _distill.combine(D, nll, valid, cfg, rows_shape, zs.dtype)
+
+
+class _VocabParallelTokenRows(torch.autograd.Function):
+    """(logp, H) per token from a vocabulary shard: two all-reduces (MAX of the row maxima,
+    SUM of [sum e^(b-M), sum e^(b-M) (b-M), the target logit, its owners]); local
+    backward."""
+
+    @staticmethod
+    def forward(ctx, z, y, T, start, V, group, who):
+        from .ops.ger_loss import xmul
+
+        cd = _op.compute_dtype(z.dtype)
+        zc = z.to(cd)
+        R, Vr = zc.shape
+        b = zc if T == 1.0 else zc / T
+        mx = _all_reduce(torch.cat([_row_max(b), b.new_tensor([V, -V])]), dist.ReduceOp.MAX, group)
+        M, v_max, v_min = mx[:R], mx[R], -mx[R + 1]
+        bm = b - M.unsqueeze(1)
+        e = bm.exp()
+        valid = torch.ones_like(y, dtype=torch.bool)
+        owned, yl = _owned_target(y, valid, start, Vr)
+        cols = [e.sum(1), xmul(e, bm).sum(1), _gather_owned(b, yl, owned), owned.to(cd)]
+        flat = _all_reduce(torch.cat([torch.stack(cols, 1).reshape(-1), b.new_tensor([Vr])]), dist.ReduceOp.SUM,
+                           group)
+        sums, total_v = flat[:-1].view(R, 4), flat[-1]
+        _check_tiling(v_max, v_min, total_v, sums[:, 3], valid, who)
+        logS = sums[:, 0].log()
+        L = M + logS
+        H = logS - sums[:, 1] / sums[:, 0]  # -sum p log p = log S - sum e (b - M) / S
+        logp = sums[:, 2] - L
+        ctx.save_for_backward(z, owned, yl, L, H)
+        ctx.T = T
+        ctx.set_materialize_grads(False)
+        return logp, H
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_H):
+        from .distill import token_backward
+        from .ops.ger_loss import xmul
+
+        z, owned, yl, L, H = ctx.saved_tensors
+        none = (None,) * 6
+        if (g_lp is None and g_H is None) or not ctx.needs_input_grad[0]:
+            return (None,) + none
+        T = ctx.T
+        zc = z.to(L.dtype)
+        # token_backward's onehot term only where this rank owns the token
+        dz = token_backward(zc, yl, T, L, H, None, g_H)
+        if g_lp is not None:
+            p = torch.exp((zc if T == 1.0 else zc / T) - L.unsqueeze(1))
+            g = g_lp.unsqueeze(1)
+            d = -xmul(g, p)
+            if z.shape[1] > 0:
+                d = d.scatter_add(1, yl.unsqueeze(1), torch.where(owned, g_lp, torch.zeros_like(g_lp)).unsqueeze(1))
+            dz = dz + (d if T == 1.0 else d / T)
+        return (dz.to(z.dtype),) + none
+
+
+def ger_token_stats_vocab_parallel(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    ref_logprobs: Optional[Tensor] = None,
+    kl_estimator: Optional[str] = None,
+    process_group: Any = None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+):
+    """:func:`~ger_inductor.ger_token_stats` of logits sharded over the classes across
+    ranks: per token log p(y) and the entropy of softmax(logits / T) over the full
+    vocabulary (and the KL estimator to a reference policy), on every rank, from two
+    all-reduces of O(tokens) numbers; the backward is local. Every target must be a
+    class (as ``ger_token_stats``).
+
+    Args: as :func:`~ger_inductor.ger_token_stats`, plus ``process_group``,
+    ``vocab_start`` and ``vocab_size`` as in :func:`ger_loss_vocab_parallel`.
+    Returns a :class:`~ger_inductor.TokenStats`. A double backward is not supported.
+    """
+    from . import distill as _distill
+
+    who = "ger_token_stats_vocab_parallel"
+    z, group, vocab_start, vocab_size = _shard_of(logits, process_group, vocab_start, vocab_size, who)
+    if hasattr(target, "full_tensor"):
+        target = target.full_tensor()
+    T, rows_shape = _distill._check_token_args(who, z, target, temperature, ref_logprobs, kl_estimator)
+    Vr = z.shape[-1]
+    vocab_start, V = _place(Vr, group, vocab_start, vocab_size, who)
+    y = target.reshape(-1).long()
+    _distill._check_target_range(who, y, V, None)
+    logp, H = _VocabParallelTokenRows.apply(z.reshape(-1, Vr), y, T, vocab_start, V, group, who)
+    logp, H = logp.reshape(rows_shape), H.reshape(rows_shape)
+    kl = None
+    if ref_logprobs is not None:
+        kl = _distill.kl_estimate(logp, ref_logprobs.to(logp.dtype), kl_estimator)
+    return _distill.TokenStats(logp, H, kl)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import ger_inductor
 from ger_inductor import ger_loss
-from ger_inductor.distributed import ger_loss_vocab_parallel
+from ger_inductor.distributed import (ger_distill_loss_vocab_parallel, ger_loss_vocab_parallel,
+                                      ger_token_stats_vocab_parallel)
 
 #: DDP's first bucket is at most 1 MiB (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES),
 #: and Dynamo's DDPOptimizer refuses bucket_cap_mb below it
@@ -226,6 +227,204 @@ def scenario_vocab_parallel(rank: int, world: int) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- vocab-parallel distillation / RL rows
+#: (name, logits shape, kwargs of the loss ("target": a target is passed), dtype, teacher trained)
+DISTILL_CASES = [
+    ("fwd_kl", (7, 50), dict(beta=0.0), torch.float32, False),
+    ("rev_kl_sum", (7, 50), dict(beta=1.0, reduction="sum"), torch.float32, False),
+    ("jsd_half", (7, 50), dict(beta=0.5), torch.float32, False),
+    ("jsd_T2_hard", (2, 5, 50), dict(beta=0.3, temperature=2.0, hard_weight=0.25, target=True), torch.float32, False),
+    ("jsd_hard_T1_none", (7, 50), dict(beta=0.6, hard_weight=0.5, target=True, reduction="none"), torch.float32,
+     False),
+    ("skew_near0", (7, 50), dict(beta=1e-3, convention="skew_jensen"), torch.float32, False),
+    ("skew_near1", (7, 50), dict(beta=0.95, convention="skew_jensen", reduction="none"), torch.float32, False),
+    ("teacher_trained", (7, 50), dict(beta=0.7, temperature=0.5), torch.float32, True),
+    ("mask_only", (7, 50), dict(beta=0.25, target=True), torch.float32, False),
+    ("teacher_excludes_classes", (7, 50), dict(beta=0.0, temperature=1.5), torch.float32, False),
+    ("jsd_bf16", (7, 50), dict(beta=0.5, temperature=1.5, hard_weight=0.1, target=True), torch.bfloat16, False),
+    ("jsd_big_vocab", (7, 4096), dict(beta=0.5), torch.float32, False),
+]
+
+#: (name, logits shape, kwargs, dtype)
+TOKEN_CASES = [
+    ("tok_T1", (7, 50), dict(), torch.float32),
+    ("tok_T07_k3", (2, 5, 50), dict(temperature=0.7, kl_estimator="k3"), torch.float32),
+    ("tok_bf16_k1", (7, 50), dict(kl_estimator="k1"), torch.bfloat16),
+]
+
+
+def _distill_inputs(name, shape, kw, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = shape[-1]
+    zs = (torch.randn(shape, generator=g) * 2).to(dtype)
+    zt = (torch.randn(shape, generator=g) * 2).to(dtype)
+    if name == "teacher_excludes_classes":  # -inf on both halves of the vocabulary
+        zt.view(-1, V)[:, [2, V - 3]] = -torch.inf
+    kw = dict(kw)
+    y = None
+    if kw.pop("target", False):
+        y = torch.randint(0, V, shape[:-1], generator=g)
+        y.view(-1)[1] = -100
+        y.view(-1)[4] = 3  # a target on rank 0's shard ...
+        y.view(-1)[5] = V - 2  # ... and one on rank 1's
+    return zs, zt, y, kw
+
+
+def _token_inputs(shape, kw, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = shape[-1]
+    z = (torch.randn(shape, generator=g) * 2).to(dtype)
+    y = torch.randint(0, V, shape[:-1], generator=g)
+    y.view(-1)[0], y.view(-1)[1] = 3, V - 2
+    kw = dict(kw)
+    if "kl_estimator" in kw:  # a reference policy near the policy (k3 = e^d - d - 1 amplifies a far one)
+        lp = torch.log_softmax(z.double() / kw.get("temperature", 1.0), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        kw["ref_logprobs"] = (lp + 0.3 * torch.randn(shape[:-1], generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(shape[:-1], generator=g)
+    return z, y, kw, adv
+
+
+def _token_objective(st, adv):
+    """A PPO-like scalar using every output."""
+    out = (st.logp.float() * adv).sum() + 0.1 * st.entropy.float().sum()
+    return out + (st.kl.float().sum() if st.kl is not None else 0.0)
+
+
+def scenario_vocab_parallel_distill(rank: int, world: int) -> dict:
+    from ger_inductor import ger_distill_loss, ger_distill_reference, ger_token_stats, ger_token_stats_reference
+
+    results = {}
+    for name, shape, kw0, dtype, teacher_grad in DISTILL_CASES:
+        zs, zt, y, kw = _distill_inputs(name, shape, kw0, dtype)
+        # references: ger_distill_loss on the full logits (one process), and float64
+        zsf, ztf = zs.clone().requires_grad_(), zt.clone().requires_grad_(teacher_grad)
+        ref = ger_distill_loss(zsf, ztf, y, **kw)
+        ref.float().sum().backward()
+        ref64 = ger_distill_reference(zs, zt, y, **kw)
+        ss = zs.chunk(world, -1)[rank].clone().requires_grad_()
+        ts = zt.chunk(world, -1)[rank].clone().requires_grad_(teacher_grad)
+        with CollectiveCounter() as cc:
+            out = ger_distill_loss_vocab_parallel(ss, ts, y, **kw)
+            out.float().sum().backward()  # no collective in backward
+        results[name] = {
+            "out": out.detach(), "ref": ref.detach(), "ref64": ref64,
+            "grad": ss.grad, "ref_grad": zsf.grad.chunk(world, -1)[rank],
+            "tgrad": ts.grad, "ref_tgrad": None if ztf.grad is None else ztf.grad.chunk(world, -1)[rank],
+            "calls": cc.calls, "rows": zs.numel() // shape[-1], "V": shape[-1], "dtype": str(dtype),
+        }  # fmt: skip
+    for name, shape, kw0, dtype in TOKEN_CASES:
+        z, y, kw, adv = _token_inputs(shape, kw0, dtype)
+        zf = z.clone().requires_grad_()
+        ref = ger_token_stats(zf, y, **kw)
+        _token_objective(ref, adv).backward()
+        ref64 = ger_token_stats_reference(z, y, **kw)
+        shard = z.chunk(world, -1)[rank].clone().requires_grad_()
+        with CollectiveCounter() as cc:
+            st = ger_token_stats_vocab_parallel(shard, y, **kw)
+            _token_objective(st, adv).backward()
+        results[name] = {
+            "out": [t.detach() for t in st if t is not None], "ref": [t.detach() for t in ref if t is not None],
+            "ref64": [t for t in ref64 if t is not None],
+            "grad": shard.grad, "ref_grad": zf.grad.chunk(world, -1)[rank], "calls": cc.calls,
+            "rows": y.numel(), "dtype": str(dtype),
+        }  # fmt: skip
+
+    # unequal shards (V = 11 split 6 + 5) and DTensors (torch.chunk's split, also 6 + 5)
+    zs, zt, y, kw = _distill_inputs("u", (6, 11), dict(beta=0.4, temperature=2.0, hard_weight=0.3, target=True),
+                                    torch.float32)
+    start, size = (0, 6) if rank == 0 else (6, 5)
+    ss = zs[:, start : start + size].clone().requires_grad_()
+    out = ger_distill_loss_vocab_parallel(ss, zt[:, start : start + size], y, vocab_start=start, vocab_size=11, **kw)
+    out.backward()
+    zsf = zs.clone().requires_grad_()
+    ref = ger_distill_loss(zsf, zt, y, **kw)
+    ref.backward()
+    results["unequal_shards"] = {"out": out.detach(), "ref": ref.detach(), "grad": ss.grad,
+                                 "ref_grad": zsf.grad[:, start : start + size]}  # fmt: skip
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    ds = distribute_tensor(zs.clone(), mesh, [Shard(1)]).requires_grad_()
+    dt = distribute_tensor(zt.clone(), mesh, [Shard(1)])
+    out = ger_distill_loss_vocab_parallel(ds, dt, y, **kw)
+    out.backward()
+    z, yt, tkw, adv = _token_inputs((6, 11), dict(temperature=0.7), torch.float32)
+    dz = distribute_tensor(z.clone(), mesh, [Shard(1)]).requires_grad_()
+    st = ger_token_stats_vocab_parallel(dz, yt, **tkw)
+    _token_objective(st, adv).backward()
+    zf = z.clone().requires_grad_()
+    tref = ger_token_stats(zf, yt, **tkw)
+    _token_objective(tref, adv).backward()
+    results["dtensor"] = {"out": out.detach(), "ref": ref.detach(), "grad": ds.grad.full_tensor(),
+                          "ref_grad": zsf.grad, "tok_out": [st.logp.detach(), st.entropy.detach()],
+                          "tok_ref": [tref.logp.detach(), tref.entropy.detach()], "tok_grad": dz.grad.full_tensor(),
+                          "tok_ref_grad": zf.grad}  # fmt: skip
+
+    # errors every rank reaches alike: no hang
+    errors = {}
+    zs, zt, y, _ = _distill_inputs("e", (6, 10), dict(), torch.float32)
+    for case, call in {
+        "shapes_differ": lambda: ger_distill_loss_vocab_parallel(zs[:, :5], zt[:, :4], beta=0.5),
+        "sizes_differ": lambda: ger_distill_loss_vocab_parallel(zs[:, : 5 if rank == 0 else 6],
+                                                                zt[:, : 5 if rank == 0 else 6], beta=0.5),
+        "token_overlap": lambda: ger_token_stats_vocab_parallel(zs[:, :6], torch.arange(6), vocab_start=0,
+                                                                vocab_size=12),  # both ranks claim [0, 6)
+    }.items():
+        try:
+            call()
+            errors[case] = None
+        except ValueError as e:
+            errors[case] = str(e)
+    results["errors"] = errors
+
+    # compiled with backend="ger": one graph each, the same numbers, the collectives traced
+    from ger_inductor import _compat
+    from ger_inductor.backend import ger
+
+    collectives = []
+
+    def recording_ger(gm, example_inputs):
+        for mod in gm.modules():
+            for n in getattr(mod, "graph", torch.fx.Graph()).nodes:
+                if "_c10d_functional" in str(n.target) and "wait_tensor" not in str(n.target):
+                    val = n.args[0].meta.get("example_value")
+                    collectives.append((str(n.target), str(n.args[1]), val.numel() * val.element_size()))
+        return ger(gm, example_inputs, options={"strict": True})
+
+    zs, zt, y, kw = _distill_inputs("c", (7, 50), dict(beta=0.5, temperature=2.0, hard_weight=0.2, target=True),
+                                    torch.float32)
+    ss = zs.chunk(world, -1)[rank].clone().requires_grad_()
+    fn = torch.compile(lambda s, t, y: ger_distill_loss_vocab_parallel(s, t, y, **kw), backend=recording_ger)
+    out = fn(ss, zt.chunk(world, -1)[rank], y)
+    out.backward()
+    zsf = zs.clone().requires_grad_()
+    ref = ger_distill_loss(zsf, zt, y, **kw)
+    ref.backward()
+    distill_collectives = list(collectives)
+    collectives.clear()
+    z, yt, tkw, adv = _token_inputs((7, 50), dict(temperature=0.7, kl_estimator="k3"), torch.float32)
+    shard = z.chunk(world, -1)[rank].clone().requires_grad_()
+    tfn = torch.compile(lambda s, y, r, a: _token_objective(ger_token_stats_vocab_parallel(s, y, temperature=0.7,
+                                                                                           ref_logprobs=r,
+                                                                                           kl_estimator="k3"), a),
+                        backend=recording_ger)
+    tout = tfn(shard, yt, tkw["ref_logprobs"], adv)
+    tout.backward()
+    zf = z.clone().requires_grad_()
+    tref = _token_objective(ger_token_stats(zf, yt, **tkw), adv)
+    tref.backward()
+    results["compiled"] = {
+        "out": out.detach(), "ref": ref.detach(), "grad": ss.grad, "ref_grad": zsf.grad.chunk(world, -1)[rank],
+        "tok_out": tout.detach(), "tok_ref": tref.detach(), "tok_grad": shard.grad,
+        "tok_ref_grad": zf.grad.chunk(world, -1)[rank], "collectives": distill_collectives,
+        "tok_collectives": list(collectives), "graph_breaks": sum(_compat.counters()["graph_break"].values()),
+        "reports": _report_summary(),
+    }  # fmt: skip
+    return results
+
+
 # ----------------------------------------------------------------------------- DDP
 class ConvBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
@@ -383,7 +582,8 @@ def scenario_fsdp(rank: int, world: int) -> dict:
     return {"ref": ref, "got": got, "reports": _report_summary(), "unique_graphs": unique_graphs}
 
 
-SCENARIOS = {"vocab_parallel": scenario_vocab_parallel, "ddp": scenario_ddp, "fsdp": scenario_fsdp}
+SCENARIOS = {"vocab_parallel": scenario_vocab_parallel, "vocab_parallel_distill": scenario_vocab_parallel_distill,
+             "ddp": scenario_ddp, "fsdp": scenario_fsdp}
 
 
 def main() -> None:

@@ -180,6 +180,123 @@ def test_vocab_parallel_loss_compiled_with_ger(job):
         assert len(c["reports"]) == 1 and not c["reports"][0]["fallbacks"]
 
 
+# ----------------------------------------------------------------------------- vocab-parallel distillation / RL rows
+@pytest.mark.parametrize("case", [c[0] for c in worker.DISTILL_CASES])
+def test_vocab_parallel_distill_matches_the_full_logits(job, case):
+    """The loss on every rank and each rank's shard gradients (the teacher's too where it
+    is trained) equal ger_distill_loss on the full logits in one process, and the float64
+    reference; the ends beta in {0, 1}, near-end skew-Jensen, T != 1, the hard-label mix,
+    masks, a teacher that excludes classes (-inf) on both shards, bf16."""
+    for r, res in enumerate(_results(job, "vocab_parallel_distill")):
+        c = res[case]
+        tol = _tolerances(c["dtype"])
+        torch.testing.assert_close(c["out"], c["ref"], **tol, msg=lambda m: f"rank {r} {case}: {m}")
+        ref64 = c["ref64"].to(c["out"].dtype)
+        torch.testing.assert_close(c["out"], ref64, **(tol if "bfloat16" in c["dtype"] else dict(rtol=1e-4,
+                                   atol=1e-5)), msg=lambda m: f"rank {r} {case} vs float64: {m}")  # fmt: skip
+        assert c["grad"].dtype == c["ref_grad"].dtype
+        torch.testing.assert_close(c["grad"], c["ref_grad"], **tol, msg=lambda m: f"rank {r} {case} grad: {m}")
+        assert c["grad"].abs().sum() > 0
+        if c["ref_tgrad"] is None:
+            assert c["tgrad"] is None
+        else:
+            torch.testing.assert_close(c["tgrad"], c["ref_tgrad"], **tol)
+            assert c["tgrad"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", [c[0] for c in worker.TOKEN_CASES])
+def test_vocab_parallel_token_stats_match_the_full_logits(job, case):
+    for r, res in enumerate(_results(job, "vocab_parallel_distill")):
+        c = res[case]
+        tol = _tolerances(c["dtype"])
+        assert len(c["out"]) == len(c["ref"]) == len(c["ref64"])
+        for got, ref, ref64 in zip(c["out"], c["ref"], c["ref64"]):
+            torch.testing.assert_close(got, ref, **tol, msg=lambda m: f"rank {r} {case}: {m}")
+            torch.testing.assert_close(got, ref64.to(got.dtype), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c["grad"], c["ref_grad"], **tol, msg=lambda m: f"rank {r} {case} grad: {m}")
+        assert c["grad"].abs().sum() > 0
+
+
+def test_vocab_parallel_distill_moves_only_per_position_statistics(job):
+    """Forward and backward together: three all-reduces for the distillation loss (MAX of
+    2-3 row maxima, SUM of 2-5 row sums, SUM of 1-2 KL partial sums), two for the token
+    statistics; O(positions) bytes, nothing that grows with V, no all-gather."""
+    b = 4  # fp32 statistics, also for bf16 logits
+    for r, res in enumerate(_results(job, "vocab_parallel_distill")):
+        for name, _shape, kw, _dtype, _tg in worker.DISTILL_CASES:
+            c, rows = res[name], res[name]["rows"]
+            hard = kw.get("hard_weight", 0.0) > 0
+            own_ce = hard and kw.get("temperature", 1.0) != 1.0
+            k_max, k_sum = 2 + own_ce, 2 + own_ce + 2 * hard
+            k_kl = 1 if kw["beta"] in (0.0, 1.0) else 2
+            assert c["calls"] == [("all_reduce", "RedOpType.MAX", (rows * k_max + 2) * b),
+                                  ("all_reduce", "RedOpType.SUM", (rows * k_sum + 1) * b),
+                                  ("all_reduce", "RedOpType.SUM", rows * k_kl * b)], (r, name, c["calls"])  # fmt: skip
+        assert res["jsd_big_vocab"]["calls"] == res["jsd_half"]["calls"]
+        for name, *_ in worker.TOKEN_CASES:
+            c, rows = res[name], res[name]["rows"]
+            assert c["calls"] == [("all_reduce", "RedOpType.MAX", (rows + 2) * b),
+                                  ("all_reduce", "RedOpType.SUM", (rows * 4 + 1) * b)], (r, name, c["calls"])
+
+
+def test_vocab_parallel_distill_unequal_shards_dtensors_and_errors(job):
+    for r, res in enumerate(_results(job, "vocab_parallel_distill")):
+        for case in ("unequal_shards", "dtensor"):
+            c = res[case]
+            torch.testing.assert_close(c["out"], c["ref"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c["grad"], c["ref_grad"], rtol=1e-5, atol=1e-6)
+        assert res["unequal_shards"]["grad"].shape == (6, 6 if r == 0 else 5)
+        d = res["dtensor"]
+        for got, ref in zip(d["tok_out"], d["tok_ref"]):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d["tok_grad"], d["tok_ref_grad"], rtol=1e-5, atol=1e-6)
+        errors = res["errors"]
+        assert "must have the same shape" in errors["shapes_differ"]
+        assert "hold 11 classes" in errors["sizes_differ"]
+        assert "owned by no rank or by several" in errors["token_overlap"]
+
+
+def test_vocab_parallel_distill_compiled_with_ger(job):
+    """torch.compile(backend="ger") traces each into one graph with eager's numbers: the
+    distillation loss with three all-reduces, the PPO-like token objective with two."""
+    for r, res in enumerate(_results(job, "vocab_parallel_distill")):
+        c = res["compiled"]
+        torch.testing.assert_close(c["out"], c["ref"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c["grad"], c["ref_grad"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c["tok_out"], c["tok_ref"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c["tok_grad"], c["tok_ref_grad"], rtol=1e-5, atol=1e-6)
+        assert c["graph_breaks"] == 0
+        assert [(op.split(".")[-1], red) for op, red, _ in c["collectives"]] == [
+            ("all_reduce", "max"), ("all_reduce", "sum"), ("all_reduce", "sum")]
+        assert [(op.split(".")[-1], red) for op, red, _ in c["tok_collectives"]] == [
+            ("all_reduce", "max"), ("all_reduce", "sum")]
+        assert len(c["reports"]) == 2 and not any(rep["fallbacks"] for rep in c["reports"])
+
+
+def test_vocab_parallel_distill_refuses_bad_arguments_before_any_collective():
+    """Argument errors are raised on each rank before it talks (here: no process group)."""
+    from ger_inductor import ger_distill_loss_vocab_parallel, ger_token_stats_vocab_parallel
+
+    zs, zt = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="beta"):
+        ger_distill_loss_vocab_parallel(zs, zt, beta=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        ger_distill_loss_vocab_parallel(zs, zt, beta=0.5, temperature=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        ger_distill_loss_vocab_parallel(zs, zt[:, :5], beta=0.5)
+    with pytest.raises(ValueError, match="pass target"):
+        ger_distill_loss_vocab_parallel(zs, zt, beta=0.5, hard_weight=0.5)
+    with pytest.raises(ValueError, match="pass both vocab_start and vocab_size"):
+        ger_distill_loss_vocab_parallel(zs, zt, beta=0.5, vocab_start=0)
+    with pytest.raises(RuntimeError, match="initialised torch.distributed"):
+        ger_distill_loss_vocab_parallel(zs, zt, beta=0.5)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        ger_token_stats_vocab_parallel(zs, torch.zeros(4, dtype=torch.long), kl_estimator="k9",
+                                       ref_logprobs=torch.zeros(4))
+    with pytest.raises(RuntimeError, match="initialised torch.distributed"):
+        ger_token_stats_vocab_parallel(zs, torch.zeros(4, dtype=torch.long))
+
+
 # ----------------------------------------------------------------------------- DDP
 def _assert_training_matches(got: dict, ref: dict, rank: int, steps: int, what: str) -> None:
     """Losses, averaged gradients, running statistics (per rank) and updated parameters
