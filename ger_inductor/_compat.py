@@ -43,6 +43,16 @@ def compile_fx_standalone(gm, example_inputs, config_patches):
     return _compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
+def fork_rng(device: torch.device):
+    """The global RNG states (the CPU's, and ``device``'s when it is an accelerator) saved
+    on entry and restored on exit: code run inside leaves the user's random stream as
+    it found it."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else getattr(torch, device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 @contextlib.contextmanager
 def isolated_compile():
     """Compile (and run, backward included) another graph while Dynamo compiles this one:

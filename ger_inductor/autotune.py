@@ -301,21 +301,48 @@ def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds
     return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
 
 
-def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patches: dict[str, Any]) -> dict[str, Timing]:
+def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patches: dict[str, Any],
+                     compiled: dict[str, Callable[..., Any]] | None = None,
+                     compile_fn: Callable[[str, Any, list], Callable[..., Any]] | None = None) -> dict[str, Timing]:
     """Compile each form ``(graph, inputs, finish[, wrap])`` with Inductor
     (``config_patches`` as ger's backend uses them) and time
     ``finish(wrap(compiled)(*inputs))`` (``finish`` runs the backward, or nothing;
     ``wrap``, when given and not None, is what the backend applies to the compiled graph).
-    Runs inside the backend's own compile, isolated from it."""
+    Runs inside the backend's own compile, isolated from it. ``compiled``, when given,
+    receives each form's compiled callable (a caller may keep the winner);
+    ``compile_fn(name, graph, inputs)`` replaces Inductor's plain ``compile_fx``."""
     with _compat.isolated_compile():
         steps = {}
         for name, (gm, inputs, finish, *rest) in forms.items():
-            fn = _compat.compile_fx_standalone(gm, inputs, config_patches)
+            if compile_fn is not None:
+                fn = compile_fn(name, gm, list(inputs))
+            else:
+                fn = _compat.compile_fx_standalone(gm, inputs, config_patches)
             if rest and rest[0] is not None:
                 fn = rest[0](fn)
+            if compiled is not None:
+                compiled[name] = fn
 
             def step(fn=fn, inputs=inputs, finish=finish):
                 finish(fn(*inputs))
 
             steps[name] = step
         return time_forms(steps, device)
+
+
+# ----------------------------------------------------------------------------- whole graphs
+#: the family of a whole-graph decision (an inference graph whose rewrites interact
+#: through Inductor's fusions across sites, so they are timed together)
+GRAPH_FAMILY = "graph"
+
+
+def graph_shape_class(code: str, example_inputs, options_key: str, sources: str) -> dict[str, Any]:
+    """The shape class of a whole graph: a hash of its code (before ger's passes), of its
+    inputs' shapes, strides and dtypes, of the options that shape ger's rewrites and of
+    ger's sources (a changed ger measures again)."""
+    import hashlib
+
+    meta = [(tuple(x.shape), tuple(x.stride()), str(x.dtype), x.device.type) if isinstance(x, torch.Tensor)
+            else repr(x) for x in example_inputs]
+    digest = hashlib.sha256(json.dumps([code, meta, options_key, sources], default=str).encode()).hexdigest()
+    return {"graph": digest[:32], "inputs": len(meta)}

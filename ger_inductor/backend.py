@@ -82,7 +82,12 @@ def ger(
 
         eager_nodes = fallback.plan_eager_nodes(gm, settings)
         transform = fallback.functorch_node(gm) if eager_nodes else None
-        if transform is not None:
+        measured = None
+        if reattach is None and not eager_nodes:
+            measured = _select_graph(gm, pristine, example_inputs, settings, profile, report, config_patches, inner)
+        if measured is not None:
+            compiled = measured  # the measurement compiled the chosen form already
+        elif transform is not None:
             # a torch.func transform's levels span the whole graph: it cannot be cut
             # into regions compiled one by one, and the eager nodes must stay eager
             report.add_fallback(
@@ -120,6 +125,71 @@ def ger(
     dumper.finish()
     log.info(debug.summary_line(report))
     return compiled
+
+
+def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequence[Any], settings: GerOptions,
+                  profile: fleet.DeviceProfile, report, config_patches: dict[str, Any],
+                  inner: Callable[..., Any]) -> Callable[..., Any] | None:
+    """Measured selection of a whole inference graph that only the conv family's eval
+    rewrites changed: their gains and losses interact through Inductor's fusions across
+    sites, so the graph is timed with and without them (``autotune.decide``; a tie keeps
+    Inductor's form) and the slower form is dropped: ``gm`` reverts to the graph before
+    ger's passes, the matches become near-misses. Both forms compile as the backend
+    compiles (``inner``: the fallback guard, the report's Inductor entries, code dumps);
+    the timing calls run on the real example inputs (``passes.graph_selection_scope``
+    admits only graphs that write none of them) with the RNG states forked, so the
+    user's random stream is untouched. Returns the chosen form's compiled callable when
+    measured now (the caller uses it), else None (compile ``gm`` as it is)."""
+    from . import autotune
+
+    why = passes.graph_selection_scope(gm, example_inputs, settings, report)
+    if why is None:
+        return None
+    if not why and config_patches.get("triton.cudagraphs"):
+        why = "CUDA graphs (mode reduce-overhead) record the compiled graph at its first calls"
+    if why:
+        passes.note_graph_selection(report, f"prior ({why})")
+        return None
+    device = fleet.devices_of(list(example_inputs))[0]
+    baseline = fx.GraphModule(gm, passes.snapshot_graph(pristine))
+    rewritten = fx.GraphModule(gm, passes.snapshot_graph(gm.graph))
+    shape_class = autotune.graph_shape_class(baseline.code, example_inputs, settings.cache_key(), passes.sources_hash())
+    key = autotune.site_key(autotune.GRAPH_FAMILY, profile, shape_class)
+    store = settings.autotune_store or autotune.default_store_path()
+    inputs = list(example_inputs)
+    compiled: dict[str, Callable[..., Any]] = {}
+    spans: dict[str, tuple[int, int]] = {}  # each form's entries in report.inductor
+
+    def compile_form(name: str, form: fx.GraphModule, form_inputs: list) -> Callable[..., Any]:
+        n0 = len(report.inductor)
+        fn = _compat.compile_fx(form, form_inputs, inner_compile=inner, config_patches=config_patches)
+        spans[name] = (n0, len(report.inductor))
+        return fn
+
+    def measure():
+        with _compat.fork_rng(device):
+            t = autotune.compile_and_time({"ger": (rewritten, inputs, _nothing),
+                                           "inductor": (baseline, inputs, _nothing)},
+                                          device, config_patches, compiled, compile_form)
+        return t["ger"], t["inductor"]
+
+    try:
+        d = autotune.decide(autotune.GRAPH_FAMILY, key, measure, store, fused_leaner=False)
+    except Exception as e:  # noqa: BLE001 - a failed measurement keeps the rewrites (the prior)
+        if settings.strict:
+            raise
+        report.add_fallback("autotune", "timing the graph with and without ger's conv rewrites failed; the "
+                            "rewrites are kept (the prior)", exc=e)
+        return None
+    passes.record_graph_decision(gm, pristine, report, d, profile)
+    if d.choice in spans:  # measured now: the other form's Inductor entries are not this graph's code
+        lo, hi = spans["inductor" if d.choice == "ger" else "ger"]
+        del report.inductor[lo:hi]
+    return compiled.get(d.choice)
+
+
+def _nothing(_out: Any) -> None:
+    return None
 
 
 def _rewrite(gm, example_inputs, settings: GerOptions, report, dumper, devices) -> fleet.DeviceProfile:

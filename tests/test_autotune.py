@@ -311,3 +311,170 @@ def test_returned_logits_try_lean_chunks_then_the_largest(store, monkeypatch):
     keys = [json.loads(d["key"])["site"] for d in report.decisions]
     assert [k["chunks"] for k in keys] == [2, 1] and all(k["returned"] for k in keys)
     assert report.match_count("lm_head") == 1 and report.matches[-1].detail["chunk"] == N
+
+
+# ----------------------------------------------------------------------------- whole inference graphs (conv eval)
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))).mean((2, 3))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    m = ConvNet()
+    for bn in (m.b1, m.b2):  # running statistics that are not the defaults
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _compile_conv(model, store, x, **opts):
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    fn = torch.compile(model, backend="ger", options={"strict": True, "autotune": True, "autotune_store": store,
+                                                      **opts})
+    with torch.no_grad():
+        out = fn(x)
+    return ger_inductor.last_report(), out
+
+
+def test_inference_graph_is_timed_whole_and_follows_the_choice(store):
+    """A conv eval graph under no_grad is compiled and timed with and without ger's conv
+    rewrites (two Inductor compiles); the chosen form's compiled code runs, with eager's
+    numbers; the stored decision is served next time; flipping it flips the graph."""
+    model = _conv_net()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    rep, out = _compile_conv(model, store, x)
+    (d,) = rep.decisions
+    assert d["family"] == "graph" and d["source"] == "measured" and rep.autotune_seconds > 0
+    assert d["ger"]["median_ms"] > 0 and d["inductor"]["median_ms"] > 0
+    kept = d["choice"] == "ger"
+    assert rep.match_count("conv_bn_act") == (2 if kept else 0)
+    assert [i["kind"] for i in rep.inductor] == ["inference"]  # the kept form's code only
+    if not kept:
+        assert len([m for m in rep.near_misses if "the whole graph" in m.reason and "-> inductor" in m.reason]) == 2
+    torch.testing.assert_close(out, ref)
+
+    autotune._memo.clear()  # a new process: the store answers, nothing is measured
+    rep2, out2 = _compile_conv(model, store, x)
+    assert rep2.decisions[0]["source"] == "stored" and rep2.autotune_seconds == 0
+    assert rep2.match_count("conv_bn_act") == rep.match_count("conv_bn_act")
+    torch.testing.assert_close(out2, ref)
+
+    entries = autotune.load(store)
+    (key, entry), = entries.items()
+    assert json.loads(key)["family"] == "graph"
+    entry["choice"] = "inductor" if kept else "ger"
+    autotune.save(store, {key: entry})
+    autotune._memo.clear()
+    rep3, out3 = _compile_conv(model, store, x)
+    assert rep3.match_count("conv_bn_act") == (0 if kept else 2)
+    assert rep3.passes[0].strategy["graph_selection"] == f"the whole graph, stored: {entry['choice']}"
+    torch.testing.assert_close(out3, ref)
+
+
+def _scope(model, x, grad: bool, **opts):
+    from ger_inductor import passes
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        settings = GerOptions.parse({"strict": True, **opts})
+        gm, report = ger_inductor.backend.rewrite(gm, example_inputs, settings)
+        seen.append(passes.graph_selection_scope(gm, example_inputs, settings, report))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        torch.compile(model, backend=backend)(x)
+    return seen
+
+
+def test_whole_graph_selection_scope():
+    """Measured whole: inference graphs whose only rewrites are conv eval ones. Not
+    measured (the rewrites stay, with the reason): a gradient may be asked for, autotune
+    off, another compiler, another family's rewrites; nothing to decide without a conv
+    eval rewrite."""
+    import ger_inductor.backend  # noqa: F401 - the module, for _scope
+
+    model = _conv_net()
+    x = torch.randn(2, 3, 8, 8)
+    assert _scope(model, x, grad=False, autotune=True) == [""]
+    assert _scope(model, x, grad=True, autotune=True) == [
+        "a gradient may be asked for (graphs with a backward are measured per site only)"]
+    assert _scope(model, x, grad=False, autotune=False) == ["autotune is off"]
+    assert _scope(model, x, grad=False, autotune=True, compiler="aot_eager") == ["not compiled by Inductor"]
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _conv_net()
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.net(x), y, label_smoothing=0.1)
+
+    with_loss, y = WithLoss().eval(), torch.zeros(2, dtype=torch.long)
+    (seen,) = _scope(lambda x: with_loss(x, y), x, grad=False, autotune=True)
+    assert seen.startswith("the graph also holds") and "loss_entropy" in seen, seen
+    assert _scope(torch.nn.Linear(8, 8), torch.randn(2, 8), grad=False, autotune=True) == [None]
+
+    def writes_intermediates(x):  # in-place ops on the graph's own tensors: measured
+        h = torch.relu_(model.c1(x) * 1.0)
+        return model.b2(model.c2(model.b1(h))).add_(1.0)
+
+    assert _scope(writes_intermediates, x, grad=False, autotune=True) == [""]
+
+    def writes_its_input(x):
+        x.mul_(2.0)
+        return model(x)
+
+    assert _scope(writes_its_input, x.clone(), grad=False, autotune=True) == [
+        "the graph writes one of its inputs in place (it is run on the real inputs while timing)"]
+
+
+def test_failed_graph_measurement_keeps_the_rewrites_and_strict_raises(store, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("graph measurement exploded")
+
+    monkeypatch.setattr(autotune, "compile_and_time", boom)
+    model = _conv_net()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    rep, out = _compile_conv(model, store, x, strict=False)
+    assert rep.match_count("conv_bn_act") == 2 and rep.decisions == []
+    assert any(fb.stage == "autotune" and "graph measurement exploded" in (fb.message or "") for fb in rep.fallbacks)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(Exception, match="graph measurement exploded"):
+        _compile_conv(model, store, x)
+
+
+def test_whole_graph_measurement_leaves_the_random_stream_alone(store):
+    """The timing calls run the graph several times; a graph that draws random numbers
+    must not advance the user's generator: after the first call, the global stream is
+    where the unmeasured compile (autotune=False) leaves it."""
+    model = _conv_net()
+
+    def noisy(x):
+        return model(x + 0.01 * torch.randn_like(x))
+
+    x = torch.randn(2, 3, 8, 8)
+    after = []
+    for opts in ({"autotune": True, "autotune_store": store}, {"autotune": False}):
+        torch._dynamo.reset()
+        ger_inductor.clear_reports()
+        fn = torch.compile(noisy, backend="ger", options={"strict": True, **opts})
+        torch.manual_seed(123)
+        with torch.no_grad():
+            fn(x)
+        after.append(torch.rand(4))
+        if opts["autotune"]:
+            assert ger_inductor.last_report().decisions[0]["source"] == "measured"
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)

@@ -268,3 +268,100 @@ def make_post_grad_pass(options: GerOptions, profile: DeviceProfile, dumper: Gra
             return _sources_hash() + ":" + _compat.get_hash_for_files((), extra).hex()
 
     return GerPostGradPass()
+
+
+# ----------------------------------------------------------------------------- whole-graph selection
+def sources_hash() -> str:
+    """A hash of ger's code-generating sources (keys caches and stored decisions)."""
+    return _sources_hash()
+
+
+def _graph_measured_patterns() -> frozenset:
+    from . import conv_bn_act
+
+    return frozenset({conv_bn_act.PATTERN_EVAL, conv_bn_act.PATTERN_BRANCHES})
+
+
+def graph_selection_scope(gm: fx.GraphModule, example_inputs, options: GerOptions, report: GraphReport) -> str | None:
+    """Whether the backend times this graph whole, with and without ger's rewrites
+    (``backend._select_graph``): None when it holds no conv eval rewrite (nothing to
+    decide), "" when it is measured, else why not (the rewrites stay: the prior).
+
+    Measured: inference graphs (no output requires grad) rewritten only by the conv
+    family's eval patterns, static sizes, real inputs on one device, nothing written in
+    place (the graph is run on the real inputs while timing)."""
+    from . import graph
+
+    measured = _graph_measured_patterns()
+    matches = report.matches
+    if not any(m.pattern in measured for m in matches):
+        return None
+    if not options.autotune:
+        return "autotune is off"
+    if options.compiler != "inductor":
+        return "not compiled by Inductor"
+    others = sorted({f"{m.family}/{m.pattern}" for m in matches if m.pattern not in measured})
+    if others:
+        return f"the graph also holds {', '.join(others)} rewrites"
+    outs = [v for n in gm.graph.nodes if n.op == "output" for v in _compat.tree_leaves(
+        [a.meta.get("example_value") if isinstance(a, fx.Node) else a for a in _compat.tree_leaves(n.args)])]
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in outs):
+        return "a gradient may be asked for (graphs with a backward are measured per site only)"
+    inputs = list(example_inputs)
+    if report.symbolic_inputs or not all(isinstance(x, (torch.Tensor, int, float, bool)) for x in inputs):
+        return "symbolic sizes"
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if any(_compat.is_traced_tensor(x) for x in tensors):
+        return "no real inputs to time"
+    if len({x.device for x in tensors}) != 1:
+        return "inputs on several devices, or none"
+    if _writes_an_input(gm):
+        return "the graph writes one of its inputs in place (it is run on the real inputs while timing)"
+    return ""
+
+
+def _writes_an_input(gm: fx.GraphModule) -> bool:
+    """Whether a node may write a graph input or attribute (through any alias); writes
+    to the graph's own intermediates (``relu(inplace=True)``, ``out += identity``) are
+    harmless to run again."""
+    from . import graph
+
+    eff = graph.Effects(gm)
+    inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    return any(isinstance(r, tuple) or r in inputs for w in eff.writes.values() for r in w)
+
+
+def _conv_record(report: GraphReport) -> PassRecord | None:
+
+    return next((r for r in report.passes if r.name == "conv_bn_act"), None)
+
+
+def note_graph_selection(report: GraphReport, text: str) -> None:
+    rec = _conv_record(report)
+    if rec is not None:
+        rec.strategy["graph_selection"] = text
+
+
+def record_graph_decision(gm: fx.GraphModule, pristine: fx.Graph, report: GraphReport, decision, profile) -> None:
+    """Record a whole-graph decision; where Inductor's form won, revert ``gm`` to the
+    graph before ger's passes and turn the measured matches into near-misses."""
+    report.decisions.append({"family": decision.family, "node": "(graph)", "summary": decision.one_line(),
+                             **decision.to_json_dict()})
+    report.autotune_seconds += decision.seconds
+    note_graph_selection(report, f"the whole graph, {decision.source}: {decision.choice}")
+    if decision.choice == "ger":
+        return
+    gm.graph = snapshot_graph(pristine)
+    gm.recompile()
+    measured = _graph_measured_patterns()
+    why = (f"measured on {profile.name}, the whole graph: ger's conv rewrites are "
+           + ("slower" if decision.ratio > 1.0 else "not faster beyond noise")
+           + f" here ({decision.one_line()}); Inductor's form is kept (option autotune=False keeps the rewrites)")
+    for rec in report.passes:
+        kept = []
+        for m in rec.matches:
+            if m.pattern in measured:
+                rec.near_misses.append(NearMiss(rec.name, m.pattern, m.nodes[0] if m.nodes else "(graph)", why))
+            else:
+                kept.append(m)
+        rec.matches = kept
