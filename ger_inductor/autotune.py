@@ -40,7 +40,7 @@ import torch
 
 from . import _compat
 from .fleet import DeviceProfile
-from .measure import time_step
+from .measure import peak_alloc_bytes, time_step
 
 log = logging.getLogger("ger_inductor")
 
@@ -68,12 +68,15 @@ class Timing:
     min_ms: float
     max_ms: float
     calls: int
+    #: peak MiB one call allocates (None: not measured; the lm head's sites are not)
+    peak_mib: float | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return f"{self.median_ms:.3g} ms ({self.min_ms:.3g}-{self.max_ms:.3g})"
+        mem = "" if self.peak_mib is None else f", peak {self.peak_mib:.3g} MiB"
+        return f"{self.median_ms:.3g} ms ({self.min_ms:.3g}-{self.max_ms:.3g}){mem}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +106,27 @@ class Decision:
                 f"({self.source}{f', {self.seconds:.1f}s' if self.seconds else ''})")
 
 
+#: where both peaks are measured, ger's form may allocate at most this fraction, plus
+#: MEMORY_SLACK_MIB, above Inductor's (never heavier: rule 2)
+MEMORY_TOLERANCE = 0.05
+MEMORY_SLACK_MIB = 1.0
+
+
+def heavier(ger: Timing, inductor: Timing) -> bool:
+    """ger's form measured to allocate more than Inductor's beyond the memory tolerance."""
+    if ger.peak_mib is None or inductor.peak_mib is None:
+        return False
+    return ger.peak_mib > inductor.peak_mib * (1.0 + MEMORY_TOLERANCE) + MEMORY_SLACK_MIB
+
+
 def choose(ger: Timing, inductor: Timing, tolerance: float = TOLERANCE, fused_leaner: bool = True) -> str:
     """The faster form; within ``tolerance`` (a tie) the leaner one: the fused form when
     ``fused_leaner`` (the family knows it holds less memory at this site), else
-    Inductor's (then the fused form must be faster beyond the tolerance)."""
+    Inductor's (then the fused form must be faster beyond the tolerance). Where both
+    forms' peaks were measured, a fused form that allocates more (:func:`heavier`) is
+    never kept."""
+    if heavier(ger, inductor):
+        return "inductor"
     if fused_leaner:
         return "ger" if ger.median_ms <= inductor.median_ms * (1.0 + tolerance) else "inductor"
     return "ger" if ger.median_ms < inductor.median_ms * (1.0 - tolerance) else "inductor"
@@ -301,27 +321,18 @@ def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds
     return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
 
 
-def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patches: dict[str, Any],
-                     compiled: dict[str, Callable[..., Any]] | None = None,
-                     compile_fn: Callable[[str, Any, list], Callable[..., Any]] | None = None) -> dict[str, Timing]:
+def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patches: dict[str, Any]) -> dict[str, Timing]:
     """Compile each form ``(graph, inputs, finish[, wrap])`` with Inductor
     (``config_patches`` as ger's backend uses them) and time
     ``finish(wrap(compiled)(*inputs))`` (``finish`` runs the backward, or nothing;
     ``wrap``, when given and not None, is what the backend applies to the compiled graph).
-    Runs inside the backend's own compile, isolated from it. ``compiled``, when given,
-    receives each form's compiled callable (a caller may keep the winner);
-    ``compile_fn(name, graph, inputs)`` replaces Inductor's plain ``compile_fx``."""
+    Runs inside the backend's own compile, isolated from it."""
     with _compat.isolated_compile():
         steps = {}
         for name, (gm, inputs, finish, *rest) in forms.items():
-            if compile_fn is not None:
-                fn = compile_fn(name, gm, list(inputs))
-            else:
-                fn = _compat.compile_fx_standalone(gm, inputs, config_patches)
+            fn = _compat.compile_fx_standalone(gm, inputs, config_patches)
             if rest and rest[0] is not None:
                 fn = rest[0](fn)
-            if compiled is not None:
-                compiled[name] = fn
 
             def step(fn=fn, inputs=inputs, finish=finish):
                 finish(fn(*inputs))
@@ -346,3 +357,54 @@ def graph_shape_class(code: str, example_inputs, options_key: str, sources: str)
             else repr(x) for x in example_inputs]
     digest = hashlib.sha256(json.dumps([code, meta, options_key, sources], default=str).encode()).hexdigest()
     return {"graph": digest[:32], "inputs": len(meta)}
+
+
+def _twin(x: Any) -> Any:
+    """A tensor input's stand-in for the timing calls: the same sizes, strides, dtype,
+    device and requires_grad, the same values, its own storage (a graph that writes its
+    inputs - a train BN's running statistics - writes the twin; a backward accumulates
+    into the twin's .grad)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    t = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        t.copy_(x)
+    return t.requires_grad_(x.requires_grad)
+
+
+def compile_and_time_graphs(forms: dict[str, Any], example_inputs: list, device: torch.device,
+                            compile_fn: Callable[[str, Any, list], Callable[..., Any]],
+                            on_call: Callable[[str], None] = lambda name: None,
+                            ) -> tuple[dict[str, Timing], dict[str, Callable[..., Any]]]:
+    """Whole graphs: compile each form with ``compile_fn(name, graph, example_inputs)``
+    (the real example inputs, so the compiled code's assumptions are the graph's own)
+    and time a call on twins of the inputs (:func:`_twin`), with a backward (of ones) of
+    every output that requires grad, in interleaved rounds. ``on_call(name)`` runs after
+    each compile and each call (a lazily compiled backward belongs to that form).
+    Then one more call of each with its allocations recorded (``peak_mib``: a form that
+    allocates more than the other beyond the memory tolerance is not kept, see
+    :func:`choose`). Returns the timings and the compiled callables. Inside the
+    backend's compile, isolated from it, with the RNG states forked."""
+    with _compat.isolated_compile(), _compat.fork_rng(device):
+        compiled: dict[str, Callable[..., Any]] = {}
+        for name, gm in forms.items():
+            compiled[name] = compile_fn(name, gm, list(example_inputs))
+            on_call(name)
+        twins = {name: [_twin(x) for x in example_inputs] for name in forms}
+
+        def step(name: str) -> None:
+            out = compiled[name](*twins[name])
+            leaves = [o for o in _compat.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            if leaves:
+                torch.autograd.backward(leaves, [torch.ones_like(o) for o in leaves])
+                for t in twins[name]:
+                    if isinstance(t, torch.Tensor):
+                        t.grad = None
+            on_call(name)
+
+        timings = time_forms({name: (lambda name=name: step(name)) for name in forms}, device)
+        for name in forms:  # one more call each, its allocations recorded
+            peak = peak_alloc_bytes(lambda name=name: step(name), device)
+            if peak is not None:
+                timings[name] = dataclasses.replace(timings[name], peak_mib=peak / 2**20)
+    return timings, compiled

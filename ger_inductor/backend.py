@@ -130,16 +130,17 @@ def ger(
 def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequence[Any], settings: GerOptions,
                   profile: fleet.DeviceProfile, report, config_patches: dict[str, Any],
                   inner: Callable[..., Any]) -> Callable[..., Any] | None:
-    """Measured selection of a whole inference graph that only the conv family's eval
-    rewrites changed: their gains and losses interact through Inductor's fusions across
-    sites, so the graph is timed with and without them (``autotune.decide``; a tie keeps
-    Inductor's form) and the slower form is dropped: ``gm`` reverts to the graph before
-    ger's passes, the matches become near-misses. Both forms compile as the backend
-    compiles (``inner``: the fallback guard, the report's Inductor entries, code dumps);
-    the timing calls run on the real example inputs (``passes.graph_selection_scope``
-    admits only graphs that write none of them) with the RNG states forked, so the
-    user's random stream is untouched. Returns the chosen form's compiled callable when
-    measured now (the caller uses it), else None (compile ``gm`` as it is)."""
+    """Measured selection of a whole graph that only the conv family's rewrites changed:
+    their gains and losses interact through Inductor's fusions across sites, so the
+    graph is timed with and without them (``autotune.decide``; a tie keeps Inductor's
+    form; a backward is timed with the forward where the graph needs one) and the slower
+    form is dropped: ``gm`` reverts to the graph before ger's passes, the matches become
+    near-misses. Both forms compile as the backend compiles (``inner``: the fallback
+    guard, the report's Inductor entries, code dumps); the timing calls run on twins of
+    the inputs with the RNG states forked (``autotune.compile_and_time_graphs``), so no
+    user tensor, gradient, running statistic or random stream is touched. Returns the
+    chosen form's compiled callable when measured now (the caller uses it), else None
+    (compile ``gm`` as it is)."""
     from . import autotune
 
     why = passes.graph_selection_scope(gm, example_inputs, settings, report)
@@ -156,21 +157,20 @@ def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequen
     shape_class = autotune.graph_shape_class(baseline.code, example_inputs, settings.cache_key(), passes.sources_hash())
     key = autotune.site_key(autotune.GRAPH_FAMILY, profile, shape_class)
     store = settings.autotune_store or autotune.default_store_path()
-    inputs = list(example_inputs)
     compiled: dict[str, Callable[..., Any]] = {}
-    spans: dict[str, tuple[int, int]] = {}  # each form's entries in report.inductor
+    n0 = len(report.inductor)
 
-    def compile_form(name: str, form: fx.GraphModule, form_inputs: list) -> Callable[..., Any]:
-        n0 = len(report.inductor)
-        fn = _compat.compile_fx(form, form_inputs, inner_compile=inner, config_patches=config_patches)
-        spans[name] = (n0, len(report.inductor))
-        return fn
+    def compile_form(name: str, form: fx.GraphModule, inputs: list) -> Callable[..., Any]:
+        return _compat.compile_fx(form, inputs, inner_compile=inner, config_patches=config_patches)
+
+    def tag(name: str) -> None:  # the report's Inductor entries (forward, lazy backward) by form
+        for entry in report.inductor[n0:]:
+            entry.setdefault("_form", name)
 
     def measure():
-        with _compat.fork_rng(device):
-            t = autotune.compile_and_time({"ger": (rewritten, inputs, _nothing),
-                                           "inductor": (baseline, inputs, _nothing)},
-                                          device, config_patches, compiled, compile_form)
+        t, fns = autotune.compile_and_time_graphs({"ger": rewritten, "inductor": baseline}, list(example_inputs),
+                                                  device, compile_form, tag)
+        compiled.update(fns)
         return t["ger"], t["inductor"]
 
     try:
@@ -178,18 +178,14 @@ def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequen
     except Exception as e:  # noqa: BLE001 - a failed measurement keeps the rewrites (the prior)
         if settings.strict:
             raise
+        del report.inductor[n0:]
         report.add_fallback("autotune", "timing the graph with and without ger's conv rewrites failed; the "
                             "rewrites are kept (the prior)", exc=e)
         return None
     passes.record_graph_decision(gm, pristine, report, d, profile)
-    if d.choice in spans:  # measured now: the other form's Inductor entries are not this graph's code
-        lo, hi = spans["inductor" if d.choice == "ger" else "ger"]
-        del report.inductor[lo:hi]
+    # measured now: only the kept form's Inductor entries describe this graph's code
+    report.inductor[n0:] = [e for e in report.inductor[n0:] if e.pop("_form", d.choice) == d.choice]
     return compiled.get(d.choice)
-
-
-def _nothing(_out: Any) -> None:
-    return None
 
 
 def _rewrite(gm, example_inputs, settings: GerOptions, report, dumper, devices) -> fleet.DeviceProfile:

@@ -104,3 +104,29 @@ def saved_for_backward(step: Callable[[], Any], exclude: list[torch.Tensor]) -> 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr not in excluded)
+
+
+def peak_alloc_bytes(step: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes one call allocates through torch's allocator beyond what is allocated
+    before it, whatever the host allocator keeps resident: on CUDA
+    ``max_memory_allocated``; on CPUs the running sum of the profiler's allocation and
+    free records (``profile_memory``: every c10 CPU allocation, Inductor's buffers
+    included; a library's own scratch memory, e.g. oneDNN's, is not seen). None where
+    neither is available."""
+    if device.type == "cuda":
+        return peak_extra_bytes(step, device)
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # another profiler layout: unknown
+        return None
+    run = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        run += e.nbytes()
+        peak = max(peak, run)
+    return peak

@@ -7,6 +7,8 @@ through the store, so what they check does not depend on this machine's load.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -60,6 +62,33 @@ def test_choose_the_faster_form_and_the_leaner_on_a_tie():
     assert autotune.choose(_timing(100.0), _timing(100.0), fused_leaner=False) == "inductor"
     assert autotune.choose(_timing(97.5), _timing(100.0), fused_leaner=False) == "inductor"
     assert autotune.choose(_timing(96.0), _timing(100.0), fused_leaner=False) == "ger"
+
+
+def test_a_heavier_fused_form_is_never_kept():
+    """Where both peaks are measured (whole graphs), a faster but heavier ger form loses."""
+    fast_heavy = autotune.Timing(8.0, 7.5, 8.5, 5, peak_mib=120.0)
+    slow_lean = autotune.Timing(10.0, 9.5, 10.5, 5, peak_mib=100.0)
+    assert autotune.heavier(fast_heavy, slow_lean)
+    assert autotune.choose(fast_heavy, slow_lean, fused_leaner=False) == "inductor"
+    assert autotune.choose(fast_heavy, slow_lean, fused_leaner=True) == "inductor"
+    within = dataclasses.replace(fast_heavy, peak_mib=105.5)  # 5 % + 1 MiB of slack
+    assert not autotune.heavier(within, slow_lean) and autotune.choose(within, slow_lean, fused_leaner=False) == "ger"
+    unknown = dataclasses.replace(fast_heavy, peak_mib=None)
+    assert autotune.choose(unknown, slow_lean, fused_leaner=False) == "ger"
+
+
+def test_peak_alloc_bytes_sees_the_allocations_of_one_call():
+    from ger_inductor.measure import peak_alloc_bytes
+
+    def step():
+        a = torch.empty(4_000_000)  # 16 MB
+        b = torch.empty(2_000_000)  # 8 MB, both live
+        del a
+        c = torch.empty(1_000_000)
+        return b, c
+
+    peak = peak_alloc_bytes(step, torch.device("cpu"))
+    assert 24_000_000 <= peak < 25_000_000
 
 
 def test_decide_measures_once_then_serves_memo_and_store(store):
@@ -355,6 +384,7 @@ def test_inference_graph_is_timed_whole_and_follows_the_choice(store):
     (d,) = rep.decisions
     assert d["family"] == "graph" and d["source"] == "measured" and rep.autotune_seconds > 0
     assert d["ger"]["median_ms"] > 0 and d["inductor"]["median_ms"] > 0
+    assert d["ger"]["peak_mib"] > 0 and d["inductor"]["peak_mib"] > 0  # the output at least
     kept = d["choice"] == "ger"
     assert rep.match_count("conv_bn_act") == (2 if kept else 0)
     assert [i["kind"] for i in rep.inductor] == ["inference"]  # the kept form's code only
@@ -380,7 +410,7 @@ def test_inference_graph_is_timed_whole_and_follows_the_choice(store):
     torch.testing.assert_close(out3, ref)
 
 
-def _scope(model, x, grad: bool, **opts):
+def _scope(model, *xs, grad: bool, **opts):
     from ger_inductor import passes
 
     seen = []
@@ -393,7 +423,7 @@ def _scope(model, x, grad: bool, **opts):
 
     torch._dynamo.reset()
     with torch.set_grad_enabled(grad):
-        torch.compile(model, backend=backend)(x)
+        torch.compile(model, backend=backend)(*xs)
     return seen
 
 
@@ -407,8 +437,8 @@ def test_whole_graph_selection_scope():
     model = _conv_net()
     x = torch.randn(2, 3, 8, 8)
     assert _scope(model, x, grad=False, autotune=True) == [""]
-    assert _scope(model, x, grad=True, autotune=True) == [
-        "a gradient may be asked for (graphs with a backward are measured per site only)"]
+    assert _scope(model, x, grad=True, autotune=True) == [""]  # a backward is timed too
+    assert _scope(copy.deepcopy(model).train(), x, grad=True, autotune=True) == [""]  # running stats: on twins
     assert _scope(model, x, grad=False, autotune=False) == ["autotune is off"]
     assert _scope(model, x, grad=False, autotune=True, compiler="aot_eager") == ["not compiled by Inductor"]
 
@@ -431,19 +461,25 @@ def test_whole_graph_selection_scope():
 
     assert _scope(writes_intermediates, x, grad=False, autotune=True) == [""]
 
-    def writes_its_input(x):
+    def writes_its_input(x):  # the timing calls write the input's twin
         x.mul_(2.0)
         return model(x)
 
-    assert _scope(writes_its_input, x.clone(), grad=False, autotune=True) == [
-        "the graph writes one of its inputs in place (it is run on the real inputs while timing)"]
+    assert _scope(writes_its_input, x.clone(), grad=False, autotune=True) == [""]
+
+    def two_views(x, x2):
+        return model(x) + model(x2)
+
+    base = torch.randn(4, 3, 8, 8)
+    assert _scope(two_views, base[:2], base[2:], grad=False, autotune=True) == [
+        "inputs that share storage (their twins for the timing calls would not)"]
 
 
 def test_failed_graph_measurement_keeps_the_rewrites_and_strict_raises(store, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("graph measurement exploded")
 
-    monkeypatch.setattr(autotune, "compile_and_time", boom)
+    monkeypatch.setattr(autotune, "compile_and_time_graphs", boom)
     model = _conv_net()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -478,3 +514,26 @@ def test_whole_graph_measurement_leaves_the_random_stream_alone(store):
         if opts["autotune"]:
             assert ger_inductor.last_report().decisions[0]["source"] == "measured"
     torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
+
+
+def test_training_graph_is_timed_whole_on_twins(store):
+    """A train-mode conv graph is timed with its backward; the timing calls run on twins
+    of the inputs, so the module's running statistics and gradients are those of ONE
+    eager step, whatever the choice."""
+    model = _conv_net().train()
+    ref_model = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ref_model(x).sum().backward()
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    fn = torch.compile(model, backend="ger", options={"strict": True, "autotune": True, "autotune_store": store})
+    fn(x).sum().backward()
+    rep = ger_inductor.last_report()
+    (d,) = rep.decisions
+    assert d["family"] == "graph" and d["source"] == "measured"
+    assert rep.match_count("conv_bn_act") == (2 if d["choice"] == "ger" else 0)
+    assert sorted(i["kind"] for i in rep.inductor) == ["backward", "forward"]
+    for (name, got), (_, ref) in zip(model.named_buffers(), ref_model.named_buffers()):
+        torch.testing.assert_close(got, ref, msg=name)  # num_batches_tracked == 1: one step
+    for (name, got), (_, ref) in zip(model.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(got.grad, ref.grad, msg=name)

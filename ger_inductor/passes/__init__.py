@@ -279,17 +279,19 @@ def sources_hash() -> str:
 def _graph_measured_patterns() -> frozenset:
     from . import conv_bn_act
 
-    return frozenset({conv_bn_act.PATTERN_EVAL, conv_bn_act.PATTERN_BRANCHES})
+    return frozenset({conv_bn_act.PATTERN_EVAL, conv_bn_act.PATTERN_BRANCHES, conv_bn_act.PATTERN_TRAIN})
 
 
 def graph_selection_scope(gm: fx.GraphModule, example_inputs, options: GerOptions, report: GraphReport) -> str | None:
     """Whether the backend times this graph whole, with and without ger's rewrites
-    (``backend._select_graph``): None when it holds no conv eval rewrite (nothing to
-    decide), "" when it is measured, else why not (the rewrites stay: the prior).
+    (``backend._select_graph``): None when the conv family rewrote nothing in it
+    (nothing to decide), "" when it is measured, else why not (the rewrites stay: the
+    prior).
 
-    Measured: inference graphs (no output requires grad) rewritten only by the conv
-    family's eval patterns, static sizes, real inputs on one device, nothing written in
-    place (the graph is run on the real inputs while timing)."""
+    Measured: graphs rewritten only by the conv family (eval and train), static sizes,
+    real inputs on one device that share no storage, and no module attribute written in
+    place (the timing calls run on twins of the inputs, so writes to inputs - a train
+    BN's running statistics - and gradients land on the twins)."""
     from . import graph
 
     measured = _graph_measured_patterns()
@@ -303,10 +305,6 @@ def graph_selection_scope(gm: fx.GraphModule, example_inputs, options: GerOption
     others = sorted({f"{m.family}/{m.pattern}" for m in matches if m.pattern not in measured})
     if others:
         return f"the graph also holds {', '.join(others)} rewrites"
-    outs = [v for n in gm.graph.nodes if n.op == "output" for v in _compat.tree_leaves(
-        [a.meta.get("example_value") if isinstance(a, fx.Node) else a for a in _compat.tree_leaves(n.args)])]
-    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in outs):
-        return "a gradient may be asked for (graphs with a backward are measured per site only)"
     inputs = list(example_inputs)
     if report.symbolic_inputs or not all(isinstance(x, (torch.Tensor, int, float, bool)) for x in inputs):
         return "symbolic sizes"
@@ -315,20 +313,12 @@ def graph_selection_scope(gm: fx.GraphModule, example_inputs, options: GerOption
         return "no real inputs to time"
     if len({x.device for x in tensors}) != 1:
         return "inputs on several devices, or none"
-    if _writes_an_input(gm):
-        return "the graph writes one of its inputs in place (it is run on the real inputs while timing)"
-    return ""
-
-
-def _writes_an_input(gm: fx.GraphModule) -> bool:
-    """Whether a node may write a graph input or attribute (through any alias); writes
-    to the graph's own intermediates (``relu(inplace=True)``, ``out += identity``) are
-    harmless to run again."""
-    from . import graph
-
+    if len({_compat.storage_key(x) for x in tensors}) != len(tensors):
+        return "inputs that share storage (their twins for the timing calls would not)"
     eff = graph.Effects(gm)
-    inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
-    return any(isinstance(r, tuple) or r in inputs for w in eff.writes.values() for r in w)
+    if any(isinstance(r, tuple) for w in eff.writes.values() for r in w):
+        return "the graph writes a module attribute in place (the timing calls would write it too)"
+    return ""
 
 
 def _conv_record(report: GraphReport) -> PassRecord | None:
@@ -354,8 +344,11 @@ def record_graph_decision(gm: fx.GraphModule, pristine: fx.Graph, report: GraphR
     gm.graph = snapshot_graph(pristine)
     gm.recompile()
     measured = _graph_measured_patterns()
+    from .. import autotune
+
     why = (f"measured on {profile.name}, the whole graph: ger's conv rewrites are "
-           + ("slower" if decision.ratio > 1.0 else "not faster beyond noise")
+           + ("heavier (they allocate more)" if autotune.heavier(decision.ger, decision.inductor)
+              else "slower" if decision.ratio > 1.0 else "not faster beyond noise")
            + f" here ({decision.one_line()}); Inductor's form is kept (option autotune=False keeps the rewrites)")
     for rec in report.passes:
         kept = []
