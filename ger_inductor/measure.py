@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -119,8 +121,14 @@ def peak_alloc_bytes(step: Callable[[], Any], device: torch.device) -> int | Non
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # Kineto prints profiler_start / profiler_stop lines on fd 2
+        prof.__enter__()
+    try:
         step()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     try:
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except AttributeError:  # another profiler layout: unknown
@@ -130,3 +138,21 @@ def peak_alloc_bytes(step: Callable[[], Any], device: torch.device) -> int | Non
         run += e.nbytes()
         peak = max(peak, run)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null inside (what C++ libraries print there)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 (an embedded interpreter): nothing to quiet
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -81,6 +81,22 @@ class CollectiveCounter:
             setattr(dist, name, fn)
 
 
+def _recording_ger(collectives: list):
+    """backend="ger" (strict) that first records the graph's functional collectives:
+    (op, reduction, bytes)."""
+    from ger_inductor.backend import ger
+
+    def recording_ger(gm, example_inputs):
+        for mod in gm.modules():
+            for n in getattr(mod, "graph", torch.fx.Graph()).nodes:
+                if "_c10d_functional" in str(n.target) and "wait_tensor" not in str(n.target):
+                    val = n.args[0].meta.get("example_value")
+                    collectives.append((str(n.target), str(n.args[1]), val.numel() * val.element_size()))
+        return ger(gm, example_inputs, options={"strict": True})
+
+    return recording_ger
+
+
 # ----------------------------------------------------------------------------- vocab-parallel loss
 #: (name, logits shape, kwargs of the loss, dtype)
 VOCAB_CASES = [
@@ -197,17 +213,8 @@ def scenario_vocab_parallel(rank: int, world: int) -> dict:
     results["errors"] = errors
 
     # compiled with backend="ger": one graph, the collectives traced as all-reduces
-    from ger_inductor.backend import ger
-
     collectives = []
-
-    def recording_ger(gm, example_inputs):
-        for mod in gm.modules():
-            for n in getattr(mod, "graph", torch.fx.Graph()).nodes:
-                if "_c10d_functional" in str(n.target) and "wait_tensor" not in str(n.target):
-                    val = n.args[0].meta.get("example_value")
-                    collectives.append((str(n.target), str(n.args[1]), val.numel() * val.element_size()))
-        return ger(gm, example_inputs, options={"strict": True})
+    recording_ger = _recording_ger(collectives)
 
     z, y, kw = _vocab_inputs((7, 50), dict(alpha=0.5, beta=0.7), torch.float32)
     shard = z.chunk(world, -1)[rank].clone().requires_grad_()
@@ -381,17 +388,9 @@ def scenario_vocab_parallel_distill(rank: int, world: int) -> dict:
 
     # compiled with backend="ger": one graph each, the same numbers, the collectives traced
     from ger_inductor import _compat
-    from ger_inductor.backend import ger
 
     collectives = []
-
-    def recording_ger(gm, example_inputs):
-        for mod in gm.modules():
-            for n in getattr(mod, "graph", torch.fx.Graph()).nodes:
-                if "_c10d_functional" in str(n.target) and "wait_tensor" not in str(n.target):
-                    val = n.args[0].meta.get("example_value")
-                    collectives.append((str(n.target), str(n.args[1]), val.numel() * val.element_size()))
-        return ger(gm, example_inputs, options={"strict": True})
+    recording_ger = _recording_ger(collectives)
 
     zs, zt, y, kw = _distill_inputs("c", (7, 50), dict(beta=0.5, temperature=2.0, hard_weight=0.2, target=True),
                                     torch.float32)
