@@ -537,3 +537,22 @@ def test_training_graph_is_timed_whole_on_twins(store):
         torch.testing.assert_close(got, ref, msg=name)  # num_batches_tracked == 1: one step
     for (name, got), (_, ref) in zip(model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(got.grad, ref.grad, msg=name)
+
+
+def test_measured_graph_that_writes_its_input_writes_it_once(store):
+    """The timing calls write the input's twin: after the compiled call the user's input
+    was written once, as eager writes it, and the output is eager's."""
+    model = _conv_net()
+
+    def scale_then_net(x):
+        x.mul_(2.0)
+        return model(x)
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    x_eager = x.clone()
+    with torch.no_grad():
+        ref = scale_then_net(x_eager)
+    rep, out = _compile_conv(scale_then_net, store, x)
+    assert rep.decisions and rep.decisions[0]["source"] == "measured"
+    torch.testing.assert_close(x, x_eager, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref)
