@@ -159,6 +159,12 @@ class GraphReport:
             if (family is None or m.family == family) and (pattern is None or m.pattern == pattern)
         )
 
+    def add_decision(self, node: str, decision: Any) -> None:
+        """Record a measured selection (``autotune.Decision``) made at ``node``."""
+        self.decisions.append({"family": decision.family, "node": node, "summary": decision.one_line(),
+                               **decision.to_json_dict()})
+        self.autotune_seconds += decision.seconds
+
     def add_fallback(self, stage: str, reason: str, exc: BaseException | None = None, node=None, op=None) -> Fallback:
         fb = Fallback(
             stage=stage,

@@ -61,9 +61,7 @@ class PassContext:
 
     def decision(self, node, decision) -> None:
         """Record a measured selection (``autotune.Decision``) made at ``node``."""
-        self.report.decisions.append({"family": decision.family, "node": getattr(node, "name", str(node)),
-                                      "summary": decision.one_line(), **decision.to_json_dict()})
-        self.report.autotune_seconds += decision.seconds
+        self.report.add_decision(getattr(node, "name", str(node)), decision)
 
     def strategy(self, **choices: Any) -> None:
         assert self.record is not None
@@ -322,7 +320,6 @@ def graph_selection_scope(gm: fx.GraphModule, example_inputs, options: GerOption
 
 
 def _conv_record(report: GraphReport) -> PassRecord | None:
-
     return next((r for r in report.passes if r.name == "conv_bn_act"), None)
 
 
@@ -335,17 +332,15 @@ def note_graph_selection(report: GraphReport, text: str) -> None:
 def record_graph_decision(gm: fx.GraphModule, pristine: fx.Graph, report: GraphReport, decision, profile) -> None:
     """Record a whole-graph decision; where Inductor's form won, revert ``gm`` to the
     graph before ger's passes and turn the measured matches into near-misses."""
-    report.decisions.append({"family": decision.family, "node": "(graph)", "summary": decision.one_line(),
-                             **decision.to_json_dict()})
-    report.autotune_seconds += decision.seconds
+    from .. import autotune
+
+    report.add_decision("(graph)", decision)
     note_graph_selection(report, f"the whole graph, {decision.source}: {decision.choice}")
     if decision.choice == "ger":
         return
     gm.graph = snapshot_graph(pristine)
     gm.recompile()
     measured = _graph_measured_patterns()
-    from .. import autotune
-
     why = (f"measured on {profile.name}, the whole graph: ger's conv rewrites are "
            + ("heavier (they allocate more)" if autotune.heavier(decision.ger, decision.inductor)
               else "slower" if decision.ratio > 1.0 else "not faster beyond noise")
