@@ -92,7 +92,10 @@ def _compile(model: nn.Module, backend: str | None, freezing: bool, example: Cal
     """``model`` compiled (and run once, so that freezing applies at compile time)."""
     if backend is None:
         return model
-    compiled = torch.compile(model, backend=backend)
+    if backend == "ger_prior":  # the rewrites always: no whole-graph measurement
+        compiled = torch.compile(model, backend="ger", options={"autotune": False})
+    else:
+        compiled = torch.compile(model, backend=backend)
     if freezing:
         # freezing is read from the global config by some of Inductor's passes (the
         # ``options`` dict does not reach them): set it for the compiling call only
@@ -182,7 +185,8 @@ def _register(model_key: str) -> None:
             Variant("eager", _inference(None, False)),
             Variant("inductor", _inference("inductor", False)),
             Variant("inductor(freezing)", _inference("inductor", False, freezing=True), "torch._inductor.config.freezing"),
-            Variant("ger", _inference("ger", False), "runtime fold, oneDNN post-op conv on CPU"),
+            Variant("ger", _inference("ger", False), "the graph timed with and without the rewrites at compile time"),
+            Variant("ger_prior", _inference("ger_prior", False), "runtime fold, oneDNN post-op conv on CPU (autotune=False)"),
         ],
         check=_check_inference,
     ))  # fmt: skip
@@ -191,7 +195,8 @@ def _register(model_key: str) -> None:
         [
             Variant("eager", _inference(None, True)),
             Variant("inductor", _inference("inductor", True), "cannot fold: BN parameters require grad"),
-            Variant("ger", _inference("ger", True), "runtime fold, differentiable"),
+            Variant("ger", _inference("ger", True), "the graph timed with and without the rewrites at compile time"),
+            Variant("ger_prior", _inference("ger_prior", True), "runtime fold, differentiable (autotune=False)"),
         ],
         check=_check_inference,
     ))  # fmt: skip
@@ -200,7 +205,9 @@ def _register(model_key: str) -> None:
         [
             Variant("eager", _training("eager", None)),
             Variant("inductor", _training("inductor", "inductor")),
-            Variant("ger", _training("ger", "ger"), "fused BN ops, activation recomputed in backward"),
+            Variant("ger", _training("ger", "ger"), "the graph timed with and without the rewrites at compile time"),
+            Variant("ger_prior", _training("ger_prior", "ger_prior"),
+                    "fused BN ops, activation recomputed in backward (autotune=False)"),
         ],
         check=_check_training,
     ))  # fmt: skip

@@ -349,14 +349,16 @@ GRAPH_FAMILY = "graph"
 
 def graph_shape_class(code: str, example_inputs, options_key: str, sources: str) -> dict[str, Any]:
     """The shape class of a whole graph: a hash of its code (before ger's passes), of its
-    inputs' shapes, strides and dtypes, of the options that shape ger's rewrites and of
-    ger's sources (a changed ger measures again)."""
+    inputs' shapes, strides, dtypes and requires_grad, of the grad mode (the same code
+    compiles to an inference graph or a forward and a backward), of the options that
+    shape ger's rewrites and of ger's sources (a changed ger measures again)."""
     import hashlib
 
-    meta = [(tuple(x.shape), tuple(x.stride()), str(x.dtype), x.device.type) if isinstance(x, torch.Tensor)
-            else repr(x) for x in example_inputs]
-    digest = hashlib.sha256(json.dumps([code, meta, options_key, sources], default=str).encode()).hexdigest()
-    return {"graph": digest[:32], "inputs": len(meta)}
+    meta = [(tuple(x.shape), tuple(x.stride()), str(x.dtype), x.device.type, x.requires_grad)
+            if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs]
+    grad = torch.is_grad_enabled()
+    digest = hashlib.sha256(json.dumps([code, meta, grad, options_key, sources], default=str).encode()).hexdigest()
+    return {"graph": digest[:32], "inputs": len(meta), "grad": grad}
 
 
 def _twin(x: Any) -> Any:

@@ -556,3 +556,16 @@ def test_measured_graph_that_writes_its_input_writes_it_once(store):
     assert rep.decisions and rep.decisions[0]["source"] == "measured"
     torch.testing.assert_close(x, x_eager, rtol=0, atol=0)
     torch.testing.assert_close(out, ref)
+
+
+def test_graph_key_tells_grad_modes_and_requires_grad_apart():
+    """The same graph code compiles to an inference graph or to a forward and a
+    backward: a decision for one must not serve the other (the conv harness's
+    grad-enabled eval once took the no_grad graph's decision)."""
+    x, w = torch.randn(2, 3), torch.randn(3, 3)
+    key = lambda *inputs: autotune.graph_shape_class("code", list(inputs), "{}", "src")  # noqa: E731
+    with torch.no_grad():
+        no_grad = key(x, w)
+    assert key(x, w) != no_grad  # grad mode on
+    assert key(x, w.requires_grad_()) != key(x, w.detach())
+    assert key(x, w.detach()) == key(x.clone(), w.detach().clone())  # values do not matter
