@@ -412,12 +412,13 @@ def test_inference_graph_is_timed_whole_and_follows_the_choice(store):
 
 def _scope(model, *xs, grad: bool, **opts):
     from ger_inductor import passes
+    from ger_inductor.backend import rewrite
 
     seen = []
 
     def backend(gm, example_inputs):
         settings = GerOptions.parse({"strict": True, **opts})
-        gm, report = ger_inductor.backend.rewrite(gm, example_inputs, settings)
+        gm, report = rewrite(gm, example_inputs, settings)
         seen.append(passes.graph_selection_scope(gm, example_inputs, settings, report))
         return gm.forward
 
@@ -432,8 +433,6 @@ def test_whole_graph_selection_scope():
     measured (the rewrites stay, with the reason): a gradient may be asked for, autotune
     off, another compiler, another family's rewrites; nothing to decide without a conv
     eval rewrite."""
-    import ger_inductor.backend  # noqa: F401 - the module, for _scope
-
     model = _conv_net()
     x = torch.randn(2, 3, 8, 8)
     assert _scope(model, x, grad=False, autotune=True) == [""]
