@@ -201,6 +201,40 @@ def _log_ratios(lpt: Tensor, lps: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     return -torch.logaddexp(lb - r, torch.full_like(r, la)), -torch.logaddexp(la + r, torch.full_like(r, lb))
 
 
+#: how a KL kind forms its products p (log p - log q): "" (0 log 0 = 0, the public API),
+#: "ieee" (plain products: NaN and inf where eager's ``exp(lt) * (lt - ls)`` /
+#: ``p * (log_softmax - log_softmax)`` spellings are), "xlogy" (``xlogy(p, p) - p * log q``:
+#: F.kl_div with probabilities as the target). The loss pass's two-distribution rewrite
+#: (passes/loss_entropy/pairs.py) asks for "fwd:ieee", "rev:xlogy", ...
+KL_MODES = ("", "ieee", "xlogy")
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """("fwd" | "rev" | "mix", mode) of an op's ``kind`` argument ("fwd", "fwd:ieee", ...)."""
+    base, _, mode = kind.partition(":")
+    if base not in ("fwd", "rev", "mix") or mode not in KL_MODES or (mode and base == "mix"):
+        raise ValueError(f"ger: unknown distillation kind {kind!r}")
+    return base, mode
+
+
+def _kl_rows(w: Tensor, lw: Tensor, lo: Tensor, mode: str) -> Tensor:
+    """sum_j w_j (lw_j - lo_j) per row, w = exp(lw), with the products of ``mode``."""
+    if mode == "ieee":
+        return (w * (lw - lo)).sum(1)
+    if mode == "xlogy":
+        return (xmul(w, lw) - w * lo).sum(1)
+    return xmul(w, lw - lo).sum(1)
+
+
+def _kl_grad(w: Tensor, lw: Tensor, lo: Tensor, K: Tensor, mode: str) -> Tensor:
+    """d KL / d(logits of the w side) = w (lw - lo - K), with the products of ``mode``."""
+    if mode == "ieee":
+        return w * (lw - lo - K.unsqueeze(1))
+    if mode == "xlogy":  # eagerly NaN where w == 0 (xlogy's gradient log 0); the pass never asks for it
+        raise NotImplementedError("ger: the gradient of the xlogy side of a KL is not formed")
+    return xmul(w, lw - lo - K.unsqueeze(1))
+
+
 class _Pre(NamedTuple):
     lps: Tensor
     lpt: Tensor
@@ -241,12 +275,13 @@ def forward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfig
     """(D, nll, RowStats, _Pre) for rows of raw logits (compute dtype). Differentiable torch:
     also the math under torch.func transforms and for a double backward."""
     pre, Ls, Lt = _prelude(zs, zt, cfg)
-    if cfg.kind == "fwd":
-        kt = xmul(pre.pt, pre.lpt - pre.lps).sum(1)
+    kind, mode = split_kind(cfg.kind)
+    if kind == "fwd":
+        kt = _kl_rows(pre.pt, pre.lpt, pre.lps, mode)
         ks = torch.zeros_like(kt)
         D = kt
-    elif cfg.kind == "rev":
-        ks = xmul(pre.ps, pre.lps - pre.lpt).sum(1)
+    elif kind == "rev":
+        ks = _kl_rows(pre.ps, pre.lps, pre.lpt, mode)
         kt = torch.zeros_like(ks)
         D = ks
     else:
@@ -276,17 +311,19 @@ def backward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfi
     dzs = dzt = None
     if gD is not None:
         g = (gD / cfg.T).unsqueeze(1)
-        if cfg.kind == "fwd":
+        kind, mode = split_kind(cfg.kind)
+        if kind == "fwd":
             da = (pre.ps - pre.pt) if need_s else None
-            db = xmul(pre.pt, pre.lpt - pre.lps - st.kt.unsqueeze(1)) if need_t else None
-        elif cfg.kind == "rev":
-            da = xmul(pre.ps, pre.lps - pre.lpt - st.ks.unsqueeze(1)) if need_s else None
+            db = _kl_grad(pre.pt, pre.lpt, pre.lps, st.kt, mode) if need_t else None
+        elif kind == "rev":
+            da = _kl_grad(pre.ps, pre.lps, pre.lpt, st.ks, mode) if need_s else None
             db = (pre.pt - pre.ps) if need_t else None
         else:
             da = cfg.ws * xmul(pre.ps, pre.log_s_m - st.ks.unsqueeze(1)) if need_s else None
             db = cfg.wt * xmul(pre.pt, pre.log_t_m - st.kt.unsqueeze(1)) if need_t else None
-        dzs = xmul(g, da) if need_s else None
-        dzt = xmul(g, db) if need_t else None
+        gmul = xmul if mode == "" else torch.mul  # eager's spellings: g * NaN is NaN even where g == 0
+        dzs = gmul(g, da) if need_s else None
+        dzt = gmul(g, db) if need_t else None
     if need_s and cfg.hard and gn is not None:
         p1 = pre.ps if cfg.T == 1.0 else torch.exp(zs - st.Ls1.unsqueeze(1))
         gnc = gn.unsqueeze(1)

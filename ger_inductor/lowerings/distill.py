@@ -29,7 +29,7 @@ import math
 import torch
 
 from .. import _compat
-from ..distill import LOG_FORM_BETAS
+from ..distill import LOG_FORM_BETAS, split_kind
 from ..ops.distill import compute_dtype
 
 aten = torch.ops.aten
@@ -56,6 +56,23 @@ class _Pair:
         """w * x, 0 where w == 0 (ops/ger_loss.xmul)."""
         ops = self.ops
         return ops.where(ops.eq(w, self.const(0.0)), self.const(0.0), ops.mul(w, x))
+
+    def kl_term(self, w, lw, lo, mode: str):
+        """w (lw - lo) with the products of ``mode`` (distill._kl_rows)."""
+        ops = self.ops
+        if mode == "ieee":
+            return ops.mul(w, ops.sub(lw, lo))
+        if mode == "xlogy":
+            return ops.sub(self.xmul(w, lw), ops.mul(w, lo))
+        return self.xmul(w, ops.sub(lw, lo))
+
+    def kl_grad(self, w, lw, lo, K, mode: str):
+        """w (lw - lo - K) with the products of ``mode`` (distill._kl_grad)."""
+        ops = self.ops
+        if mode == "xlogy":
+            raise NotImplementedError("ger: the gradient of the xlogy side of a KL is not formed")
+        d = ops.sub(ops.sub(lw, lo), K)
+        return ops.mul(w, d) if mode == "ieee" else self.xmul(w, d)
 
     def zs(self, a, j):
         return self.ops.to_dtype(self._zs([a, j]), self.cdt)
@@ -123,6 +140,7 @@ def _register() -> None:
     def distill_fwd(zs, zt, y, kind, beta, wt, ws, T, hard, ignore_index, chunk, rev):
         P = _Pair(zs, zt, y, T)
         ops = P.ops
+        kind, mode = split_kind(kind)
         Ls = P.lse(P.a)
         Lt = P.lse(P.b)
         Ls1 = (P.lse(P.zs) if P.T != 1.0 else Ls) if hard else None
@@ -134,12 +152,12 @@ def _register() -> None:
         if kind == "fwd":
             def kt_fn(r, j):
                 lps, lpt = logs(r, j)
-                return P.xmul(ops.exp(lpt), ops.sub(lpt, lps))
+                return P.kl_term(ops.exp(lpt), lpt, lps, mode)
             kt = P.reduction(kt_fn, "sum")
         elif kind == "rev":
             def ks_fn(r, j):
                 lps, lpt = logs(r, j)
-                return P.xmul(ops.exp(lps), ops.sub(lps, lpt))
+                return P.kl_term(ops.exp(lps), lps, lpt, mode)
             ks = P.reduction(ks_fn, "sum")
         else:
             def both(r, j):
@@ -187,6 +205,8 @@ def _register() -> None:
                     need_t, chunk, rev):
         P = _Pair(zs, zt, y, T)
         ops = P.ops
+        kind, mode = split_kind(kind)
+        gmul = P.xmul if mode == "" else ops.mul  # eager's spellings: g * NaN is NaN even where g == 0
         Ls_, Lt_ = Ls.make_loader(), Lt.make_loader()
         kt_, ks_ = kt.make_loader(), ks.make_loader()
         gD_ = gD.make_loader() if gD is not None else None
@@ -209,11 +229,11 @@ def _register() -> None:
                 if kind == "fwd":
                     da = ops.sub(ps, pt)
                 elif kind == "rev":
-                    da = P.xmul(ps, ops.sub(ops.sub(lps, lpt), ks_([r])))
+                    da = P.kl_grad(ps, lps, lpt, ks_([r]), mode)
                 else:
                     lsm = P.log_ratios(lpt, lps, pt, ps, beta)[1]
                     da = ops.mul(P.const(ws), P.xmul(ps, ops.sub(lsm, ks_([r]))))
-                out = P.xmul(g_of(r), da)
+                out = gmul(g_of(r), da)
             if gn_ is not None:
                 p1 = ps if P.T == 1.0 else ops.exp(ops.sub(P.zs(r, j), Ls1_([r])))
                 g = ops.to_dtype(gn_([r]), P.cdt)
@@ -230,13 +250,13 @@ def _register() -> None:
             if gD_ is None:
                 return ops.to_dtype(P.const(0.0), P.t_dtype)
             if kind == "fwd":
-                db = P.xmul(pt, ops.sub(ops.sub(lpt, lps), kt_([r])))
+                db = P.kl_grad(pt, lpt, lps, kt_([r]), mode)
             elif kind == "rev":
                 db = ops.sub(pt, ps)
             else:
                 ltm = P.log_ratios(lpt, lps, pt, ps, beta)[0]
                 db = ops.mul(P.const(wt), P.xmul(pt, ops.sub(ltm, kt_([r]))))
-            return ops.to_dtype(P.xmul(g_of(r), db), P.t_dtype)
+            return ops.to_dtype(gmul(g_of(r), db), P.t_dtype)
 
         full = [P.R, P.V]
         g_s = P.pointwise(ds_fn, full, P.s_dtype) if need_s else P.empty(P.s_dtype)

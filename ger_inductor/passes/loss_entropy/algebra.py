@@ -213,8 +213,9 @@ def join_nan(a: tuple, b: tuple) -> tuple:
 
 #: appended to the near-misses of expressions of two logits tensors
 TWO_DISTRIBUTIONS_HINT = (
-    ": a divergence between two distributions (distillation, a KL to a reference policy) is not found in user code "
-    "yet; ger_distill_loss / ger_linear_distill_loss compute KL, the generalized JSD and the skew-Jensen fused")
+    ": a divergence between two distributions (distillation, a KL to a reference policy) is rewritten in user code "
+    "only where it is exactly one KL divergence (docs/patterns.md); ger_distill_loss / ger_linear_distill_loss compute "
+    "KL, the generalized JSD and the skew-Jensen fused")
 
 
 def vadd(a: Vocab, b: Vocab, sign: float = 1.0) -> Vocab:

@@ -245,7 +245,7 @@ class Evaluator:
                     raise
             return self._add(va, vb, -1.0 if t in SUB else 1.0)
         if t in MUL:
-            return self._mul(self.value(n.args[0]), self.value(n.args[1]))
+            return self._mul(*self._with_raw_logits(n.args[0], n.args[1]))
         if t in DIV:
             a, b = self.value(n.args[0]), self.value(n.args[1])
             if isinstance(b, float) and b != 0:
@@ -273,6 +273,25 @@ class Evaluator:
                 return v
             raise NotRepresentable("a view that moves the classes")
         raise NotRepresentable(f"{t if isinstance(t, str) else getattr(t, '__name__', t)} is not part of a GER loss")
+
+    def _with_raw_logits(self, a, b) -> tuple:
+        """The values of a product's operands, where one may be the logits themselves beside
+        a term of them (``softmax(z) * z``, verl's entropy): z, -inf where a logit is."""
+        vals = []
+        for x in (a, b):
+            try:
+                vals.append(self.value(x))
+            except NotRepresentable as e:
+                vals.append(e)
+        for i in (0, 1):
+            x, other = (a, b)[i], vals[1 - i]
+            if isinstance(vals[i], NotRepresentable) and isinstance(other, Vocab) and isinstance(x, fx.Node) \
+                    and self.root_of(x) == other.root and shapes.known_equal(_shape(x), _shape((b, a)[i])):
+                vals[i] = Vocab(other.root, {"z": 1.0}, inf="zinf")
+        for v in vals:
+            if isinstance(v, NotRepresentable):
+                raise v
+        return tuple(vals)
 
     # ---- algebra
     def _log_mixture(self, v: Vocab) -> Vocab:

@@ -15,12 +15,13 @@ import torch.fx as fx
 from ... import _compat, fleet, losses, shapes
 from .. import graph
 from ..graph import (
-    SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, mutates, dtype as _dtype, is_op as _is, shape as _shape,
+    SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, mutates, arg as _arg, dtype as _dtype, is_op as _is, shape as _shape,
     target_of as _target_of, val as _val,
 )
-from .algebra import NotRepresentable, Root, VPoly, Vocab
-from .evaluate import Evaluator, NLL
-from .classify import Candidate, classify
+from . import pairs
+from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, VPoly, Vocab
+from .evaluate import KL, MEAN, NLL, SUM, Evaluator
+from .classify import Candidate, _softmax_roots, classify
 
 
 FAMILY = "loss_entropy"
@@ -30,7 +31,8 @@ NO_IGNORE = -(2**62)
 
 
 #: the functions the rewrite inserts into graphs (AOTAutograd traces through them)
-GRAPH_FUNCTIONS = (losses.row_stats, losses.cross_entropy_from_stats, losses.row_statistic, losses.kl_div_reduce)
+GRAPH_FUNCTIONS = (losses.row_stats, losses.cross_entropy_from_stats, losses.row_statistic, losses.kl_div_reduce,
+                   *pairs.GRAPH_FUNCTIONS)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -38,10 +40,25 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     changed = _set_strategy_of_existing_ops(gm, ctx)
     ev = Evaluator()
     cands: list[Candidate] = []
+    pair_cands: list[pairs.PairCandidate] = []
     for n in list(gm.graph.nodes):
         try:
             c = classify(ev, n, guard=ctx.guard)
+            if c is None and _is(n, SUM | MEAN) and _two_roots(ev, n):
+                raise NotRepresentable("a sum of a two-distribution term" + TWO_DISTRIBUTIONS_HINT, n)
         except NotRepresentable as e:
+            if TWO_DISTRIBUTIONS_HINT in e.reason or (_is(n, SUM | MEAN | KL) and _two_roots(ev, n)):
+                if _is(n, KL) and _arg(n, 4, "reduction", "mean") == "none":
+                    continue  # elementwise: the reduction that reads it is the candidate
+                try:
+                    pair_cands.append(pairs.classify_pair(ev, n))
+                    continue
+                except pairs.NotACandidate:
+                    continue
+                except NotRepresentable as pe:
+                    reason = pe.reason if TWO_DISTRIBUTIONS_HINT in pe.reason else pe.reason + TWO_DISTRIBUTIONS_HINT
+                    ctx.near_miss(pairs.PATTERN, pe.node or n, reason)
+                    continue
             ctx.near_miss("loss_statistic", e.node or n, e.reason)
             continue
         if c is not None:
@@ -60,7 +77,23 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         if plan is not None and _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
             changed = True
+    if pair_cands:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        returned = {alias_base(a) for a in _compat.tree_leaves(out.args[0]) if isinstance(a, fx.Node)}
+        alive = set(gm.graph.nodes)
+        for pc in pair_cands:
+            if pc.node in alive and pc.visited <= alive:
+                changed |= pairs.rewrite(gm, ev, pc, ctx, returned, alias_base)
+                alive = set(gm.graph.nodes)
     return changed
+
+
+def _two_roots(ev: Evaluator, n: fx.Node) -> bool:
+    """Whether ``n`` reduces a term computed from the softmaxes of two logits tensors."""
+    x = n.args[0] if n.args else None
+    if not isinstance(x, fx.Node) or not isinstance(_val(x), torch.Tensor):
+        return False
+    return len(_softmax_roots(ev, [x] + ([_arg(n, 1, "target")] if _is(n, KL) else []))) > 1
 
 
 def _absorbs_eager_node(group: list[Candidate], plan: Plan, ctx) -> bool:

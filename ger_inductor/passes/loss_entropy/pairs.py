@@ -1,0 +1,661 @@
+"""Two distributions: a KL divergence between the softmaxes of two logits tensors
+(distillation; a KL to a reference policy), found in user code and rewritten into one
+``ger::distill_fwd`` call.
+
+The single-root algebra (algebra.py) refuses a product of two logits tensors' terms. Here
+such an expression is evaluated over two roots: per element, a linear combination of the
+tempered logits z_r of each root r, a per-row constant, and products p_w * (z_r or 1) of a
+probability with them; a reduction over the classes gives a per-row combination of
+
+    L_r = LSE(z_r),   E_w[z_r] = sum_j p_w,j z_r,j,   1.
+
+A candidate is rewritten only when that combination is exactly c * KL(p_w || p_o)
+= c (E_w[z_w] - L_w - E_w[z_o] + L_o) for two roots w != o; anything else (e.g. a
+soft-target cross-entropy -sum p_t log p_s = KL + H(p_t), a JSD through a mixture) is a
+near-miss naming what is left over.
+
+NaN and inf as eagerly. The op forms its products as the spelling does (``distill.KL_MODES``):
+"ieee" where the user's p_w log p_w product is a plain product (``p * log_softmax``,
+``F.kl_div(..., log_target=True)``: 0 * -inf = NaN where a logit of w is -inf, +inf where
+p_w > 0 meets a -inf of o), "xlogy" where it is xlogy(p, p) (``F.kl_div`` with
+probabilities as the target, ``entr``): 0 there. The w side's gradient of the "xlogy" form
+is NaN eagerly wherever p_w is 0; that case (w requiring grad) is a near-miss. The op's
+backward of the "ieee" form reproduces eager's NaN / inf rows (tests/test_distill_rewrite.py
+checks -inf logits, masked vocabularies and underflow against eager, value and gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import torch
+import torch.fx as fx
+
+from ... import distill, shapes
+from .. import graph
+from ..graph import (
+    CASTS as _CASTS, SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, arg as _arg, dtype as _dtype, is_op as _is,
+    shape as _shape, target_of as _target_of, val as _val,
+)
+from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, Row, Vocab
+from .evaluate import ADD, DIV, KL, MEAN, MUL, NEG, SUB, SUM, Evaluator, class_dim_ok
+
+PATTERN = "distill_kl"
+MATH_DTYPES = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- values
+@dataclasses.dataclass
+class RowP:
+    """Per-row combination of L_r (("L", r)), E_w[z_r] (("E", w, r)) and 1 (("one",))."""
+
+    coefs: dict
+    keepdim: bool = False
+
+    def scaled(self, c: float) -> "RowP":
+        return RowP({k: c * v for k, v in self.coefs.items()}, self.keepdim)
+
+
+def _radd(a: RowP | float, b: RowP | float, sign: float = 1.0) -> RowP | float:
+    if isinstance(a, float) and isinstance(b, float):
+        return a + sign * b
+    ca = dict(a.coefs) if isinstance(a, RowP) else ({("one",): a} if a else {})
+    for k, v in (b.coefs.items() if isinstance(b, RowP) else ((("one",), b),)):
+        ca[k] = ca.get(k, 0.0) + sign * v
+    return RowP({k: v for k, v in ca.items() if v != 0.0})
+
+
+def _rscale(a: RowP | float, c: float) -> RowP | float:
+    return a.scaled(c) if isinstance(a, RowP) else a * c
+
+
+@dataclasses.dataclass
+class Elem:
+    """Per element: ``lin`` {("z", r) | ("one",): coefficient} plus ``prod``
+    {(w, ("z", r) | ("one",)): coefficient}, the products p_w * term (a "one" coefficient
+    may be a :class:`RowP`). ``forms`` {w: {"ieee" | "xlogy"}}: how the p_w * z_w products
+    were formed."""
+
+    lin: dict
+    prod: dict
+    forms: dict
+
+    def scaled(self, c: float) -> "Elem":
+        return Elem({k: _rscale(v, c) for k, v in self.lin.items()}, {k: _rscale(v, c) for k, v in self.prod.items()},
+                    {w: set(f) for w, f in self.forms.items()})
+
+
+def _eadd(a: Elem, b: Elem, sign: float) -> Elem:
+    lin, prod = dict(a.lin), dict(a.prod)
+    for k, v in b.lin.items():
+        lin[k] = _radd(lin.get(k, 0.0), v, sign)
+    for k, v in b.prod.items():
+        prod[k] = _radd(prod.get(k, 0.0), v, sign)
+    forms = {w: set(f) for w, f in a.forms.items()}
+    for w, f in b.forms.items():
+        forms.setdefault(w, set()).update(f)
+    return Elem(lin, prod, forms)
+
+
+def _key(root: Root) -> Root:
+    return root
+
+
+def _from_row(row: Row) -> RowP:
+    out: dict = {}
+    for k, c in row.coefs.items():
+        if not isinstance(c, (int, float)):
+            raise NotRepresentable("a statistic with a coefficient in the number of classes")
+        if k == "L":
+            out[("L", row.root)] = out.get(("L", row.root), 0.0) + c
+        elif k == "ez":
+            out[("E", row.root, row.root)] = out.get(("E", row.root, row.root), 0.0) + c
+        elif k == "one":
+            out[("one",)] = out.get(("one",), 0.0) + c
+        else:
+            raise NotRepresentable(f"a statistic ({k}) that is not part of a KL divergence")
+    if row.target is not None or row.nan != (None, None):
+        raise NotRepresentable("a statistic that is not part of a KL divergence")
+    return RowP(out, row.keepdim)
+
+
+def _coef(c):
+    if isinstance(c, Row):
+        return _from_row(c)
+    if isinstance(c, (int, float)):
+        return float(c)
+    raise NotRepresentable("a coefficient in the number of classes")
+
+
+def _from_vocab(v: Vocab) -> Elem:
+    if v.alpha is not None or set(v.terms) - {"z", "one", "p", "pz"}:
+        raise NotRepresentable("a term that is not part of a KL divergence (a mixture, a sum of logits)")
+    if v.inf == "p0" and v.terms.get("z", 0.0) != 0.0:
+        raise NotRepresentable("log(softmax(...)) in a two-distribution term: eagerly -inf where a probability "
+                               "underflows to 0; written with log_softmax it is rewritten")
+    if v.nan[0] == "p0":
+        raise NotRepresentable("p * log(p) with log(softmax(...)): eagerly NaN where a probability underflows "
+                               "to 0; written with log_softmax it is rewritten")
+    r = v.root
+    lin, prod, forms = {}, {}, {}
+    for k, c in v.terms.items():
+        if k == "z":
+            lin[("z", r)] = _coef(c)
+        elif k == "one":
+            lin[("one",)] = _coef(c)
+        elif k == "p":
+            prod[(r, ("one",))] = _coef(c)
+        else:  # pz: p_r z_r, a plain product (NaN at 0 * -inf) unless the spelling is NaN-free
+            prod[(r, ("z", r))] = _coef(c)
+            forms[r] = {"ieee" if v.nan[0] == "zinf" else "xlogy"}
+    if "z" in v.terms and v.inf is None and v.terms["z"] != 0.0:
+        raise NotRepresentable("clamped log-probabilities in a two-distribution term")
+    return Elem(lin, prod, forms)
+
+
+def _is_prob(e: Elem):
+    """(w, c) when e is c * p_w, else None."""
+    if e.lin or len(e.prod) != 1:
+        return None
+    (w, term), c = next(iter(e.prod.items()))
+    return (w, c) if term == ("one",) and isinstance(c, float) else None
+
+
+# ----------------------------------------------------------------------------- evaluation
+class NotACandidate(NotRepresentable):
+    """A reduction of per-row values (already reduced over the classes): not a candidate
+    itself, and no near-miss."""
+
+
+class PairEvaluator:
+    """Values (Elem, RowP, float) of nodes over two roots, on top of the single-root
+    evaluator (whose values are converted)."""
+
+    def __init__(self, ev: Evaluator):
+        self.ev = ev
+        self.memo: dict = {}
+        self.visited: set = set()
+        self.roots: dict = {}
+
+    def canon(self, root: Root) -> Root:
+        """One Root per distribution: ``t / T`` written twice is two graph nodes, one
+        distribution (the same logits, temperature and views)."""
+        try:
+            key = (*peel(root), root.views)
+        except NotRepresentable:
+            key = (root.base, None, root.views)
+        return self.roots.setdefault(key, root)
+
+    def _canon_row(self, c):
+        if not isinstance(c, RowP):
+            return c
+        out: dict = {}
+        for k, v in c.coefs.items():
+            k2 = ("L", self.canon(k[1])) if k[0] == "L" else (
+                ("E", self.canon(k[1]), self.canon(k[2])) if k[0] == "E" else k)
+            out[k2] = out.get(k2, 0.0) + v
+        return RowP(out, c.keepdim)
+
+    def _canon_elem(self, e: Elem) -> Elem:
+        def ck(k):
+            return (k[0], self.canon(k[1])) if k[0] == "z" else k
+
+        cr = self._canon_row
+
+        lin, prod = {}, {}
+        for k, v in e.lin.items():
+            lin[ck(k)] = _radd(lin.get(ck(k), 0.0), cr(v))
+        for (w, k), v in e.prod.items():
+            key = (self.canon(w), ck(k))
+            prod[key] = _radd(prod.get(key, 0.0), cr(v))
+        forms: dict = {}
+        for w, f in e.forms.items():
+            forms.setdefault(self.canon(w), set()).update(f)
+        return Elem(lin, prod, forms)
+
+    def value(self, node):
+        if not isinstance(node, fx.Node):
+            if isinstance(node, (int, float)) and not isinstance(node, bool):
+                return float(node)
+            raise NotRepresentable(f"unsupported operand {node!r}")
+        if node in self.memo:
+            return self.memo[node]
+        try:
+            v = self.ev.value(node)
+        except NotRepresentable:
+            v = self._eval(node)
+        else:
+            if isinstance(v, Vocab):
+                v = self._canon_elem(_from_vocab(v))
+            elif isinstance(v, Row):
+                v = self._canon_row(_from_row(v))
+            if isinstance(v, (Elem, RowP)):
+                self._absorb_single_root(node)
+        if isinstance(v, (Elem, RowP)):
+            if _dtype(node) not in MATH_DTYPES:
+                raise NotRepresentable(f"a two-distribution term computed in {_dtype(node)} (eager's math is not "
+                                       "float32 there)", node)
+            self.visited.add(node)
+        self.memo[node] = v
+        return v
+
+    def _absorb_single_root(self, node: fx.Node) -> None:
+        """The single-root evaluator's intermediates above ``node`` (log_softmax, exp, ...),
+        which the rewrite makes dead with it."""
+        stack = list(node.all_input_nodes)
+        while stack:
+            m = stack.pop()
+            if m in self.visited or not isinstance(self.ev.memo.get(m), (Vocab, Row)):
+                continue
+            self.visited.add(m)
+            stack.extend(m.all_input_nodes)
+
+    def _raw(self, node) -> Elem | None:
+        """A tensor of logits used by itself (p_t * z_s): its tempered logits z_r (never
+        something computed from a softmax, whose refusal stands)."""
+        from .classify import _has_softmax_ancestor
+
+        if isinstance(node, fx.Node) and _dtype(node) in MATH_DTYPES and _shape(node) and \
+                not _has_softmax_ancestor(node):
+            return Elem({("z", self.canon(self.ev.root_of(node))): 1.0}, {}, {})
+        return None
+
+    def _operands(self, n: fx.Node):
+        a, b = n.args[0], n.args[1]
+        out = []
+        for x, other in ((a, b), (b, a)):
+            try:
+                out.append(self.value(x))
+            except NotRepresentable:
+                raw = self._raw(x)
+                if raw is None:
+                    raise
+                out.append(raw)
+        va, vb = out
+        for x, v in ((a, va), (b, vb)):
+            if isinstance(v, Elem) and not shapes.known_equal(_shape(x), _shape(n)):
+                raise NotRepresentable("a two-distribution term broadcast over the rows", n)
+        return va, vb
+
+    def _eval(self, n: fx.Node):
+        if n.op not in ("call_function", "call_method"):
+            raise NotRepresentable(f"{n.op} {n.target} is not a loss expression", n)
+        t = _target_of(n)
+        if t in NEG:
+            return self._scale(self.value(n.args[0]), -1.0)
+        if t in ADD or t in SUB:
+            if _arg(n, 2, "alpha", 1) != 1:
+                raise NotRepresentable("add/sub with alpha", n)
+            va, vb = self._operands(n)
+            return self._add(va, vb, -1.0 if t in SUB else 1.0, n)
+        if t in MUL:
+            va, vb = self._operands(n)
+            return self._mul(va, vb, n)
+        if t in DIV:
+            va, vb = self.value(n.args[0]), self.value(n.args[1])
+            if isinstance(vb, float) and vb != 0.0:
+                return self._scale(va, 1.0 / vb)
+            raise NotRepresentable("division by a tensor", n)
+        if t in KL:
+            return self._kl_elementwise(n)
+        if t in _VIEWS or t in _CASTS:
+            v = self.value(n.args[0])
+            if isinstance(v, Elem) and shapes.known_equal((_shape(n) or (None,))[-1], (_shape(n.args[0]) or (None,))[-1]):
+                if t in _CASTS and not self.ev._is_upcast(n):
+                    raise NotRepresentable("a cast to lower precision", n)
+                return v
+            raise NotRepresentable("a view that moves the classes", n)
+        raise NotRepresentable(f"{t if isinstance(t, str) else getattr(t, '__name__', t)} is not part of a KL "
+                               "divergence", n)
+
+    @staticmethod
+    def _scale(v, s: float):
+        if isinstance(v, (Elem, RowP)):
+            return v.scaled(s)
+        if isinstance(v, float):
+            return v * s
+        raise NotRepresentable("scaling of an unsupported value")
+
+    @staticmethod
+    def _add(a, b, sign: float, n):
+        if isinstance(a, Elem) and isinstance(b, Elem):
+            return _eadd(a, b, sign)
+        if isinstance(a, float) and isinstance(b, float):
+            return a + sign * b
+        if isinstance(a, Elem) and isinstance(b, RowP) and b.keepdim:
+            return _eadd(a, Elem({("one",): b}, {}, {}), sign)
+        if isinstance(a, RowP) and a.keepdim and isinstance(b, Elem):
+            return _eadd(Elem({("one",): a}, {}, {}), b, sign)
+        if isinstance(a, RowP) and isinstance(b, RowP) and a.keepdim == b.keepdim:
+            return RowP(_radd(a, b, sign).coefs if isinstance(_radd(a, b, sign), RowP) else {}, a.keepdim)
+        raise NotRepresentable("sum of a vocabulary-level and an unrelated tensor", n)
+
+    def _mul(self, a, b, n):
+        if isinstance(a, float):
+            return self._scale(b, a)
+        if isinstance(b, float):
+            return self._scale(a, b)
+        if isinstance(a, Elem) and isinstance(b, Elem):
+            for x, y in ((a, b), (b, a)):
+                wc = _is_prob(x)
+                if wc is not None and not y.prod:
+                    return self._p_times(wc[0], wc[1], y)
+            raise NotRepresentable("a product that is not a probability times log-probabilities", n)
+        raise NotRepresentable("a product with an unrelated tensor", n)
+
+    @staticmethod
+    def _p_times(w: Root, c: float, y: Elem) -> Elem:
+        prod, forms = {}, {}
+        for k, v in y.lin.items():
+            prod[(w, k)] = _rscale(v, c)
+            if k == ("z", w):
+                forms[w] = {"ieee"}  # a plain product: 0 * -inf is NaN, as eagerly
+        return Elem({}, prod, forms)
+
+    def _kl_elementwise(self, n: fx.Node) -> Elem:
+        """F.kl_div(input, target, reduction="none"): exp(t) (t - input) with log_target,
+        xlogy(t, t) - t input without."""
+        if _arg(n, 2, "size_average") is not None or _arg(n, 3, "reduce") is not None:
+            raise NotRepresentable("deprecated size_average/reduce arguments", n)
+        if _arg(n, 4, "reduction", "mean") != "none":
+            raise NotRepresentable("a reduced kl_div inside an elementwise expression", n)
+        return self.kl_terms(n)
+
+    def kl_terms(self, n: fx.Node) -> Elem:
+        inp, tgt = n.args[0], _arg(n, 1, "target")
+        log_target = _arg(n, 5, "log_target", False)
+        if not isinstance(log_target, bool):
+            raise NotRepresentable("kl_div with a log_target that is not a constant", n)
+        a, b = self.value(inp), self.value(tgt)
+        if not isinstance(a, Elem) or not isinstance(b, Elem) or a.prod:
+            raise NotRepresentable("kl_div of something other than log-probabilities and a distribution", n)
+        if _shape(inp) is None or not shapes.known_equal(_shape(inp), _shape(tgt)):
+            raise NotRepresentable("kl_div with broadcast operands", n)
+        if log_target:
+            w = _log_softmax_root(b)
+            if w is None:
+                raise NotRepresentable("kl_div whose log target is not a log_softmax", n)
+            # exp(t) * (t - input): p_w (z_w - L_w) - p_w input, plain products
+            return _eadd(self._p_times(w, 1.0, b), self._p_times(w, 1.0, a), -1.0)
+        wc = _is_prob(b)
+        if wc is None or wc[1] != 1.0:
+            raise NotRepresentable("kl_div whose target is not a softmax", n)
+        w = wc[0]
+        # xlogy(t, t): p_w log p_w, 0 where p_w is 0 (its gradient is not: the "xlogy" form)
+        self_term = Elem({}, {(w, ("z", w)): 1.0, (w, ("one",)): RowP({("L", w): -1.0})}, {w: {"xlogy"}})
+        return _eadd(self_term, self._p_times(w, 1.0, a), -1.0)
+
+    # ---- reductions over the classes
+    def reduce(self, e: Elem, V, mean: bool, keepdim: bool) -> RowP:
+        out: RowP | float = 0.0
+        for k, c in e.lin.items():
+            if (isinstance(c, float) and c == 0.0) or (isinstance(c, RowP) and not c.coefs):
+                continue
+            raise NotRepresentable("a sum over the classes of logits or constants (not a KL divergence)")
+        for (w, term), c in e.prod.items():
+            if term == ("one",):
+                out = _radd(out, c)  # sum_j p_w,j c = c
+            elif isinstance(c, float):
+                out = _radd(out, RowP({("E", w, term[1]): c}))
+            else:
+                raise NotRepresentable("a product of probabilities and per-row values times logits")
+        if mean:
+            if not isinstance(V, int):
+                raise NotRepresentable("a mean over a symbolic number of classes in a two-distribution term")
+            out = _rscale(out, 1.0 / V)
+        row = out if isinstance(out, RowP) else RowP({("one",): out} if out else {})
+        return RowP({k: v for k, v in row.coefs.items() if v != 0.0}, keepdim)
+
+
+def _log_softmax_root(e: Elem) -> Root | None:
+    """w when e is exactly log_softmax(z_w) = z_w - L_w."""
+    if e.prod or set(e.lin) != {("one",)} | {k for k in e.lin if k[0] == "z"} or len(e.lin) != 2:
+        return None
+    zk = next(k for k in e.lin if k[0] == "z")
+    one = e.lin[("one",)]
+    if e.lin[zk] != 1.0 or not isinstance(one, RowP) or one.coefs != {("L", zk[1]): -1.0}:
+        return None
+    return zk[1]
+
+
+# ----------------------------------------------------------------------------- candidates
+@dataclasses.dataclass
+class PairCandidate:
+    node: fx.Node
+    w: Root  # the distribution the KL is taken under (p_w log p_w / p_o)
+    o: Root
+    coef: float
+    mode: str  # distill.KL_MODES
+    how: str  # "rows" | "sum" | "batchmean" | "mean" | "all_mean"
+    keepdim: bool
+    visited: set
+
+
+def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
+    """The two-distribution candidate at reduction node ``n``, or NotRepresentable."""
+    pe = PairEvaluator(ev)
+    t = _target_of(n)
+    V = None
+    if t in KL:
+        reduction = _arg(n, 4, "reduction", "mean")
+        if _arg(n, 2, "size_average") is not None or _arg(n, 3, "reduce") is not None:
+            raise NotRepresentable("deprecated size_average/reduce arguments", n)
+        if reduction not in ("sum", "batchmean", "mean"):
+            raise NotRepresentable(f"kl_div with reduction={reduction!r} is not per row", n)
+        e = pe.kl_terms(n)
+        row = pe.reduce(e, None, False, False)
+        how, keepdim = reduction, False
+    elif t in SUM or t in MEAN:
+        x = n.args[0]
+        dim = _arg(n, 1, "dim")
+        shp = _shape(x)
+        try:
+            e = pe.value(x)
+        except NotRepresentable as err:
+            m = err.node
+            if dim is None and isinstance(m, fx.Node) and _is(m, SUM | MEAN) and _arg(m, 1, "dim") is not None:
+                raise NotACandidate("a sum of per-row values", n) from None  # m is judged itself
+            raise
+        if not isinstance(e, Elem) or shp is None:
+            raise NotACandidate("a reduction of per-row values", n)
+        V = shp[-1]
+        keepdim = bool(_arg(n, 2, "keepdim", False))
+        if dim is None:  # sum / mean of everything: the rows' values summed
+            row = pe.reduce(e, V, False, False)
+            how, keepdim = ("sum" if t in SUM else "mean"), False
+        elif class_dim_ok(n, dim, len(shp)):
+            row = pe.reduce(e, V, t in MEAN, keepdim)
+            how = "rows"
+        else:
+            raise NotRepresentable("reduction over a dimension other than the classes", n)
+        if _arg(n, 3, "dtype") is not None:
+            raise NotRepresentable("a reduction with a dtype", n)
+    else:
+        raise NotRepresentable("not a reduction over the classes", n)
+    w, o, coef = _as_kl(row, n)
+    forms = set()
+    for r, f in _forms_of(pe, n).items():
+        if r == w:
+            forms |= f
+    if len(forms) != 1:
+        raise NotRepresentable("p log p formed two ways (a plain product and xlogy) in one KL", n)
+    mode = forms.pop()
+    if _dtype(n) not in MATH_DTYPES:
+        raise NotRepresentable(f"a two-distribution term computed in {_dtype(n)}", n)
+    return PairCandidate(n, w, o, coef, mode, how, keepdim, set(pe.visited))
+
+
+def _forms_of(pe: PairEvaluator, n: fx.Node) -> dict:
+    out: dict = {}
+    for v in pe.memo.values():
+        if isinstance(v, Elem):
+            for r, f in v.forms.items():
+                out.setdefault(r, set()).update(f)
+    if _target_of(n) in KL:
+        e = pe.kl_terms(n)
+        for r, f in e.forms.items():
+            out.setdefault(r, set()).update(f)
+    return out
+
+
+def _as_kl(row: RowP, n: fx.Node) -> tuple[Root, Root, float]:
+    """(w, o, c) with row = c KL(p_w || p_o), or NotRepresentable naming the remainder."""
+    cross = [k for k in row.coefs if k[0] == "E" and k[1] != k[2]]
+    if len(cross) != 1:
+        raise NotRepresentable("a combination of two distributions' statistics that is not one KL divergence"
+                               f" ({len(cross)} cross terms)", n)
+    _, w, o = cross[0]
+    c = -row.coefs[cross[0]]
+    want = {("E", w, w): c, ("L", w): -c, ("E", w, o): -c, ("L", o): c}
+    rest = dict(row.coefs)
+    for k, v in want.items():
+        rest[k] = rest.get(k, 0.0) - v
+    rest = {k: v for k, v in rest.items() if not math.isclose(v, 0.0, abs_tol=1e-12 * max(1.0, abs(c)))}
+    if not rest:
+        return w, o, c
+    if set(rest) <= {("E", w, w), ("L", w)} and math.isclose(rest.get(("E", w, w), 0.0), -rest.get(("L", w), 0.0)):
+        raise NotRepresentable("KL plus the entropy of one distribution (a cross-entropy with soft targets, "
+                               "-sum p_t log p_s = KL(p_t||p_s) + H(p_t)): only the KL itself is rewritten", n)
+    raise NotRepresentable("a KL divergence plus other statistics of the two distributions", n)
+
+
+# ----------------------------------------------------------------------------- the rewrite
+def peel(root: Root) -> tuple[fx.Node, float]:
+    """(the logits before the temperature and upcasts, T) of a tempered root z / T."""
+    node, T = root.base, 1.0
+    if _is(node, DIV) and isinstance(_arg(node, 1, "other"), (int, float)) and not isinstance(node.args[1], bool):
+        T = float(node.args[1])
+        node = node.args[0]
+    elif _is(node, MUL) and len(node.args) == 2 and any(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                        for a in node.args):
+        c, x = (node.args[0], node.args[1]) if isinstance(node.args[0], (int, float)) else (node.args[1], node.args[0])
+        if not isinstance(x, fx.Node) or c == 0:
+            raise NotRepresentable("a scale of the logits that is not a temperature")
+        T, node = 1.0 / float(c), x
+    if not (T > 0.0 and math.isfinite(T)):
+        raise NotRepresentable(f"a temperature {T} that is not a finite number > 0")
+    if T != 1.0 and _dtype(root.base) not in MATH_DTYPES:
+        raise NotRepresentable("logits divided by the temperature in low precision (eager rounds z / T)")
+    while isinstance(node, fx.Node) and _is(node, _CASTS) and Evaluator._is_upcast(node):
+        node = node.args[0]
+    return node, T
+
+
+def pair_kl(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, mode: str, coef: float, how: str,
+            keepdim: bool, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """c * KL(p_t || p_s) per row of p = softmax(z / T) (ger::distill_fwd), shaped or
+    reduced as the user's spelling, whose per-element terms are shaped like ``like``: per
+    row ("rows"), or summed ("sum"), divided by like.size(0) ("batchmean") or by its
+    number of elements ("mean")."""
+    rows_shape = like.shape[:-1]
+    V = zs.shape[-1]
+    D = torch.ops.ger.distill_fwd(zs.reshape(-1, V), zt.reshape(-1, V), None, f"fwd:{mode}", 0.0, 1.0, 0.0, T,
+                                  False, -100, chunk, distill._ops_distill.REV)[0]
+    if coef != 1.0:
+        D = D * coef
+    if how == "rows":
+        out = D.reshape(tuple(rows_shape) + ((1,) if keepdim else ()))
+    elif how == "sum":
+        out = D.sum()
+    elif how == "batchmean":
+        out = D.sum() / rows_shape[0]
+    elif how == "mean":
+        out = D.sum() / like.numel()
+    else:
+        raise ValueError(f"ger: unknown reduction {how!r}")
+    return out.to(out_dtype)
+
+
+GRAPH_FUNCTIONS = (pair_kl,)
+
+
+def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: set, alias_base) -> bool:
+    """Replace candidate ``c`` by one ``pair_kl`` call, or record why not (a near-miss)."""
+    g = gm.graph
+    n = c.node
+
+    def refuse(reason: str) -> bool:
+        ctx.near_miss(PATTERN, n, reason + TWO_DISTRIBUTIONS_HINT)
+        return False
+
+    try:
+        (xo, T_o), (xw, T_w) = peel(c.o), peel(c.w)
+    except NotRepresentable as e:
+        return refuse(e.reason)
+    if T_o != T_w:
+        return refuse(f"two temperatures ({T_w} and {T_o})")
+    so, sw = _shape(xo), _shape(xw)
+    if so is None or sw is None or not shapes.known_equal(so[-1], sw[-1]):
+        return refuse("the two logits tensors have different numbers of classes")
+    if _dtype(xo) not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) or _dtype(xw) not in (
+            torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return refuse("logits that are not floating point")
+    vw = _val(xw)
+    if c.mode == "xlogy" and isinstance(vw, torch.Tensor) and vw.requires_grad:
+        return refuse("xlogy(p, p) (F.kl_div with probabilities as the target) on logits that need a gradient: "
+                      "eagerly its gradient is NaN wherever a probability is 0, which the op does not reproduce")
+    for x in (xo, xw):
+        if alias_base(x) in returned and isinstance(_val(x), torch.Tensor) and _val(x).requires_grad:
+            return refuse(f"{x.name} is also returned by the graph: the op saves it for the backward, and a "
+                          "caller's in-place write before the backward would change the gradient")
+    eager = ctx.eager_reason(n)
+    if eager is not None:
+        return refuse(f"left to run eagerly: {eager}")
+    # the intermediates must die with the rewrite, or the N x V tensors stay
+    inside = c.visited | {n}
+    for v in c.visited:
+        for u in v.users:
+            if u not in inside and not _is(u, _SHAPE_ONLY):
+                return refuse(f"{v.name} is also used by {u.name}: the N x V tensor would stay")
+        e = ctx.eager_reason(v)
+        if e is not None:
+            return refuse(f"{v.name} must run eagerly ({e}); the rewrite would fuse it away")
+    # the op reads both logits at n: nothing between may write them or switch modes
+    reads = [(m, a) for m in inside for a in m.all_input_nodes if a not in inside]
+    reads += [(n, xo), (n, xw)]
+    effects = graph.Effects(gm)
+    barrier = effects.first_barrier(reads, n)
+    if barrier is not None:
+        return refuse(graph.moved_reads_reason(barrier))
+    pos = effects.order
+    for x in (xo, xw):
+        vx = _val(x)
+        if isinstance(vx, torch.Tensor) and vx.requires_grad and any(pos[m] > pos[n] for m in effects.writers_of(x)):
+            return refuse(f"{x.name} is written after the loss: the fused op saves it for its backward")
+    with g.inserting_before(n):
+        like = _viewed(g, xo, c.o.views)  # shaped as the user's per-element terms (a free view)
+        new = g.call_function(pair_kl, (xo, xw, like, T_o, c.mode, c.coef, c.how, c.keepdim, _dtype(n), 0))
+    graph.copy_meta(new, n, values=True)
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
+    ctx.match(PATTERN, [n, new], kl=f"KL(softmax({xw.name}/T) || softmax({xo.name}/T))", mode=c.mode,
+              temperature=T_o, coef=c.coef, reduction=c.how)
+    dead = set(c.visited)
+    for root, x in ((c.o, xo), (c.w, xw)):  # the temperature and upcast nodes between (one tensor input each)
+        m = root.base
+        while isinstance(m, fx.Node) and m is not x:
+            dead.add(m)
+            m = next((a for a in m.args if isinstance(a, fx.Node)), None)
+    _drop_dead(g, dead)
+    return True
+
+
+def _viewed(g: fx.Graph, base: fx.Node, views: tuple) -> fx.Node:
+    cur = base
+    for target, args, kwargs in views:
+        if isinstance(target, str):
+            cur = g.call_method(target, (cur, *args), dict(kwargs))
+        else:
+            cur = g.call_function(target, (cur, *args), dict(kwargs))
+    return cur
+
+
+def _drop_dead(g: fx.Graph, nodes: set) -> None:
+    removed = True
+    while removed:
+        removed = False
+        for m in reversed(list(g.nodes)):
+            if m in nodes and not m.users:
+                g.erase_node(m)
+                nodes.discard(m)
+                removed = True
