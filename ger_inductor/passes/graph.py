@@ -374,3 +374,27 @@ def moved_reads_reason(m: fx.Node) -> str:
     return (f"{describe(m)} writes a tensor the rewrite would read at another position (in-place op, out=, "
             "setitem, running-stat update or a call of unknown effect) or changes the mode between: fusing "
             "would change the numbers")
+
+
+def drop_dead(g: fx.Graph, nodes: set) -> None:
+    """Remove the nodes of ``nodes`` that a rewrite left without users (and those only
+    they used), in reverse order; ``nodes`` loses them."""
+    removed = True
+    while removed:
+        removed = False
+        for n in reversed(list(g.nodes)):
+            if n in nodes and not n.users:
+                g.erase_node(n)
+                nodes.discard(n)
+                removed = True
+
+
+def apply_views(g: fx.Graph, base: fx.Node, views: tuple) -> fx.Node:
+    """``views`` ((target, args, kwargs), ...) re-applied to ``base``: free views, no data."""
+    cur = base
+    for target, args, kwargs in views:
+        if isinstance(target, str):
+            cur = g.call_method(target, (cur, *args), dict(kwargs))
+        else:
+            cur = g.call_function(target, (cur, *args), dict(kwargs))
+    return cur

@@ -623,7 +623,7 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
         if isinstance(vx, torch.Tensor) and vx.requires_grad and any(pos[m] > pos[n] for m in effects.writers_of(x)):
             return refuse(f"{x.name} is written after the loss: the fused op saves it for its backward")
     with g.inserting_before(n):
-        like = _viewed(g, xo, c.o.views)  # shaped as the user's per-element terms (a free view)
+        like = graph.apply_views(g, xo, c.o.views)  # shaped as the user's per-element terms (a free view)
         new = g.call_function(pair_kl, (xo, xw, like, T_o, c.mode, c.coef, c.how, c.keepdim, _dtype(n), 0))
     graph.copy_meta(new, n, values=True)
     n.replace_all_uses_with(new)
@@ -636,26 +636,5 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
         while isinstance(m, fx.Node) and m is not x:
             dead.add(m)
             m = next((a for a in m.args if isinstance(a, fx.Node)), None)
-    _drop_dead(g, dead)
+    graph.drop_dead(g, dead)
     return True
-
-
-def _viewed(g: fx.Graph, base: fx.Node, views: tuple) -> fx.Node:
-    cur = base
-    for target, args, kwargs in views:
-        if isinstance(target, str):
-            cur = g.call_method(target, (cur, *args), dict(kwargs))
-        else:
-            cur = g.call_function(target, (cur, *args), dict(kwargs))
-    return cur
-
-
-def _drop_dead(g: fx.Graph, nodes: set) -> None:
-    removed = True
-    while removed:
-        removed = False
-        for m in reversed(list(g.nodes)):
-            if m in nodes and not m.users:
-                g.erase_node(m)
-                nodes.discard(m)
-                removed = True

@@ -336,21 +336,14 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
                 like = _viewed(g, root, views_cache) if shapes.known_equal(_shape(_viewed(g, root, views_cache)), _shape(v)) else None
                 if like is not None:
                     u.replace_input_with(v, like)
-    _drop_dead(g, plan.vocab)
+    graph.drop_dead(g, plan.vocab)  # the N x V intermediates the rewrite left without users
 
 
 def _viewed(g: fx.Graph, root: Root, cache: dict) -> fx.Node:
     """The root's views re-applied to its (pre-cast) base: free views, no N x V data."""
-    if root.views in cache:
-        return cache[root.views]
-    cur = root.base
-    for target, args, kwargs in root.views:
-        if isinstance(target, str):
-            cur = g.call_method(target, (cur, *args), dict(kwargs))
-        else:
-            cur = g.call_function(target, (cur, *args), dict(kwargs))
-    cache[root.views] = cur
-    return cur
+    if root.views not in cache:
+        cache[root.views] = graph.apply_views(g, root.base, root.views)
+    return cache[root.views]
 
 
 def _order(g: fx.Graph):
@@ -378,16 +371,6 @@ def _pattern_name(c: Candidate) -> str:
     return "row_statistic"
 
 
-def _drop_dead(g: fx.Graph, vocab: set) -> None:
-    """Remove the N x V intermediates the rewrite left without users."""
-    removed = True
-    while removed:
-        removed = False
-        for n in reversed(list(g.nodes)):
-            if n in vocab and not n.users:
-                g.erase_node(n)
-                vocab.discard(n)
-                removed = True
 
 
 # ----------------------------------------------------------------------------- returned logits
