@@ -68,6 +68,15 @@ def liger_rows_forward(s, t, y):
     return ds.liger_jsd_rows(X, Y, 0.0).mean()
 
 
+def viewed_after_log_softmax(s, t, y):
+    """Log-probabilities flattened to (tokens, V) after the softmax, the per-token KL
+    weighted by a flat mask: the output keeps the terms' rows, not the logits'."""
+    lps = F.log_softmax(s / T, -1).view(-1, s.size(-1))
+    lpt = F.log_softmax(t / T, -1).view(-1, s.size(-1))
+    kl = (lpt.exp() * (lpt - lps)).sum(-1)
+    return kl * torch.linspace(0.1, 1.0, kl.numel())
+
+
 def entropy_form_kl(s, t, y):
     """KL as sum p_t log p_t - sum p_t log p_s inside one reduction, p_t from exp."""
     lpt = F.log_softmax(t * 0.5, -1)
@@ -86,6 +95,7 @@ RECOGNISED = {
     "reference_policy_kl": (reference_policy_kl, "ieee", True),
     "liger_rows_forward": (liger_rows_forward, "ieee", True),
     "entropy_form_kl": (entropy_form_kl, "ieee", True),
+    "viewed_after_log_softmax": (viewed_after_log_softmax, "ieee", True),
 }
 
 

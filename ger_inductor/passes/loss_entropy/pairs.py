@@ -622,8 +622,16 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
         vx = _val(x)
         if isinstance(vx, torch.Tensor) and vx.requires_grad and any(pos[m] > pos[n] for m in effects.writers_of(x)):
             return refuse(f"{x.name} is written after the loss: the fused op saves it for its backward")
+    # the per-element terms' shape (the rows the output keeps): the views between the
+    # logits and the terms may differ from the roots' (e.g. log_softmax(z).view(-1, V))
+    xs = _shape(n.args[0])
+    if xs is None:
+        return refuse("per-element terms of unknown shape")
+    if not shapes.known_equal(_shape(xo), xs) and not all(isinstance(d, int) for d in xs):
+        return refuse("a view between the logits and the KL terms with symbolic sizes")
     with g.inserting_before(n):
-        like = graph.apply_views(g, xo, c.o.views)  # shaped as the user's per-element terms (a free view)
+        # shaped as the user's per-element terms: a free view of the logits
+        like = xo if shapes.known_equal(_shape(xo), xs) else g.call_method("reshape", (xo, tuple(xs)))
         new = g.call_function(pair_kl, (xo, xw, like, T_o, c.mode, c.coef, c.how, c.keepdim, _dtype(n), 0))
     graph.copy_meta(new, n, values=True)
     n.replace_all_uses_with(new)
