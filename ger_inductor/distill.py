@@ -175,7 +175,7 @@ def _lse(x: Tensor) -> Tensor:
 LOG_FORM_BETAS = (0.25, 0.75)
 
 
-def _log_ratios(lpt: Tensor, lps: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _log_ratios(lpt: Tensor, lps: Tensor, beta: float, mode: str = "") -> tuple[Tensor, Tensor]:
     """(log(p_t / m), log(p_s / m)) for m = beta p_t + (1 - beta) p_s, 0 < beta < 1.
 
     For beta in LOG_FORM_BETAS: log m = log(beta p_t + (1 - beta) p_s) directly, one log
@@ -191,10 +191,19 @@ def _log_ratios(lpt: Tensor, lps: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     results accurate (absolute error ~eps * beta near beta -> 0, so the 1/beta of J_beta
     and of its gradient does not amplify it). Exact limits at r = +-inf; no overflow for
     any r (a ratio p_t / p_s, as GER's ``log_ratio_p_m`` forms, overflows when one side is
-    subnormal). The lowering (lowerings/distill.py) spells the same expressions."""
+    subnormal). The lowering (lowerings/distill.py) spells the same expressions.
+
+    ``mode`` (``MIX_MODES``) gives eager's NaN where the user's spelling has them: "pm"
+    the log form for every beta (m from the probabilities: log m = -inf where both
+    probabilities underflow to 0, and the products there NaN); "lse" (log m from the
+    log-probabilities, as logsumexp / logaddexp do: finite there, the products 0) the
+    form in r outside LOG_FORM_BETAS, and inside them the log form with 0 for the log m
+    of such a class (p log(p / m) is then p log p: 0, or NaN at a -inf logit, as eagerly)."""
     lo, hi = LOG_FORM_BETAS
-    if lo <= beta <= hi:
+    if mode == "pm" or (mode in ("", "lse") and lo <= beta <= hi):
         log_m = torch.log(beta * torch.exp(lpt) + (1.0 - beta) * torch.exp(lps))
+        if mode == "lse":
+            log_m = torch.where(log_m == -math.inf, torch.zeros_like(log_m), log_m)
         return lpt - log_m, lps - log_m
     r = lpt - lps
     la, lb = math.log(beta), math.log1p(-beta)
@@ -207,12 +216,19 @@ def _log_ratios(lpt: Tensor, lps: Tensor, beta: float) -> tuple[Tensor, Tensor]:
 #: F.kl_div with probabilities as the target). The loss pass's two-distribution rewrite
 #: (passes/loss_entropy/pairs.py) asks for "fwd:ieee", "rev:xlogy", ...
 KL_MODES = ("", "ieee", "xlogy")
+#: how the "mix" kind forms log m and its products: "" (by beta, 0 log 0 = 0, the public
+#: API), "lse" (log m from the log-probabilities, ``logsumexp(stack([lps + log(1 - b),
+#: lpt + log b]))`` as TRL's GKD trainer, plain products), "pm" (m from the probabilities,
+#: ``M * log(M)`` with M = b P + (1 - b) Q as Liger-Kernel's reference formula, plain
+#: products: NaN where both probabilities underflow to 0, as eagerly)
+MIX_MODES = ("", "lse", "pm")
 
 
 def split_kind(kind: str) -> tuple[str, str]:
-    """("fwd" | "rev" | "mix", mode) of an op's ``kind`` argument ("fwd", "fwd:ieee", ...)."""
+    """("fwd" | "rev" | "mix", mode) of an op's ``kind`` argument ("fwd", "fwd:ieee",
+    "mix:lse", ...)."""
     base, _, mode = kind.partition(":")
-    if base not in ("fwd", "rev", "mix") or mode not in KL_MODES or (mode and base == "mix"):
+    if base not in ("fwd", "rev", "mix") or mode not in (MIX_MODES if base == "mix" else KL_MODES):
         raise ValueError(f"ger: unknown distillation kind {kind!r}")
     return base, mode
 
@@ -266,8 +282,9 @@ def _prelude(zs: Tensor, zt: Tensor, cfg: DistillConfig, Ls: Optional[Tensor] = 
     lpt = b - Lt.unsqueeze(1)
     ps, pt = torch.exp(lps), torch.exp(lpt)
     log_t_m = log_s_m = None
-    if cfg.kind == "mix":
-        log_t_m, log_s_m = _log_ratios(lpt, lps, cfg.beta)
+    kind, mode = split_kind(cfg.kind)
+    if kind == "mix":
+        log_t_m, log_s_m = _log_ratios(lpt, lps, cfg.beta, mode)
     return _Pre(lps, lpt, ps, pt, log_t_m, log_s_m), Ls, Lt
 
 
@@ -285,8 +302,9 @@ def forward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfig
         kt = torch.zeros_like(ks)
         D = ks
     else:
-        kt = xmul(pre.pt, pre.log_t_m).sum(1)
-        ks = xmul(pre.ps, pre.log_s_m).sum(1)
+        pmul = xmul if mode == "" else torch.mul  # plain products: eager's NaN at 0 * -inf
+        kt = pmul(pre.pt, pre.log_t_m).sum(1)
+        ks = pmul(pre.ps, pre.log_s_m).sum(1)
         D = cfg.wt * kt + cfg.ws * ks
     if cfg.hard:
         Ls1 = Ls if cfg.T == 1.0 else _lse(zs)
@@ -319,8 +337,9 @@ def backward_rows(zs: Tensor, zt: Tensor, y: Optional[Tensor], cfg: DistillConfi
             da = _kl_grad(pre.ps, pre.lps, pre.lpt, st.ks, mode) if need_s else None
             db = (pre.pt - pre.ps) if need_t else None
         else:
-            da = cfg.ws * xmul(pre.ps, pre.log_s_m - st.ks.unsqueeze(1)) if need_s else None
-            db = cfg.wt * xmul(pre.pt, pre.log_t_m - st.kt.unsqueeze(1)) if need_t else None
+            pmul = xmul if mode == "" else torch.mul
+            da = cfg.ws * pmul(pre.ps, pre.log_s_m - st.ks.unsqueeze(1)) if need_s else None
+            db = cfg.wt * pmul(pre.pt, pre.log_t_m - st.kt.unsqueeze(1)) if need_t else None
         gmul = xmul if mode == "" else torch.mul  # eager's spellings: g * NaN is NaN even where g == 0
         dzs = gmul(g, da) if need_s else None
         dzt = gmul(g, db) if need_t else None

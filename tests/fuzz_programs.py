@@ -30,7 +30,10 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          "kl_uniform", "target_logp",
          # per-row losses written in place before they are reduced (transformers'
          # LabelSmoother, fairseq's label_smoothed_nll_loss), the mask made before or after
-         "rows_masked_inplace", "rows_masked_late", "hf_label_smoother", "rows_view_written")
+         "rows_masked_inplace", "rows_masked_late", "hf_label_smoother", "rows_view_written",
+         # two distributions: the logits and a "teacher" computed from the input (its
+         # gradient flows back into it): KL / JSD spellings of the trainers
+         "kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -81,7 +84,27 @@ def _entropy(kind: str, q):
     return torch.distributions.Categorical(logits=q).entropy().mean()
 
 
-def _term(kind: str, q, y, w, ignore: int):
+def _pair_term(kind: str, q, t):
+    from . import distill_spellings as ds
+
+    if kind == "kl_fwd_tempered":
+        return F.kl_div(F.log_softmax(q / 2.0, -1), F.log_softmax(t / 2.0, -1), log_target=True,
+                        reduction="batchmean") * 4.0
+    if kind == "kl_split_sums":
+        lps, lpt = F.log_softmax(q, -1), F.log_softmax(t, -1)
+        pt = lpt.exp()
+        return ((pt * lpt).sum(-1) - (pt * lps).sum(-1)).mean()
+    if kind == "jsd_trl":
+        return ds.trl_generalized_jsd_loss(q, t, beta=0.3)
+    return ds.liger_jsd_rows(F.log_softmax(q, -1), F.log_softmax(t, -1), 0.5).mean()
+
+
+PAIR_TERMS = ("kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger")
+
+
+def _term(kind: str, q, y, w, ignore: int, t=None):
+    if kind in PAIR_TERMS:
+        return _pair_term(kind, q, t)
     if kind == "ce":
         return F.cross_entropy(q, y, ignore_index=ignore)
     if kind == "ce_ls":
@@ -197,11 +220,13 @@ class Model(nn.Module):
         else:
             q = q_in if p.context != "grad" else q_in * 1.0
         ignore = 1 if p.ignore else -100
+        # a second distribution's logits, read before any write (a copy, grad into q_in)
+        t = q_in.flip(0) * 0.8 if any(k in PAIR_TERMS for k in p.terms) else None
         loss = q.new_zeros(())
         for i, kind in enumerate(p.terms):
             if p.write is not None and i == p.write_at:
                 _write(p.write, q, y, w, other)
-            loss = loss + _term(kind, q, y, w, ignore)
+            loss = loss + _term(kind, q, y, w, ignore, t)
         if p.write is not None and p.write_at >= len(p.terms):
             _write(p.write, q, y, w, other)
         if self.block is not None:

@@ -1,12 +1,14 @@
-"""#15 part 3: KL divergences between two logits tensors, found in unmodified trainer
-code under backend="ger" (passes/loss_entropy/pairs.py) and rewritten into one
-``ger::distill_fwd`` call, with eager's numbers: values and gradients on random logits,
-and NaN / inf exactly where eager has them (-inf logits, masked vocabularies, underflow).
-Refused look-alikes are near-misses with their reasons."""
+"""#15 part 3: KL divergences and generalized JSDs (through a mixture) between two logits
+tensors, found in unmodified trainer code under backend="ger"
+(passes/loss_entropy/pairs.py) and rewritten into one ``ger::distill_fwd`` call, with
+eager's numbers: values and gradients on random logits, and NaN / inf exactly where eager
+has them (-inf logits, masked vocabularies, underflow). Refused look-alikes are
+near-misses with their reasons."""
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 
@@ -85,6 +87,42 @@ def entropy_form_kl(s, t, y):
     return torch.sum(pt * lpt - pt * lps, dim=-1).mean()
 
 
+def kl_split_over_two_sums(s, t, y):
+    """KL(p_t || p_s) as two reductions over the classes, subtracted per token, then a mean."""
+    lps, lpt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    pt = lpt.exp()
+    return ((pt * lpt).sum(-1) - (pt * lps).sum(-1)).mean()
+
+
+def trl_jsd_half(s, t, y):
+    """TRL's GKD default: the mixture through logsumexp of a stack, beta a tensor."""
+    return ds.trl_generalized_jsd_loss(s, t, beta=0.5, temperature=T)
+
+
+def trl_jsd_skewed(s, t, y):
+    return ds.trl_generalized_jsd_loss(s, t, beta=0.1, temperature=T, reduction="sum")
+
+
+def liger_rows_jsd(s, t, y):
+    """Liger-Kernel's per-element formula: beta P Y + (1 - beta) Q X - M log M."""
+    X = F.log_softmax(s.float() / T, dim=-1)
+    Y = F.log_softmax(t.float() / T, dim=-1)
+    return ds.liger_jsd_rows(X, Y, 0.5).mean()
+
+
+def liger_rows_jsd_per_token(s, t, y):
+    X = F.log_softmax(s, dim=-1)
+    Y = F.log_softmax(t, dim=-1)
+    return ds.liger_jsd_rows(X, Y, 0.2) * torch.linspace(0.5, 1.0, S)
+
+
+def logaddexp_jsd_two_sums(s, t, y):
+    """JSD_0.5 written out: log m = logaddexp - log 2, one sum over the classes per KL."""
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    lm = torch.logaddexp(ls, lt) - torch.log(torch.tensor(2.0))
+    return 0.5 * ((lt.exp() * (lt - lm)).sum(-1) + (ls.exp() * (ls - lm)).sum(-1)).mean()
+
+
 #: name -> (function, mode the report names, whether the teacher's gradient is exact too)
 RECOGNISED = {
     "hinton": (hinton, "xlogy", False),
@@ -96,6 +134,15 @@ RECOGNISED = {
     "liger_rows_forward": (liger_rows_forward, "ieee", True),
     "entropy_form_kl": (entropy_form_kl, "ieee", True),
     "viewed_after_log_softmax": (viewed_after_log_softmax, "ieee", True),
+    "kl_split_over_two_sums": (kl_split_over_two_sums, "ieee", True),
+}
+#: JSD_beta through a mixture: name -> (function, mode, beta of the first logits' distribution)
+RECOGNISED_JSD = {
+    "trl_jsd_half": (trl_jsd_half, "lse", 0.5),
+    "trl_jsd_skewed": (trl_jsd_skewed, "lse", 0.9),  # m = 0.1 p_t + 0.9 p_s
+    "liger_rows_jsd": (liger_rows_jsd, "pm", 0.5),
+    "liger_rows_jsd_per_token": (liger_rows_jsd_per_token, "pm", 0.8),
+    "logaddexp_jsd_two_sums": (logaddexp_jsd_two_sums, "lse", 0.5),
 }
 
 
@@ -134,9 +181,9 @@ def _rewritten_graph(tmp_path) -> str:
     return "\n".join(line for f in files for line in open(f).read().splitlines() if not line.strip().startswith("#"))
 
 
-@pytest.mark.parametrize("name", list(RECOGNISED))
-def test_recognised_kl_spelling(name, tmp_path):
-    fn, mode, teacher_grad = RECOGNISED[name]
+def _check_recognised(fn, teacher_grad: bool, pattern: str, tmp_path):
+    """fn compiled against eager on the four input kinds; returns the report's matches of
+    ``pattern`` and the rewritten graphs' code."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="ger", options={"strict": True, "dump_dir": str(tmp_path)})
     for kind in ("random", "masked", "underflow", "neg_inf"):
@@ -153,12 +200,33 @@ def test_recognised_kl_spelling(name, tmp_path):
         if kind == "neg_inf":  # the NaN / inf structure itself, as eager's
             assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
     reps = ger_inductor.reports()
-    matches = [m for r in reps for m in r.matches if m.pattern == "distill_kl"]
-    assert matches and all(m.detail["mode"] == mode for m in matches), [(m.pattern, m.detail) for r in reps for m in r.matches]
+    matches = [m for r in reps for m in r.matches if m.pattern == pattern]
+    assert matches, [(m.pattern, m.detail) for r in reps for m in r.matches]
     assert not [n for r in reps for n in r.near_misses], [n.reason for r in reps for n in r.near_misses]
     code = _rewritten_graph(tmp_path)
+    assert not re.search(r"(log_softmax|\bsoftmax|functional\.kl_div|\.exp\(|logsumexp|logaddexp|stack|\blog\()", code), \
+        code
+    return matches, code
+
+
+@pytest.mark.parametrize("name", list(RECOGNISED))
+def test_recognised_kl_spelling(name, tmp_path):
+    fn, mode, teacher_grad = RECOGNISED[name]
+    matches, code = _check_recognised(fn, teacher_grad, "distill_kl", tmp_path)
+    assert all(m.detail["mode"] == mode for m in matches), [m.detail for m in matches]
     FileCheck().check("pair_kl").run(code)
-    assert not re.search(r"(log_softmax|\bsoftmax|functional\.kl_div|\.exp\()", code), code
+
+
+@pytest.mark.parametrize("name", list(RECOGNISED_JSD))
+def test_recognised_jsd_spelling(name, tmp_path):
+    """The generalized JSD through a mixture m = beta p_1 + (1 - beta) p_2, log m formed
+    from log-probabilities (TRL: logsumexp of a stack, logaddexp; "lse") or from
+    probabilities (Liger's M log M; "pm", NaN where both underflow, as eagerly)."""
+    fn, mode, beta = RECOGNISED_JSD[name]
+    matches, code = _check_recognised(fn, True, "distill_jsd", tmp_path)
+    assert all(m.detail["mode"] == mode and abs(m.detail["beta"] - beta) < 1e-6 for m in matches), \
+        [m.detail for m in matches]
+    FileCheck().check("pair_jsd").check_not("pair_kl").run(code)
 
 
 def test_bf16_logits_upcast_first():
@@ -190,8 +258,25 @@ def two_temperatures(s, t, y):
     return F.kl_div(F.log_softmax(s / 2.0, -1), F.log_softmax(t / 3.0, -1), log_target=True, reduction="batchmean")
 
 
-def jsd_mixture(s, t, y):
-    return ds.trl_generalized_jsd_loss(s, t, beta=0.5, temperature=T)
+def kl_to_mixture_alone(s, t, y):
+    """KL(p_t || m) by itself: its gradient is not the JSD's (m depends on the student)."""
+    lps, lpt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    lm = torch.logsumexp(torch.stack([lps + math.log(0.5), lpt + math.log(0.5)]), dim=0)
+    return F.kl_div(lm, lpt, log_target=True, reduction="batchmean")
+
+
+def jsd_plus_teacher_entropy(s, t, y):
+    lps, lpt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    lm = torch.logaddexp(lps, lpt) - math.log(2.0)
+    pt, ps = lpt.exp(), lps.exp()
+    return (0.5 * (pt * (lpt - lm) + ps * (lps - lm)) - pt * lpt).sum(-1).mean()
+
+
+def jsd_with_probability_targets(s, t, y):
+    """kl_div with probabilities as targets (xlogy): eagerly NaN-free where the op's form is not."""
+    ps, pt = F.softmax(s, -1), F.softmax(t, -1)
+    lm = (0.5 * (ps + pt)).log()
+    return (F.kl_div(lm, pt, reduction="none") + F.kl_div(lm, ps, reduction="none")).sum(-1).mean() * 0.5
 
 
 def teacher_trained_through_xlogy(s, t, y):
@@ -212,7 +297,9 @@ def intermediates_reused(s, t, y):
 NEAR_MISSES = {
     "soft_target_ce": (soft_target_ce, "entropy of one distribution", False),
     "two_temperatures": (two_temperatures, "two temperatures", False),
-    "jsd_mixture": (jsd_mixture, "ger_distill_loss", False),
+    "kl_to_mixture_alone": (kl_to_mixture_alone, "not in the mixture's proportions", False),
+    "jsd_plus_teacher_entropy": (jsd_plus_teacher_entropy, "JSD through a mixture plus other", False),
+    "jsd_with_probability_targets": (jsd_with_probability_targets, "xlogy", False),
     "teacher_trained_through_xlogy": (teacher_trained_through_xlogy, "xlogy(p, p)", True),
     "log_of_softmax": (log_of_softmax, "log(softmax", False),
     "intermediates_reused": (intermediates_reused, "also used by", False),
@@ -229,7 +316,7 @@ def test_kl_near_miss_left_alone_and_reported(name):
     got = torch.compile(fn, backend="ger", options={"strict": True, "compiler": "aot_eager"})(s, t, y)
     _close(got, fn(s, t, y))
     reps = ger_inductor.reports()
-    assert not [m for r in reps for m in r.matches if m.pattern == "distill_kl"]
+    assert not [m for r in reps for m in r.matches if m.pattern in ("distill_kl", "distill_jsd")]
     reasons = [n.reason for r in reps for n in r.near_misses]
     assert any(words in r for r in reasons), (words, reasons)
 
@@ -249,3 +336,54 @@ def test_op_modes_match_eager_products_eagerly():
     _close(xl, (torch.xlogy(lpt.exp(), lpt.exp()) - lpt.exp() * lps).sum(-1), 1e-5)
     with pytest.raises(ValueError, match="unknown distillation kind"):
         torch.ops.ger.distill_fwd(a, b, None, "fwd:other", 0.0, 1.0, 0.0, 1.0, False, -100, 0, 0)
+
+
+def test_op_mix_modes_match_eager_spellings_eagerly():
+    """The "mix" kind's modes (no compile), -inf logits and underflow included: "lse" is
+    TRL's beta kl_div(log m, lpt) + (1 - beta) kl_div(log m, lps) with log m a logsumexp of
+    log-probabilities (NaN only where a logit is -inf), "pm" Liger's beta P Y + (1 - beta)
+    Q X - M log M (NaN also where both probabilities underflow to 0)."""
+    from ger_inductor.passes.loss_entropy.pairs import pair_jsd
+
+    for kind in ("neg_inf", "underflow", "masked"):
+        s, t, _ = _inputs(kind)
+        a, b = s.view(-1, V) / T, t.view(-1, V) / T
+        X, Y = a.log_softmax(-1), b.log_softmax(-1)
+        for beta in (0.1, 0.5):
+            lm = torch.logsumexp(torch.stack([X + math.log(1 - beta), Y + math.log(beta)]), dim=0)
+            want = (beta * F.kl_div(lm, Y, reduction="none", log_target=True)
+                    + (1 - beta) * F.kl_div(lm, X, reduction="none", log_target=True)).sum(-1)
+            got = pair_jsd(s.view(-1, V), t.view(-1, V), a, T, "lse", beta, 1.0, 0.0, "rows", False, torch.float32, 0)
+            _close(got, want, 1e-5)
+            assert torch.equal(got.isnan(), want.isnan())
+            got = pair_jsd(s.view(-1, V), t.view(-1, V), a, T, "pm", beta, 1.0, 0.0, "rows", False, torch.float32, 0)
+            want = ds.liger_jsd_rows(X, Y, beta)
+            _close(got, want, 1e-5)
+            assert torch.equal(got.isnan(), want.isnan())
+        if kind == "masked":  # the two modes differ exactly where both probabilities are 0
+            lse = pair_jsd(s.view(-1, V), t.view(-1, V), a, T, "lse", 0.5, 1.0, 0.0, "rows", False, torch.float32, 0)
+            assert not lse.isnan().any() and got.isnan().all()
+    with pytest.raises(ValueError, match="unknown distillation kind"):
+        torch.ops.ger.distill_fwd(a, b, None, "mix:ieee", 0.5, 0.5, 0.5, 1.0, False, -100, 0, 0)
+
+
+def test_jsd_dynamic_sequence_length_compiles_twice():
+    """TRL's JSD on three sequence lengths: at most two graphs (the static first and one
+    dynamic), each rewritten, each with eager's numbers."""
+    from ger_inductor import _compat
+
+    torch._dynamo.reset()
+    _compat.counters().clear()
+    compiled = torch.compile(trl_jsd_half, backend="ger", options={"strict": True})
+    for n_seq in (5, 7, 9):
+        g = torch.Generator().manual_seed(n_seq)
+        s = (3 * torch.randn(B, n_seq, V, generator=g)).requires_grad_()
+        t = 3 * torch.randn(B, n_seq, V, generator=g)
+        got = compiled(s, t, None)
+        s2 = s.detach().clone().requires_grad_()
+        want = trl_jsd_half(s2, t, None)
+        _close(got, want)
+        _close(_grads(got, [s])[0], _grads(want, [s2])[0])
+    assert _compat.counters()["stats"]["unique_graphs"] <= 2
+    reps = ger_inductor.reports()
+    assert len([m for r in reps for m in r.matches if m.pattern == "distill_jsd"]) >= 2

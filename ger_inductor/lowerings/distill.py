@@ -10,7 +10,8 @@ Forward, per row pair (z_s, z_t), a = z_s / T, b = z_t / T:
     loop 3   kt, ks: sum p_t (log p_t - log p_s) (fwd), sum p_s (log p_s - log p_t) (rev),
              or sum p_t log(p_t/m), sum p_s log(p_s/m) (mix: ``distill._log_ratios``, one
              log per element for beta in [0.25, 0.75], two logaddexp nearer the ends),
-             with p = e^(log p), 0 where p == 0
+             with p = e^(log p), 0 where p == 0 (plain products, and for mix a fixed form,
+             in the modes that copy a user's spelling: distill.KL_MODES / MIX_MODES)
 
 Inductor puts the reductions into one kernel; on CPU each is its own vectorised sweep
 over the rows (the student's and the teacher's reductions are independent, so they are
@@ -56,6 +57,10 @@ class _Pair:
         """w * x, 0 where w == 0 (ops/ger_loss.xmul)."""
         ops = self.ops
         return ops.where(ops.eq(w, self.const(0.0)), self.const(0.0), ops.mul(w, x))
+
+    def pmul(self, w, x, mode: str):
+        """w * x: plain in the modes that copy eager's products, else 0 where w == 0."""
+        return self.xmul(w, x) if mode == "" else self.ops.mul(w, x)
 
     def kl_term(self, w, lw, lo, mode: str):
         """w (lw - lo) with the products of ``mode`` (distill._kl_rows)."""
@@ -122,12 +127,14 @@ class _Pair:
         cc = self.const(c)
         return ops.add(ops.maximum(x, cc), ops.log1p(ops.exp(ops.neg(ops.abs(ops.sub(x, cc))))))
 
-    def log_ratios(self, lpt, lps, pt, ps, beta: float):
-        """(log(p_t/m), log(p_s/m)): the expressions of distill._log_ratios."""
+    def log_ratios(self, lpt, lps, pt, ps, beta: float, mode: str = ""):
+        """(log(p_t/m), log(p_s/m)): the expressions of distill._log_ratios (``mode``: MIX_MODES)."""
         ops = self.ops
         lo, hi = LOG_FORM_BETAS
-        if lo <= beta <= hi:
+        if mode == "pm" or (mode in ("", "lse") and lo <= beta <= hi):
             log_m = ops.log(ops.add(ops.mul(self.const(beta), pt), ops.mul(self.const(1.0 - beta), ps)))
+            if mode == "lse":  # both probabilities 0: eager's log m is finite there (distill._log_ratios)
+                log_m = ops.where(ops.eq(log_m, self.const(-math.inf)), self.const(0.0), log_m)
             return ops.sub(lpt, log_m), ops.sub(lps, log_m)
         r = ops.sub(lpt, lps)
         la, lb = math.log(beta), math.log1p(-beta)
@@ -163,15 +170,15 @@ def _register() -> None:
             def both(r, j):
                 lps, lpt = logs(r, j)
                 ps, pt = ops.exp(lps), ops.exp(lpt)
-                return ps, pt, P.log_ratios(lpt, lps, pt, ps, beta)
+                return ps, pt, P.log_ratios(lpt, lps, pt, ps, beta, mode)
 
             def kt_fn(r, j):
                 _, pt, (ltm, _) = both(r, j)
-                return P.xmul(pt, ltm)
+                return P.pmul(pt, ltm, mode)
 
             def ks_fn(r, j):
                 ps, _, (_, lsm) = both(r, j)
-                return P.xmul(ps, lsm)
+                return P.pmul(ps, lsm, mode)
             kt = P.reduction(kt_fn, "sum")
             ks = P.reduction(ks_fn, "sum")
 
@@ -231,8 +238,8 @@ def _register() -> None:
                 elif kind == "rev":
                     da = P.kl_grad(ps, lps, lpt, ks_([r]), mode)
                 else:
-                    lsm = P.log_ratios(lpt, lps, pt, ps, beta)[1]
-                    da = ops.mul(P.const(ws), P.xmul(ps, ops.sub(lsm, ks_([r]))))
+                    lsm = P.log_ratios(lpt, lps, pt, ps, beta, mode)[1]
+                    da = ops.mul(P.const(ws), P.pmul(ps, ops.sub(lsm, ks_([r])), mode))
                 out = gmul(g_of(r), da)
             if gn_ is not None:
                 p1 = ps if P.T == 1.0 else ops.exp(ops.sub(P.zs(r, j), Ls1_([r])))
@@ -254,8 +261,8 @@ def _register() -> None:
             elif kind == "rev":
                 db = ops.sub(pt, ps)
             else:
-                ltm = P.log_ratios(lpt, lps, pt, ps, beta)[0]
-                db = ops.mul(P.const(wt), P.xmul(pt, ops.sub(ltm, kt_([r]))))
+                ltm = P.log_ratios(lpt, lps, pt, ps, beta, mode)[0]
+                db = ops.mul(P.const(wt), P.pmul(pt, ops.sub(ltm, kt_([r])), mode))
             return ops.to_dtype(gmul(g_of(r), db), P.t_dtype)
 
         full = [P.R, P.V]

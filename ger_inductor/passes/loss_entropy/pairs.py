@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+import struct
+
 import torch
 import torch.fx as fx
 
@@ -38,9 +41,11 @@ from ..graph import (
     shape as _shape, target_of as _target_of, val as _val,
 )
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, Row, Vocab
-from .evaluate import ADD, DIV, KL, MEAN, MUL, NEG, SUB, SUM, Evaluator, class_dim_ok
+from .evaluate import ADD, DIV, EXP, KL, LOG, LOGSUMEXP, MEAN, MUL, NEG, SUB, SUM, Evaluator, class_dim_ok
 
 PATTERN = "distill_kl"
+#: the report's pattern of a JSD_beta through a mixture (the near-misses stay PATTERN's)
+PATTERN_JSD = "distill_jsd"
 MATH_DTYPES = (torch.float32, torch.float64)
 
 
@@ -69,11 +74,23 @@ def _rscale(a: RowP | float, c: float) -> RowP | float:
     return a.scaled(c) if isinstance(a, RowP) else a * c
 
 
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """log m of the mixture m = sum_r a_r p_r of two distributions (``parts``: frozenset
+    of (root, a_r)), formed as ``mode`` (distill.MIX_MODES): "lse" from log-probabilities
+    (``logsumexp(stack([lp_s + log a_s, lp_t + log a_t]))``, ``logaddexp``), "pm" from
+    probabilities (``log(a_t P + a_s Q)``). A per-element term ("lm", Mix); its
+    expectation under p_w is the per-row ("E", w, Mix)."""
+
+    mode: str
+    parts: frozenset
+
+
 @dataclasses.dataclass
 class Elem:
-    """Per element: ``lin`` {("z", r) | ("one",): coefficient} plus ``prod``
-    {(w, ("z", r) | ("one",)): coefficient}, the products p_w * term (a "one" coefficient
-    may be a :class:`RowP`). ``forms`` {w: {"ieee" | "xlogy"}}: how the p_w * z_w products
+    """Per element: ``lin`` {("z", r) | ("lm", Mix) | ("one",): coefficient} plus ``prod``
+    {(w, ("z", r) | ("lm", Mix) | ("one",)): coefficient}, the products p_w * term (a
+    "one" coefficient may be a :class:`RowP`). ``forms`` {w: {"ieee" | "xlogy"}}: how the p_w * z_w products
     were formed."""
 
     lin: dict
@@ -153,6 +170,46 @@ def _from_vocab(v: Vocab) -> Elem:
     return Elem(lin, prod, forms)
 
 
+def _prob_mixture(e: Elem) -> dict | None:
+    """{w: c_w} when e is sum_w c_w p_w (one probability, or a mixture), else None."""
+    if any(not (isinstance(c, float) and c == 0.0) for c in e.lin.values()) or not e.prod:
+        return None
+    out = {}
+    for (w, term), c in e.prod.items():
+        if term != ("one",) or not isinstance(c, float):
+            return None
+        out[w] = out.get(w, 0.0) + c
+    return out
+
+
+def _log_softmax_shift(e: Elem):
+    """(w, c) when e is log_softmax(z_w) + c for a number c, else None."""
+    if e.prod or e.forms:
+        return None
+    zs = [k for k in e.lin if k[0] == "z"]
+    if len(zs) != 1 or set(e.lin) != {zs[0], ("one",)} or e.lin[zs[0]] != 1.0:
+        return None
+    w = zs[0][1]
+    one = e.lin[("one",)]
+    if not isinstance(one, RowP) or set(one.coefs) - {("L", w), ("one",)} or one.coefs.get(("L", w)) != -1.0:
+        return None
+    return w, one.coefs.get(("one",), 0.0)
+
+
+def _round(v: float, dtype: torch.dtype) -> float:
+    """v as a 0-d tensor of ``dtype`` holds it (float32: rounded; overflow raises)."""
+    return struct.unpack("f", struct.pack("f", v))[0] if dtype == torch.float32 else v
+
+
+#: constant 0-d tensors (TRL: ``beta = torch.tensor(b)``, ``torch.log(1 - beta)``)
+CONST_NEW = {torch.tensor, torch.scalar_tensor, torch.as_tensor}
+CONST_UNARY = {**{t: math.log for t in LOG}, **{t: math.exp for t in EXP}, torch.log1p: math.log1p,
+               "log1p": math.log1p, **{t: operator.neg for t in NEG}}
+CONST_BINARY = ((ADD, operator.add), (SUB, operator.sub), (MUL, operator.mul), (DIV, operator.truediv))
+LOGADDEXP = {torch.logaddexp, "logaddexp"}
+STACK = {torch.stack, "stack"}
+
+
 def _is_prob(e: Elem):
     """(w, c) when e is c * p_w, else None."""
     if e.lin or len(e.prod) != 1:
@@ -176,6 +233,7 @@ class PairEvaluator:
         self.memo: dict = {}
         self.visited: set = set()
         self.roots: dict = {}
+        self.consts: dict = {}  # node -> number (None: not a constant)
 
     def canon(self, root: Root) -> Root:
         """One Root per distribution: ``t / T`` written twice is two graph nodes, one
@@ -277,10 +335,58 @@ class PairEvaluator:
                 raise NotRepresentable("a two-distribution term broadcast over the rows", n)
         return va, vb
 
+    def const(self, n) -> float | None:
+        """The number a node computes from constants alone, rounded as its dtype rounds
+        it (float32 / float64 0-d tensors: TRL's ``beta = torch.tensor(b)``,
+        ``torch.log(1 - beta)``); None for anything else."""
+        if not isinstance(n, fx.Node):
+            return float(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
+        if n in self.consts:
+            return self.consts[n]
+        self.consts[n] = None
+        shp, dt = _shape(n), _dtype(n)
+        if n.op not in ("call_function", "call_method") or shp is None or len(shp) != 0 or \
+                dt not in MATH_DTYPES or set(n.kwargs) - {"dtype", "device"}:
+            return None
+        t = _target_of(n)
+        args = [self.const(a) for a in n.args]
+        if any(a is None for a in args):
+            return None
+        v = None
+        try:
+            if t in CONST_NEW and len(args) == 1:
+                v = args[0]
+            elif t in CONST_UNARY and len(args) == 1:
+                v = CONST_UNARY[t](args[0])
+            elif len(args) == 2:
+                v = next((f(*args) for ts, f in CONST_BINARY if t in ts), None)
+            v = None if v is None or not math.isfinite(v) else _round(float(v), dt)
+        except (ValueError, ZeroDivisionError, OverflowError):
+            v = None
+        self.consts[n] = v
+        return v
+
     def _eval(self, n: fx.Node):
         if n.op not in ("call_function", "call_method"):
             raise NotRepresentable(f"{n.op} {n.target} is not a loss expression", n)
+        c = self.const(n)
+        if c is not None:
+            return c
         t = _target_of(n)
+        if t in LOGSUMEXP:
+            return self._lse_of_stack(n)
+        if t in LOGADDEXP:
+            return self._mixture("lse", [n.args[0], _arg(n, 1, "other")], n)
+        if t in LOG:
+            return self._log_of_mixture(n)
+        if t in SUM or t in MEAN:  # a per-row reduction inside a combination (a KL split over two sums)
+            x, dim, shp = n.args[0], _arg(n, 1, "dim"), _shape(n.args[0])
+            if dim is None or shp is None or _arg(n, 3, "dtype") is not None or not class_dim_ok(n, dim, len(shp)):
+                raise NotRepresentable("a reduction that is not over the classes", n)
+            e = self.value(x)
+            if not isinstance(e, Elem):
+                raise NotRepresentable("a reduction over the classes of per-row values", n)
+            return self.reduce(e, shp[-1], t in MEAN, bool(_arg(n, 2, "keepdim", False)))
         if t in NEG:
             return self._scale(self.value(n.args[0]), -1.0)
         if t in ADD or t in SUB:
@@ -308,6 +414,57 @@ class PairEvaluator:
         raise NotRepresentable(f"{t if isinstance(t, str) else getattr(t, '__name__', t)} is not part of a KL "
                                "divergence", n)
 
+    # ---- log m of a mixture of the two distributions
+    def _lse_of_stack(self, n: fx.Node) -> Elem:
+        """logsumexp(stack([lp_1 + c_1, lp_2 + c_2], d), d): log m (TRL's GKD mixture)."""
+        x, dim, keepdim = n.args[0], _arg(n, 1, "dim"), _arg(n, 2, "keepdim", False)
+        if not (isinstance(x, fx.Node) and _is(x, STACK)) or keepdim:
+            raise NotRepresentable("logsumexp that is not over a stack of two log-probabilities", n)
+        parts, sdim = _arg(x, 0, "tensors"), _arg(x, 1, "dim", 0)
+        if isinstance(dim, (list, tuple)) and len(dim) == 1:
+            dim = dim[0]
+        shp = _shape(x)
+        if not isinstance(parts, (list, tuple)) or len(parts) != 2 or shp is None or not isinstance(dim, int) \
+                or not isinstance(sdim, int) or dim % len(shp) != sdim % len(shp):
+            raise NotRepresentable("logsumexp that is not over a stack of two log-probabilities", n)
+        if _dtype(x) not in MATH_DTYPES:
+            raise NotRepresentable(f"a mixture computed in {_dtype(x)}", n)
+        out = self._mixture("lse", list(parts), n)
+        self.visited.add(x)
+        return out
+
+    def _mixture(self, mode: str, parts: list, n: fx.Node) -> Elem:
+        """log(a_1 p_1 + a_2 p_2) from the log-probabilities lp_r + log a_r."""
+        got = {}
+        for x in parts:
+            v = self.value(x)
+            ws = _log_softmax_shift(v) if isinstance(v, Elem) else None
+            if ws is None or not shapes.known_equal(_shape(x), _shape(n)):
+                raise NotRepresentable("a log-sum-exp of terms that are not log_softmax plus a number (the "
+                                       "log-probabilities of a mixture)", n)
+            w, c = ws
+            if w in got:
+                raise NotRepresentable("a mixture of one distribution with itself", n)
+            got[w] = math.exp(c) if c < 700.0 else math.inf
+        return self._mix_elem(mode, got, n)
+
+    def _log_of_mixture(self, n: fx.Node) -> Elem:
+        """log(a_t P + a_s Q) of two probabilities (Liger-Kernel's reference M * log(M))."""
+        v = self.value(n.args[0])
+        mix = _prob_mixture(v) if isinstance(v, Elem) else None
+        if mix is None:
+            raise NotRepresentable("log of something other than a mixture of two distributions", n)
+        return self._mix_elem("pm", mix, n)
+
+    @staticmethod
+    def _mix_elem(mode: str, weights: dict, n: fx.Node) -> Elem:
+        """log(sum_r a_r p_r) = log m + log(sum_r a_r), m = sum_r (a_r / sum a) p_r."""
+        if len(weights) != 2 or not all(a > 0.0 and math.isfinite(a) for a in weights.values()):
+            raise NotRepresentable("a mixture that is not of two distributions with positive weights", n)
+        total = sum(weights.values())
+        mix = Mix(mode, frozenset((w, a / total) for w, a in weights.items()))
+        return Elem({("lm", mix): 1.0, ("one",): math.log(total)}, {}, {})
+
     @staticmethod
     def _scale(v, s: float):
         if isinstance(v, (Elem, RowP)):
@@ -322,6 +479,10 @@ class PairEvaluator:
             return _eadd(a, b, sign)
         if isinstance(a, float) and isinstance(b, float):
             return a + sign * b
+        if isinstance(a, Elem) and isinstance(b, float):  # lp + log(1 - beta)
+            return _eadd(a, Elem({("one",): b}, {}, {}), sign)
+        if isinstance(a, float) and isinstance(b, Elem):
+            return _eadd(Elem({("one",): a}, {}, {}), b, sign)
         if isinstance(a, Elem) and isinstance(b, RowP) and b.keepdim:
             return _eadd(a, Elem({("one",): b}, {}, {}), sign)
         if isinstance(a, RowP) and a.keepdim and isinstance(b, Elem):
@@ -337,9 +498,13 @@ class PairEvaluator:
             return self._scale(a, b)
         if isinstance(a, Elem) and isinstance(b, Elem):
             for x, y in ((a, b), (b, a)):
-                wc = _is_prob(x)
-                if wc is not None and not y.prod:
-                    return self._p_times(wc[0], wc[1], y)
+                mix = _prob_mixture(x)  # p_w, or a mixture sum_w c_w p_w (M * log(M))
+                if mix is not None and not y.prod:
+                    out = None
+                    for w, c in mix.items():
+                        term = self._p_times(w, c, y)
+                        out = term if out is None else _eadd(out, term, 1.0)
+                    return out
             raise NotRepresentable("a product that is not a probability times log-probabilities", n)
         raise NotRepresentable("a product with an unrelated tensor", n)
 
@@ -425,17 +590,40 @@ class PairCandidate:
     w: Root  # the distribution the KL is taken under (p_w log p_w / p_o)
     o: Root
     coef: float
-    mode: str  # distill.KL_MODES
-    how: str  # "rows" | "sum" | "batchmean" | "mean" | "all_mean"
+    mode: str  # distill.KL_MODES (a JSD: distill.MIX_MODES)
+    how: str  # "rows" | "sum" | "batchmean" | "mean" | "rows_mean"
     keepdim: bool
     visited: set
+    beta: float | None = None  # a JSD: coef * JSD_beta, m = beta p_w + (1 - beta) p_o
+    consts: set = dataclasses.field(default_factory=set)  # constant nodes it reads (dead with it)
+    offset: float = 0.0  # a JSD: a constant per row beside it
+    rows: tuple | None = None  # the rows' shape where n reads per-row values (else n.args[0]'s minus the classes)
+
+
+#: per-row combinations (a KL or JSD split over several reductions over the classes)
+ROW_OPS = ADD | SUB | MUL | DIV | NEG
 
 
 def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
-    """The two-distribution candidate at reduction node ``n``, or NotRepresentable."""
+    """The two-distribution candidate at node ``n`` (a reduction, or a combination of
+    per-row reductions), or NotRepresentable (NotACandidate: not one, silently)."""
     pe = PairEvaluator(ev)
     t = _target_of(n)
     V = None
+    rows = None
+    if t in ROW_OPS:  # sum_j p_t lp_t - sum_j p_t lp_s, 0.5 * (KL(p_t||m) + KL(p_s||m)), ...
+        try:
+            row = pe.value(n)
+        except NotRepresentable as err:
+            raise NotACandidate(err.reason, n) from None
+        if not isinstance(row, RowP) or not _shape(n):
+            raise NotACandidate("not a per-row value", n)
+        how, keepdim = "rows", row.keepdim
+        rows = tuple(_shape(n)[:-1] if keepdim else _shape(n))
+        try:
+            return _candidate(pe, n, row, how, keepdim, rows)
+        except NotRepresentable as err:
+            raise NotACandidate(err.reason, n) from None
     if t in KL:
         reduction = _arg(n, 4, "reduction", "mean")
         if _arg(n, 2, "size_average") is not None or _arg(n, 3, "reduce") is not None:
@@ -453,9 +641,14 @@ def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
             e = pe.value(x)
         except NotRepresentable as err:
             m = err.node
-            if dim is None and isinstance(m, fx.Node) and _is(m, SUM | MEAN) and _arg(m, 1, "dim") is not None:
-                raise NotACandidate("a sum of per-row values", n) from None  # m is judged itself
+            if dim is None and ((isinstance(m, fx.Node) and _is(m, SUM | MEAN) and _arg(m, 1, "dim") is not None)
+                                or any(isinstance(v, RowP) for v in pe.memo.values())):
+                raise NotACandidate("a sum of per-row values", n) from None  # the rows' reductions are judged
             raise
+        if isinstance(e, RowP) and dim is None and shp and _arg(n, 3, "dtype") is None:
+            # the sum / mean over the rows of a per-row combination
+            rows = tuple(shp[:-1] if e.keepdim else shp)
+            return _candidate(pe, n, RowP(e.coefs), "sum" if t in SUM else "rows_mean", False, rows)
         if not isinstance(e, Elem) or shp is None:
             raise NotACandidate("a reduction of per-row values", n)
         V = shp[-1]
@@ -472,6 +665,20 @@ def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
             raise NotRepresentable("a reduction with a dtype", n)
     else:
         raise NotRepresentable("not a reduction over the classes", n)
+    return _candidate(pe, n, row, how, keepdim, rows)
+
+
+def _candidate(pe: PairEvaluator, n: fx.Node, row: RowP, how: str, keepdim: bool, rows) -> PairCandidate:
+    consts = {m for m, v in pe.consts.items() if v is not None}
+    if any(k[0] == "E" and isinstance(k[2], Mix) for k in row.coefs):
+        w, o, beta, coef, mode, offset = _as_jsd(row, n)
+        bad = {f for fs in _forms_of(pe, n).values() for f in fs} - {"ieee"}
+        if bad:
+            raise NotRepresentable("p log p formed with xlogy (F.kl_div with probabilities as the target) in a JSD "
+                                   "through a mixture: eagerly NaN-free where the op's form is not", n)
+        if _dtype(n) not in MATH_DTYPES:
+            raise NotRepresentable(f"a two-distribution term computed in {_dtype(n)}", n)
+        return PairCandidate(n, w, o, coef, mode, how, keepdim, set(pe.visited) - {n}, beta, consts, offset, rows)
     w, o, coef = _as_kl(row, n)
     forms = set()
     for r, f in _forms_of(pe, n).items():
@@ -482,7 +689,7 @@ def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
     mode = forms.pop()
     if _dtype(n) not in MATH_DTYPES:
         raise NotRepresentable(f"a two-distribution term computed in {_dtype(n)}", n)
-    return PairCandidate(n, w, o, coef, mode, how, keepdim, set(pe.visited))
+    return PairCandidate(n, w, o, coef, mode, how, keepdim, set(pe.visited) - {n}, None, consts, 0.0, rows)
 
 
 def _forms_of(pe: PairEvaluator, n: fx.Node) -> dict:
@@ -496,6 +703,41 @@ def _forms_of(pe: PairEvaluator, n: fx.Node) -> dict:
         for r, f in e.forms.items():
             out.setdefault(r, set()).update(f)
     return out
+
+
+def _root_order(r: Root):
+    return (r.base.name, repr(r.views))
+
+
+def _as_jsd(row: RowP, n: fx.Node) -> tuple[Root, Root, float, float, str, float]:
+    """(t, s, beta, C, mode, k) with row = C * JSD_beta + k = C (beta KL(p_t || m) + (1 - beta)
+    KL(p_s || m)) + k, m = beta p_t + (1 - beta) p_s, or NotRepresentable naming the
+    remainder. (The op's gradient is that of JSD_beta: KL(p||m) terms weighted otherwise
+    are refused.) k: what constants such as ``- log(torch.tensor(2.0))`` leave over, as
+    eager rounds them (e.g. 1.9e-9 for log 2 in float32)."""
+    mixes = {k[2] for k in row.coefs if k[0] == "E" and isinstance(k[2], Mix)}
+    if len(mixes) != 1:
+        raise NotRepresentable("two different mixtures in one divergence", n)
+    mix = mixes.pop()
+    (t, a_t), (s, a_s) = sorted(mix.parts, key=lambda p: _root_order(p[0]))
+    if not math.isclose(a_t + a_s, 1.0, rel_tol=1e-5):
+        raise NotRepresentable(f"a mixture with weights {a_t:g} + {a_s:g} != 1 (not a distribution)", n)
+    beta = a_t / (a_t + a_s)
+    c_t, c_s = -row.coefs.get(("E", t, mix), 0.0), -row.coefs.get(("E", s, mix), 0.0)
+    C = c_t / beta if abs(c_t / beta) >= abs(c_s / (1.0 - beta)) else c_s / (1.0 - beta)
+    if C == 0.0 or not (math.isclose(c_t, C * beta, rel_tol=1e-5) and math.isclose(c_s, C * (1.0 - beta), rel_tol=1e-5)):
+        raise NotRepresentable(f"KL(p||m) terms weighted {c_t:g} and {c_s:g}, not in the mixture's proportions "
+                               f"{beta:g} : {1.0 - beta:g} (JSD_beta = beta KL(p_t||m) + (1 - beta) KL(p_s||m), times "
+                               "a constant, is rewritten)", n)
+    want = {("E", t, mix): -c_t, ("E", t, t): c_t, ("L", t): -c_t, ("E", s, mix): -c_s, ("E", s, s): c_s,
+            ("L", s): -c_s}
+    rest = dict(row.coefs)
+    for k, v in want.items():
+        rest[k] = rest.get(k, 0.0) - v
+    offset = rest.pop(("one",), 0.0)
+    if any(not math.isclose(v, 0.0, abs_tol=1e-9 * abs(C)) for v in rest.values()):
+        raise NotRepresentable("a JSD through a mixture plus other statistics of the two distributions", n)
+    return t, s, beta, C, mix.mode, offset
 
 
 def _as_kl(row: RowP, n: fx.Node) -> tuple[Root, Root, float]:
@@ -547,12 +789,29 @@ def pair_kl(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, mo
     reduced as the user's spelling, whose per-element terms are shaped like ``like``: per
     row ("rows"), or summed ("sum"), divided by like.size(0) ("batchmean") or by its
     number of elements ("mean")."""
-    rows_shape = like.shape[:-1]
     V = zs.shape[-1]
     D = torch.ops.ger.distill_fwd(zs.reshape(-1, V), zt.reshape(-1, V), None, f"fwd:{mode}", 0.0, 1.0, 0.0, T,
                                   False, -100, chunk, distill._ops_distill.REV)[0]
     if coef != 1.0:
         D = D * coef
+    return _rows_out(D, like, how, keepdim, out_dtype)
+
+
+def pair_jsd(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, mode: str, beta: float, coef: float,
+             offset: float, how: str, keepdim: bool, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """c * JSD_beta(p_t || p_s) + offset = c (beta KL(p_t || m) + (1 - beta) KL(p_s || m))
+    + offset per row, m = beta p_t + (1 - beta) p_s (ger::distill_fwd, kind "mix:{mode}"),
+    shaped or reduced as :func:`pair_kl`."""
+    V = zs.shape[-1]
+    D = torch.ops.ger.distill_fwd(zs.reshape(-1, V), zt.reshape(-1, V), None, f"mix:{mode}", beta, coef * beta,
+                                  coef * (1.0 - beta), T, False, -100, chunk, distill._ops_distill.REV)[0]
+    if offset != 0.0:
+        D = D + offset
+    return _rows_out(D, like, how, keepdim, out_dtype)
+
+
+def _rows_out(D: torch.Tensor, like: torch.Tensor, how: str, keepdim: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    rows_shape = like.shape[:-1]
     if how == "rows":
         out = D.reshape(tuple(rows_shape) + ((1,) if keepdim else ()))
     elif how == "sum":
@@ -561,12 +820,14 @@ def pair_kl(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, mo
         out = D.sum() / rows_shape[0]
     elif how == "mean":
         out = D.sum() / like.numel()
+    elif how == "rows_mean":
+        out = D.sum() / D.numel()
     else:
         raise ValueError(f"ger: unknown reduction {how!r}")
     return out.to(out_dtype)
 
 
-GRAPH_FUNCTIONS = (pair_kl,)
+GRAPH_FUNCTIONS = (pair_kl, pair_jsd)
 
 
 def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: set, alias_base) -> bool:
@@ -624,7 +885,7 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
             return refuse(f"{x.name} is written after the loss: the fused op saves it for its backward")
     # the per-element terms' shape (the rows the output keeps): the views between the
     # logits and the terms may differ from the roots' (e.g. log_softmax(z).view(-1, V))
-    xs = _shape(n.args[0])
+    xs = _shape(n.args[0]) if c.rows is None else (*c.rows, _shape(xo)[-1])
     if xs is None:
         return refuse("per-element terms of unknown shape")
     if not shapes.known_equal(_shape(xo), xs) and not all(isinstance(d, int) for d in xs):
@@ -632,13 +893,22 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
     with g.inserting_before(n):
         # shaped as the user's per-element terms: a free view of the logits
         like = xo if shapes.known_equal(_shape(xo), xs) else g.call_method("reshape", (xo, tuple(xs)))
-        new = g.call_function(pair_kl, (xo, xw, like, T_o, c.mode, c.coef, c.how, c.keepdim, _dtype(n), 0))
+        if c.beta is None:
+            new = g.call_function(pair_kl, (xo, xw, like, T_o, c.mode, c.coef, c.how, c.keepdim, _dtype(n), 0))
+        else:
+            new = g.call_function(pair_jsd, (xo, xw, like, T_o, c.mode, c.beta, c.coef, c.offset, c.how, c.keepdim,
+                                             _dtype(n), 0))
     graph.copy_meta(new, n, values=True)
     n.replace_all_uses_with(new)
     g.erase_node(n)
-    ctx.match(PATTERN, [n, new], kl=f"KL(softmax({xw.name}/T) || softmax({xo.name}/T))", mode=c.mode,
-              temperature=T_o, coef=c.coef, reduction=c.how)
-    dead = set(c.visited)
+    if c.beta is None:
+        ctx.match(PATTERN, [n, new], kl=f"KL(softmax({xw.name}/T) || softmax({xo.name}/T))", mode=c.mode,
+                  temperature=T_o, coef=c.coef, reduction=c.how)
+    else:
+        ctx.match(PATTERN_JSD, [n, new], jsd=f"{c.beta:g} KL(p_{xw.name} || m) + {1.0 - c.beta:g} KL(p_{xo.name} || m), "
+                  f"m = {c.beta:g} p_{xw.name} + {1.0 - c.beta:g} p_{xo.name}, p = softmax(logits / T)", beta=c.beta,
+                  mode=c.mode, temperature=T_o, coef=c.coef, offset=c.offset, reduction=c.how)
+    dead = set(c.visited) | set(c.consts)
     for root, x in ((c.o, xo), (c.w, xw)):  # the temperature and upcast nodes between (one tensor input each)
         m = root.base
         while isinstance(m, fx.Node) and m is not x:

@@ -41,7 +41,18 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     ev = Evaluator()
     cands: list[Candidate] = []
     pair_cands: list[pairs.PairCandidate] = []
+    pair_refusals: list = []  # (candidate node, node, reason): reported unless a larger candidate covers it
+    per_row: set = set()  # reductions over the classes, and combinations of them
     for n in list(gm.graph.nodes):
+        if _is(n, SUM | MEAN) and _arg(n, 1, "dim") is not None:
+            per_row.add(n)
+        elif _is(n, pairs.ROW_OPS) and any(a in per_row for a in n.all_input_nodes):
+            per_row.add(n)  # a KL or JSD split over several sums: (p_t lp_t).sum(-1) - (p_t lp_s).sum(-1)
+            if len(_softmax_roots(ev, n.all_input_nodes)) > 1:
+                try:
+                    pair_cands.append(pairs.classify_pair(ev, n))
+                except NotRepresentable:
+                    pass  # the reductions it combines are judged themselves
         try:
             c = classify(ev, n, guard=ctx.guard)
             if c is None and _is(n, SUM | MEAN) and _two_roots(ev, n):
@@ -57,7 +68,7 @@ def run(gm: fx.GraphModule, ctx) -> bool:
                     continue
                 except NotRepresentable as pe:
                     reason = pe.reason if TWO_DISTRIBUTIONS_HINT in pe.reason else pe.reason + TWO_DISTRIBUTIONS_HINT
-                    ctx.near_miss(pairs.PATTERN, pe.node or n, reason)
+                    pair_refusals.append((n, pe.node or n, reason))
                     continue
             ctx.near_miss("loss_statistic", e.node or n, e.reason)
             continue
@@ -67,8 +78,12 @@ def run(gm: fx.GraphModule, ctx) -> bool:
                 ctx.near_miss("loss_statistic", n, f"left to run eagerly: {eager}")
                 continue
             cands.append(c)
+    # a two-distribution candidate takes the single-root terms inside it (sum p_t log p_t of a KL)
+    covered = set().union(*(pc.visited | {pc.node} for pc in pair_cands)) if pair_cands else set()
     groups: dict[Root, list[Candidate]] = {}
     for c in cands:
+        if c.node in covered:
+            continue
         groups.setdefault(_group_key(c.root), []).append(c)
     for root, group in groups.items():
         plan = _plan(ev, root, group, ctx)
@@ -77,11 +92,14 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         if plan is not None and _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
             changed = True
+    for n, at, reason in pair_refusals:
+        if n not in covered:  # e.g. KL(p_t||m) alone, inside a JSD found whole at a later node
+            ctx.near_miss(pairs.PATTERN, at, reason)
     if pair_cands:
         out = next(n for n in gm.graph.nodes if n.op == "output")
         returned = {alias_base(a) for a in _compat.tree_leaves(out.args[0]) if isinstance(a, fx.Node)}
         alive = set(gm.graph.nodes)
-        for pc in pair_cands:
+        for pc in reversed(pair_cands):  # the outermost first: a mean of per-row KLs folds the mean in
             if pc.node in alive and pc.visited <= alive:
                 changed |= pairs.rewrite(gm, ev, pc, ctx, returned, alias_base)
                 alive = set(gm.graph.nodes)
