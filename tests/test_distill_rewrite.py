@@ -87,6 +87,11 @@ def entropy_form_kl(s, t, y):
     return torch.sum(pt * lpt - pt * lps, dim=-1).mean()
 
 
+def two_temperatures(s, t, y):
+    """Each side scaled differently: the op reads the scaled logits (T = 1)."""
+    return F.kl_div(F.log_softmax(s / 2.0, -1), F.log_softmax(t / 3.0, -1), log_target=True, reduction="batchmean")
+
+
 def kl_split_over_two_sums(s, t, y):
     """KL(p_t || p_s) as two reductions over the classes, subtracted per token, then a mean."""
     lps, lpt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
@@ -135,6 +140,7 @@ RECOGNISED = {
     "entropy_form_kl": (entropy_form_kl, "ieee", True),
     "viewed_after_log_softmax": (viewed_after_log_softmax, "ieee", True),
     "kl_split_over_two_sums": (kl_split_over_two_sums, "ieee", True),
+    "two_temperatures": (two_temperatures, "ieee", True),
 }
 #: JSD_beta through a mixture: name -> (function, mode, beta of the first logits' distribution)
 RECOGNISED_JSD = {
@@ -254,10 +260,6 @@ def soft_target_ce(s, t, y):
     return -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean()
 
 
-def two_temperatures(s, t, y):
-    return F.kl_div(F.log_softmax(s / 2.0, -1), F.log_softmax(t / 3.0, -1), log_target=True, reduction="batchmean")
-
-
 def kl_to_mixture_alone(s, t, y):
     """KL(p_t || m) by itself: its gradient is not the JSD's (m depends on the student)."""
     lps, lpt = F.log_softmax(s, -1), F.log_softmax(t, -1)
@@ -296,7 +298,6 @@ def intermediates_reused(s, t, y):
 
 NEAR_MISSES = {
     "soft_target_ce": (soft_target_ce, "entropy of one distribution", False),
-    "two_temperatures": (two_temperatures, "two temperatures", False),
     "kl_to_mixture_alone": (kl_to_mixture_alone, "not in the mixture's proportions", False),
     "jsd_plus_teacher_entropy": (jsd_plus_teacher_entropy, "JSD through a mixture plus other", False),
     "jsd_with_probability_targets": (jsd_with_probability_targets, "xlogy", False),

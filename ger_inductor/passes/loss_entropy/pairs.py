@@ -841,10 +841,10 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
 
     try:
         (xo, T_o), (xw, T_w) = peel(c.o), peel(c.w)
-    except NotRepresentable as e:
-        return refuse(e.reason)
-    if T_o != T_w:
-        return refuse(f"two temperatures ({T_w} and {T_o})")
+    except NotRepresentable:
+        T_o, T_w = 0.0, 1.0
+    if T_o != T_w:  # two scales (or one the op cannot divide by): it reads the scaled logits themselves
+        (xo, T_o), (xw, T_w) = (c.o.base, 1.0), (c.w.base, 1.0)
     so, sw = _shape(xo), _shape(xw)
     if so is None or sw is None or not shapes.known_equal(so[-1], sw[-1]):
         return refuse("the two logits tensors have different numbers of classes")
