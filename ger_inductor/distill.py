@@ -247,7 +247,8 @@ def _kl_grad(w: Tensor, lw: Tensor, lo: Tensor, K: Tensor, mode: str) -> Tensor:
     if mode == "ieee":
         return w * (lw - lo - K.unsqueeze(1))
     if mode == "xlogy":  # eagerly NaN where w == 0 (xlogy's gradient log 0); the pass never asks for it
-        raise NotImplementedError("ger: the gradient of the xlogy side of a KL is not formed")
+        raise ValueError("ger: the gradient of the xlogy side of a KL is not formed (eagerly NaN wherever its "
+                         "probability is 0); the loss pass refuses such a site, and the public API never asks")
     return xmul(w, lw - lo - K.unsqueeze(1))
 
 

@@ -337,6 +337,11 @@ def test_op_modes_match_eager_products_eagerly():
     _close(xl, (torch.xlogy(lpt.exp(), lpt.exp()) - lpt.exp() * lps).sum(-1), 1e-5)
     with pytest.raises(ValueError, match="unknown distillation kind"):
         torch.ops.ger.distill_fwd(a, b, None, "fwd:other", 0.0, 1.0, 0.0, 1.0, False, -100, 0, 0)
+    # the gradient of the xlogy side (eagerly NaN wherever its probability is 0) is never formed
+    out = torch.ops.ger.distill_fwd(a, b, None, "fwd:xlogy", 0.0, 1.0, 0.0, 1.0, False, -100, 0, 0)
+    with pytest.raises(ValueError, match="xlogy side"):
+        torch.ops.ger.distill_bwd(torch.ones(a.shape[0]), None, a, b, None, out[2], out[3], out[4], out[5], out[6],
+                                  "fwd:xlogy", 0.0, 1.0, 0.0, 1.0, False, -100, False, True, 0, 0)
 
 
 def test_op_mix_modes_match_eager_spellings_eagerly():
@@ -368,23 +373,27 @@ def test_op_mix_modes_match_eager_spellings_eagerly():
         torch.ops.ger.distill_fwd(a, b, None, "mix:ieee", 0.5, 0.5, 0.5, 1.0, False, -100, 0, 0)
 
 
-def test_jsd_dynamic_sequence_length_compiles_twice():
-    """TRL's JSD on three sequence lengths: at most two graphs (the static first and one
-    dynamic), each rewritten, each with eager's numbers."""
+@pytest.mark.parametrize("name", ["trl_jsd_half", "handwritten_forward_kl_rows"])
+def test_dynamic_sequence_length_compiles_twice(name):
+    """A JSD and a masked per-token KL on three sequence lengths: at most two graphs (the
+    static first and one dynamic), each rewritten, each with eager's numbers."""
     from ger_inductor import _compat
 
+    fn = {**RECOGNISED, **RECOGNISED_JSD}[name][0]
+    pattern = "distill_jsd" if name in RECOGNISED_JSD else "distill_kl"
     torch._dynamo.reset()
     _compat.counters().clear()
-    compiled = torch.compile(trl_jsd_half, backend="ger", options={"strict": True})
+    compiled = torch.compile(fn, backend="ger", options={"strict": True})
     for n_seq in (5, 7, 9):
         g = torch.Generator().manual_seed(n_seq)
         s = (3 * torch.randn(B, n_seq, V, generator=g)).requires_grad_()
         t = 3 * torch.randn(B, n_seq, V, generator=g)
-        got = compiled(s, t, None)
+        y = torch.randint(0, V, (B, n_seq), generator=g)
+        got = compiled(s, t, y)
         s2 = s.detach().clone().requires_grad_()
-        want = trl_jsd_half(s2, t, None)
+        want = fn(s2, t, y)
         _close(got, want)
         _close(_grads(got, [s])[0], _grads(want, [s2])[0])
     assert _compat.counters()["stats"]["unique_graphs"] <= 2
     reps = ger_inductor.reports()
-    assert len([m for r in reps for m in r.matches if m.pattern == "distill_jsd"]) >= 2
+    assert len([m for r in reps for m in r.matches if m.pattern == pattern]) >= 2

@@ -75,7 +75,8 @@ class _Pair:
         """w (lw - lo - K) with the products of ``mode`` (distill._kl_grad)."""
         ops = self.ops
         if mode == "xlogy":
-            raise NotImplementedError("ger: the gradient of the xlogy side of a KL is not formed")
+            raise ValueError("ger: the gradient of the xlogy side of a KL is not formed (eagerly NaN wherever its "
+                             "probability is 0); the loss pass refuses such a site, and the public API never asks")
         d = ops.sub(ops.sub(lw, lo), K)
         return ops.mul(w, d) if mode == "ieee" else self.xmul(w, d)
 
