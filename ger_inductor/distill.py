@@ -213,9 +213,11 @@ def _log_ratios(lpt: Tensor, lps: Tensor, beta: float, mode: str = "") -> tuple[
 #: how a KL kind forms its products p (log p - log q): "" (0 log 0 = 0, the public API),
 #: "ieee" (plain products: NaN and inf where eager's ``exp(lt) * (lt - ls)`` /
 #: ``p * (log_softmax - log_softmax)`` spellings are), "xlogy" (``xlogy(p, p) - p * log q``:
-#: F.kl_div with probabilities as the target). The loss pass's two-distribution rewrite
-#: (passes/loss_entropy/pairs.py) asks for "fwd:ieee", "rev:xlogy", ...
-KL_MODES = ("", "ieee", "xlogy")
+#: F.kl_div with probabilities as the target), "ce" (the cross-entropy with soft targets
+#: ``-(p * log q).sum(-1)`` = KL + H(p) instead of the KL, plain products; the gradient of
+#: the q side is the KL's). The loss pass's two-distribution rewrite
+#: (passes/loss_entropy/pairs.py) asks for "fwd:ieee", "rev:xlogy", "fwd:ce", ...
+KL_MODES = ("", "ieee", "xlogy", "ce")
 #: how the "mix" kind forms log m and its products: "" (by beta, 0 log 0 = 0, the public
 #: API), "lse" (log m from the log-probabilities, ``logsumexp(stack([lps + log(1 - b),
 #: lpt + log b]))`` as TRL's GKD trainer, plain products), "pm" (m from the probabilities,
@@ -234,7 +236,10 @@ def split_kind(kind: str) -> tuple[str, str]:
 
 
 def _kl_rows(w: Tensor, lw: Tensor, lo: Tensor, mode: str) -> Tensor:
-    """sum_j w_j (lw_j - lo_j) per row, w = exp(lw), with the products of ``mode``."""
+    """sum_j w_j (lw_j - lo_j) per row, w = exp(lw), with the products of ``mode`` ("ce":
+    -sum_j w_j lo_j)."""
+    if mode == "ce":
+        return (-(w * lo)).sum(1)
     if mode == "ieee":
         return (w * (lw - lo)).sum(1)
     if mode == "xlogy":
@@ -243,7 +248,10 @@ def _kl_rows(w: Tensor, lw: Tensor, lo: Tensor, mode: str) -> Tensor:
 
 
 def _kl_grad(w: Tensor, lw: Tensor, lo: Tensor, K: Tensor, mode: str) -> Tensor:
-    """d KL / d(logits of the w side) = w (lw - lo - K), with the products of ``mode``."""
+    """d KL / d(logits of the w side) = w (lw - lo - K), with the products of ``mode``
+    ("ce": w (-lo - K), K the soft cross-entropy)."""
+    if mode == "ce":
+        return w * (-lo - K.unsqueeze(1))
     if mode == "ieee":
         return w * (lw - lo - K.unsqueeze(1))
     if mode == "xlogy":  # eagerly NaN where w == 0 (xlogy's gradient log 0); the pass never asks for it

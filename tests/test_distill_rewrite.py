@@ -87,6 +87,18 @@ def entropy_form_kl(s, t, y):
     return torch.sum(pt * lpt - pt * lps, dim=-1).mean()
 
 
+def soft_target_ce(s, t, y):
+    """-sum p_t log p_s: KL plus the teacher's entropy (the cross-entropy with soft targets)."""
+    return -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean()
+
+
+def tinybert_soft_ce(s, t, y):
+    """TinyBERT's soft_cross_entropy: (- targets_prob * student_likelihood).mean()."""
+    student_likelihood = F.log_softmax(s / T, dim=-1)
+    targets_prob = F.softmax(t / T, dim=-1)
+    return (- targets_prob * student_likelihood).mean()
+
+
 def two_temperatures(s, t, y):
     """Each side scaled differently: the op reads the scaled logits (T = 1)."""
     return F.kl_div(F.log_softmax(s / 2.0, -1), F.log_softmax(t / 3.0, -1), log_target=True, reduction="batchmean")
@@ -141,6 +153,8 @@ RECOGNISED = {
     "viewed_after_log_softmax": (viewed_after_log_softmax, "ieee", True),
     "kl_split_over_two_sums": (kl_split_over_two_sums, "ieee", True),
     "two_temperatures": (two_temperatures, "ieee", True),
+    "soft_target_ce": (soft_target_ce, "ce", True),
+    "tinybert_soft_ce": (tinybert_soft_ce, "ce", True),
 }
 #: JSD_beta through a mixture: name -> (function, mode, beta of the first logits' distribution)
 RECOGNISED_JSD = {
@@ -255,9 +269,10 @@ def test_bf16_logits_upcast_first():
 
 
 # ----------------------------------------------------------------------------- near-misses
-def soft_target_ce(s, t, y):
-    """-sum p_t log p_s: KL plus the teacher's entropy."""
-    return -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean()
+def kl_plus_half_entropy(s, t, y):
+    lps, lpt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    pt = lpt.exp()
+    return (pt * (lpt - lps) - 0.5 * pt * lpt).sum(-1).mean()
 
 
 def kl_to_mixture_alone(s, t, y):
@@ -297,7 +312,7 @@ def intermediates_reused(s, t, y):
 
 
 NEAR_MISSES = {
-    "soft_target_ce": (soft_target_ce, "entropy of one distribution", False),
+    "kl_plus_half_entropy": (kl_plus_half_entropy, "neither the KL", False),
     "kl_to_mixture_alone": (kl_to_mixture_alone, "not in the mixture's proportions", False),
     "jsd_plus_teacher_entropy": (jsd_plus_teacher_entropy, "JSD through a mixture plus other", False),
     "jsd_with_probability_targets": (jsd_with_probability_targets, "xlogy", False),

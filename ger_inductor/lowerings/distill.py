@@ -65,6 +65,8 @@ class _Pair:
     def kl_term(self, w, lw, lo, mode: str):
         """w (lw - lo) with the products of ``mode`` (distill._kl_rows)."""
         ops = self.ops
+        if mode == "ce":
+            return ops.neg(ops.mul(w, lo))
         if mode == "ieee":
             return ops.mul(w, ops.sub(lw, lo))
         if mode == "xlogy":
@@ -77,6 +79,8 @@ class _Pair:
         if mode == "xlogy":
             raise ValueError("ger: the gradient of the xlogy side of a KL is not formed (eagerly NaN wherever its "
                              "probability is 0); the loss pass refuses such a site, and the public API never asks")
+        if mode == "ce":
+            return ops.mul(w, ops.sub(ops.neg(lo), K))
         d = ops.sub(ops.sub(lw, lo), K)
         return ops.mul(w, d) if mode == "ieee" else self.xmul(w, d)
 

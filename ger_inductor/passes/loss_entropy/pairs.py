@@ -679,11 +679,15 @@ def _candidate(pe: PairEvaluator, n: fx.Node, row: RowP, how: str, keepdim: bool
         if _dtype(n) not in MATH_DTYPES:
             raise NotRepresentable(f"a two-distribution term computed in {_dtype(n)}", n)
         return PairCandidate(n, w, o, coef, mode, how, keepdim, set(pe.visited) - {n}, beta, consts, offset, rows)
-    w, o, coef = _as_kl(row, n)
+    w, o, coef, soft = _as_kl(row, n)
     forms = set()
     for r, f in _forms_of(pe, n).items():
         if r == w:
             forms |= f
+    if soft:  # -sum p_w log p_o: no p_w log p_w product in the user's expression
+        if forms:
+            raise NotRepresentable("a cross-entropy with soft targets whose p log p terms cancel", n)
+        forms = {"ce"}
     if len(forms) != 1:
         raise NotRepresentable("p log p formed two ways (a plain product and xlogy) in one KL", n)
     mode = forms.pop()
@@ -740,8 +744,10 @@ def _as_jsd(row: RowP, n: fx.Node) -> tuple[Root, Root, float, float, str, float
     return t, s, beta, C, mix.mode, offset
 
 
-def _as_kl(row: RowP, n: fx.Node) -> tuple[Root, Root, float]:
-    """(w, o, c) with row = c KL(p_w || p_o), or NotRepresentable naming the remainder."""
+def _as_kl(row: RowP, n: fx.Node) -> tuple[Root, Root, float, bool]:
+    """(w, o, c, soft) with row = c KL(p_w || p_o), or (soft) c CE(p_w, p_o) = c (KL(p_w ||
+    p_o) + H(p_w)) = c (L_o - E_w[z_o]), the cross-entropy with soft targets; else
+    NotRepresentable naming the remainder."""
     cross = [k for k in row.coefs if k[0] == "E" and k[1] != k[2]]
     if len(cross) != 1:
         raise NotRepresentable("a combination of two distributions' statistics that is not one KL divergence"
@@ -752,12 +758,16 @@ def _as_kl(row: RowP, n: fx.Node) -> tuple[Root, Root, float]:
     rest = dict(row.coefs)
     for k, v in want.items():
         rest[k] = rest.get(k, 0.0) - v
-    rest = {k: v for k, v in rest.items() if not math.isclose(v, 0.0, abs_tol=1e-12 * max(1.0, abs(c)))}
+    tol = 1e-12 * max(1.0, abs(c))
+    rest = {k: v for k, v in rest.items() if not math.isclose(v, 0.0, abs_tol=tol)}
     if not rest:
-        return w, o, c
+        return w, o, c, False
+    if set(rest) == {("E", w, w), ("L", w)} and math.isclose(rest[("E", w, w)], -c, abs_tol=tol) and \
+            math.isclose(rest[("L", w)], c, abs_tol=tol):
+        return w, o, c, True  # KL + H(p_w): -sum p_w log p_o
     if set(rest) <= {("E", w, w), ("L", w)} and math.isclose(rest.get(("E", w, w), 0.0), -rest.get(("L", w), 0.0)):
-        raise NotRepresentable("KL plus the entropy of one distribution (a cross-entropy with soft targets, "
-                               "-sum p_t log p_s = KL(p_t||p_s) + H(p_t)): only the KL itself is rewritten", n)
+        raise NotRepresentable("KL plus a multiple of the entropy of one distribution that is neither the KL "
+                               "(0) nor the cross-entropy with soft targets (1)", n)
     raise NotRepresentable("a KL divergence plus other statistics of the two distributions", n)
 
 
