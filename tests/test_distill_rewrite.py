@@ -249,14 +249,16 @@ def test_recognised_jsd_spelling(name, tmp_path):
     FileCheck().check("pair_jsd").check_not("pair_kl").run(code)
 
 
-def test_bf16_logits_upcast_first():
+def _kl_upcast(s, t, y):
+    lps = F.log_softmax(s.float() / T, dim=-1)
+    lpt = F.log_softmax(t.float() / T, dim=-1)
+    return F.kl_div(lps, lpt, log_target=True, reduction="batchmean")
+
+
+@pytest.mark.parametrize("fn,pattern", [(_kl_upcast, "distill_kl"), (liger_rows_jsd, "distill_jsd")])
+def test_bf16_logits_upcast_first(fn, pattern):
     """Logits in bf16, upcast before the temperature: the op reads the bf16 logits and
     does the math in float32, as eager's spelling."""
-    def fn(s, t, y):
-        lps = F.log_softmax(s.float() / T, dim=-1)
-        lpt = F.log_softmax(t.float() / T, dim=-1)
-        return F.kl_div(lps, lpt, log_target=True, reduction="batchmean")
-
     torch._dynamo.reset()
     s, t, y = _inputs("random", dtype=torch.bfloat16)
     s.requires_grad_()
@@ -265,7 +267,7 @@ def test_bf16_logits_upcast_first():
     want = fn(s2, t, y)
     _close(got, want, 1e-5)
     _close(_grads(got, [s])[0].float(), _grads(want, [s2])[0].float(), 1e-2)
-    assert [m for m in ger_inductor.last_report().matches if m.pattern == "distill_kl"]
+    assert [m for m in ger_inductor.last_report().matches if m.pattern == pattern]
 
 
 # ----------------------------------------------------------------------------- near-misses
