@@ -414,3 +414,34 @@ def test_dynamic_sequence_length_compiles_twice(name):
     assert _compat.counters()["stats"]["unique_graphs"] <= 2
     reps = ger_inductor.reports()
     assert len([m for r in reps for m in r.matches if m.pattern == pattern]) >= 2
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fwd:ieee", "fwd:xlogy", "rev:ce"])
+def test_kl_one_sweep_lowering_across_the_underflow_band(kind):
+    """The KL kinds' lowering sums on shifted logits (e = exp(x - max)) and judges the
+    classes whose o logit is -inf afterwards: where p_w underflows to 0 but e_w does not,
+    the row is NaN (p * inf) or finite ("": 0 * inf = 0) exactly as the eager kernel.
+    The w logits there sweep across the underflow threshold (95..114 below the max, T = 1)."""
+    from ger_inductor.ops import distill as od
+
+    g = torch.Generator().manual_seed(0)
+    R, n_cls = 64, 50
+    zo, zw = 3 * torch.randn(R, n_cls, generator=g), 3 * torch.randn(R, n_cls, generator=g)
+    for r in range(R):
+        k = r % 7
+        zo[r, :k] = -math.inf
+        zw[r, :k] = zw[r].max() - 95 - r * 0.3
+        if r % 5 == 0:
+            zw[r, 3] = -math.inf
+        if r % 11 == 0:
+            zo[r, 10] = zw[r, 10] = -math.inf
+    a, b = (zo, zw) if kind.startswith("fwd") else (zw, zo)
+    args = (None, kind, 0.0, 1.0, 0.0, 1.0, False, -100, 0, od.REV)
+    want = torch.ops.ger.distill_fwd(a, b, *args)
+    torch._dynamo.reset()
+    got = torch.compile(lambda x, y: torch.ops.ger.distill_fwd(x, y, *args), backend="inductor")(a, b)
+    for i in (0, 2, 3, 5, 6):  # D, Ls, Lt, kt, ks
+        assert torch.equal(got[i].isnan(), want[i].isnan()) and torch.equal(got[i].isinf(), want[i].isinf()), i
+        fin = want[i].isfinite()
+        _close(got[i][fin], want[i][fin], 1e-4)
+    assert want[0].isinf().any() and (kind == "fwd" or want[0].isnan().any())

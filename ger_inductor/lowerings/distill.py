@@ -7,8 +7,9 @@ Forward, per row pair (z_s, z_t), a = z_s / T, b = z_t / T:
 
     loop 1   Ms = max a, Mt = max b (M1 = max z_s for the CE at T != 1)
     loop 2   Ss = sum e^(a - Ms), St = sum e^(b - Mt) (S1)        Ls = Ms + log Ss, Lt = ...
-    loop 3   kt, ks: sum p_t (log p_t - log p_s) (fwd), sum p_s (log p_s - log p_t) (rev),
-             or sum p_t log(p_t/m), sum p_s log(p_s/m) (mix: ``distill._log_ratios``, one
+             fwd / rev: in the same loop the KL's sum on the shifted logits
+             (``_Pair.kl_one_sweep``: no loop 3, one exponential per element fewer)
+    loop 3   mix: sum p_t log(p_t/m), sum p_s log(p_s/m) (``distill._log_ratios``, one
              log per element for beta in [0.25, 0.75], two logaddexp nearer the ends),
              with p = e^(log p), 0 where p == 0 (plain products, and for mix a fixed form,
              in the modes that copy a user's spelling: distill.KL_MODES / MIX_MODES)
@@ -72,6 +73,72 @@ class _Pair:
         if mode == "xlogy":
             return ops.sub(self.xmul(w, lw), ops.mul(w, lo))
         return self.xmul(w, ops.sub(lw, lo))
+
+    def kl_one_sweep(self, kind: str, mode: str):
+        """(Ls, Lt, K) loaders for the KL kinds: after the two row maxima, ONE sweep over
+        the row pair forms both sums of exponentials and the KL's own sum on shifted
+        logits z' = x - max x, e = exp(z'_w):
+
+            KL(p_w || p_o) = X / S_w + log S_o - log S_w      X = sum_j e_w,j (z'_w,j - z'_o,j)
+
+        (with the products of ``mode``: distill._kl_rows; "ce" has no - log S_w). One
+        exponential per element and one sweep fewer than the KL's sum on log-probabilities
+        after the log-sum-exps. Eager's NaN / inf exactly: p_w = exp(z'_w - log S_w) may be
+        0 where e_w is not, which decides a class whose o logit is -inf (p * inf: +inf, or
+        NaN at p = 0; "": 0 at p = 0). Those classes are left out of X and judged after the
+        sweep from the smallest / largest z'_w among them (p is monotone in z'_w), as
+        log_softmax forms p: (x - max) - log S."""
+        ops = self.ops
+        Ms, Mt = self.reduction(self.a, "max"), self.reduction(self.b, "max")
+
+        def sa(r, j):
+            return ops.sub(self.a(r, j), Ms([r]))
+
+        def sb(r, j):
+            return ops.sub(self.b(r, j), Mt([r]))
+
+        w_, o_ = (sb, sa) if kind == "fwd" else (sa, sb)
+        ninf = lambda: self.const(-math.inf)  # noqa: E731  (constants inside each inner function)
+        pinf = lambda: self.const(math.inf)  # noqa: E731
+
+        def special(r, j):  # the o logit is -inf, the w logit is not
+            return ops.and_(ops.eq(o_(r, j), ninf()), ops.ne(w_(r, j), ninf()))
+
+        Ss = self.reduction(lambda r, j: ops.exp(sa(r, j)), "sum")
+        St = self.reduction(lambda r, j: ops.exp(sb(r, j)), "sum")
+        X = self.reduction(lambda r, j: ops.where(special(r, j), self.const(0.0),
+                                                  self.kl_shifted(ops.exp(w_(r, j)), w_(r, j), o_(r, j), mode)), "sum")
+        Wlo = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), pinf()), "min")
+        Whi = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), ninf()), "max")
+        Sw, So = (St, Ss) if kind == "fwd" else (Ss, St)
+
+        def K(idx):
+            log_sw = ops.log(Sw(idx))
+            out = ops.add(ops.truediv(X(idx), Sw(idx)), ops.log(So(idx)))
+            if mode != "ce":
+                out = ops.sub(out, log_sw)
+            zero = self.const(0.0)
+            any_special = ops.ne(Whi(idx), ninf())
+            if mode == "":  # 0 * inf = 0 (xmul): +inf once one such p is > 0
+                extra = ops.where(ops.gt(ops.exp(ops.sub(Whi(idx), log_sw)), zero), pinf(), zero)
+            else:  # p * inf: NaN once one such p is 0, else +inf
+                extra = ops.where(ops.eq(ops.exp(ops.sub(Wlo(idx), log_sw)), zero), self.const(math.nan), pinf())
+            return ops.add(out, ops.where(any_special, extra, zero))
+
+        Ls = lambda idx: ops.add(Ms(idx), ops.log(Ss(idx)))  # noqa: E731
+        Lt = lambda idx: ops.add(Mt(idx), ops.log(St(idx)))  # noqa: E731
+        return Ls, Lt, K
+
+    def kl_shifted(self, e, zw, zo, mode: str):
+        """The KL's summand on shifted logits (``kl_one_sweep``), products of ``mode``."""
+        ops = self.ops
+        if mode == "ce":
+            return ops.neg(ops.mul(e, zo))
+        if mode == "ieee":
+            return ops.mul(e, ops.sub(zw, zo))
+        if mode == "xlogy":
+            return ops.sub(self.xmul(e, zw), ops.mul(e, zo))
+        return self.xmul(e, ops.sub(zw, zo))
 
     def kl_grad(self, w, lw, lo, K, mode: str):
         """w (lw - lo - K) with the products of ``mode`` (distill._kl_grad)."""
@@ -153,25 +220,22 @@ def _register() -> None:
         P = _Pair(zs, zt, y, T)
         ops = P.ops
         kind, mode = split_kind(kind)
-        Ls = P.lse(P.a)
-        Lt = P.lse(P.b)
+        kt = ks = None
+        if kind in ("fwd", "rev"):
+            Ls, Lt, K = P.kl_one_sweep(kind, mode)
+            if kind == "fwd":
+                kt = K
+            else:
+                ks = K
+        else:
+            Ls = P.lse(P.a)
+            Lt = P.lse(P.b)
         Ls1 = (P.lse(P.zs) if P.T != 1.0 else Ls) if hard else None
 
         def logs(r, j):
             return ops.sub(P.a(r, j), Ls([r])), ops.sub(P.b(r, j), Lt([r]))
 
-        kt = ks = None
-        if kind == "fwd":
-            def kt_fn(r, j):
-                lps, lpt = logs(r, j)
-                return P.kl_term(ops.exp(lpt), lpt, lps, mode)
-            kt = P.reduction(kt_fn, "sum")
-        elif kind == "rev":
-            def ks_fn(r, j):
-                lps, lpt = logs(r, j)
-                return P.kl_term(ops.exp(lps), lps, lpt, mode)
-            ks = P.reduction(ks_fn, "sum")
-        else:
+        if kind == "mix":
             def both(r, j):
                 lps, lpt = logs(r, j)
                 ps, pt = ops.exp(lps), ops.exp(lpt)
