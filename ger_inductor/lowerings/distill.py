@@ -64,7 +64,8 @@ class _Pair:
         return self.xmul(w, x) if mode == "" else self.ops.mul(w, x)
 
     def kl_term(self, w, lw, lo, mode: str):
-        """w (lw - lo) with the products of ``mode`` (distill._kl_rows)."""
+        """w (lw - lo) with the products of ``mode`` (distill._kl_rows); also on shifted
+        logits, w = e^(lw) unnormalised (``kl_one_sweep``)."""
         ops = self.ops
         if mode == "ce":
             return ops.neg(ops.mul(w, lo))
@@ -107,7 +108,7 @@ class _Pair:
         Ss = self.reduction(lambda r, j: ops.exp(sa(r, j)), "sum")
         St = self.reduction(lambda r, j: ops.exp(sb(r, j)), "sum")
         X = self.reduction(lambda r, j: ops.where(special(r, j), self.const(0.0),
-                                                  self.kl_shifted(ops.exp(w_(r, j)), w_(r, j), o_(r, j), mode)), "sum")
+                                                  self.kl_term(ops.exp(w_(r, j)), w_(r, j), o_(r, j), mode)), "sum")
         Wlo = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), pinf()), "min")
         Whi = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), ninf()), "max")
         Sw, So = (St, Ss) if kind == "fwd" else (Ss, St)
@@ -128,17 +129,6 @@ class _Pair:
         Ls = lambda idx: ops.add(Ms(idx), ops.log(Ss(idx)))  # noqa: E731
         Lt = lambda idx: ops.add(Mt(idx), ops.log(St(idx)))  # noqa: E731
         return Ls, Lt, K
-
-    def kl_shifted(self, e, zw, zo, mode: str):
-        """The KL's summand on shifted logits (``kl_one_sweep``), products of ``mode``."""
-        ops = self.ops
-        if mode == "ce":
-            return ops.neg(ops.mul(e, zo))
-        if mode == "ieee":
-            return ops.mul(e, ops.sub(zw, zo))
-        if mode == "xlogy":
-            return ops.sub(self.xmul(e, zw), ops.mul(e, zo))
-        return self.xmul(e, ops.sub(zw, zo))
 
     def kl_grad(self, w, lw, lo, K, mode: str):
         """w (lw - lo - K) with the products of ``mode`` (distill._kl_grad)."""
