@@ -196,6 +196,10 @@ def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
         raise NotRepresentable("loss arguments that are not constants", n)
     tdt = _dtype(target)
     if tdt is None or tdt.is_floating_point:
+        if not nll and isinstance(target, fx.Node) and _softmax_roots(ev, [target]):
+            # the softmax of another logits tensor: the two-distribution pass (pairs.py)
+            raise NotRepresentable("a cross-entropy whose soft targets are the probabilities of another logits "
+                                   "tensor" + TWO_DISTRIBUTIONS_HINT, n)
         raise NotRepresentable("soft targets (class probabilities) are not a smoothing of one-hot targets", n)
     if tdt not in losses.TARGET_DTYPES:  # eager raises "expected target dtype to be Long or Byte"
         raise NotRepresentable(f"{tdt} targets: F.cross_entropy takes int64 or uint8 class indices (eagerly an error)", n)

@@ -41,7 +41,7 @@ from ..graph import (
     shape as _shape, target_of as _target_of, val as _val,
 )
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, Row, Vocab
-from .evaluate import ADD, DIV, EXP, KL, LOG, LOGSUMEXP, MEAN, MUL, NEG, SUB, SUM, Evaluator, class_dim_ok
+from .evaluate import CE, ADD, DIV, EXP, KL, LOG, LOGSUMEXP, MEAN, MUL, NEG, SUB, SUM, Evaluator, class_dim_ok
 
 PATTERN = "distill_kl"
 #: the report's pattern of a JSD_beta through a mixture (the near-misses stay PATTERN's)
@@ -624,6 +624,8 @@ def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
             return _candidate(pe, n, row, how, keepdim, rows)
         except NotRepresentable as err:
             raise NotACandidate(err.reason, n) from None
+    if t in CE:  # F.cross_entropy(z_o, softmax(z_w)): -sum p_w log_softmax(z_o), as ATen forms it
+        return _candidate(pe, n, *_soft_target_ce(pe, n))
     if t in KL:
         reduction = _arg(n, 4, "reduction", "mean")
         if _arg(n, 2, "size_average") is not None or _arg(n, 3, "reduce") is not None:
@@ -666,6 +668,36 @@ def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
     else:
         raise NotRepresentable("not a reduction over the classes", n)
     return _candidate(pe, n, row, how, keepdim, rows)
+
+
+def _soft_target_ce(pe: PairEvaluator, n: fx.Node):
+    """(row, how, keepdim, rows) of F.cross_entropy with the probabilities of another
+    logits tensor as its target (no weight, no label smoothing, classes last): ATen's
+    ``-(log_softmax(input) * target).sum(-1)``, plain products, 'mean' over the rows."""
+    x, target = n.args[0], _arg(n, 1, "target")
+    if _arg(n, 2, "weight") is not None or _arg(n, 3, "size_average") is not None or \
+            _arg(n, 5, "reduce") is not None or _arg(n, 7, "label_smoothing", 0.0) != 0.0:
+        raise NotRepresentable("a cross-entropy with soft targets and class weights or label smoothing", n)
+    reduction = _arg(n, 6, "reduction", "mean")
+    shp = _shape(x)
+    if shp is None or len(shp) != 2 or reduction not in ("mean", "sum", "none"):
+        raise NotRepresentable("a cross-entropy with soft targets whose classes are not the last of two "
+                               "dimensions", n)
+    try:
+        z = pe.value(x)
+    except NotRepresentable:
+        z = pe._raw(x)
+    p = pe.value(target)
+    wc = _is_prob(p) if isinstance(p, Elem) else None
+    zr = [k for k in z.lin if k[0] == "z"] if isinstance(z, Elem) and not z.prod else []
+    if wc is None or wc[1] != 1.0 or len(zr) != 1 or z.lin != {zr[0]: 1.0} or \
+            not shapes.known_equal(_shape(target), shp):
+        raise NotRepresentable("a cross-entropy whose input is not logits or whose target is not a softmax", n)
+    o = zr[0][1]
+    lps = Elem({("z", o): 1.0, ("one",): RowP({("L", o): -1.0})}, {}, {})
+    row = pe.reduce(pe._p_times(wc[0], -1.0, lps), shp[-1], False, False)
+    how = {"mean": "rows_mean", "sum": "sum", "none": "rows"}[reduction]
+    return row, how, False, tuple(shp[:-1])
 
 
 def _candidate(pe: PairEvaluator, n: fx.Node, row: RowP, how: str, keepdim: bool, rows) -> PairCandidate:
