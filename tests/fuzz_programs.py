@@ -33,7 +33,7 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          "rows_masked_inplace", "rows_masked_late", "hf_label_smoother", "rows_view_written",
          # two distributions: the logits and a "teacher" computed from the input (its
          # gradient flows back into it): KL / JSD spellings of the trainers
-         "kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce")
+         "kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -98,10 +98,12 @@ def _pair_term(kind: str, q, t):
         return ds.trl_generalized_jsd_loss(q, t, beta=0.3)
     if kind == "soft_ce":
         return -(F.softmax(t / 2.0, -1) * F.log_softmax(q / 2.0, -1)).sum(-1).mean()
+    if kind == "ce_teacher_probs":
+        return F.cross_entropy(q, F.softmax(t, -1))
     return ds.liger_jsd_rows(F.log_softmax(q, -1), F.log_softmax(t, -1), 0.5).mean()
 
 
-PAIR_TERMS = ("kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce")
+PAIR_TERMS = ("kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs")
 
 
 def _term(kind: str, q, y, w, ignore: int, t=None):

@@ -333,6 +333,9 @@ class PairEvaluator:
         for x, v in ((a, va), (b, vb)):
             if isinstance(v, Elem) and not shapes.known_equal(_shape(x), _shape(n)):
                 raise NotRepresentable("a two-distribution term broadcast over the rows", n)
+            if isinstance(v, RowP) and not isinstance(va if v is vb else vb, Elem) and \
+                    not shapes.known_equal(_shape(x), _shape(n)):
+                raise NotRepresentable("per-row values of different rows combined (broadcast)", n)
         return va, vb
 
     def const(self, n) -> float | None:
@@ -890,6 +893,8 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
     so, sw = _shape(xo), _shape(xw)
     if so is None or sw is None or not shapes.known_equal(so[-1], sw[-1]):
         return refuse("the two logits tensors have different numbers of classes")
+    if not shapes.known_equal(math.prod(so[:-1]), math.prod(sw[:-1])):
+        return refuse("the two logits tensors have different numbers of rows")
     if _dtype(xo) not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) or _dtype(xw) not in (
             torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return refuse("logits that are not floating point")
