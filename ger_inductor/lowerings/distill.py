@@ -109,8 +109,12 @@ class _Pair:
         St = self.reduction(lambda r, j: ops.exp(sb(r, j)), "sum")
         X = self.reduction(lambda r, j: ops.where(special(r, j), self.const(0.0),
                                                   self.kl_term(ops.exp(w_(r, j)), w_(r, j), o_(r, j), mode)), "sum")
-        Wlo = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), pinf()), "min")
-        Whi = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), ninf()), "max")
+        # "": the largest such w logit decides (0 * inf = 0: +inf once one p > 0); the
+        # others: the smallest (p * inf: NaN once one p is 0). No such class: -inf / +inf.
+        if mode == "":
+            W = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), ninf()), "max")
+        else:
+            W = self.reduction(lambda r, j: ops.where(special(r, j), w_(r, j), pinf()), "min")
         Sw, So = (St, Ss) if kind == "fwd" else (Ss, St)
 
         def K(idx):
@@ -119,11 +123,12 @@ class _Pair:
             if mode != "ce":
                 out = ops.sub(out, log_sw)
             zero = self.const(0.0)
-            any_special = ops.ne(Whi(idx), ninf())
             if mode == "":  # 0 * inf = 0 (xmul): +inf once one such p is > 0
-                extra = ops.where(ops.gt(ops.exp(ops.sub(Whi(idx), log_sw)), zero), pinf(), zero)
+                any_special = ops.ne(W(idx), ninf())
+                extra = ops.where(ops.gt(ops.exp(ops.sub(W(idx), log_sw)), zero), pinf(), zero)
             else:  # p * inf: NaN once one such p is 0, else +inf
-                extra = ops.where(ops.eq(ops.exp(ops.sub(Wlo(idx), log_sw)), zero), self.const(math.nan), pinf())
+                any_special = ops.ne(W(idx), pinf())
+                extra = ops.where(ops.eq(ops.exp(ops.sub(W(idx), log_sw)), zero), self.const(math.nan), pinf())
             return ops.add(out, ops.where(any_special, extra, zero))
 
         Ls = lambda idx: ops.add(Ms(idx), ops.log(Ss(idx)))  # noqa: E731
