@@ -357,6 +357,9 @@ def test_inductor_lowering_equals_eager_op(beta, T, hw, dtype, teacher_grad):
     FileCheck().check_not("ger.distill").run(fwd)
     FileCheck().check_not("ger.distill").run(bwd)
     assert fwd.count("cpp_fused") == 2, fwd  # the kernel's definition and its one call
+    # every loop over the classes (both maxima, the sums, the JSD's own loop, the hard
+    # CE's) runs under ONE loop over the rows: a row pair is read from memory once
+    assert fwd.count("#pragma omp for") == 1, fwd
 
 
 def test_compiled_aot_eager():

@@ -34,14 +34,16 @@ JOB_TIMEOUT_S = 300
 REASONS = conv_bn_act.NEAR_MISS_REASONS
 
 
-#: one pytest-xdist worker runs this module (its 2-rank job is a module fixture): --dist loadgroup
+#: one pytest-xdist worker runs this module (its 2-rank job is a session fixture, run once): --dist loadgroup
 pytestmark = pytest.mark.xdist_group("distributed")
 
 
 # ----------------------------------------------------------------------------- the 2-rank job
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job(tmp_path_factory):
-    """Runs every scenario of tests/_dist_worker.py on 2 gloo ranks; {scenario: [rank results]}."""
+    """Runs every scenario of tests/_dist_worker.py on 2 gloo ranks; {scenario: [rank results]}.
+    Session scope: pytest tears a module fixture down whenever the worker runs a test of
+    another module in between (xdist interleaves), and the job would run again."""
     tmp = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor_cache"))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

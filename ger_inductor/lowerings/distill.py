@@ -5,8 +5,9 @@ in Inductor IR, so it becomes C++ on CPU and Triton on GPUs.
 
 Forward, per row pair (z_s, z_t), a = z_s / T, b = z_t / T:
 
-    loop 1   Ms = max a, Mt = max b (M1 = max z_s for the CE at T != 1)
-    loop 2   Ss = sum e^(a - Ms), St = sum e^(b - Mt) (S1)        Ls = Ms + log Ss, Lt = ...
+    loop 1   M1 = max z_s, max z_t; Ms = M1 / T (= max a exactly), Mt = max z_t / T
+    loop 2   Ss = sum e^(a - Ms), St = sum e^(b - Mt) (S1 = sum e^(z_s - M1) for the hard
+             CE at T != 1, in the same loop)        Ls = Ms + log Ss, Lt = ...
              fwd / rev: in the same loop the KL's sum on the shifted logits
              (``_Pair.kl_one_sweep``: no loop 3, one exponential per element fewer)
     loop 3   mix: sum p_t log(p_t/m), sum p_s log(p_s/m) (``distill._log_ratios``, one
@@ -14,10 +15,14 @@ Forward, per row pair (z_s, z_t), a = z_s / T, b = z_t / T:
              with p = e^(log p), 0 where p == 0 (plain products, and for mix a fixed form,
              in the modes that copy a user's spelling: distill.KL_MODES / MIX_MODES)
 
-Inductor puts the reductions into one kernel; on CPU each is its own vectorised sweep
-over the rows (the student's and the teacher's reductions are independent, so they are
-not fused under one loop over the rows; chaining them so that they are measured
-slower, see ``_Pair.reduction``). No N x V buffer is written. Backward: ONE elementwise
+Inductor puts the reductions into one kernel, and on CPU every loop over the classes
+under ONE loop over the rows (a row pair is read from memory once, then from cache):
+the two sums read both maxima (``lse_pair``) and the row outputs read the last sums
+(``after``), so that Inductor's CPU backend keeps its outer-loop fusion
+(tests/test_distill.py counts the loops). Where the user's own code works on the
+per-row output (a pointwise op over the rows), Inductor fuses that op into the same
+outer loop, gives the fusion up (its loop over the rows is vectorised) and runs each
+loop over all rows, as before. No N x V buffer is written. Backward: ONE elementwise
 pass over the row pair writing d/dz_s (and d/dz_t when the teacher needs a gradient),
 p recomputed from the saved log-sum-exps. ``ger::token_fwd`` / ``token_bwd`` (the
 per-token log p(y) and entropy of policy-gradient training) are lowered the same way.
@@ -50,6 +55,7 @@ class _Pair:
         self._zs, self._zt = zs.make_loader(), zt.make_loader()
         self._y = y.make_loader() if y is not None else None
         self.T = float(T)
+        self._raw_max: dict = {}
 
     def const(self, v: float):
         return self.ops.constant(v, self.cdt)
@@ -90,7 +96,7 @@ class _Pair:
         sweep from the smallest / largest z'_w among them (p is monotone in z'_w), as
         log_softmax forms p: (x - max) - log S."""
         ops = self.ops
-        Ms, Mt = self.reduction(self.a, "max"), self.reduction(self.b, "max")
+        Ms, Mt = self.tempered_max("s"), self.tempered_max("t")
 
         def sa(r, j):
             return ops.sub(self.a(r, j), Ms([r]))
@@ -162,10 +168,8 @@ class _Pair:
         return self.tempered(self.zt(r, j))
 
     def reduction(self, fn, rtype: str):
-        """A per-row reduction over the classes. (Chaining them so that Inductor's CPU
-        backend fuses them under one loop over the rows measured slower on a 2-core
-        CPU, 210 vs 129 ms for the JSD forward at 2048 x 32000: each runs as its own
-        vectorised sweep.)"""
+        """A per-row reduction over the classes (its own loop over the classes; under one
+        loop over the rows with the others where Inductor's CPU backend fuses them)."""
         out = self.ir.Reduction.create(
             device=self.device, dst_dtype=self.cdt, src_dtype=self.cdt,
             inner_fn=lambda idx, ridx: fn(idx[0], ridx[0]),
@@ -174,12 +178,60 @@ class _Pair:
         out.realize()
         return out.make_loader()
 
-    def lse(self, x):
-        """(a loader of LSE_j x(r, j), as IEEE as distill._lse: max, then sum of e^(x - max))."""
+    def raw_max(self, side: str):
+        """A loader of max_j z(r, j) of the student's ("s") or the teacher's ("t") logits
+        before the temperature: one max loop per side, shared by every statistic."""
+        if side not in self._raw_max:
+            self._raw_max[side] = self.reduction(self.zs if side == "s" else self.zt, "max")
+        return self._raw_max[side]
+
+    def tempered_max(self, side: str):
+        """max_j z(r, j) / T as max_j z(r, j), divided once per row: equal, NaN and inf
+        included, since x -> x / T (T > 0, correctly rounded) never decreases. The max loop
+        has no division, and the hard CE's shift (T = 1) is the same loop."""
+        M = self.raw_max(side)
+        return lambda idx: self.tempered(M(idx))
+
+    def lse(self, side: str, tempered: bool = True):
+        """(a loader of LSE_j x(r, j), x = z / T (``tempered``) or z, of one side, as IEEE as
+        distill._lse: max, then sum of e^(x - max))."""
         ops = self.ops
-        M = self.reduction(x, "max")
+        x = {("s", True): self.a, ("t", True): self.b, ("s", False): self.zs, ("t", False): self.zt}[side, tempered]
+        M = self.tempered_max(side) if tempered else self.raw_max(side)
         S = self.reduction(lambda r, j: ops.exp(ops.sub(x(r, j), M([r]))), "sum")
         return lambda idx: ops.add(M(idx), ops.log(S(idx)))
+
+    def lse_pair(self):
+        """(Ls, Lt): both rows' log-sum-exps at T, each sum also reading the other row's
+        maximum without using it (``where(Mo == Mo, Ms, Ms)``): the two sums then share data,
+        Inductor's CPU backend fuses every loop of the pair under one loop over the rows
+        (a row pair stays in cache between the max loop, the sums and the JSD's own loop)
+        instead of one sweep over all rows per reduction."""
+        ops = self.ops
+        M = {"s": self.tempered_max("s"), "t": self.tempered_max("t")}
+        x = {"s": self.a, "t": self.b}
+
+        def shift(side, r):
+            other = M["t" if side == "s" else "s"]([r])
+            m = M[side]([r])
+            return ops.where(ops.eq(other, other), m, m)
+
+        S = {side: self.reduction(lambda r, j, side=side: ops.exp(ops.sub(x[side](r, j), shift(side, r))), "sum")
+             for side in ("s", "t")}
+        return tuple((lambda idx, side=side: ops.add(M[side](idx), ops.log(S[side](idx)))) for side in ("s", "t"))
+
+    def after(self, value, reads):
+        """A loader of ``value`` that also reads the row loaders ``reads`` without using
+        them (where(x == x, v, v)): a dependency for Inductor's fusion heuristics only."""
+        ops = self.ops
+
+        def fn(idx):
+            v = value(idx)
+            for x in reads:
+                xv = x(idx)
+                v = ops.where(ops.eq(xv, xv), v, v)
+            return v
+        return fn
 
     def pointwise(self, fn, ranges, dtype):
         return self.ir.Pointwise.create(device=self.device, dtype=dtype, inner_fn=fn, ranges=list(ranges))
@@ -223,9 +275,8 @@ def _register() -> None:
             else:
                 ks = K
         else:
-            Ls = P.lse(P.a)
-            Lt = P.lse(P.b)
-        Ls1 = (P.lse(P.zs) if P.T != 1.0 else Ls) if hard else None
+            Ls, Lt = P.lse_pair()
+        Ls1 = (P.lse("s", tempered=False) if P.T != 1.0 else Ls) if hard else None
 
         def logs(r, j):
             return ops.sub(P.a(r, j), Ls([r])), ops.sub(P.b(r, j), Lt([r]))
@@ -257,6 +308,12 @@ def _register() -> None:
             D_fn = lambda idx: ops.add(ops.mul(P.const(wt), kt(idx)), ops.mul(P.const(ws), ks(idx)))  # noqa: E731
 
         rows = [P.R]
+        # every row output also reads the last sweep's sums (without using them): the row
+        # outputs then fuse with one another first, not one by one into the sweeps' outer
+        # loop, where a vectorised loop over the rows makes Inductor's CPU backend give up
+        # the outer-loop fusion and run each sweep over all rows (_Pair.after)
+        last = [x for x in (kt, ks) if x is not None]
+        Ls_out, Lt_out = P.after(Ls, last), P.after(Lt, last)
         D = P.pointwise(D_fn, rows, P.cdt)
         if hard:
             def nll_fn(idx):
@@ -268,7 +325,7 @@ def _register() -> None:
         else:
             nll = P.empty(P.cdt)
             ls1 = P.empty(P.cdt)
-        return (D, nll, P.pointwise(lambda idx: Ls(idx), rows, P.cdt), P.pointwise(lambda idx: Lt(idx), rows, P.cdt),
+        return (D, nll, P.pointwise(Ls_out, rows, P.cdt), P.pointwise(Lt_out, rows, P.cdt),
                 ls1, P.pointwise(kt_out, rows, P.cdt), P.pointwise(ks_out, rows, P.cdt))
 
     @_compat.register_lowering(torch.ops.ger.distill_bwd.default, type_promotion_kind=None)
@@ -339,7 +396,7 @@ def _register() -> None:
     def token_fwd(z, y, T, chunk, rev):
         P = _Pair(z, z, y, T)  # one row: the "student" side only
         ops = P.ops
-        L = P.lse(P.a)
+        L = P.lse("s")
 
         def h_fn(r, j):  # -p log p, 0 where p == 0
             lp = ops.sub(P.a(r, j), L([r]))
@@ -352,9 +409,9 @@ def _register() -> None:
             j = ops.indirect_indexing(P._y([r]), P.V, check=True, wrap_neg=False)
             return ops.sub(P.a(r, j), L([r]))
 
-        rows = [P.R]
-        return (P.pointwise(logp_fn, rows, P.cdt), P.pointwise(lambda idx: H(idx), rows, P.cdt),
-                P.pointwise(lambda idx: L(idx), rows, P.cdt))
+        rows = [P.R]  # the row outputs read the last sum (distill_fwd: _Pair.after)
+        return (P.pointwise(P.after(logp_fn, [H]), rows, P.cdt), P.pointwise(lambda idx: H(idx), rows, P.cdt),
+                P.pointwise(P.after(L, [H]), rows, P.cdt))
 
     @_compat.register_lowering(torch.ops.ger.token_bwd.default, type_promotion_kind=None)
     def token_bwd(g_lp, g_H, z, y, L, H, T, chunk, rev):
