@@ -167,6 +167,13 @@ def inductor_lowerings() -> dict:
     return lowerings
 
 
+def inductor_fallback(kernel):
+    """Inductor's lowering that calls ``kernel`` as an extern kernel (never fused)."""
+    from torch._inductor.lowering import fallback_handler
+
+    return fallback_handler(kernel, add_to_fallback_set=False)
+
+
 def inductor_ir():
     import torch._inductor.ir as ir
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.testing import FileCheck
 
 import ger_inductor
+from ger_inductor import _compat
 
 from . import distill_spellings as ds
 
@@ -262,6 +263,28 @@ def test_recognised_jsd_spelling(name, tmp_path):
     assert all(m.detail["mode"] == mode and abs(m.detail["beta"] - beta) < 1e-6 for m in matches), \
         [m.detail for m in matches]
     FileCheck().check("pair_jsd").check_not("pair_kl").run(code)
+
+
+@pytest.mark.parametrize("name", ["reference_policy_kl", "handwritten_forward_kl_rows", "trl_jsd_half"])
+def test_pair_loops_run_under_one_loop_over_the_rows(name):
+    """On CPU the op's loops over the classes (both maxima, the sums, the JSD's own loop)
+    run under ONE parallel loop over the rows, a row pair read from memory once, also
+    where the user's code works on the per-row output (``* 0.05``, ``kl * mask``): the
+    row outputs sit behind an extern copy (lowerings/distill.py, _Pair.row_outputs)."""
+    fn = {**RECOGNISED, **RECOGNISED_JSD}[name][0]
+    g = torch.Generator().manual_seed(0)
+    s = (3 * torch.randn(B, 64, 1000, generator=g)).requires_grad_()
+    t = 3 * torch.randn(B, 64, 1000, generator=g)
+    y = torch.randint(0, 1000, (B, 64), generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="ger", options={"strict": True})
+    with _compat.inductor_config().patch({"cpp.threads": 2}):  # parallel loops (omp) on any machine
+        got, (fwd, _bwd) = _compat.run_and_get_code(lambda: (lambda l: (l, torch.autograd.grad(l.sum(), s)))(compiled(s, t, y)))
+    want = fn(s, t, y)
+    _close(got[0], want)
+    _close(got[1][0], torch.autograd.grad(want.sum(), s)[0])
+    FileCheck().check("distill_fwd").run(fwd)  # the kernel's name: the op was lowered
+    assert fwd.count("#pragma omp for") == 1, fwd
 
 
 def _kl_upcast(s, t, y):

@@ -17,12 +17,10 @@ Forward, per row pair (z_s, z_t), a = z_s / T, b = z_t / T:
 
 Inductor puts the reductions into one kernel, and on CPU every loop over the classes
 under ONE loop over the rows (a row pair is read from memory once, then from cache):
-the two sums read both maxima (``lse_pair``) and the row outputs read the last sums
-(``after``), so that Inductor's CPU backend keeps its outer-loop fusion
-(tests/test_distill.py counts the loops). Where the user's own code works on the
-per-row output (a pointwise op over the rows), Inductor fuses that op into the same
-outer loop, gives the fusion up (its loop over the rows is vectorised) and runs each
-loop over all rows, as before. No N x V buffer is written. Backward: ONE elementwise
+the two sums read both maxima (``lse_pair``) and the row outputs sit behind an extern
+copy of the last sums (``row_outputs``), so that Inductor's CPU backend keeps its
+outer-loop fusion, also where the user's code works on a per-row output (tests count
+the loops). No N x V buffer is written. Backward: ONE elementwise
 pass over the row pair writing d/dz_s (and d/dz_t when the teacher needs a gradient),
 p recomputed from the saved log-sum-exps. ``ger::token_fwd`` / ``token_bwd`` (the
 per-token log p(y) and entropy of policy-gradient training) are lowered the same way.
@@ -56,6 +54,7 @@ class _Pair:
         self._y = y.make_loader() if y is not None else None
         self.T = float(T)
         self._raw_max: dict = {}
+        self._last_reduction = None
 
     def const(self, v: float):
         return self.ops.constant(v, self.cdt)
@@ -176,6 +175,7 @@ class _Pair:
             ranges=[self.R], reduction_ranges=[self.V], reduction_type=rtype,
         )
         out.realize()
+        self._last_reduction = out
         return out.make_loader()
 
     def raw_max(self, side: str):
@@ -232,6 +232,22 @@ class _Pair:
                 v = ops.where(ops.eq(xv, xv), v, v)
             return v
         return fn
+
+    def row_outputs(self, fns):
+        """(R,) buffers of the row loaders ``fns`` (None: an empty buffer).
+
+        On CPU each also reads, without using it, an extern copy of the last reduction's
+        row values (R floats, ``aten.clone``). Inductor's CPU backend runs the loops over
+        the classes under one loop over the rows only when every node of the fused group
+        loops over the rows the same way; a pointwise node over the rows (vectorised along
+        them) that joins the group, such as a row output or the user's code on it
+        (``per_token_kl * mask``), makes it fall back to one sweep over all rows per loop.
+        Behind the extern copy the row outputs and their consumers cannot join it."""
+        reads = []
+        if self.device.type == "cpu" and self._last_reduction is not None:
+            reads = [_compat.inductor_fallback(aten.clone.default)(self._last_reduction).make_loader()]
+        return [self.empty(self.cdt) if fn is None else self.pointwise(self.after(fn, reads), [self.R], self.cdt)
+                for fn in fns]
 
     def pointwise(self, fn, ranges, dtype):
         return self.ir.Pointwise.create(device=self.device, dtype=dtype, inner_fn=fn, ranges=list(ranges))
@@ -307,26 +323,11 @@ def _register() -> None:
         else:
             D_fn = lambda idx: ops.add(ops.mul(P.const(wt), kt(idx)), ops.mul(P.const(ws), ks(idx)))  # noqa: E731
 
-        rows = [P.R]
-        # every row output also reads the last sweep's sums (without using them): the row
-        # outputs then fuse with one another first, not one by one into the sweeps' outer
-        # loop, where a vectorised loop over the rows makes Inductor's CPU backend give up
-        # the outer-loop fusion and run each sweep over all rows (_Pair.after)
-        last = [x for x in (kt, ks) if x is not None]
-        Ls_out, Lt_out = P.after(Ls, last), P.after(Lt, last)
-        D = P.pointwise(D_fn, rows, P.cdt)
-        if hard:
-            def nll_fn(idx):
-                (r,) = idx
-                j = ops.indirect_indexing(P._y([r]), P.V, check=True, wrap_neg=False)
-                return ops.sub(Ls1([r]), P.zs(r, j))
-            nll = P.pointwise(nll_fn, rows, P.cdt)
-            ls1 = P.pointwise(lambda idx: Ls1(idx), rows, P.cdt)
-        else:
-            nll = P.empty(P.cdt)
-            ls1 = P.empty(P.cdt)
-        return (D, nll, P.pointwise(Ls_out, rows, P.cdt), P.pointwise(Lt_out, rows, P.cdt),
-                ls1, P.pointwise(kt_out, rows, P.cdt), P.pointwise(ks_out, rows, P.cdt))
+        def nll_fn(idx):  # the hard CE per row
+            (r,) = idx
+            j = ops.indirect_indexing(P._y([r]), P.V, check=True, wrap_neg=False)
+            return ops.sub(Ls1([r]), P.zs(r, j))
+        return tuple(P.row_outputs([D_fn, nll_fn if hard else None, Ls, Lt, Ls1 if hard else None, kt_out, ks_out]))
 
     @_compat.register_lowering(torch.ops.ger.distill_bwd.default, type_promotion_kind=None)
     def distill_bwd(gD, gn, zs, zt, y, Ls, Lt, Ls1, kt, ks, kind, beta, wt, ws, T, hard, ignore_index, need_s,
@@ -409,9 +410,7 @@ def _register() -> None:
             j = ops.indirect_indexing(P._y([r]), P.V, check=True, wrap_neg=False)
             return ops.sub(P.a(r, j), L([r]))
 
-        rows = [P.R]  # the row outputs read the last sum (distill_fwd: _Pair.after)
-        return (P.pointwise(P.after(logp_fn, [H]), rows, P.cdt), P.pointwise(lambda idx: H(idx), rows, P.cdt),
-                P.pointwise(P.after(L, [H]), rows, P.cdt))
+        return tuple(P.row_outputs([logp_fn, H, L]))
 
     @_compat.register_lowering(torch.ops.ger.token_bwd.default, type_promotion_kind=None)
     def token_bwd(g_lp, g_H, z, y, L, H, T, chunk, rev):
