@@ -33,7 +33,8 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          "rows_masked_inplace", "rows_masked_late", "hf_label_smoother", "rows_view_written",
          # two distributions: the logits and a "teacher" computed from the input (its
          # gradient flows back into it): KL / JSD spellings of the trainers
-         "kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs")
+         "kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs",
+         "jsd_two_kl_divs", "kl_two_totals")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -100,10 +101,20 @@ def _pair_term(kind: str, q, t):
         return -(F.softmax(t / 2.0, -1) * F.log_softmax(q / 2.0, -1)).sum(-1).mean()
     if kind == "ce_teacher_probs":
         return F.cross_entropy(q, F.softmax(t, -1))
+    if kind == "jsd_two_kl_divs":  # two kl_div totals added
+        lps, lpt = F.log_softmax(q, -1), F.log_softmax(t, -1)
+        lm = torch.logaddexp(lps + math.log(0.3), lpt + math.log(0.7))
+        return 0.7 * F.kl_div(lm, lpt, log_target=True, reduction="sum") + \
+            0.3 * F.kl_div(lm, lps, log_target=True, reduction="sum")
+    if kind == "kl_two_totals":  # a forward KL as two totals subtracted
+        lps, lpt = F.log_softmax(q / 2.0, -1), F.log_softmax(t / 2.0, -1)
+        pt = lpt.exp()
+        return ((pt * lpt).sum() - (pt * lps).sum()) / q.shape[0]
     return ds.liger_jsd_rows(F.log_softmax(q, -1), F.log_softmax(t, -1), 0.5).mean()
 
 
-PAIR_TERMS = ("kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs")
+PAIR_TERMS = ("kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs",
+              "jsd_two_kl_divs", "kl_two_totals")
 
 
 def _term(kind: str, q, y, w, ignore: int, t=None):

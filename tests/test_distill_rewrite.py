@@ -152,6 +152,21 @@ def logaddexp_jsd_two_sums(s, t, y):
     return 0.5 * ((lt.exp() * (lt - lm)).sum(-1) + (ls.exp() * (ls - lm)).sum(-1)).mean()
 
 
+def two_reduced_kl_divs(s, t, y):
+    """The JSD as two kl_div totals added (each KL(p||m) reduced to a scalar first)."""
+    lps, lpt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    lm = torch.logaddexp(lps, lpt) - math.log(2.0)
+    return 0.5 * (F.kl_div(lm, lpt, log_target=True, reduction="batchmean")
+                  + F.kl_div(lm, lps, log_target=True, reduction="batchmean"))
+
+
+def two_summed_kls(s, t, y):
+    """Forward KL as two totals subtracted, over all elements, divided by the rows."""
+    lps, lpt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    pt = lpt.exp()
+    return ((pt * lpt).sum() - (pt * lps).sum()) / (s.shape[0] * s.shape[1])
+
+
 #: name -> (function, mode the report names, whether the teacher's gradient is exact too)
 RECOGNISED = {
     "hinton": (hinton, "xlogy", False),
@@ -164,6 +179,7 @@ RECOGNISED = {
     "entropy_form_kl": (entropy_form_kl, "ieee", True),
     "viewed_after_log_softmax": (viewed_after_log_softmax, "ieee", True),
     "kl_split_over_two_sums": (kl_split_over_two_sums, "ieee", True),
+    "two_summed_kls": (two_summed_kls, "ieee", True),
     "two_temperatures": (two_temperatures, "ieee", True),
     "soft_target_ce": (soft_target_ce, "ce", True),
     "tinybert_soft_ce": (tinybert_soft_ce, "ce", True),
@@ -179,6 +195,7 @@ RECOGNISED_JSD = {
     "liger_rows_jsd": (liger_rows_jsd, "pm", 0.5),
     "liger_rows_jsd_per_token": (liger_rows_jsd_per_token, "pm", 0.8),
     "logaddexp_jsd_two_sums": (logaddexp_jsd_two_sums, "lse", 0.5),
+    "two_reduced_kl_divs": (two_reduced_kl_divs, "lse", 0.5),
 }
 
 

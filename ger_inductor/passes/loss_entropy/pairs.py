@@ -74,6 +74,20 @@ def _rscale(a: RowP | float, c: float) -> RowP | float:
     return a.scaled(c) if isinstance(a, RowP) else a * c
 
 
+@dataclasses.dataclass
+class Total:
+    """A scalar: the reduction ``how`` (kl_div's "sum" / "batchmean" / "mean", or a sum /
+    mean of everything) over the rows of the per-row combination ``row``, of per-element
+    terms shaped ``shape``. Totals of one reduction and one shape combine linearly
+    (``0.5 * (kl_div(lm, lp_t) + kl_div(lm, lp_s))``): sum_r a_r + sum_r b_r = sum_r (a_r + b_r),
+    with eager's NaN where the two totals' infinities meet (inf - inf in one row, or
+    rows of opposite infinities: NaN both ways)."""
+
+    row: "RowP"
+    how: str
+    shape: tuple
+
+
 @dataclasses.dataclass(frozen=True)
 class Mix:
     """log m of the mixture m = sum_r a_r p_r of two distributions (``parts``: frozenset
@@ -289,7 +303,7 @@ class PairEvaluator:
                 v = self._canon_row(_from_row(v))
             if isinstance(v, (Elem, RowP)):
                 self._absorb_single_root(node)
-        if isinstance(v, (Elem, RowP)):
+        if isinstance(v, (Elem, RowP, Total)):
             if _dtype(node) not in MATH_DTYPES:
                 raise NotRepresentable(f"a two-distribution term computed in {_dtype(node)} (eager's math is not "
                                        "float32 there)", node)
@@ -384,6 +398,10 @@ class PairEvaluator:
             return self._log_of_mixture(n)
         if t in SUM or t in MEAN:  # a per-row reduction inside a combination (a KL split over two sums)
             x, dim, shp = n.args[0], _arg(n, 1, "dim"), _shape(n.args[0])
+            if dim is None and shp and _arg(n, 3, "dtype") is None:  # a total: a KL summed whole
+                e = self.value(x)
+                if isinstance(e, Elem):
+                    return Total(self.reduce(e, shp[-1], False, False), "sum" if t in SUM else "mean", tuple(shp))
             if dim is None or shp is None or _arg(n, 3, "dtype") is not None or not class_dim_ok(n, dim, len(shp)):
                 raise NotRepresentable("a reduction that is not over the classes", n)
             e = self.value(x)
@@ -406,6 +424,10 @@ class PairEvaluator:
                 return self._scale(va, 1.0 / vb)
             raise NotRepresentable("division by a tensor", n)
         if t in KL:
+            reduction = _arg(n, 4, "reduction", "mean")
+            if reduction in ("sum", "batchmean", "mean") and _shape(n.args[0]) and \
+                    _arg(n, 2, "size_average") is None and _arg(n, 3, "reduce") is None:
+                return Total(self.reduce(self.kl_terms(n), None, False, False), reduction, tuple(_shape(n.args[0])))
             return self._kl_elementwise(n)
         if t in _VIEWS or t in _CASTS:
             v = self.value(n.args[0])
@@ -472,6 +494,8 @@ class PairEvaluator:
     def _scale(v, s: float):
         if isinstance(v, (Elem, RowP)):
             return v.scaled(s)
+        if isinstance(v, Total):
+            return Total(v.row.scaled(s), v.how, v.shape)
         if isinstance(v, float):
             return v * s
         raise NotRepresentable("scaling of an unsupported value")
@@ -492,6 +516,12 @@ class PairEvaluator:
             return _eadd(Elem({("one",): a}, {}, {}), b, sign)
         if isinstance(a, RowP) and isinstance(b, RowP) and a.keepdim == b.keepdim:
             return RowP(_radd(a, b, sign).coefs if isinstance(_radd(a, b, sign), RowP) else {}, a.keepdim)
+        if isinstance(a, Total) and isinstance(b, Total):
+            if a.how != b.how or not shapes.known_equal(a.shape, b.shape):
+                raise NotRepresentable(f"a sum of two totals reduced differently ({a.how} of {a.shape}, {b.how} of "
+                                       f"{b.shape})", n)
+            r = _radd(a.row, b.row, sign)
+            return Total(r if isinstance(r, RowP) else RowP({}), a.how, a.shape)
         raise NotRepresentable("sum of a vocabulary-level and an unrelated tensor", n)
 
     def _mul(self, a, b, n):
@@ -619,6 +649,11 @@ def classify_pair(ev: Evaluator, n: fx.Node) -> PairCandidate:
             row = pe.value(n)
         except NotRepresentable as err:
             raise NotACandidate(err.reason, n) from None
+        if isinstance(row, Total):  # 0.5 * (kl_div(lm, lp_t, "batchmean") + kl_div(lm, lp_s, "batchmean"))
+            try:
+                return _candidate(pe, n, row.row, row.how, False, tuple(row.shape[:-1]))
+            except NotRepresentable as err:
+                raise NotACandidate(err.reason, n) from None
         if not isinstance(row, RowP) or not _shape(n):
             raise NotACandidate("not a per-row value", n)
         how, keepdim = "rows", row.keepdim

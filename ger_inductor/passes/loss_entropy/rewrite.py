@@ -43,12 +43,17 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     pair_cands: list[pairs.PairCandidate] = []
     pair_refusals: list = []  # (candidate node, node, reason): reported unless a larger candidate covers it
     per_row: set = set()  # reductions over the classes, and combinations of them
+    two: set = set()  # totals of two-distribution terms, and combinations of them
     for n in list(gm.graph.nodes):
         if _is(n, SUM | MEAN) and _arg(n, 1, "dim") is not None:
             per_row.add(n)
-        elif _is(n, pairs.ROW_OPS) and any(a in per_row for a in n.all_input_nodes):
+        elif _is(n, KL | SUM | MEAN) and _two_roots(ev, n):  # a total; totals combine (pairs.Total)
+            per_row.add(n)
+            two.add(n)
+        if _is(n, pairs.ROW_OPS) and any(a in per_row for a in n.all_input_nodes):
             per_row.add(n)  # a KL or JSD split over several sums: (p_t lp_t).sum(-1) - (p_t lp_s).sum(-1)
-            if len(_softmax_roots(ev, n.all_input_nodes)) > 1:
+            if any(a in two for a in n.all_input_nodes) or len(_softmax_roots(ev, n.all_input_nodes)) > 1:
+                two.add(n)
                 try:
                     pair_cands.append(pairs.classify_pair(ev, n))
                 except NotRepresentable:
