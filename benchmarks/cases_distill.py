@@ -11,8 +11,12 @@ Variants, same inputs, one process:
   floor2            the in-run floor for reading two logit rows: one exp pass of each
                     into a reused buffer + one max pass of each
 
-With the lm heads (h (N, H) @ W.T (V, H), N=1024, H=1024, V=32000 fp32 on CPU: the
-issue's N=4096, V=128256 takes ~15 s a step on 2 cores):
+Cases: distill_jsd (TRL's JSD), distill_kd (Hinton KD with the hard CE), distill_kl_rows
+(a per-token KL to a reference policy kept per row, then a masked mean: the user's code
+works on the op's per-row output).
+
+With the lm heads (h (N, H) @ W.T (V, H), N=1024, H=1024, V=32000 fp32 on CPU by
+default; GER_BENCH_HEADS="4096,1024,128256" gives the issue's size, ~50 s a step on 2 cores):
   distill_two_heads  TRL's JSD on F.linear logits of a trained student and a frozen
                      teacher (eager / inductor) vs ger_linear_distill_loss (no N x V
                      logits of either model) under backend="ger"
@@ -24,6 +28,7 @@ issue's N=4096, V=128256 takes ~15 s a step on 2 cores):
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -118,11 +123,25 @@ def _spellings():
           lambda zs, zt, y: ger_distill_loss(zs, zt, y, beta=0.0, temperature=2.0, hard_weight=0.5),
           with_labels=True)
 
+    def kl_rows(zs, zt, y):  # a per-token KL to a reference policy (RL), masked mean over tokens
+        lp, ref = zs.log_softmax(-1), zt.log_softmax(-1)
+        per_token = (lp.exp() * (lp - ref)).sum(-1)
+        mask = (y % 7 != 0).float()
+        return (per_token * mask).sum() / mask.sum()
+
+    def kl_rows_api(zs, zt, y):
+        mask = (y % 7 != 0).float()
+        return (ger_distill_loss(zs, zt, beta=1.0, reduction="none") * mask).sum() / mask.sum()
+
+    _case("distill_kl_rows", f"per-token KL(pi||pi_ref) kept per row, masked mean, ({B}, {T}, {V}) fp32, fwd+bwd of "
+          "the student", kl_rows, kl_rows_api, with_labels=True)
+
 
 _spellings()
 
 # ----------------------------------------------------------------------------- with the lm heads
-NH, HH, VH = 1024, 1024, 32000
+#: GER_BENCH_HEADS="4096,1024,128256" runs the heads at the issue's size (~50 s a step on 2 cores)
+NH, HH, VH = (int(v) for v in os.environ.get("GER_BENCH_HEADS", "1024,1024,32000").split(","))
 
 
 def _head_setup(two: bool):
