@@ -159,6 +159,15 @@ def _chunk_rows(chunk_size: Optional[int], R: int, V: int) -> int:
     return max(1, min(c, R))
 
 
+def _head_chunk_rows(chunk_size: Optional[int], N: int, V: int) -> int:
+    """Rows per chunk of a chunked lm head: ``chunk_size``, or by default the rows of a
+    ~256 MiB fp32 (rows, V) buffer (64..4096), as ``ger_linear_loss``. Each chunk's
+    matmuls read the whole (V, H) weight and add into the whole grad_W, so at a large
+    head (V=128256, H=1024: 512 MiB) small chunks pay that traffic once per chunk; and
+    under ``torch.compile`` the chunk loop is unrolled, so compile time grows with it."""
+    return _lin.rows_per_chunk(chunk_size or 0, N, V)
+
+
 def _check_chunk(who: str, chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{who}: chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
@@ -572,7 +581,10 @@ def _head_grads_add(grads, dz: Tensor, h: Tensor, W: Tensor, s: int, e: int, nee
     if needs & _lin.NEED_H:
         grads[0][s:e] = dzl @ W
     if needs & _lin.NEED_W:
-        grads[1].add_(dzl.t() @ h[s:e])
+        if grads[1].dtype == h.dtype:
+            grads[1].addmm_(dzl.t(), h[s:e])  # one sweep of grad_W per chunk, not a product and an add
+        else:  # a low-precision product accumulated in fp32
+            grads[1].add_(dzl.t() @ h[s:e])
     if grads[2].numel():
         grads[2].add_(dz.sum(0))
 
@@ -587,34 +599,59 @@ def _head_grads_done(grads, W: Tensor, b: Optional[Tensor]):
 
 
 def linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg: DistillConfig, chunk: Optional[int],
-                          coefs: Optional[Tensor] = None, needs_s: int = 0, needs_t: int = 0):
+                          coefs: Optional[Tensor] = None, needs_s: int = 0, needs_t: int = 0,
+                          in_backward: bool = False):
     """(D, nll, student grads, teacher grads) of two lm heads, ``chunk`` tokens at a time:
     only (chunk, V) logits of each model exist at once. With ``coefs`` (2, N) the forward
     also forms the gradients of sum(coefs[0] D + coefs[1] nll) for the inputs named by
-    ``needs_s`` / ``needs_t`` (``ops.linear_loss.NEED_*`` bits); grads are (0,) elsewhere."""
+    ``needs_s`` / ``needs_t`` (``ops.linear_loss.NEED_*`` bits); grads are (0,) elsewhere.
+
+    Eagerly each chunk runs the row math in torch ops (``forward_rows`` /
+    ``backward_rows``, sharing their intermediates). Under ``torch.compile`` each chunk
+    calls ``ger::distill_fwd`` / ``ger::distill_bwd``, whose lowerings read the chunk's
+    logits once per pass and realise their per-row outputs chunk by chunk, so Inductor
+    frees each chunk's logits before the next chunk's matmuls (the same math; traced as
+    torch ops, the chunks' row outputs were fused into late kernels that kept every
+    chunk's logits alive). ``in_backward`` (the recompute sweep of reduction='none'): the
+    hidden rows pass through ``ger::after_grad`` so the recomputed matmuls stay in the
+    backward (ops/distill.py)."""
     N = hs.shape[0]
     V = Ws.shape[0]
     cd = cfg.cd
-    c = _chunk_rows(chunk, N, V)
+    c = _head_chunk_rows(chunk, N, V)
     D = hs.new_empty((N,), dtype=cd)
     nll = hs.new_empty((N,) if cfg.hard else (0,), dtype=cd)
     grads = coefs is not None
     gs = _head_grads_init(hs, Ws, bs, needs_s if grads else 0, cd)
     gt = _head_grads_init(ht, Wt, bt, needs_t if grads else 0, cd)
+    compiling = _losses.is_compiling()
+    cfg_args = (cfg.kind, cfg.beta, cfg.wt, cfg.ws, cfg.T, cfg.hard, cfg.ignore_index)
     for s in range(0, N, c):
         e = min(s + c, N)
-        zs = F.linear(hs[s:e], Ws, bs).to(cd)
-        zt = F.linear(ht[s:e], Wt, bt).to(cd)
+        hsc, htc = hs[s:e], ht[s:e]
+        if compiling and in_backward:
+            hsc, htc = torch.ops.ger.after_grad(hsc, coefs), torch.ops.ger.after_grad(htc, coefs)
+        zs = F.linear(hsc, Ws, bs).to(cd)
+        zt = F.linear(htc, Wt, bt).to(cd)
         yc = None if y is None else y[s:e]
-        d_, n_, st, pre = forward_rows(zs, zt, yc, cfg)
+        want = grads and bool(needs_s or needs_t)
+        if compiling:
+            d_, n_, *stats = torch.ops.ger.distill_fwd(zs, zt, yc, *cfg_args, 0, _ops_distill.REV)
+        else:
+            d_, n_, st, pre = forward_rows(zs, zt, yc, cfg)
         D[s:e] = d_
         if cfg.hard:
             nll[s:e] = n_
-        if not grads or not (needs_s or needs_t):
+        if not want:
             continue
-        dzs, dzt = backward_rows(zs, zt, yc, cfg, st, coefs[0, s:e], coefs[1, s:e] if cfg.hard else None,
-                                 bool(needs_s), bool(needs_t), pre)
-        del pre, zs, zt
+        gD, gn = coefs[0, s:e], coefs[1, s:e] if cfg.hard else None
+        if compiling:
+            dzs, dzt = torch.ops.ger.distill_bwd(gD, gn, zs, zt, yc, *stats, *cfg_args, bool(needs_s),
+                                                 bool(needs_t), 0, _ops_distill.REV)
+        else:
+            dzs, dzt = backward_rows(zs, zt, yc, cfg, st, gD, gn, bool(needs_s), bool(needs_t), pre)
+            del pre
+        del zs, zt
         if needs_s:
             _head_grads_add(gs, dzs, hs, Ws, s, e, needs_s)
         if needs_t:
@@ -666,7 +703,8 @@ class _LinearDistillRows(torch.autograd.Function):
         N = hs.shape[0]
         z = torch.zeros(N, dtype=cfg.cd, device=hs.device)
         coefs = torch.stack([z if gD is None else gD.to(cfg.cd), z if gn is None else gn.to(cfg.cd)])
-        _, _, gs, gt = linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg, ctx.chunk, coefs, needs_s, needs_t)
+        _, _, gs, gt = linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg, ctx.chunk, coefs, needs_s, needs_t,
+                                             in_backward=True)
 
         def pick(g, needs, bit):
             return g if needs & bit else None
@@ -715,7 +753,8 @@ def ger_linear_distill_loss(
 ) -> Tensor:
     """``ger_distill_loss(F.linear(student_hidden, student_weight, student_bias),
     F.linear(teacher_hidden, teacher_weight, teacher_bias), target, ...)`` without ever
-    holding the (N, V) logits of either model: ``chunk_size`` tokens at a time.
+    holding the (N, V) logits of either model: ``chunk_size`` tokens at a time (default:
+    a ~256 MiB fp32 (chunk, V) buffer per model, as ``ger_linear_loss``).
 
     ``student_hidden`` (..., Hs) and ``teacher_hidden`` (..., Ht) share their leading
     dimensions; the weights are (V, Hs) and (V, Ht). The teacher may be frozen (no grad:
@@ -935,14 +974,17 @@ class _LinearTokenRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, b, y, T, cd, chunk):
         N, V = h.shape[0], W.shape[0]
-        c = _chunk_rows(chunk, N, V)
+        c = _head_chunk_rows(chunk, N, V)
         logp = h.new_empty((N,), dtype=cd)
         H = torch.empty_like(logp)
         L = torch.empty_like(logp)
         for s in range(0, N, c):
             e = min(s + c, N)
-            z = F.linear(h[s:e], W, b).to(cd)
-            logp[s:e], H[s:e], L[s:e] = token_forward(z, y[s:e], T)
+            z = F.linear(h[s:e], W, b)
+            # the op (eager: token_forward chunk by chunk; compiled: its lowering, one read of
+            # the chunk's logits, per-row outputs realised per chunk so each chunk's logits
+            # are freed before the next chunk's matmul)
+            logp[s:e], H[s:e], L[s:e] = torch.ops.ger.token_fwd(z, y[s:e], T, 0, _ops_distill.REV)
         ctx.save_for_backward(h, W, b, y, L, H)
         ctx.T, ctx.cd, ctx.chunk = T, cd, c
         ctx.set_materialize_grads(False)
@@ -960,11 +1002,17 @@ class _LinearTokenRows(torch.autograd.Function):
                                "supported; use ger_token_stats on materialised logits for higher-order gradients")
         T, cd, c = ctx.T, ctx.cd, ctx.chunk
         grads = _head_grads_init(h, W, b, needs, cd)
+        dep = g_lp if g_lp is not None else g_H
+        compiling = _losses.is_compiling()
         for s in range(0, h.shape[0], c):
             e = min(s + c, h.shape[0])
-            z = F.linear(h[s:e], W, b).to(cd)
-            dz = token_backward(z, y[s:e], T, L[s:e], H[s:e], None if g_lp is None else g_lp[s:e].to(cd),
-                                None if g_H is None else g_H[s:e].to(cd))
+            # compiled, the chunk's rows pass through ger::after_grad so that this matmul
+            # stays in the backward (see ops/distill.py); the same numbers either way
+            hc = torch.ops.ger.after_grad(h[s:e], dep) if compiling else h[s:e]
+            z = F.linear(hc, W, b).to(cd)
+            dz = torch.ops.ger.token_bwd(None if g_lp is None else g_lp[s:e].to(cd),
+                                         None if g_H is None else g_H[s:e].to(cd), z, y[s:e], L[s:e], H[s:e], T, 0,
+                                         _ops_distill.REV)
             del z
             _head_grads_add(grads, dz, h, W, s, e, needs)
         gh, gw, gb = _head_grads_done(grads, W, b)
@@ -984,8 +1032,8 @@ def ger_linear_token_stats(
     chunk_size: Optional[int] = None,
 ) -> TokenStats:
     """``ger_token_stats(F.linear(hidden, weight, bias), target, ...)`` without the (N, V)
-    logits: ``chunk_size`` tokens at a time (default: a ~32 MiB fp32 (chunk, V) buffer).
-    ``hidden`` (..., H), ``weight`` (V, H), ``target`` (...) the sampled tokens. The
+    logits: ``chunk_size`` tokens at a time (default: a ~256 MiB fp32 (chunk, V) buffer,
+    as ``ger_linear_loss``). ``hidden`` (..., H), ``weight`` (V, H), ``target`` (...) the sampled tokens. The
     forward keeps O(tokens) statistics; the backward recomputes each chunk's logits
     (one more matmul than a materialised head) and forms grad_hidden, grad_weight and
     grad_bias chunk by chunk. A double backward is not supported.

@@ -606,6 +606,79 @@ def test_linear_token_stats_errors_and_memory():
         _close(x, z, 1e-6)
 
 
+def _three_heads(N, H, Vh, c, seed=3):
+    """A loss over the three chunked-head calls (token statistics, distillation per row,
+    distillation with hard labels), one hidden-state tensor per head so that CSE cannot
+    share a matmul between calls; and its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    hs = [torch.randn(N, H, generator=g, requires_grad=True) for _ in range(3)]
+    W = (0.3 * torch.randn(Vh, H, generator=g)).requires_grad_()
+    ht2, ht3, Wt = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g), 0.3 * torch.randn(Vh, H, generator=g)
+    y = torch.randint(0, Vh, (N,), generator=g)
+    w = torch.rand(N, generator=g)
+
+    def f(h1, h2, h3, W_):
+        st = ger_linear_token_stats(h1, W_, y, temperature=0.9, chunk_size=c)  # recompute in the backward
+        rows = ger_linear_distill_loss(h2, W_, ht2, Wt, beta=0.5, reduction="none", chunk_size=c)  # the same
+        hard = ger_linear_distill_loss(h3, W_, ht3, Wt, y, beta=0.3, temperature=2.0, hard_weight=0.4,
+                                       chunk_size=c)  # gradients formed in the forward
+        return (st.logp * w).sum() - 0.1 * st.entropy.sum() + (rows * w).sum() + hard
+
+    return f, [*hs, W]
+
+
+def test_compiled_chunked_heads_save_no_logits():
+    """Traced by torch.compile, the chunked heads save no (chunk, V) tensor for the
+    backward. Before ger::after_grad, AOT autograd's partitioner moved the backward's
+    recomputed matmuls into the forward (they depend on no gradient) and saved every
+    chunk's logits: N x V for the token head. aot_eager runs the same partitioner."""
+    N, H, Vh, c = 192, 8, 512, 32
+    f, wrt = _three_heads(N, H, Vh, c)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=False)
+    want, got = f(*wrt), compiled(*wrt)
+    _close(got, want, 1e-5)
+    for x, z in zip(_grads(got, wrt), _grads(want, wrt)):
+        _close(x, z, 1e-5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = compiled(*wrt)
+    del out
+    big = [tuple(t.shape) for t in saved if t.numel() >= c * Vh]
+    assert not big, big
+    assert saved
+
+
+def test_inductor_chunked_head_holds_one_chunk_at_a_time():
+    """Compiled by Inductor, ger_linear_token_stats peaks at about one (chunk, V) buffer in
+    the forward and two in the backward (a chunk's logits and their gradient). Before the
+    row outputs were realised per chunk, log p(y) (which reads the logits) was inlined
+    into one late kernel writing all rows, which kept every chunk's logits alive: N x V.
+    Allocation records (profiler), not time."""
+    from ger_inductor.measure import peak_alloc_bytes
+
+    g = torch.Generator().manual_seed(4)
+    N, H, Vh, c = 128, 8, 2048, 32  # 4 chunks
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    W = (0.3 * torch.randn(Vh, H, generator=g)).requires_grad_()
+    y, w = torch.randint(0, Vh, (N,), generator=g), torch.rand(N, generator=g)
+
+    def f(h_, W_):
+        st = ger_linear_token_stats(h_, W_, y, temperature=0.9, chunk_size=c)
+        return (st.logp * w).sum() - 0.1 * st.entropy.sum()
+
+    compiled = torch.compile(f, backend="inductor", fullgraph=True, dynamic=False)
+    want, got = f(h, W), compiled(h, W)
+    _close(got, want, 1e-5)
+    for x, z in zip(_grads(got, [h, W]), _grads(want, [h, W])):
+        _close(x, z, 1e-5)
+    chunk_bytes, nv_bytes, w_bytes = c * Vh * 4, N * Vh * 4, Vh * H * 4
+    box = {}
+    fwd = peak_alloc_bytes(lambda: box.setdefault("loss", compiled(h, W)), torch.device("cpu"))
+    bwd = peak_alloc_bytes(lambda: box["loss"].backward(), torch.device("cpu"))
+    assert fwd <= 1.5 * chunk_bytes < nv_bytes, (fwd / chunk_bytes, N // c)
+    assert bwd <= 2.5 * chunk_bytes + 2 * w_bytes < nv_bytes, (bwd / chunk_bytes, N // c)
+
+
 def test_inductor_lowering_dynamic_shapes_compile_once():
     """Symbolic rows and classes: the lowerings take them, one graph serves every size."""
     counts = {"n": 0}

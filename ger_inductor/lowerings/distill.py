@@ -242,12 +242,24 @@ class _Pair:
         loops over the rows the same way; a pointwise node over the rows (vectorised along
         them) that joins the group, such as a row output or the user's code on it
         (``per_token_kl * mask``), makes it fall back to one sweep over all rows per loop.
-        Behind the extern copy the row outputs and their consumers cannot join it."""
+        Behind the extern copy the row outputs and their consumers cannot join it.
+
+        Each output is realised (an (R,) buffer), never inlined into its consumers: a row
+        output such as log p(y) reads the logits, and inlined into a consumer that Inductor
+        schedules late (a chunked head's writes of each chunk's rows into one (N,) tensor)
+        it would keep every chunk's logits alive until then."""
         reads = []
         if self.device.type == "cpu" and self._last_reduction is not None:
             reads = [_compat.inductor_fallback(aten.clone.default)(self._last_reduction).make_loader()]
-        return [self.empty(self.cdt) if fn is None else self.pointwise(self.after(fn, reads), [self.R], self.cdt)
-                for fn in fns]
+        outs = []
+        for fn in fns:
+            if fn is None:
+                outs.append(self.empty(self.cdt))
+                continue
+            out = self.pointwise(self.after(fn, reads), [self.R], self.cdt)
+            out.realize()
+            outs.append(out)
+        return outs
 
     def pointwise(self, fn, ranges, dtype):
         return self.ir.Pointwise.create(device=self.device, dtype=dtype, inner_fn=fn, ranges=list(ranges))

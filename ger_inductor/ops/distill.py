@@ -285,3 +285,22 @@ def _token_backward(ctx, g_lp, g_H, _g_L):
 
 
 token_fwd.register_autograd(_token_backward, setup_context=_token_setup)
+
+
+# ----------------------------------------------------------------------------- chunked heads under compile
+@torch.library.custom_op(f"{OPS_NAMESPACE}::after_grad", mutates_args=())
+def after_grad(x: Tensor, dep: Tensor) -> Tensor:
+    """A copy of ``x`` that depends on ``dep`` (an incoming gradient): the same numbers.
+
+    A chunked head's backward recomputes each chunk's logits from the saved hidden states.
+    Traced by ``torch.compile``, that matmul depends on no gradient, so AOT autograd's
+    partitioner would run it in the forward and save its output: every chunk's logits, an
+    N x V tensor, held until the backward (and the joint graph's CSE merges it with the
+    forward's matmul). The backward multiplies ``after_grad(h[rows], g)`` instead, which
+    only the backward can compute. Opaque to the compiler; the copy is (rows, H)."""
+    return x.clone()
+
+
+@after_grad.register_fake
+def _after_grad_fake(x, dep):
+    return torch.empty_like(x)
