@@ -1033,10 +1033,10 @@ def ger_linear_token_stats(
 ) -> TokenStats:
     """``ger_token_stats(F.linear(hidden, weight, bias), target, ...)`` without the (N, V)
     logits: ``chunk_size`` tokens at a time (default: a ~256 MiB fp32 (chunk, V) buffer,
-    as ``ger_linear_loss``). ``hidden`` (..., H), ``weight`` (V, H), ``target`` (...) the sampled tokens. The
-    forward keeps O(tokens) statistics; the backward recomputes each chunk's logits
-    (one more matmul than a materialised head) and forms grad_hidden, grad_weight and
-    grad_bias chunk by chunk. A double backward is not supported.
+    as ``ger_linear_loss``). ``hidden`` (..., H), ``weight`` (V, H), ``target`` (...) the
+    sampled tokens. The forward keeps O(tokens) statistics; the backward recomputes each
+    chunk's logits (one more matmul than a materialised head) and forms grad_hidden,
+    grad_weight and grad_bias chunk by chunk. A double backward is not supported.
 
     >>> import torch
     >>> h, W = torch.randn(2, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
