@@ -1,7 +1,8 @@
 """``python -m ger_inductor``: env | demo | dump SCRIPT | fleet.
 
     python -m ger_inductor env               versions, devices, detected profiles (for bug reports)
-    python -m ger_inductor demo [--quick]    eager / inductor / ger: LM train step, CNN steps, a loss (time, memory)
+    python -m ger_inductor demo [--quick] [--only WORD]
+                                             eager / inductor / ger: LM train step, CNN steps, a loss (time, memory)
     python -m ger_inductor dump [--out DIR] SCRIPT [ARGS...]
                                              run a script; every graph ger compiles is dumped
     python -m ger_inductor fleet [--json]    the strategy each pattern family uses per device profile
@@ -67,7 +68,20 @@ def cmd_demo(args) -> int:
           f"{torch.get_num_threads()} threads). ms/step: median of {args.repeat} steps (eager: at most 3); peak: the extra memory one "
           "step needs (resident set; n/a under a warm allocator); saved: what autograd holds for backward "
           "beyond inputs and parameters; max rel err: the largest difference from eager, values and gradients")
+    names = [w.name for w in workloads()]
     only = ("LM train step", "CE - 0.1 H(p) loss") if args.quick else ()
+    if args.only:
+        picked = []
+        for word in args.only:
+            hits = [n for n in names if word.lower() in n.lower()]
+            if not hits:
+                print(f"ger demo: --only {word!r} names no workload; the workloads: {names}", file=sys.stderr)
+                return 2
+            picked += [n for n in hits if n not in picked]
+        only = tuple(n for n in picked if not args.quick or n in only)
+        if not only:
+            print(f"ger demo: --only {args.only} and --quick leave no workload", file=sys.stderr)
+            return 2
     for w in workloads():
         if not only or w.name in only:
             print(f"  {w.name}: {w.what}")
@@ -158,6 +172,8 @@ def main(argv=None) -> int:
     sub.add_parser("env", help="versions, devices and detected profiles").set_defaults(fn=cmd_env)
     d = sub.add_parser("demo", help="eager / inductor / ger on an LM step, CNN steps and an entropy-regularised loss")
     d.add_argument("--quick", action="store_true", help="the LM step and the loss only")
+    d.add_argument("--only", action="append", metavar="WORD",
+                   help="the workloads whose name contains WORD (case-insensitive; repeatable)")
     d.add_argument("--repeat", type=_positive_int, default=5, help="timed steps per backend (median reported)")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(fn=cmd_demo)

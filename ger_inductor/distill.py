@@ -159,13 +159,41 @@ def _chunk_rows(chunk_size: Optional[int], R: int, V: int) -> int:
     return max(1, min(c, R))
 
 
-def _head_chunk_rows(chunk_size: Optional[int], N: int, V: int) -> int:
+def _head_chunk_rows(chunk_size: Optional[int], N, V: int) -> int:
     """Rows per chunk of a chunked lm head: ``chunk_size``, or by default the rows of a
     ~256 MiB fp32 (rows, V) buffer (64..4096), as ``ger_linear_loss``. Each chunk's
     matmuls read the whole (V, H) weight and add into the whole grad_W, so at a large
     head (V=128256, H=1024: 512 MiB) small chunks pay that traffic once per chunk; and
-    under ``torch.compile`` the chunk loop is unrolled, so compile time grows with it."""
-    return _lin.rows_per_chunk(chunk_size or 0, N, V)
+    under ``torch.compile`` the chunk loop is unrolled, so compile time grows with it.
+    ``N`` None (under ``torch.compile``, where N may be symbolic): not capped at N, which
+    would guard on it; :func:`_head_chunks` spreads the rows."""
+    return _lin.rows_per_chunk(chunk_size or 0, 1 << 62 if N is None else N, V)
+
+
+def _next_chunk_count(K: int) -> int:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ...: the chunk counts a compiled head may take."""
+    if K < 4:
+        return K + 1
+    return K + K // 2 if K & (K - 1) == 0 else K // 3 * 4
+
+
+def _head_chunks(N, c: int, compiling: bool) -> list:
+    """The (start, end) rows of each chunk of a chunked lm head of ``N`` rows, at most
+    ``c`` rows each. Eagerly: chunks of c rows. Under ``torch.compile`` N is symbolic after
+    a second sequence length (or with ``dynamic=True``), and a Python loop over it guards
+    on its value: a recompile per length (Dynamo shows a symbolic N as an int, so the two
+    cases cannot be told apart here). There it takes K chunks of about N / K rows with
+    symbolic bounds, K the first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... with N <= K c. The
+    only guards are that bucket (K' c < N <= K c, K' the count before K), so one graph
+    serves every length in it, a longer batch compiles one more, and no chunk exceeds c
+    rows. (A static N gets the same chunks, folded: at most 4/3 the chunks of c rows from
+    5 chunks on, the same count below.)"""
+    if not compiling:
+        return [(s, min(s + c, N)) for s in range(0, N, c)]
+    K = 1
+    while N > K * c:  # a guard per comparison: the bucket of N
+        K = _next_chunk_count(K)
+    return [((i * N) // K, ((i + 1) * N) // K) for i in range(K)]
 
 
 def _check_chunk(who: str, chunk_size) -> None:
@@ -618,16 +646,15 @@ def linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg: DistillConfig, chunk: 
     N = hs.shape[0]
     V = Ws.shape[0]
     cd = cfg.cd
-    c = _head_chunk_rows(chunk, N, V)
+    compiling = _losses.is_compiling()
+    c = _head_chunk_rows(chunk, None if compiling else N, V)
     D = hs.new_empty((N,), dtype=cd)
     nll = hs.new_empty((N,) if cfg.hard else (0,), dtype=cd)
     grads = coefs is not None
     gs = _head_grads_init(hs, Ws, bs, needs_s if grads else 0, cd)
     gt = _head_grads_init(ht, Wt, bt, needs_t if grads else 0, cd)
-    compiling = _losses.is_compiling()
     cfg_args = (cfg.kind, cfg.beta, cfg.wt, cfg.ws, cfg.T, cfg.hard, cfg.ignore_index)
-    for s in range(0, N, c):
-        e = min(s + c, N)
+    for s, e in _head_chunks(N, c, compiling):
         hsc, htc = hs[s:e], ht[s:e]
         if compiling and in_backward:
             hsc, htc = torch.ops.ger.after_grad(hsc, coefs), torch.ops.ger.after_grad(htc, coefs)
@@ -974,12 +1001,12 @@ class _LinearTokenRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, b, y, T, cd, chunk):
         N, V = h.shape[0], W.shape[0]
-        c = _head_chunk_rows(chunk, N, V)
+        compiling = _losses.is_compiling()
+        c = _head_chunk_rows(chunk, None if compiling else N, V)
         logp = h.new_empty((N,), dtype=cd)
         H = torch.empty_like(logp)
         L = torch.empty_like(logp)
-        for s in range(0, N, c):
-            e = min(s + c, N)
+        for s, e in _head_chunks(N, c, compiling):
             z = F.linear(h[s:e], W, b)
             # the op (eager: token_forward chunk by chunk; compiled: its lowering, one read of
             # the chunk's logits, per-row outputs realised per chunk so each chunk's logits
@@ -1004,8 +1031,7 @@ class _LinearTokenRows(torch.autograd.Function):
         grads = _head_grads_init(h, W, b, needs, cd)
         dep = g_lp if g_lp is not None else g_H
         compiling = _losses.is_compiling()
-        for s in range(0, h.shape[0], c):
-            e = min(s + c, h.shape[0])
+        for s, e in _head_chunks(h.shape[0], c, compiling):
             # compiled, the chunk's rows pass through ger::after_grad so that this matmul
             # stays in the backward (see ops/distill.py); the same numbers either way
             hc = torch.ops.ger.after_grad(h[s:e], dep) if compiling else h[s:e]

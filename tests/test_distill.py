@@ -627,6 +627,41 @@ def _three_heads(N, H, Vh, c, seed=3):
     return f, [*hs, W]
 
 
+def test_compiled_chunked_heads_take_symbolic_lengths():
+    """A sequence length per step: the chunked heads compile once for the first length and
+    once, with a symbolic length, for a bucket of lengths that need the same number of
+    chunks (1, 2, 3, 4, 6, 8, ... of at most chunk_size rows), values and gradients eager's.
+    Before, the chunk loop over N guarded on N's value: a graph per length."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    H, Vh, c = 8, 64, 16
+    g = torch.Generator().manual_seed(5)
+    W = (0.3 * torch.randn(Vh, H, generator=g)).requires_grad_()
+    Wt = 0.3 * torch.randn(Vh, H, generator=g)
+
+    def f(h1, h2, h3, ht2, ht3, y, w):
+        st = ger_linear_token_stats(h1, W, y, temperature=0.9, chunk_size=c)
+        rows = ger_linear_distill_loss(h2, W, ht2, Wt, beta=0.5, reduction="none", chunk_size=c)
+        hard = ger_linear_distill_loss(h3, W, ht3, Wt, y, beta=0.3, temperature=2.0, hard_weight=0.4,
+                                       chunk_size=c)
+        return (st.logp * w).sum() - 0.1 * st.entropy.sum() + (rows * w).sum() + hard
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter)
+    torch._dynamo.reset()
+    # 20: the first, static graph; 27 and 30: bucket (16, 32] (2 chunks), one symbolic graph;
+    # 40: (32, 48] (3 chunks), one more
+    for N, graphs in ((20, 1), (27, 2), (30, 2), (40, 3)):
+        hs = [torch.randn(N, H, generator=g, requires_grad=True) for _ in range(3)]
+        rest = [torch.randn(N, H, generator=g), torch.randn(N, H, generator=g),
+                torch.randint(0, Vh, (N,), generator=g), torch.rand(N, generator=g)]
+        got, want = compiled(*hs, *rest), f(*hs, *rest)
+        _close(got, want, 1e-5)
+        for x, z in zip(_grads(got, [*hs, W]), _grads(want, [*hs, W])):
+            _close(x, z, 1e-5)
+        assert counter.frame_count == graphs, (N, counter.frame_count)
+
+
 def test_compiled_chunked_heads_save_no_logits():
     """Traced by torch.compile, the chunked heads save no (chunk, V) tensor for the
     backward. Before ger::after_grad, AOT autograd's partitioner moved the backward's

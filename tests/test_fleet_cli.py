@@ -100,19 +100,27 @@ def test_cli_dump_a_script(tmp_path):
     assert {"00_input.py", "report.json"} <= set(os.listdir(out / folder))
 
 
-def test_cli_demo_quick():
-    r = _cli("demo", "--quick", "--repeat", "1", timeout=900)
+def test_cli_demo_one_workload():
+    """The demo CLI end to end on its loss workload (``--only``; the LM step's fused head
+    is tested on the same TinyLM in tests/test_dynamic.py, without the CLI's timing):
+    one table, eager / inductor / ger rows, eager's numbers, the rewrite named, progress
+    on stderr."""
+    r = _cli("demo", "--only", "h(p) LOSS", "--repeat", "1", timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "all results match eager" in r.stdout
     assert r.stdout.count("workload ") == 1  # one table
-    for workload in ("LM train step", "CE - 0.1 H(p) loss"):
-        backends = [line[len(workload):].split()[0] for line in r.stdout.splitlines() if line.startswith(workload + " ")]
-        assert backends == ["eager", "inductor", "ger"], r.stdout
-    lm_ger = next(line for line in r.stdout.splitlines() if line.startswith("LM train step") and " ger " in line)
-    assert "lm_head/linear+loss x1" in lm_ger  # the head was fused with the unmodified loss
-    loss_ger = next(line for line in r.stdout.splitlines() if line.startswith("CE - 0.1") and " ger " in line)
-    assert "loss_entropy/entropy x1" in loss_ger
-    assert "[" in r.stderr and "LM train step: ger" in r.stderr  # progress, on stderr
+    workload = "CE - 0.1 H(p) loss"
+    rows = [line for line in r.stdout.splitlines() if line.startswith(workload + " ")]
+    assert [line[len(workload):].split()[0] for line in rows] == ["eager", "inductor", "ger"], r.stdout
+    assert not any(line.startswith(("LM train step ", "CNN ")) for line in r.stdout.splitlines()), r.stdout
+    assert "loss_entropy/entropy x1" in rows[2]
+    assert "[" in r.stderr and f"{workload}: ger" in r.stderr  # progress, on stderr
+
+
+def test_cli_demo_only_names_a_workload():
+    r = _cli("demo", "--only", "no such workload")
+    assert r.returncode == 2
+    assert "names no workload" in r.stderr and "LM train step" in r.stderr
 
 
 def test_profile_layout_choice_reaches_inductor_config():
