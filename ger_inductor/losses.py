@@ -499,14 +499,16 @@ class RowStats(NamedTuple):
     zmin: Tensor | None = None
 
 
-def row_stats(logits: Tensor, target: Tensor, alpha: float, ignore_index: int, extras: bool, chunk: int,
+def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index: int, extras: bool, chunk: int,
               class_dim: int = -1, smooth_eps: float | None = None, smooth_weight: Tensor | None = None,
               zmin: bool = False) -> RowStats:
     """The op's statistics for every row of ``logits`` (classes in ``class_dim``), each
     shaped like the logits without the class dimension. With ``smooth_eps`` and
     ``smooth_weight`` (F.cross_entropy's weighted label smoothing) the op's regulariser
     uses u = w / V (``smoothing_target``). ``zmin``: also each row's smallest logit
-    (where eager's products p * log p are NaN, see ``row_statistic``)."""
+    (where eager's products p * log p are NaN, see ``row_statistic``). ``target`` None:
+    statistics that need none (an entropy alone); the op gets class 0 and its nll is
+    not read (its gradient is none)."""
     cd = class_dim % logits.dim()
     V = logits.shape[cd]
     A = math.prod(logits.shape[:cd])
@@ -516,7 +518,9 @@ def row_stats(logits: Tensor, target: Tensor, alpha: float, ignore_index: int, e
     if smooth_weight is not None:
         st = smoothing_target(smooth_eps, smooth_weight, None, V, cdt)
         u, log_u = st.u, st.log_u
-    if target.dtype == torch.uint8:
+    if target is None:
+        target = torch.zeros((A, D), dtype=torch.long, device=logits.device)
+    elif target.dtype == torch.uint8:
         target = target.long()
     rows = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1:])
     # before the op, on the op's (A, V, D) view: Inductor then computes it in the loop

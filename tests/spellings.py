@@ -154,6 +154,33 @@ def z_loss(z, y):
     return F.cross_entropy(z, y) + 1e-3 * torch.logsumexp(z, -1).pow(2).mean()
 
 
+def cp_temperature_one_softmax(z, y):
+    """The entropy of softmax(z / T), the CE on z: two logits tensors, one op each (the
+    entropy's op has no target)."""
+    p = F.softmax(z / 2.0, -1)
+    return F.cross_entropy(z, y) - BETA * (-(p * p.log()).sum(-1).mean())
+
+
+def entropy_bonus_verl(z, y):
+    """A policy's entropy alone, masked mean over tokens (verl's entropy_from_logits: no
+    target, no cross-entropy on these logits)."""
+    pd = torch.nn.functional.softmax(z, dim=-1)
+    entropy = torch.logsumexp(z, dim=-1) - torch.sum(pd * z, dim=-1)
+    mask = (y % 4 != 0).float()
+    return -BETA * (entropy * mask).sum() / mask.sum()
+
+
+def entropy_categorical_alone(z, y):
+    """torch.distributions' entropy of a policy, alone (an entropy bonus, A2C style)."""
+    return -BETA * torch.distributions.Categorical(logits=z).entropy().mean()
+
+
+def kl_uniform_alone(z, y):
+    """A KL to the uniform alone (a confidence regulariser without the CE term)."""
+    lp = F.log_softmax(z, -1)
+    return F.kl_div(lp, torch.full_like(lp, 1.0 / z.shape[-1]), reduction="batchmean")
+
+
 #: every spelling the rewrite recognises, and the patterns the report must show
 RECOGNISED = {
     "ce_plain": (ce_plain, {"cross_entropy"}),
@@ -175,15 +202,14 @@ RECOGNISED = {
     "kl_uniform_p_u": (kl_uniform_p_u, {"cross_entropy", "kl_div"}),
     "ger_reference_torch": (ger_reference_torch, {"nll_loss(log_softmax)", "entropy", "ger_mixture_term"}),
     "z_loss": (z_loss, {"cross_entropy"}),
+    "cp_temperature_one_softmax": (cp_temperature_one_softmax, {"cross_entropy", "entropy"}),
+    "entropy_bonus_verl": (entropy_bonus_verl, {"entropy"}),
+    "entropy_categorical_alone": (entropy_categorical_alone, {"entropy"}),
+    "kl_uniform_alone": (kl_uniform_alone, {"kl_div"}),
 }
 
 
 # ----------------------------------------------------------------------------- near-misses
-def nm_temperature_one_softmax(z, y):
-    p = F.softmax(z / 2.0, -1)
-    return F.cross_entropy(z, y) - BETA * (-(p * p.log()).sum(-1).mean())
-
-
 def nm_entropy_other_dim(z, y):
     lp = F.log_softmax(z, -1)
     return F.cross_entropy(z, y) - BETA * (-(lp.exp() * lp).sum(0).mean())
@@ -214,7 +240,6 @@ def nm_gather_beside_ce_ignoring_a_valid_class(z, y):
 
 #: near-misses and a word their reason must contain
 NEAR_MISSES = {
-    "nm_temperature_one_softmax": (nm_temperature_one_softmax, "temperature"),
     "nm_entropy_other_dim": (nm_entropy_other_dim, "dimension other than the classes"),
     "nm_logprobs_used_elsewhere": (nm_logprobs_used_elsewhere, "also used by"),
     "nm_soft_targets": (nm_soft_targets, "soft targets"),

@@ -289,6 +289,7 @@ def rewrite_only(reports: list, families=("loss_entropy",)):
 NEEDS_STATIC_CLASSES = {
     "kl_uniform_u_p": loss_entropy.SYMBOLIC_SCALAR_REASON,
     "ger_reference_torch": loss_entropy.SYMBOLIC_SCALAR_REASON,
+    "kl_uniform_alone": loss_entropy.SYMBOLIC_SCALAR_REASON,
 }
 
 

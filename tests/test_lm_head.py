@@ -365,6 +365,9 @@ NEAR_MISSES = {
         m.head(h)), "leave the graph at a graph break"),
     "rows_reordered_by_a_transpose": (lambda m, h, y: F.cross_entropy(m.head(h).transpose(0, 1).reshape(-1, V),
                                                                        y.t().reshape(-1)), "reorders the rows"),
+    # a policy's entropy bonus alone (verl's entropy_from_logits): the loss pass rewrites it
+    # without a target; the fused head needs one
+    "entropy_alone_no_target": (lambda m, h, y: -spellings.entropy_bonus_verl(m.head(h), y), "need no target"),
 }
 
 

@@ -254,6 +254,11 @@ NAN_SPELLINGS = {
     "fairseq_label_smoothing": (spellings.ls_fairseq, {"target_log_prob", "sum_log_probs"}),
     "ger_mixture": (spellings.ger_reference_torch, {"nll_loss(log_softmax)", "entropy", "ger_mixture_term"}),
     "z_loss": (spellings.z_loss, {"cross_entropy"}),
+    # no cross-entropy on the logits: the op gets no target
+    "entropy_alone_lse_minus_pz": (spellings.entropy_bonus_verl, {"entropy"}),  # 0 * -inf: NaN where z = -inf
+    "entropy_alone_categorical": (spellings.entropy_categorical_alone, {"entropy"}),
+    "kl_uniform_alone": (spellings.kl_uniform_alone, {"kl_div"}),
+    "entropy_of_other_temperature": (spellings.cp_temperature_one_softmax, {"cross_entropy", "entropy"}),
 }
 BAD = ["-inf", "nan", "underflow", "masked", "+inf"]
 

@@ -220,6 +220,10 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
                 return miss(f"a permutation between the lm head and the loss ({cur.name}) reorders the rows", cur)
         return None
     h, weight, weight_t, bias, module = lin
+    if target is None:
+        return miss("the loss statistics on this lm head's logits need no target (an entropy alone): the fused head "
+                    "is built around a target; ger_linear_token_stats returns a head's per-token entropy without "
+                    "the N x V logits")
     for n in chain:
         if _is(n, _CASTS):
             a, b = _dtype(n.args[0]), _dtype(n)

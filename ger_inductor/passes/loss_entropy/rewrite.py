@@ -151,7 +151,7 @@ def _set_strategy_of_existing_ops(gm: fx.GraphModule, ctx) -> bool:
 
 @dataclasses.dataclass
 class Plan:
-    target: fx.Node
+    target: fx.Node | tuple | None  # None: statistics that need no target (an entropy alone)
     ignore_index: int
     alpha: float
     extras: bool
@@ -174,10 +174,11 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
     if len(ces) > 1:
         return refuse("several cross-entropy losses on one logits tensor")
     targets = ([ces[0].ce["target"]] if ces else []) + list(zy_targets.values())
-    if not targets:
-        if all(c.kind == "row" and set(c.row.coefs) <= {"L"} for c in group):
-            return None  # a logsumexp of some tensor: nothing to do with a loss
-        return refuse("entropy/KL term without a cross-entropy on the same logits (e.g. a temperature inside only one softmax): not a GER loss")
+    if not targets and all(c.kind == "row" and set(c.row.coefs) <= {"L"} for c in group):
+        return None  # a logsumexp of some tensor: nothing to do with a loss
+    # no target (an entropy bonus, a KL to the uniform alone, a policy's entropy logged
+    # per token): the op computes every statistic of a row without one; it is given none
+    # (``losses.row_stats``: a class-0 target whose nll nothing reads)
     if len({_strip_views(t) if isinstance(t, fx.Node) else t[1] for t in targets}) > 1:
         return refuse("statistics of one logits tensor with different targets")
     # vocabulary-level intermediates must not be used elsewhere (they would stay materialised)
@@ -216,7 +217,7 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
                       "is a valid class")
     extras = bool(needed & {"ez", "plogm"})
     ignore_index = ce.ce["ignore_index"] if ce is not None else NO_IGNORE
-    return Plan(targets[0], ignore_index, alpha, extras, ce, smooth, vocab)
+    return Plan(targets[0] if targets else None, ignore_index, alpha, extras, ce, smooth, vocab)
 
 
 def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], ctx) -> bool:
@@ -259,7 +260,8 @@ def _hoist_operands(g: fx.Graph, group: list[Candidate], plan: Plan, ctx) -> boo
     first = min((c.node for c in group), key=_order(g))
     pos = {n: i for i, n in enumerate(g.nodes)}
     target = plan.target[1] if isinstance(plan.target, tuple) else plan.target
-    operands = [target] + ([plan.smooth[1]] if plan.smooth and isinstance(plan.smooth[1], fx.Node) else [])
+    operands = ([target] if target is not None else []) + \
+        ([plan.smooth[1]] if plan.smooth and isinstance(plan.smooth[1], fx.Node) else [])
     late: set = set()
 
     def collect(n) -> bool:
