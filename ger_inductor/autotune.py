@@ -308,17 +308,35 @@ def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], 
 def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds: int = ROUNDS) -> dict[str, Timing]:
     """Each step timed in ``rounds`` interleaved rounds after two warm-up calls (the
     first compiles a lazily compiled backward), with ``measure.time_step`` (CUDA events
-    on CUDA); per round as many calls as fit ``ROUND_SECONDS`` (at least one)."""
+    on CUDA); per round as many calls as fit ``ROUND_SECONDS`` (at least one). Two forms
+    whose samples are far apart after ``MIN_ROUNDS`` rounds stop there (``_decided``)."""
     est = {name: time_step(step, device, 1, 1)[0] / 1e3 for name, step in steps.items()}
     repeat = {n: max(1, min(MAX_REPEAT, int(ROUND_SECONDS / max(t, 1e-6)))) for n, t in est.items()}
     # slow steps: fewer rounds (at least 3), so one measurement stays within ~4 s of calls
     per_round = sum(repeat[n] * est[n] for n in steps)
     rounds = max(3, min(rounds, int(4.0 / max(per_round, 1e-6))))
     samples: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, step in steps.items():
             samples[name] += time_step(step, device, 0, repeat[name])
+        if r + 1 >= MIN_ROUNDS and r + 1 < rounds and _decided(samples):
+            break
     return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
+
+
+#: rounds before a measurement may stop early, and the gap that stops it: every call of
+#: the faster form beat every call of the slower, and the medians differ by more than
+#: this fraction (three times the tie tolerance): more rounds would not change the choice
+MIN_ROUNDS = 3
+DECIDED_GAP = 3 * TOLERANCE
+
+
+def _decided(samples: dict[str, list[float]]) -> bool:
+    """Whether two forms' samples so far leave no doubt which is faster (see DECIDED_GAP)."""
+    if len(samples) != 2:
+        return False
+    a, b = sorted(samples.values(), key=statistics.median)
+    return max(a) < min(b) and statistics.median(a) < statistics.median(b) * (1.0 - DECIDED_GAP)
 
 
 def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patches: dict[str, Any]) -> dict[str, Timing]:

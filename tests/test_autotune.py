@@ -77,6 +77,34 @@ def test_a_heavier_fused_form_is_never_kept():
     assert autotune.choose(unknown, slow_lean, fused_leaner=False) == "ger"
 
 
+def test_timing_stops_early_only_when_the_forms_are_far_apart(monkeypatch):
+    """After MIN_ROUNDS rounds a measurement stops where every call of one form beat every
+    call of the other and the medians are more than DECIDED_GAP apart; near a tie, or with
+    overlapping samples, it runs all its rounds."""
+    def run(times: dict) -> dict:
+        calls = {n: 0 for n in times}
+
+        def fake_time_step(step, device, warmup, repeat):
+            name = step()
+            calls[name] += 1
+            seq = times[name]
+            return [seq[(calls[name] - 1) % len(seq)]] * repeat
+
+        monkeypatch.setattr(autotune, "time_step", fake_time_step)
+        got = autotune.time_forms({n: (lambda n=n: n) for n in times}, torch.device("cpu"), rounds=5)
+        return {n: t.calls for n, t in got.items()}, calls
+
+    far = {"ger": [100.0], "inductor": [120.0]}  # 17 % apart, no overlap
+    counts, calls = run(far)
+    assert calls == {"ger": 1 + autotune.MIN_ROUNDS, "inductor": 1 + autotune.MIN_ROUNDS}  # estimate + 3 rounds
+    tie = {"ger": [100.0], "inductor": [104.0]}  # within the gap: every round
+    _, calls = run(tie)
+    assert calls == {"ger": 6, "inductor": 6}
+    overlap = {"ger": [100.0, 100.0, 130.0], "inductor": [120.0]}  # far medians, overlapping samples
+    _, calls = run(overlap)
+    assert calls == {"ger": 6, "inductor": 6}
+
+
 def test_peak_alloc_bytes_sees_the_allocations_of_one_call():
     from ger_inductor.measure import peak_alloc_bytes
 
