@@ -627,6 +627,28 @@ def _three_heads(N, H, Vh, c, seed=3):
     return f, [*hs, W]
 
 
+def test_compiled_head_chunks_cover_the_rows_within_the_chunk_size():
+    """The compiled heads' chunking: contiguous chunks covering [0, N), none over c rows,
+    their count the first of 1, 2, 3, 4, 6, 8, 12, 16, ... that fits (eagerly: c-row chunks)."""
+    from ger_inductor.distill import _head_chunks
+
+    counts = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    for c in (1, 5, 64, 523):
+        for N in (1, 2, c - 1, c, c + 1, 3 * c, 5 * c, 7 * c + 3, 40 * c + 1):
+            if N < 1:
+                continue
+            for compiling in (False, True):
+                chunks = _head_chunks(N, c, compiling)
+                assert chunks[0][0] == 0 and chunks[-1][1] == N, (N, c, chunks)
+                assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), (N, c, chunks)
+                assert all(0 <= e - s <= c for s, e in chunks), (N, c, chunks)
+                if compiling:
+                    K = next(k for k in counts if N <= k * c)
+                    assert len(chunks) == K, (N, c, len(chunks))
+                else:
+                    assert len(chunks) == -(-N // c)
+
+
 def test_compiled_chunked_heads_take_symbolic_lengths():
     """A sequence length per step: the chunked heads compile once for the first length and
     once, with a symbolic length, for a bucket of lengths that need the same number of
