@@ -270,6 +270,18 @@ def test_spelling_nan_inf_like_eager(name, bad):
     _check_rewrite(fn, _logits(bad), _targets(), AOT, patterns)
 
 
+@pytest.mark.parametrize("options", [AOT, INDUCTOR], ids=["aot", "inductor"])
+@pytest.mark.parametrize("name", ["entropy_alone_lse_minus_pz", "entropy_alone_categorical", "kl_uniform_alone"])
+def test_statistics_without_a_target_ignore_class_zero(name, options):
+    """With no cross-entropy the op is given class 0 as its target (losses.row_stats); a
+    -inf logit there (nll = +inf, unread) changes nothing: eager's values and gradients,
+    NaN where eager's are (the entropy of logsumexp - sum(p z) is NaN there eagerly)."""
+    fn, patterns = NAN_SPELLINGS[name]
+    z = _logits()
+    z[:, 0] = -math.inf
+    _check_rewrite(fn, z, _targets(), options, patterns)
+
+
 def test_the_cases_differ_eagerly():
     """The oracle has teeth: the spellings disagree with each other where the op alone
     (0 log 0 = 0) would give one answer."""
