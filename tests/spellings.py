@@ -170,6 +170,20 @@ def entropy_bonus_verl(z, y):
     return -BETA * (entropy * mask).sum() / mask.sum()
 
 
+def entropy_verl_chunked(z, y):
+    """verl's entropy_from_logits_with_chunking: the entropy row block by row block, written
+    into a preallocated vector (to save memory), then a masked mean: one op per block."""
+    chunk_size = max(16, z.shape[0] // 2)  # verl's default is 2048 rows; two blocks here at any size
+    entropy = torch.zeros(z.shape[0], device=z.device)
+    for i in range(0, z.shape[0], chunk_size):
+        logits_chunk = z[i:i + chunk_size].float()
+        pd_chunk = torch.nn.functional.softmax(logits_chunk, dim=-1)
+        entropy_chunk = torch.logsumexp(logits_chunk, dim=-1) - torch.sum(pd_chunk * logits_chunk, dim=-1)
+        entropy[i:i + chunk_size] = entropy_chunk
+    mask = (y % 4 != 0).float()
+    return -BETA * (entropy * mask).sum() / mask.sum()
+
+
 def entropy_categorical_alone(z, y):
     """torch.distributions' entropy of a policy, alone (an entropy bonus, A2C style)."""
     return -BETA * torch.distributions.Categorical(logits=z).entropy().mean()
@@ -204,6 +218,7 @@ RECOGNISED = {
     "z_loss": (z_loss, {"cross_entropy"}),
     "cp_temperature_one_softmax": (cp_temperature_one_softmax, {"cross_entropy", "entropy"}),
     "entropy_bonus_verl": (entropy_bonus_verl, {"entropy"}),
+    "entropy_verl_chunked": (entropy_verl_chunked, {"entropy"}),
     "entropy_categorical_alone": (entropy_categorical_alone, {"entropy"}),
     "kl_uniform_alone": (kl_uniform_alone, {"kl_div"}),
 }

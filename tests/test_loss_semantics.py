@@ -257,6 +257,7 @@ NAN_SPELLINGS = {
     # no cross-entropy on the logits: the op gets no target
     "entropy_alone_lse_minus_pz": (spellings.entropy_bonus_verl, {"entropy"}),  # 0 * -inf: NaN where z = -inf
     "entropy_alone_categorical": (spellings.entropy_categorical_alone, {"entropy"}),
+    "entropy_alone_row_blocks": (spellings.entropy_verl_chunked, {"entropy"}),
     "kl_uniform_alone": (spellings.kl_uniform_alone, {"kl_div"}),
     "entropy_of_other_temperature": (spellings.cp_temperature_one_softmax, {"cross_entropy", "entropy"}),
 }
