@@ -21,10 +21,13 @@ all reduce to the same statistics. The reductions are replaced by O(rows) combin
 of the op's outputs; everything downstream (beta, masks, means over positions) is left
 as the user wrote it. The N x V intermediates become dead and are removed.
 
-Refused (near-misses, with the reason): a logits tensor whose regulariser has no
-cross-entropy on the same logits (e.g. a temperature inside only one softmax), a
-reduction over another dimension, a log-probability tensor also used elsewhere, soft
-targets, products that are not entropy-like, several targets on one logits tensor.
+Statistics that need no target (an entropy or a KL to the uniform with no
+cross-entropy on the same logits: a policy's entropy bonus) are computed by the op
+without one (``losses.row_stats(target=None)``).
+
+Refused (near-misses, with the reason): a reduction over another dimension, a
+log-probability tensor also used elsewhere, soft targets, products that are not
+entropy-like, several targets on one logits tensor.
 
 Layout: ``algebra`` (the values, no FX), ``evaluate`` (node -> value by op spelling),
 ``classify`` (loss-like reductions), ``rewrite`` (plan and graph rewrite, ``run``).
