@@ -159,17 +159,6 @@ def _chunk_rows(chunk_size: Optional[int], R: int, V: int) -> int:
     return max(1, min(c, R))
 
 
-def _head_chunk_rows(chunk_size: Optional[int], N, V: int) -> int:
-    """Rows per chunk of a chunked lm head: ``chunk_size``, or by default the rows of a
-    ~256 MiB fp32 (rows, V) buffer (64..4096), as ``ger_linear_loss``. Each chunk's
-    matmuls read the whole (V, H) weight and add into the whole grad_W, so at a large
-    head (V=128256, H=1024: 512 MiB) small chunks pay that traffic once per chunk; and
-    under ``torch.compile`` the chunk loop is unrolled, so compile time grows with it.
-    ``N`` None (under ``torch.compile``, where N may be symbolic): not capped at N, which
-    would guard on it; :func:`_head_chunks` spreads the rows."""
-    return _lin.rows_per_chunk(chunk_size or 0, 1 << 62 if N is None else N, V)
-
-
 def _next_chunk_count(K: int) -> int:
     """1, 2, 3, 4, 6, 8, 12, 16, 24, ...: the chunk counts a compiled head may take."""
     if K < 4:
@@ -177,9 +166,15 @@ def _next_chunk_count(K: int) -> int:
     return K + K // 2 if K & (K - 1) == 0 else K // 3 * 4
 
 
-def _head_chunks(N, c: int, compiling: bool) -> list:
-    """The (start, end) rows of each chunk of a chunked lm head of ``N`` rows, at most
-    ``c`` rows each. Eagerly: chunks of c rows. Under ``torch.compile`` N is symbolic after
+def _head_chunks(N, chunk_size: Optional[int], V: int, compiling: bool) -> list:
+    """The (start, end) rows of each chunk of a chunked lm head of ``N`` rows and ``V``
+    classes, at most c rows each: ``chunk_size``, or by default the rows of a ~256 MiB
+    fp32 (rows, V) buffer (64..4096), as ``ger_linear_loss``. (Each chunk's matmuls read
+    the whole (V, H) weight and add into the whole grad_W, so at a large head - V=128256,
+    H=1024: 512 MiB - small chunks pay that traffic once per chunk; and under
+    ``torch.compile`` the chunk loop is unrolled, so compile time grows with it.)
+
+    Eagerly: chunks of c rows. Under ``torch.compile`` N is symbolic after
     a second sequence length (or with ``dynamic=True``), and a Python loop over it guards
     on its value: a recompile per length (Dynamo shows a symbolic N as an int, so the two
     cases cannot be told apart here). There it takes K chunks of about N / K rows with
@@ -189,7 +184,9 @@ def _head_chunks(N, c: int, compiling: bool) -> list:
     rows. (A static N gets the same chunks, folded: at most 4/3 the chunks of c rows from
     5 chunks on, the same count below.)"""
     if not compiling:
+        c = _lin.rows_per_chunk(chunk_size or 0, N, V)
         return [(s, min(s + c, N)) for s in range(0, N, c)]
+    c = _lin.rows_per_chunk(chunk_size or 0, 1 << 62, V)  # not capped at N: that would guard on it
     K = 1
     while N > K * c:  # a guard per comparison: the bucket of N
         K = _next_chunk_count(K)
@@ -647,21 +644,20 @@ def linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg: DistillConfig, chunk: 
     V = Ws.shape[0]
     cd = cfg.cd
     compiling = _losses.is_compiling()
-    c = _head_chunk_rows(chunk, None if compiling else N, V)
     D = hs.new_empty((N,), dtype=cd)
     nll = hs.new_empty((N,) if cfg.hard else (0,), dtype=cd)
     grads = coefs is not None
     gs = _head_grads_init(hs, Ws, bs, needs_s if grads else 0, cd)
     gt = _head_grads_init(ht, Wt, bt, needs_t if grads else 0, cd)
     cfg_args = (cfg.kind, cfg.beta, cfg.wt, cfg.ws, cfg.T, cfg.hard, cfg.ignore_index)
-    for s, e in _head_chunks(N, c, compiling):
+    want = grads and bool(needs_s or needs_t)
+    for s, e in _head_chunks(N, chunk, V, compiling):
         hsc, htc = hs[s:e], ht[s:e]
         if compiling and in_backward:
             hsc, htc = torch.ops.ger.after_grad(hsc, coefs), torch.ops.ger.after_grad(htc, coefs)
         zs = F.linear(hsc, Ws, bs).to(cd)
         zt = F.linear(htc, Wt, bt).to(cd)
         yc = None if y is None else y[s:e]
-        want = grads and bool(needs_s or needs_t)
         if compiling:
             d_, n_, *stats = torch.ops.ger.distill_fwd(zs, zt, yc, *cfg_args, 0, _ops_distill.REV)
         else:
@@ -1002,18 +998,17 @@ class _LinearTokenRows(torch.autograd.Function):
     def forward(ctx, h, W, b, y, T, cd, chunk):
         N, V = h.shape[0], W.shape[0]
         compiling = _losses.is_compiling()
-        c = _head_chunk_rows(chunk, None if compiling else N, V)
         logp = h.new_empty((N,), dtype=cd)
         H = torch.empty_like(logp)
         L = torch.empty_like(logp)
-        for s, e in _head_chunks(N, c, compiling):
+        for s, e in _head_chunks(N, chunk, V, compiling):
             z = F.linear(h[s:e], W, b)
             # the op (eager: token_forward chunk by chunk; compiled: its lowering, one read of
             # the chunk's logits, per-row outputs realised per chunk so each chunk's logits
             # are freed before the next chunk's matmul)
             logp[s:e], H[s:e], L[s:e] = torch.ops.ger.token_fwd(z, y[s:e], T, 0, _ops_distill.REV)
         ctx.save_for_backward(h, W, b, y, L, H)
-        ctx.T, ctx.cd, ctx.chunk = T, cd, c
+        ctx.T, ctx.cd, ctx.chunk = T, cd, chunk
         ctx.set_materialize_grads(False)
         return logp, H
 
@@ -1027,11 +1022,11 @@ class _LinearTokenRows(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("ger_linear_token_stats: a double backward (backward(create_graph=True)) is not "
                                "supported; use ger_token_stats on materialised logits for higher-order gradients")
-        T, cd, c = ctx.T, ctx.cd, ctx.chunk
+        T, cd = ctx.T, ctx.cd
         grads = _head_grads_init(h, W, b, needs, cd)
         dep = g_lp if g_lp is not None else g_H
         compiling = _losses.is_compiling()
-        for s, e in _head_chunks(h.shape[0], c, compiling):
+        for s, e in _head_chunks(h.shape[0], ctx.chunk, W.shape[0], compiling):
             # compiled, the chunk's rows pass through ger::after_grad so that this matmul
             # stays in the backward (see ops/distill.py); the same numbers either way
             hc = torch.ops.ger.after_grad(h[s:e], dep) if compiling else h[s:e]

@@ -638,7 +638,7 @@ def test_compiled_head_chunks_cover_the_rows_within_the_chunk_size():
             if N < 1:
                 continue
             for compiling in (False, True):
-                chunks = _head_chunks(N, c, compiling)
+                chunks = _head_chunks(N, c, 50, compiling)
                 assert chunks[0][0] == 0 and chunks[-1][1] == N, (N, c, chunks)
                 assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), (N, c, chunks)
                 assert all(0 <= e - s <= c for s, e in chunks), (N, c, chunks)
