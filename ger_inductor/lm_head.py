@@ -13,6 +13,7 @@ backward sweeps the chunks again (see ``ops/linear_loss.py``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -58,7 +59,8 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
                      ignore_index: int, extras: bool, chunk: int, smooth_eps: float | None = None,
                      smooth_weight: Tensor | None = None, coefs: Tensor | None = None, needs: int = 0,
                      base: Tensor | None = None, unroll: int = 0, log_base: Tensor | None = None,
-                     logits: bool = False) -> LinearStats:
+                     logits: bool = False, temperature: float = 1.0, low_div: bool = False,
+                     tail: Callable | None = None, tail_inputs: tuple = ()) -> LinearStats:
     """The op's statistics of ``h @ weight.T + bias`` against ``target``, each shaped like
     ``target`` (``h`` is ``target.shape + (H,)``). With ``coefs`` (4, *target.shape) the
     statistics are constants and ``grad_*`` hold the gradients of
@@ -73,7 +75,17 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 
     ``logits=True``: the op also writes the logits (``h.shape[:-1] + (V,)``, the input
     dtype), chunk by chunk as it forms them, for a graph that returns them; they are not
-    differentiable here (``logits_output`` gives them their gradient)."""
+    differentiable here (``logits_output`` gives them their gradient).
+
+    ``temperature``: the statistics are of ``(h @ weight.T + bias) / temperature``, divided
+    in the compute dtype, or with ``low_div`` in the input dtype before the upcast (the
+    returned logits are the undivided head output).
+
+    ``tail(stats, *tail_inputs) -> loss`` (instead of ``coefs``): a loss that is a sum of
+    per-row terms, non-linear in each row's statistics (a PPO objective): the gradients are
+    formed in the forward, each chunk's coefficients being d loss / d statistics at that
+    chunk's statistics (``rowwise_coefficients``). The chunk loop is then unrolled (static
+    rows only)."""
     H = h.shape[-1]
     V = weight.shape[0]
     cdt = _loss_op.compute_dtype(h.dtype)
@@ -83,6 +95,14 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
         u, log_u = st.u, st.log_u
     flat_coefs = None if coefs is None else coefs.reshape(4, -1)
     N = target.numel()
+    if tail is not None:
+        nll, reg, lse, ent, aux, gh, gw, gb = _op.unrolled(
+            h.reshape(-1, H), weight, bias, target.reshape(-1), u, log_u, float(alpha), int(ignore_index),
+            bool(extras), int(chunk), None, int(needs), None, float(temperature), bool(low_div),
+            coef_fn=rowwise_coefficients(tail, tail_inputs, target.shape, extras, cdt))
+        rows = target.shape
+        return LinearStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows),
+                           ent.reshape(rows) if extras else ent, aux.reshape(rows), gh, gw, gb, h.new_empty((0,)))
     fn = torch.ops.ger.linear_loss_fwd
     if unroll and not logits and isinstance(N, int) and N > 0 and (coefs is not None or needs == 0):
         if -(-N // _op.rows_per_chunk(chunk, N, V)) <= unroll:
@@ -90,12 +110,35 @@ def linear_row_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     out = fn(
         h.reshape(-1, H), weight, bias, target.reshape(-1), u, log_u, float(alpha),
         int(ignore_index), bool(extras), int(chunk), flat_coefs, int(needs), [*h.shape[:-1], V] if logits else None,
+        float(temperature), bool(low_div),
     )
     rows = target.shape
     nll, reg, lse, ent, aux, gh, gw, gb = out[:8]
     lo = out[8] if logits else h.new_empty((0,))
     return LinearStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows), ent.reshape(rows) if extras else ent,
                        aux.reshape(rows), gh, gw, gb, lo)
+
+
+def rowwise_coefficients(tail: Callable, tail_inputs: tuple, rows, extras: bool, dtype: torch.dtype) -> Callable:
+    """``coef_fn`` for ``ops.linear_loss.unrolled``: the (4, e - s) coefficients of rows
+    s:e are d tail(stats) / d (nll, reg, lse, ent) at statistics that hold the chunk's own
+    values in rows s:e (zeros elsewhere). Exact for a loss that is a sum of per-row terms
+    (the pass checks it): a row's derivative then depends on that row's statistics only."""
+    N = math.prod(rows)
+
+    def coef_fn(s, e, nll, reg, lse, ent, aux):
+        empty = torch.zeros((0,), dtype=dtype, device=nll.device)
+        with torch.enable_grad():
+            def full(x, grad: bool):
+                f = torch.nn.functional.pad(x.detach().to(dtype), (s, N - e)).reshape(rows)
+                return f.requires_grad_() if grad else f
+
+            leaves = LinearStats(full(nll, True), full(reg, True), full(lse, True),
+                                 full(ent, True) if extras else empty, full(aux, False), empty, empty, empty, empty)
+            loss = tail(leaves, *tail_inputs)
+        return stat_coefficients(loss, leaves).reshape(4, -1)[:, s:e]
+
+    return coef_fn
 
 
 def stat_leaves(target: Tensor, dtype: torch.dtype, extras: bool) -> LinearStats:

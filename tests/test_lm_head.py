@@ -6,6 +6,7 @@ with backend="ger" for 20 steps against eager; peak memory in a subprocess."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -229,8 +230,60 @@ def _hf_causal_lm_loss(m, h, y):
     return loss / (labels != -100).sum(), logits
 
 
+def _token_inputs(y):
+    """What a PPO step reads besides the policy, from the sampled tokens: old and
+    reference log-probs, advantages, a mask (none depends on the head)."""
+    yf = y.clamp_min(0).float()
+    return torch.sin(yf) - 4.0, torch.cos(yf) - 4.0, torch.sin(3 * yf), (y >= 0).float()
+
+
+def _ppo(logits, y, per_sequence=False):
+    """verl / TRL style: log_softmax, gather at the sampled tokens, entropy from
+    softmax * log_softmax, the k3 KL to the reference, a clipped ratio, masked means."""
+    old, ref, adv, mask = _token_inputs(y)
+    lp = F.log_softmax(logits, dim=-1)
+    logp = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    d = ref - logp
+    kl = torch.exp(d) - d - 1
+    ratio = torch.exp(logp - old)
+    pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+    per_token = pg - 0.01 * entropy + 0.04 * kl
+    if per_sequence:  # GRPO's seq-mean-token-mean: linear after the per-sequence sums
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+    return (per_token * mask).sum() / mask.sum()
+
+
+def _ppo_div_in_place(m, h, y):
+    logits = m.head(h)
+    logits.div_(0.9)  # verl: logits.div_(temperature), the result unused
+    return _ppo(logits, y)
+
+
+def _ppo_itruediv(m, h, y):
+    logits = m.head(h).float()
+    logits /= 0.7  # TRL: logits /= self.temperature
+    return _ppo(logits, y, per_sequence=True)
+
+
+def _ppo_nonlinear_after_reduction(m, h, y):
+    logits = m.head(h) / 0.9
+    lp = F.log_softmax(logits, dim=-1)
+    logp = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (logp.mean() - 1.0) ** 2  # the square of a mean: not a sum of per-row terms
+
+
+def _ppo_rows_misaligned(m, h, y):
+    logits = m.head(h)
+    lp = F.log_softmax(logits, dim=-1)
+    logp = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    return (torch.exp(logp) * entropy.flip(-1)).mean()  # row i's term reads another row's entropy
+
+
 SPELLINGS = {
-    # name: (loss_fn, Head kwargs, expected gradient mode)
+    # name: (loss_fn, Head kwargs, expected gradient mode; "in_forward_rows": in the forward
+    # with coefficients per chunk, the loss a non-linear sum of per-row terms)
     "hf_label_smoother_shifted": (_hf_label_smoother, {}, "in_forward"),
     "fairseq_label_smoothed_masked_in_place": (_fairseq_label_smoothed, {}, "in_forward"),
     "per_token_losses_masked_through_a_view": (_masked_through_a_view, {}, "in_forward"),
@@ -273,6 +326,17 @@ SPELLINGS = {
                         "in_forward"),
     "logits_returned_hf_sum_over_items": (_hf_causal_lm_loss, {"bias": True}, "in_forward"),
     "logits_returned_bf16_upcast": (_hf_causal_lm_loss, {"dtype": torch.bfloat16}, "in_forward"),
+    # policy-gradient objectives at a temperature (non-linear in log p(y) and the entropy)
+    "ppo_temperature_functional": (lambda m, h, y: _ppo(m.head(h) / 0.9, y), {}, "in_forward_rows"),
+    "ppo_temperature_div_in_place": (_ppo_div_in_place, {"bias": True}, "in_forward_rows"),
+    "grpo_temperature_itruediv_seq_mean": (_ppo_itruediv, {}, "in_forward_rows"),
+    "ppo_bf16_upcast_then_temperature": (lambda m, h, y: _ppo(m.head(h).float() / 0.9, y), {"dtype": torch.bfloat16},
+                                         "in_forward_rows"),
+    # divided in bf16: the unrolled form would not round the quotient; the op recomputes
+    "ppo_bf16_temperature_before_upcast": (lambda m, h, y: _ppo((m.head(h) / 0.9).float(), y),
+                                           {"dtype": torch.bfloat16}, "recompute"),
+    "nonlinear_after_a_reduction": (_ppo_nonlinear_after_reduction, {}, "recompute"),
+    "rows_misaligned": (_ppo_rows_misaligned, {}, "recompute"),
     "logits_returned_twice_with_reduction_none": (
         lambda m, h, y: (lambda z: (F.cross_entropy(z.view(-1, V), y.view(-1), reduction="none"), z, z))(m.head(h)),
         {}, "recompute"),
@@ -336,10 +400,16 @@ def test_rewrite_spelling(name):
     matches = _lm_matches()
     heads = 2 if name == "two_heads_one_loss" else 1
     assert len(matches) == heads, (matches, [n.reason for n in _lm_near_misses()])
-    assert all(mt.detail["gradients"] == mode and mt.detail["chunk"] in (3, 4) for mt in matches), matches
+    rows = mode == "in_forward_rows"
+    assert all(mt.detail["gradients"] == mode.replace("_rows", "") and mt.detail["chunk"] in (3, 4)
+               and (mt.detail.get("coefficients") == "per chunk") == rows for mt in matches), matches
     code = _code_lines("\n".join(graphs))
     FileCheck().check("linear_row_stats").run(code)
-    if mode == "in_forward":
+    if rows:  # the loss code is a module the op differentiates per chunk
+        FileCheck().check("self.ger_rowwise_loss_0").check("linear_row_stats").check("tail = ger_rowwise_loss_0") \
+            .check("add_carrier").run(code)
+        FileCheck().check_not("stat_coefficients").run(code)
+    elif mode == "in_forward":
         FileCheck().check("stat_leaves").check("stat_coefficients").check("linear_row_stats").check("add_carrier").run(code)
     else:
         FileCheck().check_not("stat_coefficients").run(code)
@@ -368,6 +438,13 @@ NEAR_MISSES = {
     # a policy's entropy bonus alone (verl's entropy_from_logits): the loss pass rewrites it
     # without a target; the fused head needs one
     "entropy_alone_no_target": (lambda m, h, y: -spellings.entropy_bonus_verl(m.head(h), y), "need no target"),
+    "two_temperatures": (lambda m, h, y: F.cross_entropy((m.head(h) / 0.9 / 1.1).view(-1, V), y.view(-1)),
+                         "divided by constants more than once"),
+    "negative_temperature": (lambda m, h, y: F.cross_entropy((m.head(h) / -2.0).view(-1, V), y.view(-1)),
+                             "only a finite temperature > 0"),
+    "returned_logits_divided_in_place": (lambda m, h, y: (lambda z: (z.div_(0.9), F.cross_entropy(z.view(-1, V),
+                                                                                                y.view(-1)), z)[1:])(
+        m.head(h)), "divided in place"),
 }
 
 
@@ -704,3 +781,75 @@ def test_returned_logits_dynamic_sequence_lengths():
     assert len(graphs) == first, (first, len(graphs))
     assert re.search(r"\bs\d+\b", graph_text(graphs[-1]))  # symbolic sizes
     assert _lm_matches() and all(mt.detail.get("logits") == "written and returned" for mt in _lm_matches())
+
+
+@pytest.mark.parametrize("dtype,low_div,form", [
+    (torch.float32, False, "kernel"), (torch.bfloat16, False, "kernel"), (torch.bfloat16, True, "kernel"),
+    # the pass never unrolls a bf16 division (Inductor would not round the quotient)
+    (torch.float32, False, "unrolled"), (torch.bfloat16, False, "unrolled")],
+    ids=["fp32", "bf16_divided_after_upcast", "bf16_divided_before_upcast", "fp32_unrolled", "bf16_unrolled"])
+def test_temperature_statistics_and_gradients_match_eager(dtype, low_div, form):
+    """The op with a temperature: the statistics of (h @ W.T + b) / T and the gradients of
+    sum(coefs * statistics) equal eager autograd through the same division, in the same
+    dtype (``low_div``: divided in bf16 before the upcast, as ``(logits / T).float()``)."""
+    g = torch.Generator().manual_seed(1)
+    T = 0.7
+    h = torch.randn(N, H, generator=g).to(dtype)
+    W = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::5] = -100
+    coefs = torch.randn(4, N, generator=g)
+    fn = linear_loss_op._kernel if form == "kernel" else linear_loss_op.unrolled
+    nll, reg, lse, ent, _, gh, gw, gb = fn(h, W, b, y, None, None, 1.0, -100, True, CHUNK, coefs, 7, None, T,
+                                           low_div)[:8]
+    hh, WW, bb = (t.detach().clone().requires_grad_() for t in (h, W, b))
+    logits = F.linear(hh, WW, bb)
+    z = (logits / T).float() if low_div else logits.float() / T
+    L = torch.logsumexp(z, -1)
+    valid = y != -100
+    zy = z.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    ref = [torch.where(valid, L - zy, torch.zeros(())), L - z.mean(-1) - math.log(V), L,
+           L - (torch.softmax(z, -1) * z).sum(-1)]
+    (rgh, rgw, rgb) = torch.autograd.grad(sum((c * r).sum() for c, r in zip(coefs, ref)), (hh, WW, bb))
+    for got, want in zip((nll, reg, lse, ent), ref):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip((gh, gw, gb), (rgh, rgw, rgb)):
+        _close(got, want, dtype)
+
+
+def test_ppo_objective_compiled_by_inductor_forms_gradients_in_the_forward():
+    """End to end under Inductor: a PPO objective at a temperature on an lm head (rows 33 in
+    chunks of 8). The per-chunk coefficients are traced into the forward graph (the loss
+    code's module differentiated at each chunk's statistics), so the backward has no
+    matmul of the head's size; values and gradients are eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    ger_inductor.clear_reports()
+    torch._dynamo.reset()
+    loss_fn = SPELLINGS["ppo_temperature_functional"][0]
+    torch.manual_seed(0)
+    m, m2 = Head(loss_fn), Head(loss_fn)
+    m2.load_state_dict(m.state_dict())
+    x, y = _tokens()
+    cm = torch.compile(m2, backend="ger", options={"lm_head_chunk": 8})
+
+    def step():
+        loss = cm(x, y)
+        loss.backward()
+        return loss
+
+    loss, codes = run_and_get_code(step)
+    ref = m(x, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for (name, p), (_, p2) in zip(m.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda s: f"{name}: {s}")
+    (mt,) = _lm_matches()
+    assert mt.detail["gradients"] == "in_forward" and mt.detail["coefficients"] == "per chunk", mt.detail
+    assert len(codes) == 2, len(codes)  # forward and backward
+    # the head's matmuls (5 chunks: logits, grad_h, grad_W each) are in the forward; the
+    # backward only scales the gradients the forward formed
+    assert codes[0].count("extern_kernels.mm(") + codes[0].count("extern_kernels.addmm(") >= 15, codes[0]
+    bwd_mm = [ln for ln in codes[1].splitlines() if "extern_kernels.mm(" in ln or "extern_kernels.addmm(" in ln]
+    assert len(bwd_mm) <= 2, bwd_mm  # the mixer's two (the unfused head would add two more)

@@ -98,7 +98,8 @@ def _row_coefs(alpha, uniform, log_v, g_nll, g_reg, g_lse, g_ent, ezs, logs, reg
 
 def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, base: Optional[Tensor],
             log_base: Optional[Tensor], alpha: float, ignore_index: int, extras: bool, chunk: int,
-            coefs: Optional[Tensor], needs: int, logits: Optional[list] = None):
+            coefs: Optional[Tensor], needs: int, logits: Optional[list] = None, temperature: float = 1.0,
+            low_div: bool = False):
     N, H = h.shape
     V = weight.shape[0]
     check_targets(target, V, ignore_index)
@@ -139,6 +140,11 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     vb = max(1, GRAD_W_BLOCK_BYTES // max(1, H * h.element_size()))
     gw_tmp = torch.empty(min(vb, V), H, dtype=h.dtype, device=dev) if need_w and h.dtype != cd else None
     wt = weight.t()
+    # ``temperature`` != 1: the statistics are of (h @ W.T + b) / temperature, divided in
+    # the compute dtype, or in the input dtype before the upcast (``low_div``: bf16/fp16
+    # logits divided as such, then upcast), and the logits gradient is divided alike
+    scaled = temperature != 1.0
+    low_div = scaled and low_div and h.dtype != cd
     for s in range(0, N, c):
         e = min(s + c, N)
         r = e - s
@@ -152,22 +158,34 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
                 torch.mm(hc, wt, out=zl)
             else:
                 torch.addmm(bias, hc, wt, out=zl)
-            if zl.dtype == cd:
+            if scaled and zl.dtype == cd:
+                torch.div(zl, temperature, out=z)
+            elif zl.dtype == cd:
                 src = zl  # read where it was written; z - m formed in one pass below
+            elif low_div:
+                z.copy_(torch.div(zl, temperature, out=low[:r]))
             else:
                 z.copy_(zl)
+                if scaled:
+                    z.div_(temperature)
         elif low is None:
             if bias is None:
                 torch.mm(hc, wt, out=z)
             else:
                 torch.addmm(bias.to(cd), hc, wt, out=z)
+            if scaled:
+                z.div_(temperature)
         else:
             zl = low[:r]
             if bias is None:
                 torch.mm(hc, wt, out=zl)
             else:
                 torch.addmm(bias, hc, wt, out=zl)
+            if low_div:
+                zl.div_(temperature)  # in the input dtype, as ``(h @ W.T) / T`` before the upcast
             z.copy_(zl)
+            if scaled and not low_div:
+                z.div_(temperature)  # in the compute dtype, after the upcast
         tc, vc = t[s:e], valid[s:e]
         # ---- statistics
         m = src.amax(1)
@@ -238,10 +256,15 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
             else:
                 z.addr_(g_reg, u, alpha=-1.0)
         z.scatter_add_(1, tc.unsqueeze(1), (-g_nll).unsqueeze(1))
+        if scaled and not low_div:
+            z.div_(temperature)
         dz = z
         if low is not None:
             dz = low[:r]
             dz.copy_(z)
+            if low_div:  # the division's backward in the input dtype, as eagerly
+                dz.div_(temperature)
+                z.div_(temperature)  # for grad_b
         if need_h:
             torch.mm(dz, weight, out=gh[s:e])
         if need_w:
@@ -265,12 +288,18 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
 # ----------------------------------------------------------------------------- traced form
 def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, base: Optional[Tensor],
              log_base: Optional[Tensor], alpha: float, ignore_index: int, extras: bool, chunk: int,
-             coefs: Optional[Tensor], needs: int, logits: Optional[list] = None):
+             coefs: Optional[Tensor], needs: int, logits: Optional[list] = None, temperature: float = 1.0,
+             low_div: bool = False, coef_fn=None):
     """The op's forward (statistics and, with ``coefs``, gradients) in functional torch
     with the chunk loop unrolled - for AOTAutograd to trace when the number of rows is
     static, so that Inductor fuses each chunk's row reductions and its logits gradient
     into a few kernels (Triton on GPUs, C++ on CPUs) and reuses the chunk buffers. Same
-    math as :func:`_kernel`; no autograd through it (the gradients are explicit)."""
+    math as :func:`_kernel`; no autograd through it (the gradients are explicit).
+
+    ``coef_fn(s, e, nll, reg, lse, ent, aux)`` (instead of ``coefs``): the row
+    coefficients of rows s:e from those rows' statistics, called once per chunk between
+    its statistics and its gradient - for a loss whose gradient in each row's statistics
+    depends on that row's statistics only (``lm_head.rowwise_coefficients``)."""
     from ..losses import log_classes
 
     if logits is not None:
@@ -290,10 +319,12 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
     if not uniform:
         u, lu = base.to(cd), log_base.to(cd)
         u_lu = xmul(u, lu).sum()
-    grads = coefs is not None
+    grads = coefs is not None or coef_fn is not None
     need_h, need_w = grads and bool(needs & NEED_H), grads and bool(needs & NEED_W)
     need_b = grads and bool(needs & NEED_B) and bias is not None
     cols = torch.arange(V, device=dev)
+    scaled = temperature != 1.0
+    low_div = scaled and low_div and h.dtype != cd
     out: dict[str, list] = {k: [] for k in ("nll", "reg", "lse", "ent", "aux", "gh")}
     gw = gb = None
     done: list = []  # what the previous chunk produced: the next one starts after it
@@ -302,7 +333,12 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
         hc, tc, vc = h[s:e], t[s:e], valid[s:e]
         if done:
             hc = torch.ops.ger.after(hc, done)
-        z = torch.nn.functional.linear(hc, weight, bias).to(cd)
+        z = torch.nn.functional.linear(hc, weight, bias)
+        if scaled and low_div:
+            z = z / temperature  # in the input dtype, before the upcast
+        z = z.to(cd)
+        if scaled and not low_div:
+            z = z / temperature
         m = z.amax(1, keepdim=True)
         zs = z - m
         ex = zs.exp()
@@ -331,9 +367,10 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
         done = [nll, reg]
         if not grads:
             continue
-        g_nll = torch.where(vc, coefs[0, s:e], zero)
-        g_reg, g_lse = coefs[1, s:e], coefs[2, s:e]
-        A, B = _row_coefs(alpha, uniform, log_v, g_nll, g_reg, g_lse, coefs[3, s:e] if extras else None, ezs,
+        cf = coefs[:, s:e] if coef_fn is None else coef_fn(s, e, nll, reg, L, H_, aux)
+        g_nll = torch.where(vc, cf[0], zero)
+        g_reg, g_lse = cf[1], cf[2]
+        A, B = _row_coefs(alpha, uniform, log_v, g_nll, g_reg, g_lse, cf[3] if extras else None, ezs,
                           logs.squeeze(1), reg, aux)
         G = A.unsqueeze(1)
         if B is not None:
@@ -346,7 +383,12 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
         if alpha == 1.0:
             dz = dz - ((g_reg / V).unsqueeze(1) if uniform else g_reg.unsqueeze(1) * u)
         dz = dz - torch.where(cols == tc.unsqueeze(1), g_nll.unsqueeze(1), zero)
+        if scaled and not low_div:
+            dz = dz / temperature
         dzl = dz.to(h.dtype)
+        if low_div:  # the division's backward in the input dtype, as eagerly
+            dzl = dzl / temperature
+            dz = dz / temperature  # for grad_b
         if need_h:
             out["gh"].append(dzl @ weight)
         if need_w:
@@ -414,15 +456,18 @@ def linear_loss_fwd(
     coefs: Optional[Tensor],
     needs: int,
     logits: Optional[list[int]],
+    temperature: float = 1.0,
+    low_div: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check(h, weight, bias, target)
     _check_logits_shape(h, weight, logits)
-    return _kernel(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs, logits)
+    return _kernel(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs, logits,
+                   temperature, low_div)
 
 
 @linear_loss_fwd.register_fake
 def _linear_loss_fwd_fake(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs,
-                          logits):
+                          logits, temperature=1.0, low_div=False):
     _check(h, weight, bias, target)
     N = h.shape[0]
     cd = compute_dtype(h.dtype)
@@ -458,13 +503,17 @@ def linear_loss_bwd(
     extras: bool,
     chunk: int,
     needs: int,
+    temperature: float = 1.0,
+    low_div: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    out = _kernel(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs)
+    out = _kernel(h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, needs, None,
+                  temperature, low_div)
     return out[5], out[6], out[7]
 
 
 @linear_loss_bwd.register_fake
-def _linear_loss_bwd_fake(coefs, h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, needs):
+def _linear_loss_bwd_fake(coefs, h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, needs,
+                          temperature=1.0, low_div=False):
     return _grad_outputs(h, weight, bias, needs)
 
 
@@ -480,7 +529,7 @@ def _needs_of(ctx, with_bias: bool) -> int:
 
 
 def _setup_context(ctx, inputs, output):
-    h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, _needs, _logits = inputs
+    h, weight, bias, target, base, log_base, alpha, ignore_index, extras, chunk, coefs, _needs, _logits, *scale = inputs
     ctx.precomputed = coefs is not None
     # aux, the precomputed gradients and the logits (whose own gradient, when they are
     # returned, ``lm_head.logits_output`` adds outside the compiled graph); with
@@ -492,12 +541,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[4:])
     ctx.save_for_backward(h, weight, bias, target, base, log_base)
     ctx.cfg = (alpha, ignore_index, extras, chunk)
+    ctx.scale = tuple(scale)  # (temperature, low_div) where given
     ctx.needs = _needs_of(ctx, bias is not None)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_nll, g_reg, g_lse, g_ent, *_unused):
-    none = (None,) * 13
+    none = (None,) * (13 + len(getattr(ctx, "scale", ())))
     if ctx.precomputed or ctx.needs == 0:
         return none
     grads = (g_nll, g_reg, g_lse, g_ent if ctx.cfg[2] else None)
@@ -507,9 +557,9 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, *_unused):
     cd = compute_dtype(h.dtype)
     N = h.shape[0]
     coefs = torch.stack([torch.zeros(N, dtype=cd, device=h.device) if g is None else g.to(cd) for g in grads])
-    gh, gw, gb = linear_loss_bwd(coefs, h, weight, bias, target, base, log_base, *ctx.cfg, ctx.needs)
+    gh, gw, gb = linear_loss_bwd(coefs, h, weight, bias, target, base, log_base, *ctx.cfg, ctx.needs, *ctx.scale)
     return (gh if ctx.needs & NEED_H else None, gw if ctx.needs & NEED_W else None,
-            gb if ctx.needs & NEED_B else None) + (None,) * 10
+            gb if ctx.needs & NEED_B else None) + (None,) * (10 + len(ctx.scale))
 
 
 linear_loss_fwd.register_autograd(_backward, setup_context=_setup_context)

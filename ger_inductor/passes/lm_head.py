@@ -100,6 +100,10 @@ class Plan:
     keep: dict = dataclasses.field(default_factory=dict)
     returned: bool = False  # the graph returns the head's logits as well: the op writes them
     chunk: int | None = None  # rows per chunk the measured selection chose
+    temperature: float = 1.0  # the loss reads (head output) / temperature
+    low_div: bool = False  # ... divided in the input dtype before the upcast
+    inplace_div: fx.Node | None = None  # ``logits.div_(T)``, its result unused: erased by the rewrite
+    rowwise: bool = False  # in_forward with coefficients per chunk from its statistics (a non-linear loss)
 
 
 def run(gm: fx.GraphModule, ctx) -> bool:
@@ -207,7 +211,8 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
         cur = logits.args[0]
         chain.append(cur)
         classes_last = True
-    while (_is(cur, _VIEW_LIKE | _CASTS) or _selects_rows(cur)) and isinstance(cur.args[0], fx.Node):
+    while (_is(cur, _VIEW_LIKE | _CASTS) or _selects_rows(cur) or _temperature_of(cur) is not None) \
+            and isinstance(cur.args[0], fx.Node):
         cur = cur.args[0]
         chain.append(cur)
     lin = _linear_parts(gm, cur)
@@ -233,6 +238,39 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
                 return miss(f"the logits are cast from {a} to {b} before the loss: the fused head computes in "
                             f"{_loss_op.compute_dtype(a)}, so it would not give the same numbers", n)
     chain.reverse()  # linear output first
+    temperature, low_div = 1.0, False
+    # a division of the logits: in the chain (``logits / T``, ``logits /= T``), or an
+    # in-place ``logits.div_(T)`` whose result is unused - the loss reads the written tensor
+    side = [u for n in chain for u in n.users if _is(u, _IN_PLACE_DIV) and u.args[0] is n and not u.users
+            and _temperature_of(u) is not None]
+    temps = [n for n in chain if _temperature_of(n) is not None] + side
+    if len(temps) > 1:
+        return miss("the logits are divided by constants more than once between the lm head and the loss: only one "
+                    "division (logits / T) is fused", temps[1])
+    inplace_div = side[0] if side else None
+    if inplace_div is not None:
+        n = inplace_div.args[0]
+        reader = chain[chain.index(n) + 1] if chain.index(n) + 1 < len(chain) else src
+        order = {x: i for i, x in enumerate(gm.graph.nodes)}
+        if order[inplace_div] > order[reader]:
+            return miss(f"the logits ({n.name}) are divided in place by {inplace_div.name} after the loss reads them",
+                        inplace_div)
+    if temps:
+        tn = temps[0]
+        temperature = _temperature_of(tn)
+        if not (math.isfinite(temperature) and temperature > 0):
+            return miss(f"the logits are divided by {temperature} ({tn.name}): only a finite temperature > 0 is fused",
+                        tn)
+        hd, td = _dtype(h), _dtype(tn)
+        if td is None or hd not in _FLOAT_DTYPES:
+            return None
+        if td == _loss_op.compute_dtype(hd):
+            low_div = False
+        elif td == hd:
+            low_div = True
+        else:
+            return miss(f"the logits are divided by the temperature in {td} ({tn.name}), neither the lm head's dtype "
+                        f"{hd} nor its compute dtype: the fused head would not give the same numbers", tn)
     selects = [n for n in chain if _selects_rows(n)]
     if selects and (len(selects) > 1 or selects[0] is not chain[1]):
         return miss("rows of the logits are selected after a view: only a selection right after the lm head "
@@ -264,6 +302,8 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
             if u is out and i == 0:
                 returned = True
                 continue
+            if u is inplace_div:
+                continue
             return miss(f"the logits ({n.name}) are also used by {u.name}: the N x V tensor must exist, "
                         "the lm head is left unfused", u)
     lv = _val(cur)
@@ -276,6 +316,9 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
         if module is not None:
             mod = gm.get_submodule(module)
             needs |= (2 if mod.weight.requires_grad else 0) | (4 if mod.bias is not None and mod.bias.requires_grad else 0)
+    if returned and any(_is(t, _IN_PLACE_DIV) for t in temps):
+        return miss(f"the logits ({chain[0].name}) are returned by the graph and divided in place by {temps[0].name} "
+                    "(the graph returns the divided logits): the lm head is left unfused", temps[0])
     if returned:
         why = _returned_logits_refusal(out, chain[0], needs, selects)
         if why:
@@ -283,10 +326,37 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
                         "left unfused", out)
     plan = Plan(src, kind, chain, h, weight, weight_t, bias, module, target, float(alpha), int(ignore_index),
                 bool(extras), smooth_eps, smooth_weight, base, needs, row_index=selects[0].args[1] if selects else None,
-                returned=returned)
+                returned=returned, temperature=temperature, low_div=low_div, inplace_div=inplace_div)
     if needs:
         _choose_gradient_mode(gm, plan)
+        if plan.rowwise:
+            why = _rowwise_refusal(gm, plan, ctx)
+            if why:
+                plan.mode, plan.rowwise, plan.why = "recompute", False, f"{plan.why}; {why}"
     return plan
+
+
+def _rowwise_refusal(gm: fx.GraphModule, plan: Plan, ctx) -> str | None:
+    """Why the per-chunk coefficients cannot be used here (None: they can). They need the
+    unrolled form (a chunk's coefficients are computed between its statistics and its
+    gradient, which only the traced chunk loop allows): static rows, a profile that
+    unrolls, a chunk count within its limit, and no logits to write."""
+    strat = fleet.strategy(FAMILY, ctx.profile)
+    unroll = int(strat.get("unroll", 0))
+    N = _val(plan.target).numel() if isinstance(_val(plan.target), torch.Tensor) else None
+    V = (_shape(plan.chain[0]) or (None,))[-1]
+    if unroll <= 0:
+        return f"the profile {ctx.profile.name} does not unroll the chunk loop"
+    if not isinstance(N, int) or not isinstance(V, int):
+        return "the number of rows is symbolic (the chunk loop is unrolled only for static rows)"
+    if plan.returned:
+        return "the graph returns the logits (the unrolled chunk loop does not write them)"
+    if plan.low_div:
+        return "the logits are divided by the temperature in bfloat16/float16 (the unrolled form would not round it)"
+    chunk = _chunk_rows(ctx, V, N, plan, lean=True)
+    if chunk and -(-N // chunk) > unroll:
+        return f"{-(-N // chunk)} chunks, more than the profile unrolls ({unroll})"
+    return None
 
 
 def _eager_saves_logits(plan: Plan) -> bool:
@@ -307,6 +377,21 @@ def _returned_logits_refusal(out: fx.Node, lin_out: fx.Node, needs: int, selects
     if not isinstance(out.args[0], (tuple, list)) or lin_out not in out.args[0]:
         return "they are returned inside a structure (only a flat output tuple is handled)"
     return None
+
+
+_IN_PLACE_DIV = {operator.itruediv, "div_"}
+
+
+def _temperature_of(n) -> float | None:
+    """T where ``n`` divides a tensor by a Python number T (``logits / T``, ``logits /= T``
+    on a tensor nothing else reads: Dynamo's graph then reads the division's result),
+    else None."""
+    if not (isinstance(n, fx.Node) and _is(n, _DIVIDING)) or len(n.args) != 2 or n.kwargs:
+        return None
+    T = n.args[1]
+    if isinstance(T, bool) or not isinstance(T, (int, float)):
+        return None
+    return float(T)
 
 
 def _selects_rows(n) -> bool:
@@ -476,11 +561,15 @@ def _choose_gradient_mode(gm: fx.GraphModule, plan: Plan) -> None:
         if effects.kinds.get(n) == "unknown" or not written <= mine:
             plan.why = f"{graph.describe(n)} writes in place a tensor the loss code did not create"
             return
-    for n in path:
-        why = _nonlinear(n, in_d)
+    nonlinear = next((w for w in (_nonlinear(n, in_d) for n in path) if w), None)
+    if nonlinear:
+        # not linear: the coefficients depend on the statistics; where the loss is a sum of
+        # per-row terms, each chunk's coefficients follow from that chunk's statistics
+        why = _not_rowwise(plan, path, in_d)
         if why:
-            plan.why = why
+            plan.why = f"{nonlinear}, and {why}"
             return
+        plan.why = f"not linear in the statistics ({nonlinear}) but a sum of per-row terms: coefficients per chunk"
     # values the copy reads that come from another loss's statistics (two heads in one
     # loss): only their sum with this head's terms is allowed - the copy then reads a 0
     # instead, which keeps the heads' coefficient computations independent
@@ -499,6 +588,99 @@ def _choose_gradient_mode(gm: fx.GraphModule, plan: Plan) -> None:
                 return
             zeroed.add(a)
     plan.mode, plan.exit, plan.path, plan.zeroed = "in_forward", L, path, zeroed
+    plan.rowwise = bool(nonlinear)
+
+
+# element-by-element operations (besides the sums, products, quotients, masks and casts of
+# ``_nonlinear``): each output element depends on the elements at its own position
+_ELEMENTWISE = {
+    torch.exp, torch.log, torch.log1p, torch.expm1, torch.exp2, torch.log2, torch.log10, torch.sqrt, torch.rsqrt,
+    torch.abs, torch.sigmoid, torch.tanh, torch.relu, torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max,
+    torch.minimum, torch.maximum, torch.fmin, torch.fmax, torch.square, torch.reciprocal, torch.pow, torch.sign,
+    torch.nan_to_num, torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne, torch.logical_and, torch.logical_or,
+    torch.logical_not, torch.nn.functional.relu, torch.nn.functional.softplus, torch.nn.functional.logsigmoid,
+    torch.special.expm1, torch.special.log1p, operator.pow, operator.abs, operator.lt, operator.le, operator.gt,
+    operator.ge, operator.eq, operator.ne, operator.and_, operator.or_, operator.invert,
+    "exp", "log", "log1p", "expm1", "exp2", "log2", "log10", "sqrt", "rsqrt", "abs", "sigmoid", "tanh", "relu", "clamp",
+    "clip", "clamp_min", "clamp_max", "minimum", "maximum", "fmin", "fmax", "square", "reciprocal", "pow", "sign",
+    "nan_to_num", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not", "__pow__",
+    "__rpow__", "__abs__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__and__", "__or__",
+    "__invert__", "float", "double", "half", "bfloat16", "type_as",
+}
+# views that keep the elements in row-major order (a value of the rows' shape stays aligned
+# with every other such value of the same shape)
+_ORDER_KEEPING = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "clone", "detach", "view_as",
+                  "reshape_as", torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.clone,
+                  torch.detach} | _CASTS
+# the loss pass's functions that read the statistics row by row (a value per row)
+_PER_ROW = {losses.row_statistic}
+
+
+def _not_rowwise(plan: Plan, path: list, in_d: set) -> str | None:
+    """Why the loss is not known to be a sum of per-row terms (None: it is): from the
+    statistics, element-by-element operations (any, e.g. a PPO ratio exp(logp - old),
+    clipping, minimum) and views, then reductions, and after a reduction only linear
+    operations. Then d loss / d (row i's statistics) depends on row i's statistics only,
+    so the op can form each chunk's coefficients from that chunk's statistics. Two
+    statistics-dependent operands of one operation must be aligned: the same shape, both
+    reached from the statistics through element-by-element operations and order-keeping
+    views only."""
+    src = plan.src
+    state: dict = {}  # node -> ("row", token) | ("red", None)
+    fresh = iter(range(1, 1 << 30))
+
+    def name(n):
+        t = _target_of(n)
+        return getattr(t, "__name__", t)
+
+    for n in path:
+        if n.op not in ("call_function", "call_method"):
+            return f"{n.name} ({n.op}) is not a function call"
+        deps = [a for a in n.all_input_nodes if a is src or (a in in_d and a in state)]
+        if any(a is src for a in deps):
+            if n.target is operator.getitem or n.target in _PER_ROW or (
+                    n.target is losses.cross_entropy_from_stats and graph.op_args(n).get("reduction") == "none"):
+                state[n] = ("row", 0)
+            elif _nonlinear(n, in_d) is None:
+                state[n] = ("red", None)
+            else:
+                return f"{n.name} ({name(n)}) reads the statistics in a way not known to act row by row"
+            continue
+        kinds = [state[a] for a in deps]
+        if not kinds:
+            continue
+        if any(k[0] == "red" for k in kinds):
+            why = _nonlinear(n, in_d)
+            if why:
+                return f"{why} after a reduction over rows (the loss is not a sum of per-row terms)"
+            state[n] = ("red", None)
+            continue
+        if _is(n, _REDUCING):
+            if n.kwargs.get("dtype") not in (None, *_FLOAT_DTYPES):
+                return f"{n.name} reduces to a non-float dtype"
+            state[n] = ("red", None)
+            continue
+        shapes = [_shape(a) for a in deps]
+        out_shape = _shape(n)
+        if any(s is None for s in shapes) or out_shape is None:
+            return f"{n.name}: unknown shapes"
+        if _is(n, _ORDER_KEEPING) and not _is(n, _PERMUTES):
+            state[n] = ("row", kinds[0][1])
+            continue
+        if _is(n, _ELEMENTWISE | _ADDITIVE | _SCALING | _MASKING | _DIVIDING):
+            if _is(n, _DIVIDING) and n.kwargs.get("rounding_mode") is not None:
+                return f"{n.name} rounds"
+            if len(deps) > 1 and (len({k[1] for k in kinds}) != 1 or any(tuple(x) != tuple(out_shape) for x in shapes)):
+                return (f"{n.name} ({name(n)}) combines values of the statistics that are not aligned row by row "
+                        "(a broadcast, a permutation or a selection between them)")
+            same = all(tuple(x) == tuple(out_shape) for x in shapes)
+            state[n] = ("row", kinds[0][1] if same else next(fresh))
+            continue
+        if _is(n, _SELECTING | _PERMUTES) or n.target is operator.getitem:
+            state[n] = ("row", next(fresh))
+            continue
+        return f"{n.name} ({name(n)}) is not known to act element by element"
+    return None
 
 
 def _depends_on(n: fx.Node, sources: set) -> bool:
@@ -587,7 +769,14 @@ def _saved_by_eager(plan: Plan) -> dict:
             add(n.args[1], n)
         elif n.target is losses.cross_entropy_from_stats:  # its target and class weights
             add([graph.op_args(n)[k] for k in ("target", "weight")], n)
+        elif _is(n, _SAVES_OPERANDS):  # a non-linear loss (per-row coefficients): the other operands
+            add(list(n.args) + list(n.kwargs.values()), n)
     return out
+
+
+#: element-by-element operations whose eager backward saves every tensor operand
+_SAVES_OPERANDS = {torch.minimum, torch.maximum, torch.fmin, torch.fmax, torch.clamp, torch.clip, torch.pow,
+                   operator.pow, "minimum", "maximum", "fmin", "fmax", "clamp", "clip", "pow", "__pow__", "__rpow__"}
 
 
 def _written_while_saved(plan: Plan, keep: dict, effects: graph.Effects) -> fx.Node | None:
@@ -850,6 +1039,9 @@ def _site_graph(gm: fx.GraphModule, plan: Plan, ctx):
         raise RuntimeError(f"{a.name}: the site reads a non-tensor value ({type(_val(a)).__name__})")
 
     for n in [*plan.chain[1:], plan.src]:
+        d = plan.inplace_div
+        if d is not None and d not in env and d.args[0] in env:  # ``logits.div_(T)`` before the next reader
+            env[d] = g.node_copy(d, arg)
         env[n] = g.node_copy(n, arg)
     src = env[plan.src]
     if plan.mode == "in_forward":
@@ -971,12 +1163,14 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
             for v in plan.chain[1:i + 1]:
                 # views, and the transpose of an (N, C, d) loss input; a row selection is
                 # already in plan.h
-                if not _is(v, _CASTS) and not _selects_rows(v):
+                if not _is(v, _CASTS) and not _selects_rows(v) and _temperature_of(v) is None:
                     s = g.call_function(v.target, (s, *v.args[1:]), dict(v.kwargs)) if v.op == "call_function" \
                         else g.call_method(v.target, (s, *v.args[1:]), dict(v.kwargs))
             return s
 
         out_node = next(n for n in g.nodes if n.op == "output")
+        if plan.inplace_div is not None:  # the op divides by the temperature itself
+            g.erase_node(plan.inplace_div)
         redirect = []
         for i, n in enumerate(plan.chain):
             for u in list(n.users):
@@ -1000,11 +1194,29 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     unroll = int(strat.get("unroll", 0))
     if _dtype(h_head) in (torch.float32, torch.float64) and not strat.get("unroll_fp32", True):
         unroll = 0
+    if plan.low_div:
+        # bf16/fp16 logits divided as such: Inductor computes the unrolled form's division
+        # in fp32 without rounding it to the input dtype; the op's kernel rounds as eagerly
+        unroll = 0
     kw["unroll"] = unroll
+    if plan.temperature != 1.0:
+        kw.update(temperature=plan.temperature, low_div=plan.low_div)
     cdt = _loss_op.compute_dtype(_dtype(h_head))
     if plan.mode != "in_forward":
         with g.inserting_before(src):
             stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "needs": plan.needs})
+    elif plan.rowwise:
+        # a non-linear sum of per-row terms: the loss code, copied into a module of its own,
+        # is differentiated per chunk at that chunk's statistics (``linear_row_stats(tail=)``)
+        tail, ext = _tail_module(plan)
+        k = 0
+        while hasattr(gm, f"ger_rowwise_loss_{k}"):
+            k += 1
+        gm.add_submodule(f"ger_rowwise_loss_{k}", tail)
+        with g.inserting_before(last.next if reorder else src):
+            t_attr = g.get_attr(f"ger_rowwise_loss_{k}")
+            stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "unroll": 0, "tail": t_attr,
+                                                                      "tail_inputs": tuple(ext), "needs": plan.needs})
     else:
         # the copy runs the loss code's nodes in their order, in-place writes included; when
         # it reads values defined after the statistics, it goes after the last of them as a
@@ -1049,10 +1261,39 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
         _stable_toposort(g)
     ctx.match(
         "linear+" + ("ger_loss" if plan.kind == "loss_fwd" else "loss"), [lin_out, stats],
-        chunk=chunk, gradients=plan.mode, why=plan.why or None, alpha=plan.alpha, extras=plan.extras, unroll=unroll,
+        chunk=chunk, gradients=plan.mode, why=plan.why or None, alpha=plan.alpha, extras=plan.extras,
+        unroll=int(strat.get("unroll", 0)) if plan.rowwise else unroll,
         **({"logits": "written and returned"} if plan.returned else {}),
+        **({"temperature": plan.temperature} if plan.temperature != 1.0 else {}),
+        **({"coefficients": "per chunk"} if plan.rowwise else {}),
     )
     ctx.strategy(**{k: v for k, v in fleet.strategy(FAMILY, ctx.profile).items() if k != "why"})
+
+
+def _tail_module(plan: Plan) -> tuple[fx.GraphModule, list]:
+    """The loss code from the statistics to the loss as a module of its own:
+    ``tail(stats, *inputs) -> loss``, and the nodes of the graph that are its inputs (in
+    order). Another head's statistics it reads are zeros (they are only added)."""
+    skip = set(plan.path) | {plan.src} | set(plan.zeroed)
+    ext: list = []
+    for n in plan.path:
+        reads = [n.args[0]] if n.op == "call_function" and n.target is lm_head.add_carrier else n.all_input_nodes
+        for a in reads:
+            if a not in skip and a not in ext:
+                ext.append(a)
+    tg = fx.Graph()
+    env = {plan.src: tg.placeholder("stats")}
+    for i, a in enumerate(ext):
+        env[a] = tg.placeholder(f"x{i}")
+    for a in plan.zeroed:
+        env[a] = tg.call_function(torch.zeros, ((),), {"dtype": _dtype(a), "device": _val(a).device})
+    for n in plan.path:
+        if n.op == "call_function" and n.target is lm_head.add_carrier:
+            env[n] = env[n.args[0]]  # another head's zero: not needed here
+            continue
+        env[n] = tg.node_copy(n, lambda a: env[a])
+    tg.output(env[plan.exit])
+    return fx.GraphModule(torch.nn.Module(), tg), ext
 
 
 # ----------------------------------------------------------------------------- returned logits
