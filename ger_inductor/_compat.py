@@ -504,3 +504,10 @@ def functorch_transformed(*tensors) -> bool:
         if forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None:
             return True
     return False
+
+
+def autograd_function_hop():
+    """``torch.ops.higher_order.autograd_function_apply`` (how Dynamo records a custom
+    ``torch.autograd.Function`` it traced: forward and backward bodies as submodules), or
+    None where this torch has none."""
+    return getattr(torch.ops.higher_order, "autograd_function_apply", None)

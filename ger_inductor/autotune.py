@@ -309,14 +309,19 @@ def time_forms(steps: dict[str, Callable[[], Any]], device: torch.device, rounds
     """Each step timed in ``rounds`` interleaved rounds after two warm-up calls (the
     first compiles a lazily compiled backward), with ``measure.time_step`` (CUDA events
     on CUDA); per round as many calls as fit ``ROUND_SECONDS`` (at least one). Two forms
-    whose samples are far apart after ``MIN_ROUNDS`` rounds stop there (``_decided``)."""
-    est = {name: time_step(step, device, 1, 1)[0] / 1e3 for name, step in steps.items()}
+    whose samples are far apart after ``MIN_ROUNDS`` rounds stop there (``_decided``).
+    Where every step takes a round of its own (one call of at least ``ROUND_SECONDS``),
+    the estimating calls are the first round (a large lm head's step takes seconds: one
+    call fewer per form)."""
+    est_ms = {name: time_step(step, device, 1, 1)[0] for name, step in steps.items()}
+    est = {n: t / 1e3 for n, t in est_ms.items()}
     repeat = {n: max(1, min(MAX_REPEAT, int(ROUND_SECONDS / max(t, 1e-6)))) for n, t in est.items()}
     # slow steps: fewer rounds (at least 3), so one measurement stays within ~4 s of calls
     per_round = sum(repeat[n] * est[n] for n in steps)
     rounds = max(3, min(rounds, int(4.0 / max(per_round, 1e-6))))
-    samples: dict[str, list[float]] = {n: [] for n in steps}
-    for r in range(rounds):
+    slow = all(r == 1 for r in repeat.values())
+    samples: dict[str, list[float]] = {n: [est_ms[n]] if slow else [] for n in steps}
+    for r in range(1 if slow else 0, rounds):
         for name, step in steps.items():
             samples[name] += time_step(step, device, 0, repeat[name])
         if r + 1 >= MIN_ROUNDS and r + 1 < rounds and _decided(samples):

@@ -96,13 +96,19 @@ def test_timing_stops_early_only_when_the_forms_are_far_apart(monkeypatch):
 
     far = {"ger": [100.0], "inductor": [120.0]}  # 17 % apart, no overlap
     counts, calls = run(far)
-    assert calls == {"ger": 1 + autotune.MIN_ROUNDS, "inductor": 1 + autotune.MIN_ROUNDS}  # estimate + 3 rounds
+    # one call per round (each step longer than ROUND_SECONDS): the estimating call is the first round
+    assert calls == {"ger": autotune.MIN_ROUNDS, "inductor": autotune.MIN_ROUNDS}
+    assert counts == {"ger": autotune.MIN_ROUNDS, "inductor": autotune.MIN_ROUNDS}
     tie = {"ger": [100.0], "inductor": [104.0]}  # within the gap: every round
     _, calls = run(tie)
-    assert calls == {"ger": 6, "inductor": 6}
+    assert calls == {"ger": 5, "inductor": 5}
     overlap = {"ger": [100.0, 100.0, 130.0], "inductor": [120.0]}  # far medians, overlapping samples
     _, calls = run(overlap)
-    assert calls == {"ger": 6, "inductor": 6}
+    assert calls == {"ger": 5, "inductor": 5}
+    fast = {"ger": [10.0], "inductor": [12.0]}  # several calls per round: the estimate is not a sample
+    counts, calls = run(fast)
+    assert calls == {"ger": 1 + autotune.MIN_ROUNDS, "inductor": 1 + autotune.MIN_ROUNDS}
+    assert counts == {"ger": 5 * autotune.MIN_ROUNDS, "inductor": 4 * autotune.MIN_ROUNDS}
 
 
 def test_peak_alloc_bytes_sees_the_allocations_of_one_call():

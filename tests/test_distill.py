@@ -928,3 +928,75 @@ def test_example_distillation_step_under_ger_matches_eager():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
     assert sum(_compat.counters()["graph_break"].values()) == 0
+
+
+def _ppo_from_stats(st, old, adv, mask):
+    ratio = torch.exp(st.logp - old)
+    pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+    return ((pg - 0.01 * st.entropy + 0.04 * st.kl) * mask).sum() / mask.sum()
+
+
+def _token_head_case(bias: bool, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 11, 16, generator=g).requires_grad_()
+    W = (torch.randn(53, 16, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(53, generator=g) * 0.1).requires_grad_() if bias else None
+    y = torch.randint(0, 53, (3, 11), generator=g)
+    old, ref, adv = torch.randn(3, 11, generator=g) - 4, torch.randn(3, 11, generator=g) - 4, torch.randn(3, 11, generator=g)
+    mask = (torch.rand(3, 11, generator=g) > 0.2).float()
+    return h, W, b, y, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_linear_token_stats_under_ger_forms_gradients_in_the_forward(bias):
+    """``ger_linear_token_stats`` compiled with ``backend="ger"``: the pass writes the call as
+    the plain head and statistics and fuses them with the PPO objective built on them, so
+    its gradients form in the forward (three matmuls; the library call alone cannot know
+    the objective and recomputes the logits in the backward). Values and gradients are the
+    library call's eager ones."""
+    from ger_inductor import clear_reports, reports
+    from ger_inductor.debug import graph_text
+    from torch.testing import FileCheck
+
+    from .conftest import rewrite_backend
+
+    h, W, b, y, old, ref, adv, mask = _token_head_case(bias)
+
+    def fn(h, W, b, y):
+        st = ger_linear_token_stats(h, W, y, bias=b, temperature=0.8, ref_logprobs=ref, kl_estimator="k3")
+        return _ppo_from_stats(st, old, adv, mask)
+
+    def fn_logged(h, W, b, y):  # the per-token log-probs returned too: their gradient is known only in the backward
+        st = ger_linear_token_stats(h, W, y, bias=b, temperature=0.8, ref_logprobs=ref, kl_estimator="k3")
+        return _ppo_from_stats(st, old, adv, mask), st.logp
+
+    params = [t for t in (h, W, b) if t is not None]
+    for f, fused in ((fn, True), (fn_logged, False)):
+        want = f(h, W, b, y)
+        want = want if isinstance(want, tuple) else (want,)
+        gwant = torch.autograd.grad(want, params, [torch.ones_like(w) for w in want])
+        clear_reports()
+        torch._dynamo.reset()
+        graphs: list = []
+        opts = {"passes": ["loss_entropy", "lm_head"], "lm_head_chunk": 8}
+        got = torch.compile(f, backend=rewrite_backend(opts, lambda before, gm: graphs.append(graph_text(gm))))(
+            h, W, b, y)
+        got = got if isinstance(got, tuple) else (got,)
+        ggot = torch.autograd.grad(got, params, [torch.ones_like(w) for w in got])
+        for a, r in zip(got + ggot, want + gwant):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+        rec = [p for r in reports() for p in r.passes if p.name == "lm_head"]
+        matches = [m for p in rec for m in p.matches]
+        code = "\n".join(graphs)
+        if fused:
+            (m,) = matches
+            assert m.detail["call"] == "ger_linear_token_stats" and m.detail["gradients"] == "in_forward" \
+                and m.detail["coefficients"] == "per chunk" and m.detail["temperature"] == 0.8, m.detail
+            FileCheck().check_not("autograd_function_apply").run(code)
+            FileCheck().check("linear_row_stats").check("add_carrier").run(code)
+        else:  # put back as called, and said so
+            assert not matches
+            reasons = [n.reason for p in rec for n in p.near_misses]
+            assert any(r.startswith("ger_linear_token_stats kept as called") and "nothing to gain" in r
+                       for r in reasons), reasons
+            FileCheck().check("autograd_function_apply").check_not("linear_row_stats").run(code)

@@ -39,7 +39,7 @@ from ..ops import ger_loss as _loss_op
 from . import graph
 from .graph import CASTS as _CASTS, SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS
 from .graph import arg as _arg, dtype as _dtype, is_op as _is, shape as _shape, target_of as _target_of, val as _val
-from .loss_entropy import EAGER_SAVES_LOGITS, LOSS_FWD
+from .loss_entropy import EAGER_SAVES_LOGITS, LOSS_FWD, NO_IGNORE
 
 FAMILY = "lm_head"
 GRAPH_FUNCTIONS = lm_head.GRAPH_FUNCTIONS
@@ -108,38 +108,212 @@ class Plan:
 
 def run(gm: fx.GraphModule, ctx) -> bool:
     changed = False
+    expanded = {e.stats: e for e in (_expand_token_head(gm, *call) for call in _token_head_calls(gm)) if e is not None}
     for src in list(gm.graph.nodes):
         if src.op != "call_function" or not (src.target is losses.row_stats or src.target in LOSS_FWD):
             continue
         if ctx.eager_reason(src) is not None:
             continue
-        plan = _plan(gm, src, ctx)
-        if plan is None:
-            continue
-        # the linear and the views after it are fused away: none of them may be an eager node
-        eager = next(((n, ctx.eager_reason(n)) for n in plan.chain if ctx.eager_reason(n) is not None), None)
-        if eager is not None:
-            ctx.near_miss("linear+loss", src, f"{eager[0].name} must run eagerly ({eager[1]}); the rewrite would fuse it away")
-            continue
-        # the fused op computes the head where the statistics were: the linear's reads
-        # of h, W and b move there
-        lin_out = plan.chain[0]
-        barrier = graph.Effects(gm).first_barrier([(lin_out, a) for a in lin_out.all_input_nodes], src)
-        if barrier is not None:
-            ctx.near_miss("linear+loss", src, graph.moved_reads_reason(barrier))
-            continue
-        _settle(gm, plan)
-        if plan.returned and plan.mode == "recompute" and _eager_saves_logits(plan):
-            ctx.near_miss("linear+loss", src, f"the logits ({plan.chain[0].name}) are also returned by the graph, the "
-                          "loss code saves them (eager raises autograd's error when they are written before the "
-                          f"backward) and its gradients are recomputed ({plan.why}): the lm head is left unfused")
-            continue
-        if not _selected(gm, plan, ctx):
-            continue
-        _rewrite(gm, plan, ctx)
-        changed = True
+        before = len(ctx.record.near_misses)
+        if _try(gm, src, ctx, library_call=src in expanded):
+            changed = True
+            if src in expanded:
+                expanded.pop(src).finish(gm)
+                ctx.record.matches[-1].detail.update(
+                    call="ger_linear_token_stats", selection="not measured: replaces the call's own chunk loop, which "
+                    "recomputes the logits in the backward (four matmuls to three)")
+        elif src in expanded:
+            # the library call stays as it was called (its own chunked head); what the pass
+            # would have done with its plain form is reported as such
+            expanded.pop(src).restore()
+            for i in range(before, len(ctx.record.near_misses)):
+                m = ctx.record.near_misses[i]
+                ctx.record.near_misses[i] = dataclasses.replace(
+                    m, reason=f"ger_linear_token_stats kept as called (its own chunked head, the backward recomputing "
+                              f"the logits): {m.reason}")
     _split_near_misses(gm, ctx)
     return changed
+
+
+def _try(gm: fx.GraphModule, src: fx.Node, ctx, library_call: bool = False) -> bool:
+    """Plan, settle, select and rewrite the head of the statistics ``src``: whether it was.
+    ``library_call``: ``src`` stands for a ``ger_linear_token_stats`` call, whose own form
+    (what stays if this returns False) is chunked too and recomputes the logits in the
+    backward: the fused form replaces it where it forms the gradients in the forward (the
+    same chunks, one matmul fewer), and only there; no measurement against the unfused
+    head, which is not the alternative."""
+    plan = _plan(gm, src, ctx)
+    if plan is None:
+        return False
+    # the linear and the views after it are fused away: none of them may be an eager node
+    eager = next(((n, ctx.eager_reason(n)) for n in plan.chain if ctx.eager_reason(n) is not None), None)
+    if eager is not None:
+        ctx.near_miss("linear+loss", src, f"{eager[0].name} must run eagerly ({eager[1]}); the rewrite would fuse it away")
+        return False
+    # the fused op computes the head where the statistics were: the linear's reads
+    # of h, W and b move there
+    lin_out = plan.chain[0]
+    barrier = graph.Effects(gm).first_barrier([(lin_out, a) for a in lin_out.all_input_nodes], src)
+    if barrier is not None:
+        ctx.near_miss("linear+loss", src, graph.moved_reads_reason(barrier))
+        return False
+    _settle(gm, plan)
+    if plan.returned and plan.mode == "recompute" and _eager_saves_logits(plan):
+        ctx.near_miss("linear+loss", src, f"the logits ({plan.chain[0].name}) are also returned by the graph, the "
+                      "loss code saves them (eager raises autograd's error when they are written before the "
+                      f"backward) and its gradients are recomputed ({plan.why}): the lm head is left unfused")
+        return False
+    if library_call:
+        if plan.mode == "no_grad":
+            ctx.near_miss("linear+loss", src, "no gradient is needed: the fused head would do what the call's own "
+                          "chunk loop does")
+            return False
+        if plan.mode != "in_forward":
+            ctx.near_miss("linear+loss", src, "the fused head would recompute the logits in the backward too ("
+                          f"{plan.why}): nothing to gain over the call's own chunk loop")
+            return False
+    elif not _selected(gm, plan, ctx):
+        return False
+    _rewrite(gm, plan, ctx)
+    return True
+
+
+# ----------------------------------------------------------------------------- the library's token head
+def _token_head_calls(gm: fx.GraphModule) -> list:
+    """``ger_linear_token_stats`` calls in the graph, as (HOP node, h, W, b, y, T): Dynamo
+    records its chunk loop (``distill._LinearTokenRows``) as an ``autograd_function_apply``
+    whose forward body forms ``F.linear(h[rows], W, b)`` and ``ger::token_fwd`` of those
+    logits at the temperature T, and returns (log p(y), entropy) first."""
+    hop = _compat.autograd_function_hop()
+    if hop is None:
+        return []
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not hop or len(n.args) < 3:
+            continue
+        body = n.args[0]
+        if not (isinstance(body, fx.Node) and body.op == "get_attr"):
+            continue
+        try:
+            fwd = gm.get_submodule(body.target)
+        except AttributeError:
+            continue
+        parts = _token_head_parts(fwd, n.args[2:]) if isinstance(fwd, fx.GraphModule) else None
+        if parts is not None:
+            out.append((n, *parts))
+    return out
+
+
+def _token_head_parts(fwd: fx.GraphModule, hop_args) -> tuple | None:
+    phs = [x for x in fwd.graph.nodes if x.op == "placeholder"]
+    if len(phs) != len(hop_args):
+        return None
+    arg_of = dict(zip(phs, hop_args))
+    lins = [x for x in fwd.graph.nodes if _is(x, _LINEAR)]
+    toks = [x for x in fwd.graph.nodes if x.op == "call_function" and str(x.target) in ("ger.token_fwd",
+                                                                                          "ger.token_fwd.default")]
+    if not lins or len(lins) != len(toks):
+        return None
+
+    def root(a):
+        while isinstance(a, fx.Node) and a.op == "call_function" and a.target is operator.getitem:
+            a = a.args[0]
+        return a
+
+    heads = {(root(_arg(x, 0, "input")), _arg(x, 1, "weight"), _arg(x, 2, "bias")) for x in lins}
+    temps = {t.args[2] if len(t.args) > 2 else None for t in toks}
+    targets = {root(t.args[1]) for t in toks}
+    if len(heads) != 1 or len(temps) != 1 or len(targets) != 1 or any(t.args[0] not in lins for t in toks):
+        return None
+    (h, W, b), (T,), (y,) = heads.pop(), temps, targets
+    if not all(isinstance(x, fx.Node) and x in arg_of for x in (h, W, y)) or (b is not None and b not in arg_of):
+        return None
+    if isinstance(T, bool) or not isinstance(T, (int, float)):
+        return None
+    out = next(x for x in fwd.graph.nodes if x.op == "output").args[0]
+    if not (isinstance(out, (tuple, list)) and out and isinstance(out[0], (tuple, list)) and len(out[0]) == 2):
+        return None
+    return arg_of[h], arg_of[W], arg_of.get(b), arg_of[y], float(T)
+
+
+@dataclasses.dataclass
+class _Expanded:
+    """A ``ger_linear_token_stats`` call written as the plain head and statistics the
+    pass fuses (``linear -> / T -> row_stats``, log p(y) = -nll, entropy = ent), so that
+    the fused head sees the objective built on them (a PPO objective's gradients then
+    form in the forward: three matmuls where the library call's backward recomputes the
+    logits, four). ``restore`` puts the call back where the pass does not fuse it."""
+
+    call: tuple  # the call's node (target, args, kwargs, meta), taken out of the graph while the pass plans
+    stats: fx.Node
+    new: list
+    outputs: list  # (index, meta, replacement) of the call's output getitems
+
+    def restore(self) -> None:
+        g = self.stats.graph
+        target, args, kwargs, meta = self.call
+        with g.inserting_before(self.new[0]):
+            hop = g.call_function(target, args, kwargs)
+            hop.meta.update(meta)
+            for i, m, rep in self.outputs:
+                old = g.call_function(operator.getitem, (hop, i))
+                old.meta.update(m)
+                rep.replace_all_uses_with(old)
+        for n in reversed(self.new):
+            if not n.users:
+                g.erase_node(n)
+
+    def finish(self, gm: fx.GraphModule) -> None:
+        g = gm.graph
+        for a in self.call[1][:2]:  # the bodies' get_attr nodes
+            if isinstance(a, fx.Node) and not a.users:
+                g.erase_node(a)
+
+
+def _expand_token_head(gm: fx.GraphModule, hop: fx.Node, h, W, b, y, T: float) -> _Expanded | None:
+    if any(not (u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)) for u in hop.users):
+        return None
+    hv, wv, yv = _val(h), _val(W), _val(y)
+    bv = _val(b) if b is not None else None
+    if not all(isinstance(v, torch.Tensor) for v in (hv, wv, yv)) or hv.dtype not in _FLOAT_DTYPES:
+        return None
+    fake = _compat.fake_mode_of([hv, wv, yv])
+    if fake is None:
+        return None
+    cd = _loss_op.compute_dtype(hv.dtype)
+    g = gm.graph
+    new: list = []
+
+    def add(node, value):
+        node.meta["example_value"] = value
+        graph.copy_meta(node, hop)
+        new.append(node)
+        return node
+
+    with g.inserting_before(hop), fake:
+        lv = torch.nn.functional.linear(hv, wv, bv)
+        lin = add(g.call_function(torch._C._nn.linear, (h, W, b)), lv)
+        z, zv = lin, lv
+        if hv.dtype != cd:
+            zv = zv.to(cd)
+            z = add(g.call_method("to", (lin, cd)), zv)
+        if T != 1.0:
+            zv = zv / T
+            z = add(g.call_function(operator.truediv, (z, T)), zv)
+        sv = losses.row_stats(zv, yv, 1.0, NO_IGNORE, True, 0)
+        stats = add(g.call_function(losses.row_stats, (z, y, 1.0, NO_IGNORE, True, 0)), sv)
+        nll = add(g.call_function(operator.getitem, (stats, 0)), sv[0])
+        logp = add(g.call_function(operator.neg, (nll,)), -sv[0])
+        ent = add(g.call_function(operator.getitem, (stats, 3)), sv[3])
+    outputs = []
+    for u in list(hop.users):
+        rep = logp if u.args[1] == 0 else ent
+        u.replace_all_uses_with(rep)
+        outputs.append((u.args[1], dict(u.meta), rep))
+        g.erase_node(u)
+    call = (hop.target, hop.args, dict(hop.kwargs), dict(hop.meta))
+    g.erase_node(hop)  # not left in place while the pass plans: an opaque call reads as a barrier
+    return _Expanded(call, stats, new, outputs)
 
 
 #: the graph break transformers' ``PreTrainedModel.loss_function`` causes on each call when
@@ -894,7 +1068,10 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx, chunk: int | None) -> dict 
             "bias": bias, "returned": plan.returned,
             "needs": plan.needs, "mode": plan.mode, "kind": plan.kind, "alpha": plan.alpha, "extras": plan.extras,
             "smoothing": plan.smooth_weight is not None, "base": plan.base is not None,
-            "loss": _loss_signature(plan)}
+            "loss": _loss_signature(plan),
+            # (only where set: the keys of earlier decisions stay as they were)
+            **({"rowwise": True} if plan.rowwise else {}),
+            **({"temperature": plan.temperature, "low_div": plan.low_div} if plan.temperature != 1.0 else {})}
 
 
 def _chunk_rows(ctx, V, rows, plan: Plan, lean: bool = False) -> int:
@@ -1134,6 +1311,8 @@ def _settle(gm: fx.GraphModule, plan: Plan) -> None:
         if w is not None:
             plan.mode, plan.why = "recompute", (f"{graph.describe(w)} writes a tensor the loss saves for its backward "
                                                 "before the loss is formed (its version must be checked)")
+    if plan.mode != "in_forward":
+        plan.rowwise = False
     plan.reorder, plan.last, plan.keep = reorder, last, keep
 
 
