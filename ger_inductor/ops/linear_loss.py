@@ -392,8 +392,11 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
         if need_h:
             out["gh"].append(dzl @ weight)
         if need_w:
-            part = (dzl.t() @ hc).to(cd)
-            gw = part if gw is None else gw + part
+            if gw is not None and hc.dtype == cd:  # one extern addmm: no separate pass adding the (V, H) product
+                gw = torch.addmm(gw, dzl.t(), hc)
+            else:
+                part = (dzl.t() @ hc).to(cd)
+                gw = part if gw is None else gw + part
         if need_b:
             part_b = dz.sum(0)
             gb = part_b if gb is None else gb + part_b
