@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ger_inductor import _compat
 
 TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy_entr", "entropy_cat", "zloss",
-         "kl_uniform", "target_logp",
+         "kl_uniform", "target_logp", "ppo_rows",
          # per-row losses written in place before they are reduced (transformers'
          # LabelSmoother, fairseq's label_smoothed_nll_loss), the mask made before or after
          "rows_masked_inplace", "rows_masked_late", "hf_label_smoother", "rows_view_written",
@@ -52,7 +52,7 @@ class Program:
     terms: tuple = ("ce",)
     write: str | None = None
     write_at: int = 0  # before which term the write happens (len(terms): after all)
-    logits_from: str = "input"  # "input" | "scaled" | "linear"
+    logits_from: str = "input"  # "input" | "scaled" | "linear" | "linear_tempered" | "linear_div_"
     conv: str | None = None  # "eval" | "train"
     act: str = "relu"
     #: "input" | "running_mean" (between conv and BN) | "running_mean_after" (after BN: eager's
@@ -155,6 +155,13 @@ def _term(kind: str, q, y, w, ignore: int, t=None):
         per = F.cross_entropy(q, y.clamp(min=0), reduction="none", label_smoothing=0.1)
         per.view(-1)[::2].mul_(0.5)  # written through a view
         return per.mean()
+    if kind == "ppo_rows":  # a PPO-style objective: non-linear in each row's log p(y) and entropy
+        lp = F.log_softmax(q, -1)
+        logp = lp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        ratio = torch.exp(logp + 2.0)
+        adv = torch.linspace(-1.0, 1.0, q.shape[0])
+        pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+        return (pg - 0.01 * -(lp.exp() * lp).sum(-1)).mean()
     # target_logp: a gather beside the CE (index of shape (n, 1))
     return -0.01 * q.log_softmax(-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).mean()
 
@@ -230,6 +237,11 @@ class Model(nn.Module):
         p = self.p
         if p.logits_from == "linear":
             q = self.head(h)
+        elif p.logits_from == "linear_tempered":
+            q = self.head(h) / 0.8
+        elif p.logits_from == "linear_div_":  # verl's logits.div_(temperature)
+            q = self.head(h)
+            q.div_(0.8)
         elif p.logits_from == "scaled":
             q = q_in * 1.25
         else:
@@ -477,7 +489,7 @@ def programs():
             terms=terms,
             write=write,
             write_at=draw(st.integers(0, len(terms))),
-            logits_from=draw(st.sampled_from(("input", "scaled", "linear"))),
+            logits_from=draw(st.sampled_from(("input", "scaled", "linear", "linear_tempered", "linear_div_"))),
             conv=conv,
             act=draw(st.sampled_from(ACTS)),
             conv_write=draw(st.sampled_from((None, None, "input", "running_mean", "running_mean_after"))) if conv else None,
