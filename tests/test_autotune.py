@@ -602,3 +602,46 @@ def test_graph_key_tells_grad_modes_and_requires_grad_apart():
     assert key(x, w) != no_grad  # grad mode on
     assert key(x, w.requires_grad_()) != key(x, w.detach())
     assert key(x, w.detach()) == key(x.clone(), w.detach().clone())  # values do not matter
+
+
+class HeadPPO(Head):
+    def forward(self, x, y):  # a PPO objective at a temperature: gradients in the forward, per-chunk coefficients
+        lp = F.log_softmax(self.head(torch.tanh(self.proj(x))) / 0.9, -1)
+        logp = lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        adv = torch.sin(y.float())
+        ratio = torch.exp(logp + 9.0)
+        pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+        return (pg - 0.01 * -(lp.exp() * lp).sum(-1)).mean()
+
+
+@pytest.mark.parametrize("model_cls", [Head, HeadPPO])
+def test_large_sites_are_timed_on_fewer_rows(store, monkeypatch, model_cls):
+    """A site whose logits exceed MEASURE_MAX_ELEMENTS is timed on fewer rows (two chunks'
+    worth at least): the leading dimension of the head's input and of every input that
+    shares it scaled down; the two forms still compute the same values there, and the
+    report says how many rows were timed."""
+    from ger_inductor.passes import lm_head as lm_pass
+
+    seen = {}
+
+    def fake_compile_and_time(forms, device, patches):
+        seen.update(forms)
+        return {"ger": _timing(1.0), "inductor": _timing(2.0)}
+
+    monkeypatch.setattr(autotune, "compile_and_time", fake_compile_and_time)
+    monkeypatch.setattr(lm_pass, "MEASURE_MAX_ELEMENTS", N * V // 4)
+    real_chunk_rows = lm_pass._chunk_rows
+    monkeypatch.setattr(lm_pass, "_chunk_rows", lambda ctx, V_, rows, plan, lean=False: min(32, rows)
+                        if isinstance(rows, int) else real_chunk_rows(ctx, V_, rows, plan, lean))
+    torch.manual_seed(0)
+    report, _ = _rewrite(model_cls(), store, backward=False)
+    assert report.decisions[0]["choice"] == "ger" and report.match_count("lm_head") == 1
+    assert (report.matches[-1].detail.get("coefficients") == "per chunk") == (model_cls is HeadPPO)
+    rec = next(p for p in report.passes if p.name == "lm_head")
+    assert rec.strategy["measured_rows"] == f"{N // 4} of {N}", rec.strategy
+    fused, inputs, finish, _ = seen["ger"]
+    unfused = seen["inductor"][0]
+    assert inputs[0].shape == (N // 4, H)  # the head's input (proj's output in the site graph)
+    a, b = fused(*inputs), unfused(*inputs)
+    torch.testing.assert_close(a, b)
+    finish(b)

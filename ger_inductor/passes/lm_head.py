@@ -1117,7 +1117,16 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
     from . import PassContext, cacheable_functions_patch, snapshot_graph
     from ..debug import GraphReport, PassRecord
 
-    mini, inputs, leaves, msrc = _site_graph(gm, plan, ctx)
+    mini = None
+    rows = _measured_rows(plan, chunk)
+    if rows is not None:
+        try:  # fewer rows; a graph whose views spell the row count as constants cannot take them
+            mini, inputs, leaves, msrc = _site_graph(gm, plan, ctx, rows)
+            ctx.strategy(measured_rows=f"{_val(msrc.args[1]).numel()} of {_val(plan.target).numel()}")
+        except Exception:  # noqa: BLE001 - measured at the full size instead
+            mini = None
+    if mini is None:
+        mini, inputs, leaves, msrc = _site_graph(gm, plan, ctx)
     fused = fx.GraphModule(torch.nn.Module(), snapshot_graph(mini.graph))
     fsrc = next(n for n in fused.graph.nodes if n.name == msrc.name)
     sub = PassContext(dataclasses.replace(ctx.options, lm_head_chunk=chunk, autotune=False,
@@ -1126,7 +1135,7 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
     fplan = _plan(fused, fsrc, sub)
     if fplan is not None:
         _settle(fused, fplan)
-    if fplan is None or fplan.mode != plan.mode:
+    if fplan is None or fplan.mode != plan.mode or fplan.rowwise != plan.rowwise:
         raise RuntimeError(f"the measurement graph plans differently ({None if fplan is None else fplan.mode} vs "
                            f"{plan.mode}): {[m.reason for m in sub.record.near_misses]}")
     _rewrite(fused, fplan, sub)
@@ -1154,21 +1163,55 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
     return t["ger"], t["inductor"]
 
 
-def _site_graph(gm: fx.GraphModule, plan: Plan, ctx):
+#: a site whose (rows, V) logits exceed this many elements is timed on fewer rows (at
+#: least two of the fused op's chunks): both forms' time grows with the rows, and timing
+#: a large head at full size costs minutes (4096 x 1024 x 128256 fp32 on 2 CPU cores:
+#: a 267 s first compile against Inductor's 33 s)
+MEASURE_MAX_ELEMENTS = 1 << 27
+
+
+def _measured_rows(plan: Plan, chunk: int) -> int | None:
+    """The rows to time the site on, where fewer than its own (None: all of them)."""
+    tv, V = _val(plan.target), (_shape(plan.chain[0]) or (None,))[-1]
+    if not isinstance(tv, torch.Tensor) or not isinstance(V, int) or not isinstance(tv.numel(), int):
+        return None
+    N = tv.numel()
+    if N * V <= MEASURE_MAX_ELEMENTS:
+        return None
+    want = max(2 * max(1, chunk or 0), MEASURE_MAX_ELEMENTS // V)
+    return want if want < N else None
+
+
+def _site_graph(gm: fx.GraphModule, plan: Plan, ctx, rows: int | None = None):
     """The site as a graph of its own: placeholders for what it reads (random tensors of
     the same shapes, dtypes and devices), the head, the views and casts after it, the
     loss statistics, and the loss as the site uses them - a sum of the statistics with
     fixed coefficients where the gradients are formed in the forward, the statistics
-    themselves otherwise. Returns (graph module, inputs, leaves needing grad, stats node)."""
+    themselves otherwise. Returns (graph module, inputs, leaves needing grad, stats node).
+
+    ``rows``: about this many rows instead (the leading dimension of the head's input
+    scaled down, and that of every other input that shares it); raises where the site
+    cannot take them (a view that names the row count, or a weight dimension equal to
+    the leading one)."""
     g = fx.Graph()
     env: dict = {}
     inputs: list = []
     leaves: list = []
     V = (_shape(plan.chain[0]) or (None,))[-1]
     gen = torch.Generator().manual_seed(0)
+    hv0 = _val(plan.h)
+    lead = lead2 = None
+    if rows is not None:
+        N0 = math.prod(hv0.shape[:-1])
+        lead = hv0.shape[0]
+        lead2 = max(1, -(-lead * rows // N0))
+        if hv0.dim() < 2 or lead2 >= lead or lead in (V, hv0.shape[-1]):
+            raise RuntimeError("the site's rows cannot be scaled down")
 
     def rand_like(v: torch.Tensor, role: str) -> torch.Tensor:
         shape, dev = tuple(v.shape), v.device
+        if lead is not None and role not in ("weight", "bias") and shape and shape[0] == lead:
+            shape = (lead2,) + shape[1:]
         if v.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             return torch.randint(0, V, shape, generator=gen, dtype=v.dtype).to(dev)
         if v.dtype == torch.bool:
@@ -1231,6 +1274,8 @@ def _site_graph(gm: fx.GraphModule, plan: Plan, ctx):
     g.output(outs + ((lin,) if plan.returned else ()))  # the returned logits last
     mini = fx.GraphModule(torch.nn.Module(), g)
     _fill_values(mini, inputs)
+    if lead is not None and _val(src)[0].shape != _val(src.args[1]).shape:
+        raise RuntimeError("the site's statistics do not follow its scaled rows")
     return mini, inputs, leaves, src
 
 
