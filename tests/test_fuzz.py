@@ -18,7 +18,7 @@ from . import fuzz_programs as fz
 
 hypothesis = pytest.importorskip("hypothesis")
 
-CI_EXAMPLES = int(os.environ.get("GER_FUZZ_EXAMPLES", "50"))
+CI_EXAMPLES = int(os.environ.get("GER_FUZZ_EXAMPLES", "35"))
 
 #: counterexamples the fuzzer found (each was a wrong number or a crash, now fixed)
 FOUND = {
