@@ -266,6 +266,20 @@ def _ppo_itruediv(m, h, y):
     return _ppo(logits, y, per_sequence=True)
 
 
+def _ppo_with_clip_fraction(m, h, y):
+    """verl's compute_policy_loss also returns the fraction of clipped tokens: an output
+    that needs no gradient does not stop the gradients forming in the forward."""
+    logits = m.head(h) / 0.9
+    lp = F.log_softmax(logits, dim=-1)
+    logp = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    old, _, adv, mask = _token_inputs(y)
+    ratio = torch.exp(logp - old)
+    pg1, pg2 = -ratio * adv, -torch.clamp(ratio, 0.8, 1.2) * adv
+    loss = (torch.maximum(pg1, pg2) * mask).sum() / mask.sum()
+    clipfrac = ((torch.gt(pg2, pg1).float() * mask).sum() / mask.sum())
+    return loss, clipfrac
+
+
 def _ppo_nonlinear_after_reduction(m, h, y):
     logits = m.head(h) / 0.9
     lp = F.log_softmax(logits, dim=-1)
@@ -335,6 +349,7 @@ SPELLINGS = {
     # divided in bf16: the unrolled form would not round the quotient; the op recomputes
     "ppo_bf16_temperature_before_upcast": (lambda m, h, y: _ppo((m.head(h) / 0.9).float(), y),
                                            {"dtype": torch.bfloat16}, "recompute"),
+    "ppo_with_clip_fraction_returned": (_ppo_with_clip_fraction, {}, "in_forward_rows"),
     "nonlinear_after_a_reduction": (_ppo_nonlinear_after_reduction, {}, "recompute"),
     "rows_misaligned": (_ppo_rows_misaligned, {}, "recompute"),
     "logits_returned_twice_with_reduction_none": (
@@ -396,7 +411,7 @@ def test_rewrite_spelling(name):
     # a returned logits' gradient: test_returned_logits_gradient (eager sums the two
     # gradients of the logits before the head's matmuls, the fused head after them)
     _compare_with_eager(loss_fn, head_kw, rewrite_only(graphs, lm_head_chunk=4),
-                        backward_outputs=1 if name.startswith("logits_returned") else None)
+                        backward_outputs=1 if name.startswith("logits_returned") or "clip_fraction" in name else None)
     matches = _lm_matches()
     heads = 2 if name == "two_heads_one_loss" else 1
     assert len(matches) == heads, (matches, [n.reason for n in _lm_near_misses()])

@@ -19,9 +19,14 @@ scalar and every operation between the statistics and it is linear (sums, means,
 scalings, masks, the rewritten cross-entropy / entropy / KL reductions), the pass copies
 that O(rows) subgraph, differentiates the copy at zero statistics to get the per-row
 coefficients, and the op forms the gradients in its forward sweep; ``ger::grad_carrier``
-adds a zero to the loss that brings the upstream gradient to h, W and b. Otherwise
-(``reduction='none'`` returned, a loss used twice, a non-linear use) the backward sweeps
-the chunks again; the report says which and why.
+adds a zero to the loss that brings the upstream gradient to h, W and b. A loss that is
+not linear but a sum of per-row terms (a PPO objective) is copied into a module the
+unrolled op differentiates per chunk at that chunk's statistics (``_not_rowwise``,
+``lm_head.rowwise_coefficients``). Otherwise (``reduction='none'`` returned, a loss used
+twice, a non-linear use of a reduction) the backward sweeps the chunks again; the report
+says which and why. A temperature (``logits / T``, ``logits.div_(T)``) between the head
+and the loss is the op's; a ``ger_linear_token_stats`` call is written as the plain head
+and statistics first (``_expand_token_head``) and put back where it is not fused.
 """
 
 from __future__ import annotations
@@ -688,6 +693,9 @@ def _choose_gradient_mode(gm: fx.GraphModule, plan: Plan) -> None:
     in_d = set(D)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     exits = [n for n in D if n in out.all_input_nodes]
+    # outputs that need no gradient (a logged clip fraction: comparisons, counts) keep
+    # eager's values when the statistics are the op's constants; the loss is the one left
+    exits = [n for n in exits if not (isinstance(_val(n), torch.Tensor) and not _val(n).requires_grad)] or exits
     if len(exits) != 1:
         plan.why = (f"{len(exits)} graph outputs depend on the loss statistics" if exits
                     else "no graph output depends on the loss statistics")
