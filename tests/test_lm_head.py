@@ -868,3 +868,31 @@ def test_ppo_objective_compiled_by_inductor_forms_gradients_in_the_forward():
     assert codes[0].count("extern_kernels.mm(") + codes[0].count("extern_kernels.addmm(") >= 15, codes[0]
     bwd_mm = [ln for ln in codes[1].splitlines() if "extern_kernels.mm(" in ln or "extern_kernels.addmm(" in ln]
     assert len(bwd_mm) <= 2, bwd_mm  # the mixer's two (the unfused head would add two more)
+
+
+def test_per_row_loss_dividing_by_the_statistics_keeps_what_eager_saves():
+    """``c / exp(logp)``: eager's division saves its numerator ``c`` (the divisor needs a
+    gradient), so writing ``c`` before the backward raises autograd's error. With the
+    gradients formed in the forward, the carrier keeps ``c`` for the same check."""
+    c = torch.rand(3, 11) + 0.5
+
+    def loss_fn(m, h, y):
+        lp = F.log_softmax(m.head(h) / 0.9, -1)
+        logp = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (c / torch.exp(logp).clamp_min(1e-3)).mean()
+
+    ger_inductor.clear_reports()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m, m2 = Head(loss_fn), Head(loss_fn)
+    m2.load_state_dict(m.state_dict())
+    x, y = _tokens()
+    out = torch.compile(m2, backend=rewrite_only(lm_head_chunk=4))(x, y)
+    ref = m(x, y)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (mt,) = _lm_matches()
+    assert mt.detail["coefficients"] == "per chunk", mt.detail
+    c.mul_(2.0)
+    for loss in (ref, out):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

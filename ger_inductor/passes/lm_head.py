@@ -136,6 +136,8 @@ def run(gm: fx.GraphModule, ctx) -> bool:
                 ctx.record.near_misses[i] = dataclasses.replace(
                     m, reason=f"ger_linear_token_stats kept as called (its own chunked head, the backward recomputing "
                               f"the logits): {m.reason}")
+    for e in expanded.values():  # never planned (statistics that must run eagerly): as called
+        e.restore()
     _split_near_misses(gm, ctx)
     return changed
 
@@ -787,7 +789,7 @@ _ELEMENTWISE = {
     "clip", "clamp_min", "clamp_max", "minimum", "maximum", "fmin", "fmax", "square", "reciprocal", "pow", "sign",
     "nan_to_num", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not", "__pow__",
     "__rpow__", "__abs__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__and__", "__or__",
-    "__invert__", "float", "double", "half", "bfloat16", "type_as",
+    "__invert__", "type_as",
 }
 # views that keep the elements in row-major order (a value of the rows' shape stays aligned
 # with every other such value of the same shape)
@@ -944,7 +946,10 @@ def _saved_by_eager(plan: Plan) -> dict:
         if _is(n, _SCALING):
             add(list(n.args[:2]), n)
         elif _is(n, _DIVIDING):
-            add(n.args[1] if len(n.args) > 1 else n.kwargs.get("other"), n)
+            other = n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+            add(other, n)
+            if isinstance(other, fx.Node) and (other in in_path or other is plan.src):
+                add(n.args[0], n)  # dividing by the statistics (a per-row loss): eager saves the numerator too
         elif _is(n, _MASKING):
             add(n.args[0] if _target_of(n) is torch.where else (n.args[1] if len(n.args) > 1 else n.kwargs.get("mask")), n)
         elif n.target is operator.getitem and len(n.args) > 1:
@@ -1457,13 +1462,7 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
         with g.inserting_before(last.next if reorder else src):
             leaves = g.call_function(lm_head.stat_leaves, (plan.target, cdt, plan.extras))
             env = {src: leaves}
-            for a in plan.zeroed:
-                env[a] = g.call_function(torch.zeros, ((),), {"dtype": _dtype(a), "device": _val(a).device})
-            for n in plan.path:
-                if n.op == "call_function" and n.target is lm_head.add_carrier:
-                    env[n] = env.get(n.args[0], n.args[0])  # another head's zero: not needed here
-                    continue
-                env[n] = g.node_copy(n, lambda a: env.get(a, a))
+            _copy_loss_code(g, plan, env, lambda a: env.get(a, a))
             coefs = g.call_function(lm_head.stat_coefficients, (env[plan.exit], leaves))
             stats = g.call_function(lm_head.linear_row_stats, args, {**kw, "coefs": coefs, "needs": plan.needs})
     if plan.returned:
@@ -1517,15 +1516,22 @@ def _tail_module(plan: Plan) -> tuple[fx.GraphModule, list]:
     env = {plan.src: tg.placeholder("stats")}
     for i, a in enumerate(ext):
         env[a] = tg.placeholder(f"x{i}")
-    for a in plan.zeroed:
-        env[a] = tg.call_function(torch.zeros, ((),), {"dtype": _dtype(a), "device": _val(a).device})
-    for n in plan.path:
-        if n.op == "call_function" and n.target is lm_head.add_carrier:
-            env[n] = env[n.args[0]]  # another head's zero: not needed here
-            continue
-        env[n] = tg.node_copy(n, lambda a: env[a])
+    _copy_loss_code(tg, plan, env, lambda a: env[a])
     tg.output(env[plan.exit])
     return fx.GraphModule(torch.nn.Module(), tg), ext
+
+
+def _copy_loss_code(g: fx.Graph, plan: Plan, env: dict, lookup) -> None:
+    """Copy the loss code (``plan.path``, in order, in-place writes included) into ``g``
+    at its insertion point, reading ``lookup(node)`` for each input; another head's
+    statistics it reads are zeros (they are only added)."""
+    for a in plan.zeroed:
+        env[a] = g.call_function(torch.zeros, ((),), {"dtype": _dtype(a), "device": _val(a).device})
+    for n in plan.path:
+        if n.op == "call_function" and n.target is lm_head.add_carrier:
+            env[n] = lookup(n.args[0])  # another head's zero: not needed here
+            continue
+        env[n] = g.node_copy(n, lookup)
 
 
 # ----------------------------------------------------------------------------- returned logits
