@@ -320,6 +320,7 @@ def test_torch_func_transforms():
     (0.5, 2.0, 0.1, torch.float32, True),   # mix, tempered, hard CE at T != 1, teacher trained
     (0.0, 1.0, 0.0, torch.float32, False),  # forward KL
     (1.0, 0.5, 1.0, torch.bfloat16, True),  # reverse KL, only the hard term weighs (gD = 0)
+    (0.0, 4.0, 0.5, torch.float32, False),  # forward KL at T = 4: the hard CE's sums by squaring
 ])
 def test_inductor_lowering_equals_eager_op(beta, T, hw, dtype, teacher_grad):
     """ger::distill_fwd / distill_bwd lowered by Inductor (lowerings/distill.py) against
@@ -363,6 +364,36 @@ def test_inductor_lowering_equals_eager_op(beta, T, hw, dtype, teacher_grad):
     # every loop over the classes (both maxima, the sums, the JSD's own loop, the hard
     # CE's) runs under ONE loop over the rows: a row pair is read from memory once
     assert fwd.count("#pragma omp for") == 1, fwd
+
+
+def test_hard_ce_at_power_of_two_temperatures_reuses_the_tempered_exponential():
+    """At T = 2 and 4 the hard CE's e^(z - max z) is (e^(z/T - max z/T))^T: its sum costs
+    no exponential of its own in the forward (lowerings/distill.py, _Pair.hard_lse), and
+    its gradient's p is p_T^T times a per-row constant. Values and gradients equal the
+    float64 reference, with logits far apart (p_T^T underflows where p does)."""
+    g = torch.Generator().manual_seed(11)
+    R, Vn = 13, 301
+    zs = 4 * torch.randn(R, Vn, generator=g)
+    zs[3, :40] -= 300.0  # probabilities that underflow at T = 1 but not at T
+    zs = zs.requires_grad_()
+    zt = 4 * torch.randn(R, Vn, generator=g)
+    y = torch.randint(0, Vn, (R,), generator=g)
+    y[3] = 5  # the target among the underflowing classes
+    counts = {}
+    for T in (2.0, 4.0):
+        for hw in (0.0, 0.5):
+            kw = dict(beta=0.0, temperature=T, hard_weight=hw)
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda a, b: ger_distill_loss(a, b, y, **kw), backend="inductor",
+                                     fullgraph=True, dynamic=False)
+            got, (fwd, _bwd) = _compat.run_and_get_code(
+                lambda: (lambda l: (l, torch.autograd.grad(l, zs)))(compiled(zs, zt)))
+            exact = ger_distill_reference(zs.double(), zt.double(), y, **kw)
+            _close(got[0], exact, 1e-5)
+            _close(got[1][0], _grads(exact, [zs])[0], 1e-5, atol=1e-7)
+            counts[T, hw] = fwd.count(".exp()")
+        # the hard CE adds no vectorised exponential to the forward
+        assert counts[T, 0.5] == counts[T, 0.0], counts
 
 
 def test_compiled_aot_eager():

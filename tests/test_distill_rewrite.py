@@ -304,6 +304,69 @@ def test_pair_loops_run_under_one_loop_over_the_rows(name):
     assert fwd.count("#pragma omp for") == 1, fwd
 
 
+# ----------------------------------------------------------------------------- a hard CE beside the KL
+_CLASS_WEIGHT = torch.linspace(0.5, 2.0, V)
+
+
+def ce_first_t4_ignored_sum(s, t, y):
+    """The hard CE written first, on a view, some targets ignored, summed with class
+    weights; the KL at T = 4 after it."""
+    y = y.masked_fill(y % 5 == 0, -100)
+    hard = F.cross_entropy(s.reshape(-1, V), y.reshape(-1), weight=_CLASS_WEIGHT, reduction="sum")
+    soft = F.kl_div(F.log_softmax(s / 4.0, -1), F.log_softmax(t / 4.0, -1), log_target=True,
+                    reduction="batchmean") * 16.0
+    return 0.3 * hard / y.numel() + 0.7 * soft
+
+
+def jsd_with_hard_ce(s, t, y):
+    """TRL's JSD at T = 1 plus a cross-entropy on the same (viewed) student logits."""
+    return ds.trl_generalized_jsd_loss(s, t, beta=0.5) + 0.5 * F.cross_entropy(s.view(-1, V), y.view(-1))
+
+
+def hinton_all_ignored(s, t, y):
+    """Every target ignored: the CE's mean is 0 / 0 = NaN eagerly, and so the loss."""
+    return ds.hinton_kd_loss(s.flatten(0, 1), t.flatten(0, 1), torch.full_like(y.flatten(), -100), temperature=T)
+
+
+#: name -> (function, pattern, whether the teacher needs a gradient: F.kl_div with probabilities as
+#: the target is refused there, RECOGNISED)
+HARD_CE = {"hinton": (hinton, "distill_kl", False),
+           "ce_first_t4_ignored_sum": (ce_first_t4_ignored_sum, "distill_kl", True),
+           "jsd_with_hard_ce": (jsd_with_hard_ce, "distill_jsd", True),
+           "hinton_all_ignored": (hinton_all_ignored, "distill_kl", False)}
+
+
+@pytest.mark.parametrize("name", list(HARD_CE))
+def test_hard_ce_on_the_student_is_formed_by_the_pair_op(name, tmp_path):
+    """A cross-entropy on the student's logits at T = 1 beside a KL or JSD of them (Hinton
+    KD) is formed by the same op, in the same sweep over the row pair (pairs.rewrite,
+    ``hard=``), before or after the KL in the code, with ignored targets, class weights
+    and any reduction; values and gradients as eager's (NaN where all are ignored)."""
+    fn, pattern, teacher_grad = HARD_CE[name]
+    matches, code = _check_recognised(fn, teacher_grad, pattern, tmp_path)
+    assert all("same sweep" in m.detail.get("hard_ce", "") for m in matches), [m.detail for m in matches]
+    ce = [m for r in ger_inductor.reports() for m in r.matches if m.pattern == "cross_entropy+entropy"]
+    assert ce and all("formed_by" in m.detail for m in ce), [m.detail for m in ce]
+    FileCheck().check("pair_").check("hard = (").check_not("row_stats").check_not("cross_entropy").run(code)
+    if name == "hinton_all_ignored":
+        s, t, y = _inputs("random")
+        assert torch.isnan(torch.compile(fn, backend="ger")(s, t, y))
+
+
+def hinton_smoothed(s, t, y):
+    soft = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T
+    return 0.5 * soft + 0.5 * F.cross_entropy(s.flatten(0, 1), y.flatten(), label_smoothing=0.1)
+
+
+def test_hard_ce_the_pair_op_cannot_form_is_rewritten_on_its_own(tmp_path):
+    """A label-smoothed CE is not the op's hard term: the loss family's own op forms it,
+    beside the KL's, with eager's numbers (two sweeps over the student's logits)."""
+    matches, code = _check_recognised(hinton_smoothed, False, "distill_kl", tmp_path)
+    assert not any("hard_ce" in m.detail for m in matches)
+    FileCheck().check("row_stats").run(code)
+    FileCheck().check("pair_kl").check_not("hard = (").run(code)
+
+
 def _kl_upcast(s, t, y):
     lps = F.log_softmax(s.float() / T, dim=-1)
     lpt = F.log_softmax(t.float() / T, dim=-1)

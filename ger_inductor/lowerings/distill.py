@@ -38,6 +38,9 @@ from ..distill import LOG_FORM_BETAS, split_kind
 from ..ops.distill import compute_dtype
 
 aten = torch.ops.aten
+#: temperatures at which the hard CE's exponential is a power of the tempered one
+#: (T -> number of squarings): ``_Pair.hard_lse``
+SQUARING_T = {2.0: 1, 4.0: 2}
 
 
 class _Pair:
@@ -55,6 +58,7 @@ class _Pair:
         self.T = float(T)
         self._raw_max: dict = {}
         self._last_reduction = None
+        self._s_exp = None  # e^(z_s / T - max z_s / T) as the student's sum forms it (``hard_lse``)
 
     def const(self, v: float):
         return self.ops.constant(v, self.cdt)
@@ -110,7 +114,8 @@ class _Pair:
         def special(r, j):  # the o logit is -inf, the w logit is not
             return ops.and_(ops.eq(o_(r, j), ninf()), ops.ne(w_(r, j), ninf()))
 
-        Ss = self.reduction(lambda r, j: ops.exp(sa(r, j)), "sum")
+        self._s_exp = lambda r, j: ops.exp(sa(r, j))  # noqa: E731
+        Ss = self.reduction(self._s_exp, "sum")
         St = self.reduction(lambda r, j: ops.exp(sb(r, j)), "sum")
         X = self.reduction(lambda r, j: ops.where(special(r, j), self.const(0.0),
                                                   self.kl_term(ops.exp(w_(r, j)), w_(r, j), o_(r, j), mode)), "sum")
@@ -216,9 +221,31 @@ class _Pair:
             m = M[side]([r])
             return ops.where(ops.eq(other, other), m, m)
 
-        S = {side: self.reduction(lambda r, j, side=side: ops.exp(ops.sub(x[side](r, j), shift(side, r))), "sum")
-             for side in ("s", "t")}
+        self._s_exp = lambda r, j: ops.exp(ops.sub(x["s"](r, j), shift("s", r)))  # noqa: E731
+        S = {"s": self.reduction(self._s_exp, "sum"),
+             "t": self.reduction(lambda r, j: ops.exp(ops.sub(x["t"](r, j), shift("t", r))), "sum")}
         return tuple((lambda idx, side=side: ops.add(M[side](idx), ops.log(S[side](idx)))) for side in ("s", "t"))
+
+    def hard_lse(self):
+        """A loader of LSE_j z_s(r, j), the hard CE's log-sum-exp at T = 1, for T != 1.
+
+        At T = 2 or 4 (``SQUARING_T``) its sum reuses the student's tempered exponential,
+        in the same sweep: z_s / T - max z_s / T = (z_s - max z_s) / T exactly (a power of
+        two), so e^(z_s - max z_s) = (e^(z_s / T - max z_s / T))^T, one or two products
+        instead of an exponential per element (within a few ulp of it; where the power
+        underflows, so does the exponential but for subnormals). Other T: its own sum."""
+        ops = self.ops
+        if self.T in SQUARING_T and self._s_exp is not None:
+            e_s = self._s_exp
+
+            def term(r, j):
+                e = e_s(r, j)
+                for _ in range(SQUARING_T[self.T]):
+                    e = ops.mul(e, e)
+                return e
+            M1, S1 = self.raw_max("s"), self.reduction(term, "sum")
+            return lambda idx: ops.add(M1(idx), ops.log(S1(idx)))
+        return self.lse("s", tempered=False)
 
     def after(self, value, reads):
         """A loader of ``value`` that also reads the row loaders ``reads`` without using
@@ -304,7 +331,7 @@ def _register() -> None:
                 ks = K
         else:
             Ls, Lt = P.lse_pair()
-        Ls1 = (P.lse("s", tempered=False) if P.T != 1.0 else Ls) if hard else None
+        Ls1 = (P.hard_lse() if P.T != 1.0 else Ls) if hard else None
 
         def logs(r, j):
             return ops.sub(P.a(r, j), Ls([r])), ops.sub(P.b(r, j), Lt([r]))
@@ -353,6 +380,13 @@ def _register() -> None:
         gD_ = gD.make_loader() if gD is not None else None
         gn_ = gn.make_loader() if (gn is not None and hard) else None
         Ls1_ = Ls1.make_loader() if gn_ is not None and P.T != 1.0 else None
+        c1 = None
+        if Ls1_ is not None and P.T in SQUARING_T:
+            # p1 = e^(z_s - Ls1) = ps^T c1, c1 = e^(T Ls - Ls1) per row (Ss^T / S1, in
+            # [1, V^(T-1)]): products instead of an exponential per element (``hard_lse``)
+            c1 = P.pointwise(lambda idx: ops.exp(ops.sub(ops.mul(P.const(P.T), Ls_(idx)), Ls1_(idx))), [P.R], P.cdt)
+            c1.realize()
+            c1 = c1.make_loader()
 
         def pre(r, j):
             lps = ops.sub(P.a(r, j), Ls_([r]))
@@ -376,7 +410,15 @@ def _register() -> None:
                     da = ops.mul(P.const(ws), P.pmul(ps, ops.sub(lsm, ks_([r])), mode))
                 out = gmul(g_of(r), da)
             if gn_ is not None:
-                p1 = ps if P.T == 1.0 else ops.exp(ops.sub(P.zs(r, j), Ls1_([r])))
+                if P.T == 1.0:
+                    p1 = ps
+                elif c1 is not None:
+                    p1 = ps
+                    for _ in range(SQUARING_T[P.T]):
+                        p1 = ops.mul(p1, p1)
+                    p1 = ops.mul(p1, c1([r]))
+                else:
+                    p1 = ops.exp(ops.sub(P.zs(r, j), Ls1_([r])))
                 g = ops.to_dtype(gn_([r]), P.cdt)
                 is_y = ops.eq(ops.index_expr(j, torch.int64), ops.to_dtype(P._y([r]), torch.int64))
                 h = ops.add(P.xmul(g, p1), ops.where(is_y, ops.neg(g), P.const(0.0)))

@@ -171,6 +171,33 @@ def _aten_aliases(name: str) -> bool | None:
     return False
 
 
+def hoist_before(g: fx.Graph, first: fx.Node, operands, apply: bool = True) -> bool:
+    """Move the code that computes ``operands`` after ``first`` up to just before it (a
+    target reshaped inline, ``y.view(-1)``, after a statistic that needs it), when it is
+    pure code and nothing between mutates anything. False (nothing moved) otherwise;
+    ``apply=False`` only asks."""
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    late: set = set()
+
+    def collect(n) -> bool:
+        if not isinstance(n, fx.Node) or pos[n] < pos[first] or n in late:
+            return True
+        if n.op not in ("call_function", "call_method") or mutates(n):
+            return False
+        late.add(n)
+        return all(collect(a) for a in n.all_input_nodes)
+
+    if not all(collect(o) for o in operands):
+        return False
+    last = max((pos[n] for n in late), default=-1)
+    if any(mutates(n) for n in g.nodes if pos[first] <= pos[n] <= last and n not in late):
+        return False
+    if apply:
+        for n in sorted(late, key=pos.get):
+            first.prepend(n)
+    return True
+
+
 def mutates(n: fx.Node) -> bool:
     """``n`` may write into one of its inputs (in-place op, ``out=``, ``setitem``,
     running-statistics update, or a call of unknown effect)."""

@@ -34,7 +34,7 @@ import struct
 import torch
 import torch.fx as fx
 
-from ... import distill, shapes
+from ... import distill, losses, shapes
 from .. import graph
 from ..graph import (
     CASTS as _CASTS, SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, arg as _arg, dtype as _dtype, is_op as _is,
@@ -864,30 +864,60 @@ def peel(root: Root) -> tuple[fx.Node, float]:
 
 
 def pair_kl(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, mode: str, coef: float, how: str,
-            keepdim: bool, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+            keepdim: bool, out_dtype: torch.dtype, chunk: int, hard: tuple | None = None, rev: bool = False):
     """c * KL(p_t || p_s) per row of p = softmax(z / T) (ger::distill_fwd), shaped or
     reduced as the user's spelling, whose per-element terms are shaped like ``like``: per
     row ("rows"), or summed ("sum"), divided by like.size(0) ("batchmean") or by its
-    number of elements ("mean")."""
+    number of elements ("mean"). ``hard``: (target, weight, ignore_index, reduction,
+    dtype) of an F.cross_entropy on ``zs`` at T = 1, formed by the same op in the same
+    sweep (:func:`hard_ce`); then (KL, CE). ``rev``: c * KL(p_s || p_t) (the CE's logits
+    are the KL's w side)."""
     V = zs.shape[-1]
-    D = torch.ops.ger.distill_fwd(zs.reshape(-1, V), zt.reshape(-1, V), None, f"fwd:{mode}", 0.0, 1.0, 0.0, T,
-                                  False, -100, chunk, distill._ops_distill.REV)[0]
+    y = _hard_rows(hard)
+    D, nll = torch.ops.ger.distill_fwd(zs.reshape(-1, V), zt.reshape(-1, V), y, f"{'rev' if rev else 'fwd'}:{mode}",
+                                       0.0, 1.0 if not rev else 0.0, 0.0 if not rev else 1.0, T,
+                                       hard is not None, -100, chunk, distill._ops_distill.REV)[:2]
     if coef != 1.0:
         D = D * coef
-    return _rows_out(D, like, how, keepdim, out_dtype)
+    out = _rows_out(D, like, how, keepdim, out_dtype)
+    return out if hard is None else (out, hard_ce(nll, hard))
 
 
 def pair_jsd(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, mode: str, beta: float, coef: float,
-             offset: float, how: str, keepdim: bool, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+             offset: float, how: str, keepdim: bool, out_dtype: torch.dtype, chunk: int, hard: tuple | None = None):
     """c * JSD_beta(p_t || p_s) + offset = c (beta KL(p_t || m) + (1 - beta) KL(p_s || m))
     + offset per row, m = beta p_t + (1 - beta) p_s (ger::distill_fwd, kind "mix:{mode}"),
-    shaped or reduced as :func:`pair_kl`."""
+    shaped or reduced as :func:`pair_kl` (``hard`` as there)."""
     V = zs.shape[-1]
-    D = torch.ops.ger.distill_fwd(zs.reshape(-1, V), zt.reshape(-1, V), None, f"mix:{mode}", beta, coef * beta,
-                                  coef * (1.0 - beta), T, False, -100, chunk, distill._ops_distill.REV)[0]
+    y = _hard_rows(hard)
+    D, nll = torch.ops.ger.distill_fwd(zs.reshape(-1, V), zt.reshape(-1, V), y, f"mix:{mode}", beta, coef * beta,
+                                       coef * (1.0 - beta), T, hard is not None, -100, chunk,
+                                       distill._ops_distill.REV)[:2]
     if offset != 0.0:
         D = D + offset
-    return _rows_out(D, like, how, keepdim, out_dtype)
+    out = _rows_out(D, like, how, keepdim, out_dtype)
+    return out if hard is None else (out, hard_ce(nll, hard))
+
+
+def _hard_rows(hard: tuple | None):
+    """The op's targets: the CE's, one per row, ignored rows read as class 0."""
+    if hard is None:
+        return None
+    y = hard[0].reshape(-1)
+    if y.dtype == torch.uint8:
+        y = y.long()
+    return torch.where(y != hard[2], y, torch.zeros_like(y))
+
+
+def hard_ce(nll: torch.Tensor, hard: tuple) -> torch.Tensor:
+    """F.cross_entropy(z_s, target, weight, ignore_index, reduction) from the op's per-row
+    nll = LSE(z_s) - z_s[y] (losses.combine_rows: eager's conventions for weights, ignored
+    rows and the reduction; a 'mean' over no valid row is NaN as eagerly)."""
+    target, weight, ignore_index, reduction, out_dtype = hard
+    y = target.long() if target.dtype == torch.uint8 else target
+    return losses.combine_rows(nll.reshape(y.shape), None, y, y.shape, beta=0.0, eps=None, smooth_scale=None,
+                               smooth_const=None, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                               out_dtype=out_dtype)
 
 
 def _rows_out(D: torch.Tensor, like: torch.Tensor, how: str, keepdim: bool, out_dtype: torch.dtype) -> torch.Tensor:
@@ -910,14 +940,71 @@ def _rows_out(D: torch.Tensor, like: torch.Tensor, how: str, keepdim: bool, out_
 GRAPH_FUNCTIONS = (pair_kl, pair_jsd)
 
 
-def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: set, alias_base) -> bool:
-    """Replace candidate ``c`` by one ``pair_kl`` call, or record why not (a near-miss)."""
+#: views of the student's logits under a hard CE that keep the rows in order
+_ROW_ORDER_VIEWS = {"view", "reshape", "flatten", "contiguous", torch.reshape, torch.flatten}
+
+
+def logits_of(c: PairCandidate) -> tuple[fx.Node, fx.Node] | None:
+    """(o, w): the two logits tensors before the temperature and upcasts, when the rewrite
+    will read them there (one temperature); else None."""
+    try:
+        (xo, T_o), (xw, T_w) = peel(c.o), peel(c.w)
+    except NotRepresentable:
+        return None
+    return (xo, xw) if T_o == T_w else None
+
+
+def _hard_ce_merge(effects, ev: Evaluator, n: fx.Node, xo: fx.Node, xw: fx.Node, reads: list, hard,
+                   ctx) -> tuple | None:
+    """(the CE candidate, the node to insert the op before) when the op can form the hard
+    CE ``hard`` = (root, group, plan) of the single-root pass (one F.cross_entropy on the
+    student's logits ``xo`` at T = 1, classes last, no label smoothing) in the same sweep;
+    else None (the CE is then rewritten on its own). The op reads the logits, the teacher
+    and the target once, before the earlier of the two losses (``reads``: the KL's)."""
+    if hard is None:
+        return None
+    root, group, plan = hard
+    if len(group) != 1 or group[0].kind != "ce" or plan.vocab:
+        return None
+    ce = group[0]
+    spec = ce.ce
+    shp = _shape(ce.node.args[0])
+    if spec["label_smoothing"] or shp is None or spec["class_dim"] != len(shp) - 1:
+        return None
+    # the same rows in the same order: both reach one tensor through views that keep them
+    r_o = ev.root_of(xo)
+    if r_o.base is not root.base or any(v[0] not in _ROW_ORDER_VIEWS for v in ce.root.views + r_o.views):
+        return None
+    if ctx.eager_reason(ce.node) is not None:
+        return None
+    pos = effects.order
+    first = min((n, ce.node), key=lambda m: pos[m])
+    operands = [xo, xw, spec["target"]] + ([spec["weight"]] if spec["weight"] is not None else [])
+    late = [a for a in operands if isinstance(a, fx.Node) and pos[a] >= pos[first]]
+    if late and (any(a in (xo, xw) for a in late) or not graph.hoist_before(first.graph, first, late, apply=False)):
+        return None  # a target computed later (y.view(-1)) is moved up when the merge is certain
+    moved = list(reads) + [(ce.node, a) for a in operands[2:]] + [(ce.node, xo)]
+    if effects.first_barrier(moved, first) is not None:
+        return None
+    if any(pos[w] > pos[first] for w in effects.writers_of(spec["target"])):
+        return None  # eager's nll_loss saves the target: a later write raises in its backward
+    if late:
+        graph.hoist_before(first.graph, first, late)
+    return ce, first
+
+
+def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: set, alias_base,
+            hard=None) -> tuple[bool, bool]:
+    """Replace candidate ``c`` by one ``pair_kl`` call, or record why not (a near-miss).
+    ``hard``: the single-root pass's (root, group, plan) of a cross-entropy on the
+    student's logits, formed by the same op where it can (:func:`_hard_ce_merge`).
+    (changed, whether the CE was formed)."""
     g = gm.graph
     n = c.node
 
-    def refuse(reason: str) -> bool:
+    def refuse(reason: str) -> tuple[bool, bool]:
         ctx.near_miss(PATTERN, n, reason + TWO_DISTRIBUTIONS_HINT)
-        return False
+        return False, False
 
     try:
         (xo, T_o), (xw, T_w) = peel(c.o), peel(c.w)
@@ -972,29 +1059,58 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
         return refuse("per-element terms of unknown shape")
     if not shapes.known_equal(_shape(xo), xs) and not all(isinstance(d, int) for d in xs):
         return refuse("a view between the logits and the KL terms with symbolic sizes")
-    with g.inserting_before(n):
+    # a hard CE on either logits tensor: the op's student (zs) is the CE's; where that is
+    # the w side, KL(p_w || p_o) is the op's reverse kind, and a JSD's beta is 1 - beta
+    merge, swap = None, False
+    if T_o == T_w and hard is not None:
+        merge = _hard_ce_merge(effects, ev, n, xo, xw, reads, hard, ctx)
+        if merge is None:
+            merge = _hard_ce_merge(effects, ev, n, xw, xo, reads, hard, ctx)
+            swap = merge is not None
+    ce = merge[0] if merge else None
+    hard_args = {}
+    if ce is not None:
+        spec = ce.ce
+        hard_args = {"hard": (spec["target"], spec["weight"], spec["ignore_index"], spec["reduction"], _dtype(ce.node))}
+    zs, zt = (xw, xo) if swap else (xo, xw)
+    with g.inserting_before(merge[1] if merge else n):
         # shaped as the user's per-element terms: a free view of the logits
         like = xo if shapes.known_equal(_shape(xo), xs) else g.call_method("reshape", (xo, tuple(xs)))
         if c.beta is None:
-            new = g.call_function(pair_kl, (xo, xw, like, T_o, c.mode, c.coef, c.how, c.keepdim, _dtype(n), 0))
+            call = g.call_function(pair_kl, (zs, zt, like, T_o, c.mode, c.coef, c.how, c.keepdim, _dtype(n), 0),
+                                   {**hard_args, **({"rev": True} if swap else {})})
         else:
-            new = g.call_function(pair_jsd, (xo, xw, like, T_o, c.mode, c.beta, c.coef, c.offset, c.how, c.keepdim,
-                                             _dtype(n), 0))
+            call = g.call_function(pair_jsd, (zs, zt, like, T_o, c.mode, 1.0 - c.beta if swap else c.beta, c.coef,
+                                              c.offset, c.how, c.keepdim, _dtype(n), 0), hard_args)
+        new = g.call_function(operator.getitem, (call, 0)) if ce is not None else call
+        hard_new = g.call_function(operator.getitem, (call, 1)) if ce is not None else None
     graph.copy_meta(new, n, values=True)
     n.replace_all_uses_with(new)
     g.erase_node(n)
+    if ce is not None:
+        graph.copy_meta(hard_new, ce.node, values=True)
+        ce.node.replace_all_uses_with(hard_new)
+        g.erase_node(ce.node)
+        ctx.match("cross_entropy+entropy", [ce.node, call], statistics=["nll"],
+                  formed_by=f"the {PATTERN_JSD if c.beta is not None else PATTERN} op on {zs.name}")
+    extra = {"hard_ce": f"F.cross_entropy({zs.name}) in the same sweep"} if ce is not None else {}
     if c.beta is None:
         ctx.match(PATTERN, [n, new], kl=f"KL(softmax({xw.name}/T) || softmax({xo.name}/T))", mode=c.mode,
-                  temperature=T_o, coef=c.coef, reduction=c.how)
+                  temperature=T_o, coef=c.coef, reduction=c.how, **extra)
     else:
         ctx.match(PATTERN_JSD, [n, new], jsd=f"{c.beta:g} KL(p_{xw.name} || m) + {1.0 - c.beta:g} KL(p_{xo.name} || m), "
                   f"m = {c.beta:g} p_{xw.name} + {1.0 - c.beta:g} p_{xo.name}, p = softmax(logits / T)", beta=c.beta,
-                  mode=c.mode, temperature=T_o, coef=c.coef, offset=c.offset, reduction=c.how)
+                  mode=c.mode, temperature=T_o, coef=c.coef, offset=c.offset, reduction=c.how, **extra)
     dead = set(c.visited) | set(c.consts)
     for root, x in ((c.o, xo), (c.w, xw)):  # the temperature and upcast nodes between (one tensor input each)
         m = root.base
         while isinstance(m, fx.Node) and m is not x:
             dead.add(m)
             m = next((a for a in m.args if isinstance(a, fx.Node)), None)
+    if ce is not None:  # the views and upcasts between the logits and the CE
+        m = ce.node.args[0]
+        while isinstance(m, fx.Node) and m is not zs and m is not ce.root.base:
+            dead.add(m)
+            m = m.args[0]
     graph.drop_dead(g, dead)
-    return True
+    return True, ce is not None

@@ -90,9 +90,16 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         if c.node in covered:
             continue
         groups.setdefault(_group_key(c.root), []).append(c)
+    # a cross-entropy on a KL's student logits: the pair op forms it in the same sweep
+    # (pairs.rewrite); rewritten on its own below where it does not
+    student_bases = {ev.root_of(x).base for pc in pair_cands for x in (pairs.logits_of(pc) or ())}
+    deferred: dict = {}
     for root, group in groups.items():
         plan = _plan(ev, root, group, ctx)
         if plan is not None and _absorbs_eager_node(group, plan, ctx):
+            continue
+        if plan is not None and root.base in student_bases and plan.ce is not None:
+            deferred[root.base] = (root, group, plan)
             continue
         if plan is not None and _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
@@ -106,8 +113,17 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         alive = set(gm.graph.nodes)
         for pc in reversed(pair_cands):  # the outermost first: a mean of per-row KLs folds the mean in
             if pc.node in alive and pc.visited <= alive:
-                changed |= pairs.rewrite(gm, ev, pc, ctx, returned, alias_base)
+                keys = [ev.root_of(x).base for x in (pairs.logits_of(pc) or ())]
+                hard = next((deferred[k] for k in keys if k in deferred), None)
+                done, merged = pairs.rewrite(gm, ev, pc, ctx, returned, alias_base, hard=hard)
+                changed |= done
+                if merged:
+                    del deferred[hard[0].base]
                 alive = set(gm.graph.nodes)
+    for root, group, plan in deferred.values():
+        if _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
+            _rewrite(gm, root, group, plan, ctx)
+            changed = True
     return changed
 
 
@@ -258,26 +274,11 @@ def _hoist_operands(g: fx.Graph, group: list[Candidate], plan: Plan, ctx) -> boo
     computed later, e.g. ``y.flatten()`` written after an entropy term, is moved up to
     it when it is pure code that nothing in between mutates. Else a near-miss."""
     first = min((c.node for c in group), key=_order(g))
-    pos = {n: i for i, n in enumerate(g.nodes)}
     target = plan.target[1] if isinstance(plan.target, tuple) else plan.target
     operands = ([target] if target is not None else []) + \
         ([plan.smooth[1]] if plan.smooth and isinstance(plan.smooth[1], fx.Node) else [])
-    late: set = set()
-
-    def collect(n) -> bool:
-        if not isinstance(n, fx.Node) or pos[n] < pos[first] or n in late:
-            return True
-        if n.op not in ("call_function", "call_method") or mutates(n):
-            return False
-        late.add(n)
-        return all(collect(a) for a in n.all_input_nodes)
-
-    if all(collect(o) for o in operands):
-        last = max((pos[n] for n in late), default=-1)
-        if not any(mutates(n) for n in g.nodes if pos[first] <= pos[n] <= last and n not in late):
-            for n in sorted(late, key=pos.get):
-                first.prepend(n)
-            return True
+    if graph.hoist_before(g, first, operands):
+        return True
     for c in group:
         ctx.near_miss("cross_entropy+entropy", c.node, "the target is computed after a statistic that needs it, by "
                                                        "code that cannot be moved up")
