@@ -15,7 +15,7 @@ import torch.fx as fx
 from ... import _compat, fleet, losses, shapes
 from .. import graph
 from ..graph import (
-    SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, mutates, arg as _arg, dtype as _dtype, is_op as _is, shape as _shape,
+    SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, arg as _arg, dtype as _dtype, is_op as _is, shape as _shape,
     target_of as _target_of, val as _val,
 )
 from . import pairs
