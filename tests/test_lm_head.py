@@ -457,6 +457,8 @@ NEAR_MISSES = {
                          "divided by constants more than once"),
     "negative_temperature": (lambda m, h, y: F.cross_entropy((m.head(h) / -2.0).view(-1, V), y.view(-1)),
                              "only a finite temperature > 0"),
+    "logits_scaled_by_a_constant": (lambda m, h, y: F.cross_entropy((m.head(h) * 0.5).view(-1, V), y.view(-1)),
+                                    "multiplied by 0.5: only a division by a constant temperature"),
     "returned_logits_divided_in_place": (lambda m, h, y: (lambda z: (z.div_(0.9), F.cross_entropy(z.view(-1, V),
                                                                                                 y.view(-1)), z)[1:])(
         m.head(h)), "divided in place"),
@@ -475,6 +477,34 @@ def test_near_miss(name):
         reasons = [n.reason for n in _lm_near_misses()]
         assert any(reason in r for r in reasons), reasons
     FileCheck().check("torch._C._nn.linear").run(_code_lines("\n".join(graphs)))
+
+
+def test_temperature_argument_under_dynamic_true_is_a_reported_near_miss():
+    """With dynamic=True Dynamo passes a Python float argument (the temperature of RL
+    trainer code) as a tensor read back by .item(): the division is by a graph value, not
+    a constant. The head is left unfused and the near-miss names the float and the config
+    that keeps it a constant; with it the head is fused."""
+
+    class TempHead(Head):
+        def forward(self, x, y, T):
+            h = torch.tanh(self.mix(self.emb(x)))
+            return F.cross_entropy((self.head(h) / T).view(-1, V), y.view(-1))
+
+    torch.manual_seed(0)
+    m = TempHead(None)
+    x, y = _tokens()
+    for specialize in (False, True):
+        torch._dynamo.reset()
+        ger_inductor.clear_reports()
+        with torch._dynamo.config.patch(specialize_float=specialize):
+            out = torch.compile(m, backend=rewrite_only(None, lm_head_chunk=4), dynamic=True)(x, y, 0.9)
+        torch.testing.assert_close(out, m(x, y, 0.9), rtol=1e-5, atol=1e-6)
+        if specialize:
+            assert _lm_matches() and _lm_matches()[0].detail["temperature"] == 0.9, _lm_matches()
+        else:
+            assert not _lm_matches()
+            reasons = [n.reason for n in _lm_near_misses()]
+            assert any("divided by" in r and "specialize_float" in r for r in reasons), reasons
 
 
 def test_graph_break_near_miss_names_the_transformers_way_around(monkeypatch):

@@ -398,6 +398,21 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
         chain.append(cur)
     lin = _linear_parts(gm, cur)
     if lin is None:
+        if _is(cur, _DIVIDING | _SCALING) and len(cur.args) == 2 and isinstance(cur.args[0], fx.Node):
+            up = cur.args[0]
+            while _is(up, _VIEW_LIKE | _CASTS):
+                up = up.args[0]
+            if isinstance(up, fx.Node) and _linear_parts(gm, up) is not None:
+                what = "multiplied" if _is(cur, _SCALING) else "divided"
+                by = cur.args[1]
+                hint = ""
+                if isinstance(by, fx.Node) and _is(by, {"item"}):
+                    hint = (" (a Python float passed as an argument: with dynamic=True Dynamo passes it as a tensor "
+                            "and reads it back with .item(); torch._dynamo.config.specialize_float = True keeps it a "
+                            "constant)")
+                kind = "" if isinstance(by, (int, float)) and not cur.kwargs else f", not a Python number{hint}"
+                return miss(f"the logits are {what} by {getattr(by, 'name', by)}{kind}: only a division by a constant "
+                            "temperature (logits / T) is fused", cur)
         if _is(cur, _PERMUTES):
             up = cur.args[0]
             while _is(up, _VIEW_LIKE | _CASTS):
@@ -561,6 +576,8 @@ def _returned_logits_refusal(out: fx.Node, lin_out: fx.Node, needs: int, selects
 
 
 _IN_PLACE_DIV = {operator.itruediv, "div_"}
+#: a product of the logits with a value (not a temperature the pass fuses: near-miss only)
+_SCALING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 
 
 def _temperature_of(n) -> float | None:
