@@ -19,9 +19,10 @@ which that is).
   same device kind.
 * A decision changes the graph handed to Inductor (fused op or not), so Inductor's and
   AOTAutograd's caches, keyed by that graph, never serve code of the other choice.
-* Without a measurement (switched off, symbolic sizes, a site below the family's size
-  floor, a measurement that failed) the static strategy table in ``fleet`` decides, as
-  before; the report says which.
+* Without a measurement (switched off, symbolic sizes - except the lm head's symbolic
+  rows where its fused form would recompute the logits, timed at the example's sizes -
+  a site below the family's size floor, a measurement that failed) the static strategy
+  table in ``fleet`` decides, as before; the report says which.
 """
 
 from __future__ import annotations

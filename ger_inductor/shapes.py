@@ -35,6 +35,20 @@ def is_symbolic(size: Any) -> bool:
     return isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
+def hint(size: Any):
+    """The value of a size at the example inputs (an int's own; a SymInt's hint), adding
+    no guard; None where it has none. Sequences map element-wise (None if any is)."""
+    if isinstance(size, (list, tuple, torch.Size)):
+        out = [hint(s) for s in size]
+        return None if any(v is None for v in out) else tuple(out)
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        h = size.node.hint
+        return int(h) if h is not None else None
+    return None
+
+
 def known_true(cond: Any) -> bool:
     """True where ``cond`` (a bool or SymBool) holds for every size the guards admit;
     never adds a guard (unknown is False)."""

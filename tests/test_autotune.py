@@ -645,3 +645,41 @@ def test_large_sites_are_timed_on_fewer_rows(store, monkeypatch, model_cls):
     a, b = fused(*inputs), unfused(*inputs)
     torch.testing.assert_close(a, b)
     finish(b)
+
+
+@pytest.mark.parametrize("fused_faster", [False, True])
+def test_symbolic_rows_that_would_recompute_are_timed_at_the_example_size(store, monkeypatch, fused_faster):
+    """With symbolic rows (a varying sequence length, ``dynamic=True``) the PPO objective's
+    per-chunk coefficients need the unrolled loop, so the fused head would recompute the
+    logits in the backward: four matmuls to Inductor's three. Such a site is timed at the
+    example's sizes as the graph runs it (two forms that compute the same values there);
+    the decision is keyed apart from the static site's, and Inductor's head is kept where
+    it is faster (before, the prior fused it unmeasured: 1.43x Inductor's step at
+    ~1000 x 1024 x 32000 on CPU)."""
+    seen = {}
+
+    def fake_compile_and_time(forms, device, patches):
+        seen.update(forms)
+        return {"ger": _timing(1.0 if fused_faster else 2.0), "inductor": _timing(1.5)}
+
+    monkeypatch.setattr(autotune, "compile_and_time", fake_compile_and_time)
+    torch.manual_seed(0)
+    reports = []
+    f = torch.compile(HeadPPO(), backend=rewrite_backend({"autotune": True, "autotune_store": store},
+                                                         reports=reports), dynamic=True)
+    x, y = _inputs()
+    loss = f(x, y)  # N x V fp32 logits at the profile's autotune_min_mib: measured
+    loss.backward()
+    report = reports[-1]
+    assert report.decisions and report.decisions[0]["choice"] == ("ger" if fused_faster else "inductor"), \
+        report.decisions
+    assert json.loads(report.decisions[0]["key"])["site"].get("symbolic_rows") is True, report.decisions[0]
+    assert report.match_count("lm_head") == (1 if fused_faster else 0)
+    if fused_faster:
+        assert report.matches[-1].detail["gradients"] == "recompute"
+    else:
+        assert any("slower" in n.reason for n in report.near_misses if n.pattern == "linear+loss"), report.near_misses
+    fused, inputs, finish, _ = seen["ger"]
+    assert inputs[0].shape == (N, H)  # the example's rows
+    a, b = fused(*inputs), seen["inductor"][0](*inputs)
+    torch.testing.assert_close(a, b)

@@ -38,7 +38,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .. import _compat, autotune, fleet, lm_head, losses
+from .. import _compat, autotune, fleet, lm_head, losses, shapes
 from ..shapes import known_equal
 from ..ops import ger_loss as _loss_op
 from . import graph
@@ -1030,8 +1030,8 @@ def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
             ctx.near_miss("linear+loss", plan.src, prior)
         return prior is None
     store = ctx.options.autotune_store or autotune.default_store_path()
-    N = _val(plan.target).numel()
-    V = _val(plan.chain[0]).shape[-1]
+    N = shapes.hint(_val(plan.target).numel())
+    V = shapes.hint(_val(plan.chain[0]).shape[-1])
     chunks = [_chunk_rows(ctx, V, N, plan, lean=True)]
     if plan.returned and _chunk_rows(ctx, V, N, plan) != chunks[0]:
         chunks.append(_chunk_rows(ctx, V, N, plan))
@@ -1056,7 +1056,10 @@ def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
             return prior is None
         ctx.decision(plan.src, d)
         if d.choice == "ger":
-            plan.chunk = chunk
+            if site.get("symbolic_rows"):
+                ctx.strategy(measured_rows=f"{N} (the example's; the rows are symbolic)")
+            else:
+                plan.chunk = chunk
             return True
     why = ("the fused head is slower here" if d.ratio > 1 + autotune.TOLERANCE else
            "the fused head is not faster beyond noise here, and in one chunk it is not the leaner")
@@ -1076,8 +1079,14 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx, chunk: int | None) -> dict 
     if not all(isinstance(v, torch.Tensor) for v in (hv, wv, tv)):
         return "no example values"
     H, V, N = hv.shape[-1], wv.shape[-1], tv.numel()
-    if not all(isinstance(x, int) for x in (H, V, N)) or not isinstance(hv.numel(), int):
-        return "symbolic sizes"
+    symbolic = not all(isinstance(x, int) for x in (H, V, N)) or not isinstance(hv.numel(), int)
+    if symbolic:
+        # symbolic rows: where the fused head would recompute the logits in the backward
+        # (four matmuls to Inductor's three), it is timed at the example sizes, as the
+        # graph runs it (the op's chunk loop); other modes keep the prior
+        H, V, N = (shapes.hint(x) for x in (H, V, N))
+        if plan.mode != "recompute" or plan.returned or None in (H, V, N) or shapes.hint(hv.shape) is None:
+            return "symbolic sizes"
     floor = int(fleet.strategy(FAMILY, ctx.profile).get("autotune_min_mib", 0)) << 20
     if N * V * 4 < floor:
         return "below the profile's autotune_min_mib"
@@ -1101,7 +1110,8 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx, chunk: int | None) -> dict 
             "loss": _loss_signature(plan),
             # (only where set: the keys of earlier decisions stay as they were)
             **({"rowwise": True} if plan.rowwise else {}),
-            **({"temperature": plan.temperature, "low_div": plan.low_div} if plan.temperature != 1.0 else {})}
+            **({"temperature": plan.temperature, "low_div": plan.low_div} if plan.temperature != 1.0 else {}),
+            **({"symbolic_rows": True} if symbolic else {})}
 
 
 def _chunk_rows(ctx, V, rows, plan: Plan, lean: bool = False) -> int:
@@ -1152,7 +1162,7 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
     if rows is not None:
         try:  # fewer rows; a graph whose views spell the row count as constants cannot take them
             mini, inputs, leaves, msrc = _site_graph(gm, plan, ctx, rows)
-            ctx.strategy(measured_rows=f"{_val(msrc.args[1]).numel()} of {_val(plan.target).numel()}")
+            ctx.strategy(measured_rows=f"{shapes.hint(_val(msrc.args[1]).numel())} of {shapes.hint(_val(plan.target).numel())}")
         except Exception:  # noqa: BLE001 - measured at the full size instead
             mini = None
     if mini is None:
@@ -1176,7 +1186,7 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
     out_vals = next(n for n in mini.graph.nodes if n.op == "output").args[0]
     if plan.returned:
         out_vals = out_vals[:-1]  # the returned logits: no gradient reaches them
-    grads = [torch.ones(v.meta["example_value"].shape, dtype=v.meta["example_value"].dtype,
+    grads = [torch.ones(shapes.hint(tuple(v.meta["example_value"].shape)), dtype=v.meta["example_value"].dtype,
                         device=v.meta["example_value"].device) for v in out_vals] if plan.mode == "recompute" else None
 
     def finish(out):
@@ -1202,10 +1212,10 @@ MEASURE_MAX_ELEMENTS = 1 << 27
 
 def _measured_rows(plan: Plan, chunk: int) -> int | None:
     """The rows to time the site on, where fewer than its own (None: all of them)."""
-    tv, V = _val(plan.target), (_shape(plan.chain[0]) or (None,))[-1]
-    if not isinstance(tv, torch.Tensor) or not isinstance(V, int) or not isinstance(tv.numel(), int):
+    tv, V = _val(plan.target), shapes.hint((_shape(plan.chain[0]) or (None,))[-1])
+    if not isinstance(tv, torch.Tensor) or not isinstance(V, int) or not isinstance(shapes.hint(tv.numel()), int):
         return None
-    N = tv.numel()
+    N = shapes.hint(tv.numel())
     if N * V <= MEASURE_MAX_ELEMENTS:
         return None
     want = max(2 * max(1, chunk or 0), MEASURE_MAX_ELEMENTS // V)
@@ -1227,19 +1237,22 @@ def _site_graph(gm: fx.GraphModule, plan: Plan, ctx, rows: int | None = None):
     env: dict = {}
     inputs: list = []
     leaves: list = []
-    V = (_shape(plan.chain[0]) or (None,))[-1]
+    V = shapes.hint((_shape(plan.chain[0]) or (None,))[-1])
     gen = torch.Generator().manual_seed(0)
     hv0 = _val(plan.h)
+    h_shape = shapes.hint(tuple(hv0.shape))  # symbolic rows: the example's (``_site_class``)
     lead = lead2 = None
     if rows is not None:
-        N0 = math.prod(hv0.shape[:-1])
-        lead = hv0.shape[0]
+        N0 = math.prod(h_shape[:-1])
+        lead = h_shape[0]
         lead2 = max(1, -(-lead * rows // N0))
-        if hv0.dim() < 2 or lead2 >= lead or lead in (V, hv0.shape[-1]):
+        if hv0.dim() < 2 or lead2 >= lead or lead in (V, h_shape[-1]):
             raise RuntimeError("the site's rows cannot be scaled down")
 
     def rand_like(v: torch.Tensor, role: str) -> torch.Tensor:
-        shape, dev = tuple(v.shape), v.device
+        shape, dev = shapes.hint(tuple(v.shape)), v.device
+        if shape is None:
+            raise RuntimeError("a size without an example value")
         if lead is not None and role not in ("weight", "bias") and shape and shape[0] == lead:
             shape = (lead2,) + shape[1:]
         if v.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
