@@ -20,7 +20,7 @@ from ..graph import (
 )
 from . import pairs
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, VPoly, Vocab
-from .evaluate import KL, MEAN, NLL, SUM, Evaluator
+from .evaluate import GATHER, KL, LOGSUMEXP, MEAN, NLL, SUB, SUM, Evaluator
 from .classify import Candidate, _softmax_roots, classify
 
 
@@ -124,7 +124,55 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         if _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
             changed = True
+    _report_raw_log_probs(gm, ev, ctx)
     return changed
+
+
+#: the near-miss of a log-probability spelled as the raw target logit minus a bare logsumexp
+RAW_LOG_PROB_WHY = (
+    "a log-probability spelled as the raw target logit minus a logsumexp of the logits (e.g. TRL's "
+    "selective_log_softmax for fp32 logits, its logsumexps stacked from a loop over the batch) is not rewritten: "
+    "eager's logsumexp is +inf on a row with a +inf logit and its gradient NaN only at that class, where the "
+    "fused statistics are NaN for the whole row; log_softmax(z).gather(-1, y) is rewritten")
+
+
+def _report_raw_log_probs(gm: fx.GraphModule, ev: Evaluator, ctx) -> None:
+    """A near-miss at each ``gather(z, -1, y) - logsumexp(z, -1)`` (the logsumexps may be
+    stacked from per-row blocks ``z[i]``): a known look-alike the pass leaves as written
+    (RAW_LOG_PROB_WHY), so that it is reported rather than silently left."""
+    def strip(x):
+        while isinstance(x, fx.Node) and _is(x, _VIEWS | {"squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze}):
+            x = x.args[0]
+        return x
+
+    def base(x):
+        return ev.root_of(x).base if isinstance(x, fx.Node) else None
+
+    def lse_bases(x) -> set:
+        x = strip(x)
+        if _is(x, LOGSUMEXP) and isinstance(x.args[0], fx.Node):
+            return {base(x.args[0])}
+        if _is(x, pairs.STACK) and isinstance(x.args[0], (list, tuple)) and x.args[0]:
+            out = set()
+            for e in x.args[0]:
+                e = strip(e)
+                if not (_is(e, LOGSUMEXP) and isinstance(e.args[0], fx.Node)):
+                    return set()
+                blk = e.args[0]
+                if blk.op == "call_function" and blk.target is operator.getitem and isinstance(blk.args[0], fx.Node):
+                    blk = blk.args[0]  # z[i]: a block of rows of z
+                out.add(base(blk))
+            return out
+        return set()
+
+    for n in list(gm.graph.nodes):
+        if not _is(n, SUB) or len(n.args) < 2 or not all(isinstance(a, fx.Node) for a in n.args[:2]):
+            continue
+        g = strip(n.args[0])
+        if not (_is(g, GATHER) and isinstance(g.args[0], fx.Node)):
+            continue
+        if lse_bases(n.args[1]) == {base(g.args[0])}:
+            ctx.near_miss("target_log_prob", n, RAW_LOG_PROB_WHY)
 
 
 def _two_roots(ev: Evaluator, n: fx.Node) -> bool:
