@@ -346,9 +346,10 @@ SPELLINGS = {
     "grpo_temperature_itruediv_seq_mean": (_ppo_itruediv, {}, "in_forward_rows"),
     "ppo_bf16_upcast_then_temperature": (lambda m, h, y: _ppo(m.head(h).float() / 0.9, y), {"dtype": torch.bfloat16},
                                          "in_forward_rows"),
-    # divided in bf16: the unrolled form would not round the quotient; the op recomputes
+    # divided in bf16 (verl's logits.div_(T) before the upcast): the unrolled form rounds
+    # the quotient as eagerly (ger::lowp_div), so the gradients are formed in the forward
     "ppo_bf16_temperature_before_upcast": (lambda m, h, y: _ppo((m.head(h) / 0.9).float(), y),
-                                           {"dtype": torch.bfloat16}, "recompute"),
+                                           {"dtype": torch.bfloat16}, "in_forward_rows"),
     "ppo_with_clip_fraction_returned": (_ppo_with_clip_fraction, {}, "in_forward_rows"),
     "nonlinear_after_a_reduction": (_ppo_nonlinear_after_reduction, {}, "recompute"),
     "rows_misaligned": (_ppo_rows_misaligned, {}, "recompute"),
@@ -861,6 +862,35 @@ def test_temperature_statistics_and_gradients_match_eager(dtype, low_div, form):
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
     for got, want in zip((gh, gw, gb), (rgh, rgw, rgb)):
         _close(got, want, dtype)
+
+
+def test_unrolled_bf16_division_rounds_as_eager_under_inductor():
+    """bf16 logits divided by T before the upcast: Inductor fuses a low-precision
+    intermediate into its consumer in fp32 (no rounding), so the unrolled form divides
+    with ``ger::lowp_div``, whose lowering rounds the input and the quotient to bf16
+    through their bits. Compiled by Inductor, the statistics equal the op's eager kernel
+    to fp32 summation order (a plain division differed by 0.03 in nll) and the gradients
+    (the division's backward rounded the same way) to a bf16 rounding."""
+    from ger_inductor import lowerings
+
+    lowerings.ensure_registered()
+    g = torch.Generator().manual_seed(1)
+    n, hd, v, T = 37, 32, 3001, 0.7
+    h = torch.randn(n, hd, generator=g).bfloat16()
+    W = (torch.randn(v, hd, generator=g) * 0.4).bfloat16()
+    y = torch.randint(0, v, (n,), generator=g)
+    coefs = torch.randn(4, n, generator=g)
+
+    def f(h, W, y, coefs):
+        return linear_loss_op.unrolled(h, W, None, y, None, None, 1.0, -100, True, 8, coefs, 3, None, T, True)[:7]
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="inductor", fullgraph=True)(h, W, y, coefs)
+    ref = linear_loss_op._kernel(h, W, None, y, None, None, 1.0, -100, True, 8, coefs, 3, None, T, True)[:7]
+    for a, b in zip(got[:4], ref[:4]):  # nll, reg, lse, ent
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+    for a, b in zip(got[5:7], ref[5:7]):  # grad_h, grad_W (bf16)
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=1e-2 * float(b.float().abs().max()))
 
 
 def test_ppo_objective_compiled_by_inductor_forms_gradients_in_the_forward():

@@ -427,6 +427,28 @@ def _register_scaled_grad() -> None:
     def _lower_guard(x, keep):  # ``ger::version_guard``: a copy (the kept tensors only pin saved inputs)
         return _compat.inductor_lowerings()[aten.clone.default](x)
 
+    @_compat.register_lowering(torch.ops.ger.lowp_div.default, type_promotion_kind=None)
+    def _lower_lowp_div(x, divisor):
+        """x / divisor with eager's two roundings to x's dtype (its value as stored, and the
+        quotient), written as Inductor's own emulate_precision_casts does: a downcast that
+        the C++ backend's cast cache cannot skip, then the upcast to the compute type."""
+        ir = _compat.inductor_ir()
+        _, ops = _compat.inductor_ops()
+        dt = x.get_dtype()
+        load = x.make_loader()
+
+        def rounded(v):
+            # through the bits (a 16-bit integer): the C++ backend caches "this bf16 value
+            # came from that fp32 one" and would read the unrounded fp32 value back
+            low = ops.to_dtype(v, dt)
+            bits = ops.to_dtype_bitcast(low, torch.int16, dt)
+            return ops.to_dtype_bitcast(bits, dt, torch.int16)
+
+        def fn(idx):
+            q = ops.truediv(rounded(load(idx)), ops.constant(float(divisor), torch.float32))
+            return rounded(q)
+        return ir.Pointwise.create(device=x.get_device(), dtype=dt, inner_fn=fn, ranges=list(x.get_size()))
+
 
 _register()
 _register_scaled_grad()

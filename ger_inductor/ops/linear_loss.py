@@ -335,7 +335,7 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
             hc = torch.ops.ger.after(hc, done)
         z = torch.nn.functional.linear(hc, weight, bias)
         if scaled and low_div:
-            z = z / temperature  # in the input dtype, before the upcast
+            z = torch.ops.ger.lowp_div(z, float(temperature))  # in the input dtype, before the upcast
         z = z.to(cd)
         if scaled and not low_div:
             z = z / temperature
@@ -387,7 +387,7 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
             dz = dz / temperature
         dzl = dz.to(h.dtype)
         if low_div:  # the division's backward in the input dtype, as eagerly
-            dzl = dzl / temperature
+            dzl = torch.ops.ger.lowp_div(dzl, float(temperature))
             dz = dz / temperature  # for grad_b
         if need_h:
             out["gh"].append(dzl @ weight)
@@ -419,6 +419,22 @@ def after(x: Tensor, deps: list[Tensor]) -> Tensor:
 
 @after.register_fake
 def _after_fake(x, deps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::lowp_div", mutates_args=())
+def lowp_div(x: Tensor, divisor: float) -> Tensor:
+    """``x / divisor`` in ``x``'s (bfloat16/float16) dtype, rounded as eagerly: the input
+    as stored, the quotient rounded to that dtype. Inductor keeps a low-precision
+    intermediate that is fused into its consumer in fp32 (the downcast and upcast elided);
+    this op's lowering (lowerings/ger_loss.py) writes both roundings explicitly. The
+    unrolled lm head divides bf16/fp16 logits and their gradient before / after the
+    upcast with it (``unrolled(low_div=True)``)."""
+    return x / divisor
+
+
+@lowp_div.register_fake
+def _lowp_div_fake(x, divisor):
     return torch.empty_like(x)
 
 

@@ -547,8 +547,6 @@ def _rowwise_refusal(gm: fx.GraphModule, plan: Plan, ctx) -> str | None:
         return "the number of rows is symbolic (the chunk loop is unrolled only for static rows)"
     if plan.returned:
         return "the graph returns the logits (the unrolled chunk loop does not write them)"
-    if plan.low_div:
-        return "the logits are divided by the temperature in bfloat16/float16 (the unrolled form would not round it)"
     chunk = _chunk_rows(ctx, V, N, plan, lean=True)
     if chunk and -(-N // chunk) > unroll:
         return f"{-(-N // chunk)} chunks, more than the profile unrolls ({unroll})"
@@ -1460,10 +1458,6 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, ctx) -> None:
     strat = fleet.strategy(FAMILY, ctx.profile)
     unroll = int(strat.get("unroll", 0))
     if _dtype(h_head) in (torch.float32, torch.float64) and not strat.get("unroll_fp32", True):
-        unroll = 0
-    if plan.low_div:
-        # bf16/fp16 logits divided as such: Inductor computes the unrolled form's division
-        # in fp32 without rounding it to the input dtype; the op's kernel rounds as eagerly
         unroll = 0
     kw["unroll"] = unroll
     if plan.temperature != 1.0:
