@@ -34,7 +34,9 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          # two distributions: the logits and a "teacher" computed from the input (its
          # gradient flows back into it): KL / JSD spellings of the trainers
          "kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs",
-         "jsd_two_kl_divs", "kl_two_totals")
+         "jsd_two_kl_divs", "kl_two_totals",
+         # Hinton KD: a KL at T = 4 and a hard CE on the same logits (formed by one op)
+         "kd_hard_t4")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -120,6 +122,10 @@ PAIR_TERMS = ("kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_
 def _term(kind: str, q, y, w, ignore: int, t=None):
     if kind in PAIR_TERMS:
         return _pair_term(kind, q, t)
+    if kind == "kd_hard_t4":
+        soft = F.kl_div(F.log_softmax(q / 4.0, -1), F.log_softmax(t / 4.0, -1), log_target=True,
+                        reduction="batchmean") * 16.0
+        return 0.5 * soft + 0.5 * F.cross_entropy(q, y, ignore_index=ignore)
     if kind == "ce":
         return F.cross_entropy(q, y, ignore_index=ignore)
     if kind == "ce_ls":
@@ -248,7 +254,7 @@ class Model(nn.Module):
             q = q_in if p.context != "grad" else q_in * 1.0
         ignore = 1 if p.ignore else -100
         # a second distribution's logits, read before any write (a copy, grad into q_in)
-        t = q_in.flip(0) * 0.8 if any(k in PAIR_TERMS for k in p.terms) else None
+        t = q_in.flip(0) * 0.8 if any(k in PAIR_TERMS or k == "kd_hard_t4" for k in p.terms) else None
         loss = q.new_zeros(())
         for i, kind in enumerate(p.terms):
             if p.write is not None and i == p.write_at:
