@@ -75,7 +75,7 @@ def unrolled_low_div(device) -> dict:
 
     lowerings.ensure_registered()
     g = torch.Generator().manual_seed(1)
-    n, hd, v, T = 37, 32, 3001, 0.7
+    n, hd, v, T = 37, 32, 3001, 1.2  # a T where CUDA's reciprocal product and a division differ
     h = torch.randn(n, hd, generator=g).bfloat16().to(device)
     W = (torch.randn(v, hd, generator=g) * 0.4).bfloat16().to(device)
     y = torch.randint(0, v, (n,), generator=g).to(device)
@@ -87,9 +87,16 @@ def unrolled_low_div(device) -> dict:
     torch._dynamo.reset()
     got = torch.compile(f, backend="inductor", fullgraph=True)(h, W, y, coefs)
     ref = op._kernel(h, W, None, y, None, None, 1.0, -100, True, 8, coefs, 3, None, T, True)[:7]
+    # the op itself against eager's division on every bf16 value (bit-exact)
+    xs = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(device)
+    q_eager = xs / T
+    q_op = torch.compile(lambda x: torch.ops.ger.lowp_div(x, T), backend="inductor")(xs)
+    same = torch.equal(q_eager.view(torch.int16), q_op.view(torch.int16)) or bool(
+        ((q_eager == q_op) | (q_eager.isnan() & q_op.isnan())).all())
     stats = max(float((a - b).abs().max()) for a, b in zip(got[:4], ref[:4]))
     grads = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got[5:7], ref[5:7]))
-    return {"max_abs_stats": stats, "max_rel_grads": grads, "ok": stats < 5e-5 and grads < 1e-2}
+    return {"max_abs_stats": stats, "max_rel_grads": grads, "lowp_div_bit_exact": same,
+            "ok": stats < 5e-5 and grads < 1e-2 and same}
 
 
 def train_small_lm(device) -> dict:

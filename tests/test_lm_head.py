@@ -891,6 +891,14 @@ def test_unrolled_bf16_division_rounds_as_eager_under_inductor():
         torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
     for a, b in zip(got[5:7], ref[5:7]):  # grad_h, grad_W (bf16)
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=1e-2 * float(b.float().abs().max()))
+    # the op itself: bit-exact with eager's division on every bf16 value (inf, NaN, subnormals)
+    xs = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for t in (0.6, 1.2):
+        q = torch.compile(lambda x, t=t: torch.ops.ger.lowp_div(x, t), backend="inductor")(xs)
+        want = xs / t
+        assert torch.equal(q.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(q[ok].view(torch.int16), want[ok].view(torch.int16))
 
 
 def test_ppo_objective_compiled_by_inductor_forms_gradients_in_the_forward():

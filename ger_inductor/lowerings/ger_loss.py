@@ -450,8 +450,16 @@ def _register_scaled_grad() -> None:
             # the compute type); benchmarks/gpu_check_lm_head.py checks it on CUDA
             return ops.to_dtype(ops.to_dtype(v, dt, use_compute_types=False), dt)
 
+        # eager's kernel: CPU divides; CUDA multiplies by the fp32 reciprocal of a scalar
+        # divisor (BinaryDivTrueKernel.cu), a different rounding for some T (0.6, 1.2)
+        inv = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(divisor), dtype=torch.float32))
+
         def fn(idx):
-            q = ops.truediv(rounded(load(idx)), ops.constant(float(divisor), torch.float32))
+            v = rounded(load(idx))
+            if cpu:
+                q = ops.truediv(v, ops.constant(float(divisor), torch.float32))
+            else:
+                q = ops.mul(v, ops.constant(inv, torch.float32))
             return rounded(q)
         return ir.Pointwise.create(device=x.get_device(), dtype=dt, inner_fn=fn, ranges=list(x.get_size()))
 

@@ -171,15 +171,39 @@ def _aten_aliases(name: str) -> bool | None:
     return False
 
 
-def hoist_before(g: fx.Graph, first: fx.Node, operands, apply: bool = True) -> bool:
+def snapshot_reads(start, stop) -> list:
+    """The reads ``(node, its input)`` along the chain from ``start`` down to ``stop``
+    through first arguments (views, casts, a temperature's division): each node reads
+    its input at its own position, and a copy among them (a dtype cast, ``z / T``, a
+    ``reshape`` that copies) keeps the values it read there. A rewrite that reads
+    ``stop`` itself somewhere else must be allowed to move every one of these reads
+    (``Effects.first_barrier``): an in-place write of ``stop`` after a copy is otherwise
+    invisible to eager's loss but not to the fused op. [] where the chain does not reach
+    ``stop``."""
+    out = []
+    m = start
+    while isinstance(m, fx.Node) and m is not stop:
+        if m.op not in ("call_function", "call_method") or not m.args or not isinstance(m.args[0], fx.Node):
+            return []
+        out.append((m, m.args[0]))
+        m = m.args[0]
+    return out if m is stop else []
+
+
+def hoist_before(g: fx.Graph, first: fx.Node, operands, apply: bool = True, forbid=()) -> bool:
     """Move the code that computes ``operands`` after ``first`` up to just before it (a
     target reshaped inline, ``y.view(-1)``, after a statistic that needs it), when it is
-    pure code and nothing between mutates anything. False (nothing moved) otherwise;
-    ``apply=False`` only asks."""
+    pure code and nothing between mutates anything. False (nothing moved) otherwise:
+    also where that code reads ``first`` itself or a node of ``forbid`` (the nodes the
+    rewrite replaces: a target computed from the loss it sits beside). ``apply=False``
+    only asks."""
     pos = {n: i for i, n in enumerate(g.nodes)}
     late: set = set()
+    stop = set(forbid) | {first}
 
     def collect(n) -> bool:
+        if isinstance(n, fx.Node) and n in stop:
+            return False
         if not isinstance(n, fx.Node) or pos[n] < pos[first] or n in late:
             return True
         if n.op not in ("call_function", "call_method") or mutates(n):

@@ -955,7 +955,7 @@ def logits_of(c: PairCandidate) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _hard_ce_merge(effects, ev: Evaluator, n: fx.Node, xo: fx.Node, xw: fx.Node, reads: list, hard,
-                   ctx) -> tuple | None:
+                   ctx, replaced_nodes=()) -> tuple | None:
     """(the CE candidate, the node to insert the op before) when the op can form the hard
     CE ``hard`` = (root, group, plan) of the single-root pass (one F.cross_entropy on the
     student's logits ``xo`` at T = 1, classes last, no label smoothing) in the same sweep;
@@ -981,15 +981,18 @@ def _hard_ce_merge(effects, ev: Evaluator, n: fx.Node, xo: fx.Node, xw: fx.Node,
     first = min((n, ce.node), key=lambda m: pos[m])
     operands = [xo, xw, spec["target"]] + ([spec["weight"]] if spec["weight"] is not None else [])
     late = [a for a in operands if isinstance(a, fx.Node) and pos[a] >= pos[first]]
-    if late and (any(a in (xo, xw) for a in late) or not graph.hoist_before(first.graph, first, late, apply=False)):
+    replaced = {n, ce.node} | set(replaced_nodes)
+    if late and (any(a in (xo, xw) for a in late)
+                 or not graph.hoist_before(first.graph, first, late, apply=False, forbid=replaced)):
         return None  # a target computed later (y.view(-1)) is moved up when the merge is certain
-    moved = list(reads) + [(ce.node, a) for a in operands[2:]] + [(ce.node, xo)]
+    moved = list(reads) + [(ce.node, a) for a in operands[2:]] + [(ce.node, xo)] \
+        + graph.snapshot_reads(ce.node.args[0], root.base)
     if effects.first_barrier(moved, first) is not None:
         return None
     if any(pos[w] > pos[first] for w in effects.writers_of(spec["target"])):
         return None  # eager's nll_loss saves the target: a later write raises in its backward
     if late:
-        graph.hoist_before(first.graph, first, late)
+        graph.hoist_before(first.graph, first, late, forbid=replaced)
     return ce, first
 
 
@@ -1042,6 +1045,10 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
             return refuse(f"{v.name} must run eagerly ({e}); the rewrite would fuse it away")
     # the op reads both logits at n: nothing between may write them or switch modes
     reads = [(m, a) for m in inside for a in m.all_input_nodes if a not in inside]
+    # the temperature's division, upcasts and views between the logits and the terms,
+    # each at its own position (a copy keeps what it read there: graph.snapshot_reads)
+    reads += [r for m in inside for a in m.all_input_nodes if a not in inside
+              for x in (xo, xw) for r in graph.snapshot_reads(a, x)]
     reads += [(n, xo), (n, xw)]
     effects = graph.Effects(gm)
     barrier = effects.first_barrier(reads, n)
@@ -1063,9 +1070,9 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
     # the w side, KL(p_w || p_o) is the op's reverse kind, and a JSD's beta is 1 - beta
     merge, swap = None, False
     if T_o == T_w and hard is not None:
-        merge = _hard_ce_merge(effects, ev, n, xo, xw, reads, hard, ctx)
+        merge = _hard_ce_merge(effects, ev, n, xo, xw, reads, hard, ctx, c.visited)
         if merge is None:
-            merge = _hard_ce_merge(effects, ev, n, xw, xo, reads, hard, ctx)
+            merge = _hard_ce_merge(effects, ev, n, xw, xo, reads, hard, ctx, c.visited)
             swap = merge is not None
     ce = merge[0] if merge else None
     hard_args = {}

@@ -295,7 +295,12 @@ def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], c
     for c in group:
         closure = _vocab_closure(ev, c.operands) | {c.node}
         for n in closure:
-            reads.extend((n, a) for a in n.all_input_nodes if a not in closure)
+            for a in n.all_input_nodes:
+                if a not in closure:
+                    # and the views / upcasts between, each at its own position (a copy
+                    # keeps what it read: graph.snapshot_reads)
+                    reads.append((n, a))
+                    reads.extend(graph.snapshot_reads(a, c.root.base))
     effects = graph.Effects(gm)
     barrier = effects.first_barrier(reads, first)
     reason = graph.moved_reads_reason(barrier) if barrier is not None else None
@@ -325,7 +330,8 @@ def _hoist_operands(g: fx.Graph, group: list[Candidate], plan: Plan, ctx) -> boo
     target = plan.target[1] if isinstance(plan.target, tuple) else plan.target
     operands = ([target] if target is not None else []) + \
         ([plan.smooth[1]] if plan.smooth and isinstance(plan.smooth[1], fx.Node) else [])
-    if graph.hoist_before(g, first, operands):
+    replaced = {c.node for c in group} | plan.vocab
+    if graph.hoist_before(g, first, operands, forbid=replaced):
         return True
     for c in group:
         ctx.near_miss("cross_entropy+entropy", c.node, "the target is computed after a statistic that needs it, by "
