@@ -525,3 +525,23 @@ def test_known_gap_cross_entropy_of_logits_of_huge_magnitude():
     torch._dynamo.reset()
     got = torch.compile(lambda z, y: F.cross_entropy(z, y, reduction="none"), backend="ger")(z, y)
     torch.testing.assert_close(got, F.cross_entropy(z, y, reduction="none"), rtol=1e-6, atol=1e-5)
+
+
+def test_cross_entropy_with_keyword_arguments_is_rewritten():
+    """``F.cross_entropy(input=z, target=y, ...)``: the pass read the logits as the first
+    positional argument and raised (its rewrites dropped; strict failed) - stop 32 review."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 50, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (8,), generator=g)
+
+    def f(z, y):
+        return F.cross_entropy(input=z, target=y, label_smoothing=0.1)
+
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    got = torch.compile(f, backend="ger", options={"strict": True})(z, y)
+    z2 = z.detach().clone().requires_grad_()
+    want = f(z2, y)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z2)[0])
+    assert [m.pattern for r in ger_inductor.reports() for m in r.matches] == ["cross_entropy(label_smoothing)"]

@@ -184,7 +184,7 @@ def _squeeze_last(index) -> fx.Node | None:
 
 
 def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
-    x, target = n.args[0], _arg(n, 1, "target")
+    x, target = _arg(n, 0, "input"), _arg(n, 1, "target")
     weight = _arg(n, 2, "weight")
     size_average, reduce_ = _arg(n, 3, "size_average"), _arg(n, 5, "reduce")
     ignore_index = _arg(n, 4, "ignore_index", -100)
@@ -227,7 +227,7 @@ def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
             root = ev.root_of(x)
         operands = ()
     spec = dict(target=target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=float(eps), class_dim=class_dim)
+                label_smoothing=float(eps), class_dim=class_dim, input=x)
     return Candidate(n, "ce", root, ce=spec, operands=operands)
 
 

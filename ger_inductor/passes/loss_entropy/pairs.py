@@ -968,7 +968,7 @@ def _hard_ce_merge(effects, ev: Evaluator, n: fx.Node, xo: fx.Node, xw: fx.Node,
         return None
     ce = group[0]
     spec = ce.ce
-    shp = _shape(ce.node.args[0])
+    shp = _shape(ce.ce["input"])
     if spec["label_smoothing"] or shp is None or spec["class_dim"] != len(shp) - 1:
         return None
     # the same rows in the same order: both reach one tensor through views that keep them
@@ -986,7 +986,7 @@ def _hard_ce_merge(effects, ev: Evaluator, n: fx.Node, xo: fx.Node, xw: fx.Node,
                  or not graph.hoist_before(first.graph, first, late, apply=False, forbid=replaced)):
         return None  # a target computed later (y.view(-1)) is moved up when the merge is certain
     moved = list(reads) + [(ce.node, a) for a in operands[2:]] + [(ce.node, xo)] \
-        + graph.snapshot_reads(ce.node.args[0], root.base)
+        + graph.snapshot_reads(ce.ce["input"], root.base)
     if effects.first_barrier(moved, first) is not None:
         return None
     if any(pos[w] > pos[first] for w in effects.writers_of(spec["target"])):
@@ -1115,7 +1115,7 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
             dead.add(m)
             m = next((a for a in m.args if isinstance(a, fx.Node)), None)
     if ce is not None:  # the views and upcasts between the logits and the CE
-        m = ce.node.args[0]
+        m = ce.ce["input"]
         while isinstance(m, fx.Node) and m is not zs and m is not ce.root.base:
             dead.add(m)
             m = m.args[0]

@@ -272,7 +272,7 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
         if needed & {"zsum"}:
             return refuse("weighted label smoothing together with another KL(u||p) term")
         smooth = (ce.ce["label_smoothing"], ce.ce["weight"])
-    if ce is not None and ce.ce["class_dim"] != len(_shape(ce.node.args[0])) - 1 and rows:
+    if ce is not None and ce.ce["class_dim"] != len(_shape(ce.ce["input"])) - 1 and rows:
         return refuse("cross-entropy with classes in dim 1 together with hand-written terms")
     if ce is not None and zy_targets and ce.ce["ignore_index"] >= 0:
         # the op zeroes nll where target == ignore_index; a gather at that (valid) class
@@ -365,7 +365,7 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
     shp = _shape(logits)
     ce = plan.ce
     # the (N, C, d...) layout keeps the loss input as its root; class-last roots may be views
-    class_dim = ce.ce["class_dim"] if ce is not None and ce.root.base is ce.node.args[0] else len(shp) - 1
+    class_dim = ce.ce["class_dim"] if ce is not None and ce.root.base is ce.ce["input"] else len(shp) - 1
     V = shp[class_dim]
     chunk = fleet.loss_chunk(torch.device(ctx.profile.device_type), V if isinstance(V, int) else None, profile=ctx.profile)
     with g.inserting_before(first):
