@@ -36,7 +36,10 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          "kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_ce", "ce_teacher_probs",
          "jsd_two_kl_divs", "kl_two_totals",
          # Hinton KD: a KL at T = 4 and a hard CE on the same logits (formed by one op)
-         "kd_hard_t4")
+         "kd_hard_t4",
+         # a KL of logits divided by T BEFORE the program's write (a copy the op must not
+         # replace by a read of the written logits: graph.snapshot_reads)
+         "kl_tempered_early")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -119,9 +122,12 @@ PAIR_TERMS = ("kl_fwd_tempered", "kl_split_sums", "jsd_trl", "jsd_liger", "soft_
               "jsd_two_kl_divs", "kl_two_totals")
 
 
-def _term(kind: str, q, y, w, ignore: int, t=None):
+def _term(kind: str, q, y, w, ignore: int, t=None, qt=None):
     if kind in PAIR_TERMS:
         return _pair_term(kind, q, t)
+    if kind == "kl_tempered_early":
+        return F.kl_div(F.log_softmax(qt, -1), F.log_softmax(t / 2.0, -1), log_target=True,
+                        reduction="batchmean") * 4.0
     if kind == "kd_hard_t4":
         soft = F.kl_div(F.log_softmax(q / 4.0, -1), F.log_softmax(t / 4.0, -1), log_target=True,
                         reduction="batchmean") * 16.0
@@ -254,12 +260,14 @@ class Model(nn.Module):
             q = q_in if p.context != "grad" else q_in * 1.0
         ignore = 1 if p.ignore else -100
         # a second distribution's logits, read before any write (a copy, grad into q_in)
-        t = q_in.flip(0) * 0.8 if any(k in PAIR_TERMS or k == "kd_hard_t4" for k in p.terms) else None
+        t = q_in.flip(0) * 0.8 if any(k in PAIR_TERMS or k in ("kd_hard_t4", "kl_tempered_early")
+                                      for k in p.terms) else None
+        qt = q / 2.0 if "kl_tempered_early" in p.terms else None  # before any write
         loss = q.new_zeros(())
         for i, kind in enumerate(p.terms):
             if p.write is not None and i == p.write_at:
                 _write(p.write, q, y, w, other)
-            loss = loss + _term(kind, q, y, w, ignore, t)
+            loss = loss + _term(kind, q, y, w, ignore, t, qt)
         if p.write is not None and p.write_at >= len(p.terms):
             _write(p.write, q, y, w, other)
         if self.block is not None:

@@ -56,6 +56,11 @@ FOUND = {
                                                logits_from="linear", lm_chunk=2),
     "lm_head_rows_masked_late": fz.Program(context="grad", n=7, v=16, ignore=True, terms=("rows_masked_late",),
                                            logits_from="linear", lm_chunk=2),
+    # stop 32 review: the KL read logits divided by T before a write, the op read them after
+    # it (found by hand; the fuzzer's "kl_tempered_early" term then reproduced it)
+    "kl_of_a_copy_taken_before_a_write": fz.Program(terms=("kl_tempered_early",), write="mul_", write_at=0),
+    "kl_of_a_copy_taken_before_a_write_with_ce": fz.Program(terms=("ce", "kl_tempered_early"), write="mul_",
+                                                            write_at=1),
     "lm_head_hf_label_smoother": fz.Program(context="grad", n=7, v=16, ignore=True, terms=("hf_label_smoother",),
                                             logits_from="linear", lm_chunk=2),
     "lm_head_rows_written_through_a_view": fz.Program(context="grad", n=7, v=16, ignore=True,
