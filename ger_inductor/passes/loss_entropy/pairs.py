@@ -901,12 +901,7 @@ def pair_jsd(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, m
 
 def _hard_rows(hard: tuple | None):
     """The op's targets: the CE's, one per row, ignored rows read as class 0."""
-    if hard is None:
-        return None
-    y = hard[0].reshape(-1)
-    if y.dtype == torch.uint8:
-        y = y.long()
-    return torch.where(y != hard[2], y, torch.zeros_like(y))
+    return None if hard is None else distill._rows_target(hard[0], hard[2])[0]
 
 
 def hard_ce(nll: torch.Tensor, hard: tuple) -> torch.Tensor:
@@ -940,10 +935,6 @@ def _rows_out(D: torch.Tensor, like: torch.Tensor, how: str, keepdim: bool, out_
 GRAPH_FUNCTIONS = (pair_kl, pair_jsd)
 
 
-#: views of the student's logits under a hard CE that keep the rows in order
-_ROW_ORDER_VIEWS = {"view", "reshape", "flatten", "contiguous", torch.reshape, torch.flatten}
-
-
 def logits_of(c: PairCandidate) -> tuple[fx.Node, fx.Node] | None:
     """(o, w): the two logits tensors before the temperature and upcasts, when the rewrite
     will read them there (one temperature); else None."""
@@ -971,9 +962,9 @@ def _hard_ce_merge(effects, ev: Evaluator, n: fx.Node, xo: fx.Node, xw: fx.Node,
     shp = _shape(ce.ce["input"])
     if spec["label_smoothing"] or shp is None or spec["class_dim"] != len(shp) - 1:
         return None
-    # the same rows in the same order: both reach one tensor through views that keep them
-    r_o = ev.root_of(xo)
-    if r_o.base is not root.base or any(v[0] not in _ROW_ORDER_VIEWS for v in ce.root.views + r_o.views):
+    # the same rows in the same order: both reach one tensor through views that merge or
+    # split the leading dimensions only (Evaluator.root_of keeps the classes last)
+    if ev.root_of(xo).base is not root.base:
         return None
     if ctx.eager_reason(ce.node) is not None:
         return None
@@ -1098,7 +1089,7 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
         graph.copy_meta(hard_new, ce.node, values=True)
         ce.node.replace_all_uses_with(hard_new)
         g.erase_node(ce.node)
-        ctx.match("cross_entropy+entropy", [ce.node, call], statistics=["nll"],
+        ctx.match("cross_entropy", [ce.node, call], statistics=["nll"],
                   formed_by=f"the {PATTERN_JSD if c.beta is not None else PATTERN} op on {zs.name}")
     extra = {"hard_ce": f"F.cross_entropy({zs.name}) in the same sweep"} if ce is not None else {}
     if c.beta is None:
