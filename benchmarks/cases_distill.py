@@ -35,7 +35,7 @@ import torch
 
 import torch.nn.functional as F
 
-from ger_inductor import ger_distill_loss, ger_linear_distill_loss, ger_linear_token_stats
+from ger_inductor import ger_distill_loss, ger_linear_distill_loss, ger_linear_token_stats, ger_token_stats
 
 from .cases import register
 from .harness import Case, Variant
@@ -237,9 +237,58 @@ def _head_case(name: str, desc: str, two: bool, trainer_fn: Callable, api_name: 
     return register(Case(name, desc, _head_setup(two), variants, check=_head_check))
 
 
+def _trl_selective_log_softmax_fp32(logits, index):
+    """TRL's selective_log_softmax for fp32 logits: the raw target logit minus per-row
+    logsumexps from a loop over the batch (to save memory)."""
+    sel = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+    return sel - torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
+
+
+def _grpo_trl_loss(logp, adv, mask):
+    """TRL's GRPO loss (one iteration: old = logp.detach()), torch.min of the clipped terms."""
+    coef_1 = torch.exp(logp - logp.detach())
+    coef_2 = torch.clamp(coef_1, 0.8, 1.2)
+    per_token = -torch.min(coef_1 * adv.unsqueeze(1), coef_2 * adv.unsqueeze(1))
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+GRPO_B = 4  # sequences per batch of the head case (N = GRPO_B x N / GRPO_B tokens)
+
+
+def _grpo_trl_head(inp, T: float = 0.9):
+    h = inp["h"].view(GRPO_B, -1, inp["h"].shape[-1])
+    logits = F.linear(h, inp["W"]) / T
+    logp = _trl_selective_log_softmax_fp32(logits, inp["y"].view(GRPO_B, -1))
+    return _grpo_trl_loss(logp, inp["adv"][:GRPO_B], inp["mask"].view(GRPO_B, -1))
+
+
+def _grpo_trl_head_api(inp, T: float = 0.9):
+    st = ger_linear_token_stats(inp["h"], inp["W"], inp["y"], temperature=T)
+    return _grpo_trl_loss(st.logp.view(GRPO_B, -1), inp["adv"][:GRPO_B], inp["mask"].view(GRPO_B, -1))
+
+
+def _grpo_trl_logits(zs, zt, y):
+    """TRL's GRPO on given fp32 logits (B, T, V) (zt: unused)."""
+    adv = torch.linspace(0.2, 1.0, zs.shape[0], device=zs.device)
+    mask = (y % 7 != 0).float()
+    return _grpo_trl_loss(_trl_selective_log_softmax_fp32(zs / 0.9, y), adv, mask)
+
+
+def _grpo_trl_logits_api(zs, zt, y):
+    adv = torch.linspace(0.2, 1.0, zs.shape[0], device=zs.device)
+    mask = (y % 7 != 0).float()
+    return _grpo_trl_loss(ger_token_stats(zs, y, temperature=0.9).logp, adv, mask)
+
+
 _head_case("distill_two_heads",
            f"JSD beta=0.5 of a trained student head and a frozen teacher head, N={NH} H={HH} V={VH} fp32, fwd+bwd",
            True, _trl_two_heads, "ger_linear_distill_loss", _api_two_heads)
+_case("grpo_trl_fp32", f"TRL's GRPO on fp32 logits / 0.9: selective_log_softmax's raw target logit minus a loop of "
+      f"per-row logsumexps, ({B}, {T}, {V}), fwd+bwd (variant ger_distill_loss: ger_token_stats)",
+      _grpo_trl_logits, _grpo_trl_logits_api, with_labels=True)
+_head_case("grpo_trl_head",
+           f"TRL's GRPO (fp32 selective_log_softmax, torch.min) on F.linear logits / 0.9, {GRPO_B} sequences, "
+           f"N={NH} H={HH} V={VH} fp32, fwd+bwd", False, _grpo_trl_head, "ger_linear_token_stats", _grpo_trl_head_api)
 _head_case("rl_token_head",
            f"PPO-style objective from log p(y), entropy and k3 KL at T=0.9, N={NH} H={HH} V={VH} fp32, fwd+bwd",
            False, _rl_unmodified, "ger_linear_token_stats", _rl_api)

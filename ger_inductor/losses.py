@@ -501,14 +501,15 @@ class RowStats(NamedTuple):
 
 def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index: int, extras: bool, chunk: int,
               class_dim: int = -1, smooth_eps: float | None = None, smooth_weight: Tensor | None = None,
-              zmin: bool = False) -> RowStats:
+              zmin: bool = False, lse_inf: bool = False) -> RowStats:
     """The op's statistics for every row of ``logits`` (classes in ``class_dim``), each
     shaped like the logits without the class dimension. With ``smooth_eps`` and
     ``smooth_weight`` (F.cross_entropy's weighted label smoothing) the op's regulariser
     uses u = w / V (``smoothing_target``). ``zmin``: also each row's smallest logit
     (where eager's products p * log p are NaN, see ``row_statistic``). ``target`` None:
     statistics that need none (an entropy alone); the op gets class 0 and its nll is
-    not read (its gradient is none)."""
+    not read (its gradient is none). ``lse_inf``: L (and nll = L - z_y) of torch.logsumexp's
+    convention, +-inf on a row whose max is +-inf (``ger::loss_fwd(lse_inf=)``)."""
     cd = class_dim % logits.dim()
     V = logits.shape[cd]
     A = math.prod(logits.shape[:cd])
@@ -528,7 +529,7 @@ def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index:
     mn = logits.detach().reshape(A, V, D).amin(1).to(cdt).reshape(rows) if zmin else None
     out = torch.ops.ger.loss_fwd(
         logits.reshape(A, V, D), target.reshape(A, D), u, log_u,
-        float(alpha), int(ignore_index), bool(extras), int(chunk),
+        float(alpha), int(ignore_index), bool(extras), int(chunk), *((True,) if lse_inf else ()),
     )
     nll, reg, lse, ent, aux = out
     return RowStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows),

@@ -39,7 +39,11 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          "kd_hard_t4",
          # a KL of logits divided by T BEFORE the program's write (a copy the op must not
          # replace by a read of the written logits: graph.snapshot_reads)
-         "kl_tempered_early")
+         "kl_tempered_early",
+         # log p(y) as the raw target logit minus torch.logsumexp (+-inf where a row's max
+         # is, not log_softmax's NaN): TRL's fp32 selective_log_softmax (a loop of per-row
+         # logsumexps), the plain spelling, and z - logsumexp(z, keepdim=True) gathered
+         "raw_logp", "raw_logp_rows", "lse_keepdim_logp", "lse_keepdim_sum")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -52,7 +56,9 @@ class Program:
     context: str = "grad"
     n: int = 6
     v: int = 16
-    bad_logit: str | None = None  # "-inf" | "nan"
+    #: "-inf" | "nan" | "+inf" (one logit) | "-inf_row" (a row of -inf logits): rows whose
+    #: max is +-inf, where torch.logsumexp is +-inf and log_softmax NaN
+    bad_logit: str | None = None
     ignore: bool = False
     terms: tuple = ("ce",)
     write: str | None = None
@@ -174,6 +180,19 @@ def _term(kind: str, q, y, w, ignore: int, t=None, qt=None):
         adv = torch.linspace(-1.0, 1.0, q.shape[0])
         pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
         return (pg - 0.01 * -(lp.exp() * lp).sum(-1)).mean()
+    if kind == "lse_keepdim_sum":  # left as written: eager's +inf-row gradient is finite at finite logits
+        return 0.01 * (q - q.logsumexp(-1, keepdim=True)).sum(-1).clamp(min=-1e30).mean()
+    if kind in ("raw_logp", "raw_logp_rows", "lse_keepdim_logp"):
+        yy = y.clamp(min=0).unsqueeze(-1)
+        if kind == "lse_keepdim_logp":
+            logp = (q - q.logsumexp(-1, keepdim=True)).gather(-1, yy).squeeze(-1)
+        else:
+            lse = torch.stack([torch.logsumexp(row, dim=-1) for row in q]) if kind == "raw_logp_rows" \
+                else torch.logsumexp(q, -1)
+            logp = torch.gather(q, dim=-1, index=yy).squeeze(-1) - lse
+        adv = torch.linspace(-1.0, 1.0, q.shape[0])
+        ratio = torch.exp(logp + 2.0)  # finite where logp is -inf (a +inf logit elsewhere in the row)
+        return -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv).mean()
     # target_logp: a gather beside the CE (index of shape (n, 1))
     return -0.01 * q.log_softmax(-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).mean()
 
@@ -282,6 +301,10 @@ def _inputs(p: Program):
         q[0, 1] = -math.inf
     elif p.bad_logit == "nan":
         q[1, 2] = math.nan
+    elif p.bad_logit == "+inf":
+        q[0, 1] = math.inf
+    elif p.bad_logit == "-inf_row":
+        q[2, :] = -math.inf
     y = torch.randint(0, p.v, (p.n,), generator=g)
     if p.ignore:
         y[::3] = 1
@@ -498,7 +521,7 @@ def programs():
             context=draw(st.sampled_from(CONTEXTS)),
             n=draw(st.integers(2, 9)),
             v=draw(st.sampled_from((5, 16, 33))),
-            bad_logit=draw(st.sampled_from((None, None, "-inf", "nan"))),
+            bad_logit=draw(st.sampled_from((None, None, "-inf", "nan", "+inf", "-inf_row"))),
             ignore=draw(st.booleans()),
             terms=terms,
             write=write,

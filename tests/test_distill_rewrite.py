@@ -729,34 +729,132 @@ def _raw_logp_plain(z, old, adv, mask, y):
     return _grpo_objective(logp, old, adv, mask)
 
 
-@pytest.mark.parametrize("fn", [grpo_trl, _raw_logp_plain], ids=["trl_fp32_stacked", "gather_minus_logsumexp"])
-def test_raw_target_logit_minus_logsumexp_is_a_reported_near_miss(fn):
-    """The raw target logit minus a logsumexp (TRL's fp32 selective_log_softmax; the plain
-    spelling) is left as written - eager's logsumexp is +inf on a row with a +inf logit,
-    its gradient NaN only at that class - and reported as a near-miss, with eager's numbers."""
+def _lse_keepdim_logp(z, old, adv, mask, y):
+    logits = z / 0.9
+    logp = (logits - logits.logsumexp(-1, keepdim=True)).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return _grpo_objective(logp, old, adv, mask)
+
+
+def _with_infinite_rows(z):
+    """Rows whose max is +inf (one +inf logit; one where the target's logit is +inf too) and
+    a row of -inf logits: torch.logsumexp is +-inf there, log_softmax NaN."""
+    z = z.clone()
+    z[0, 1, 3] = math.inf
+    z[0, 2, :] = -math.inf
+    z[1, 0, 5] = math.inf
+    return z
+
+
+@pytest.mark.parametrize("inf_rows", [False, True], ids=["finite", "inf_rows"])
+@pytest.mark.parametrize("fn", [grpo_trl, _raw_logp_plain, _lse_keepdim_logp],
+                         ids=["trl_fp32_stacked", "gather_minus_logsumexp", "z_minus_logsumexp_keepdim"])
+def test_raw_target_logit_minus_logsumexp_is_rewritten(fn, inf_rows):
+    """log p(y) as the raw target logit minus torch.logsumexp (TRL's fp32 selective_log_softmax,
+    its logsumexps stacked from a loop over the batch; the plain spelling; z - logsumexp(z,
+    keepdim=True) gathered) is one op call with torch.logsumexp's convention (``lse_inf``):
+    eager's values and gradients, also on rows whose max is +-inf (log p(y) -inf or NaN, the
+    gradient NaN only at a +inf logit, the GRPO loss finite)."""
     from .conftest import rewrite_backend
 
-    z, *rest = _rl_inputs(torch.float32)
+    z, old, adv, mask, y = _rl_inputs(torch.float32)
+    if inf_rows:
+        z = _with_infinite_rows(z)
+        y[1, 0] = 5  # the target's own logit is +inf: log p(y) is NaN (inf - inf)
     reports: list = []
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=rewrite_backend({"passes": ["loss_entropy", "lm_head"]}, reports=reports))
     z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
-    got, want = compiled(z1, *rest), fn(z2, *rest)
+    got, want = compiled(z1, old, adv, mask, y), fn(z2, old, adv, mask, y)
+    g1, g2 = torch.autograd.grad(got, z1)[0], torch.autograd.grad(want, z2)[0]
+    if inf_rows:  # eager: NaN only at the +inf logit of a row whose log p(y) is -inf, a NaN row of -inf
+        assert torch.isnan(g2[0, 1, 3]) and (g2[0, 1, :3] == 0).all() and torch.isnan(g2[0, 2]).all()
+        assert torch.isfinite(g2[0, 0]).all() and torch.isfinite(g2[1, 1]).all()
     _close(got, want)
-    _close(torch.autograd.grad(got, z1)[0], torch.autograd.grad(want, z2)[0])
-    assert not [m for r in reports for m in r.matches if m.pattern == "target_log_prob"]
-    reasons = [n.reason for r in reports for n in r.near_misses if n.pattern == "target_log_prob"]
-    assert len(reasons) == 1 and "raw target logit minus a logsumexp" in reasons[0], reasons
+    assert torch.equal(torch.isnan(g1), torch.isnan(g2))
+    _close(g1, g2)
+    pats = [m.pattern for r in reports for m in r.matches]
+    assert pats.count("target_log_prob(logsumexp)") == 1, pats
+    assert not [n for r in reports for n in r.near_misses], [n.reason for r in reports for n in r.near_misses]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: TRL's fp32 branch (gather of the raw logits minus a stack of "
-                                       "per-row logsumexps) is not rewritten (a reported near-miss)")
-def test_known_gap_trl_fp32_selective_log_softmax():
+def test_raw_log_prob_compiled_by_inductor_keeps_logsumexps_infinities():
+    """TRL's fp32 selective_log_softmax under backend="ger", Inductor's code: one
+    ``loss_fwd`` kernel with torch.logsumexp's L (M itself where |M| = inf) forward, one
+    elementwise backward; values and gradients equal eager's on +-inf rows."""
+    z, old, adv, mask, y = _rl_inputs(torch.float32)
+    z = _with_infinite_rows(z)
+
+    def step(z):
+        loss = grpo_trl(z, old, adv, mask, y)
+        loss.backward()
+        return loss
+
+    torch._dynamo.reset()
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, (fwd, bwd) = _compat.run_and_get_code(torch.compile(step, backend="ger", options={"strict": True}), z1)
+    want = step(z2)
+    rep = ger_inductor.last_report()
+    assert [m.pattern for m in rep.matches].count("target_log_prob(logsumexp)") == 1
+    assert rep.fallbacks == []
+    _close(got, want)
+    assert torch.equal(torch.isnan(z1.grad), torch.isnan(z2.grad)) and torch.isnan(z1.grad[0, 1, 3])
+    _close(z1.grad, z2.grad)
+    # forward: the op's kernel, |M| == inf selecting M; no logsumexp of a row block left
+    FileCheck().check("cpp_fused").check("loss_fwd").check("abs()").check("std::numeric_limits<float>::infinity()") \
+        .check_not("logsumexp").run(fwd)
+    assert "loss_bwd" in bwd
+
+
+def test_sum_of_log_probs_spelled_with_logsumexp_is_left_as_written():
+    """sum_j (z_j - logsumexp(z)): on a row with a +inf logit eager's gradient is finite at the
+    finite logits (1 - V e^(z - inf)), the fused statistics' NaN: left as written, reported;
+    eager's numbers."""
     from .conftest import rewrite_backend
 
-    z, *rest = _rl_inputs(torch.float32)
+    def fn(z):
+        return (z - z.logsumexp(-1, keepdim=True)).sum(-1).clamp(min=-1e30).mean()
+
+    z, *_ = _rl_inputs(torch.float32)
+    z = _with_infinite_rows(z)
     reports: list = []
     torch._dynamo.reset()
-    compiled = torch.compile(grpo_trl, backend=rewrite_backend({"passes": ["loss_entropy", "lm_head"]}, reports=reports))
-    compiled(z.clone().requires_grad_(), *rest)
-    assert [m for r in reports for m in r.matches if m.pattern == "target_log_prob"]
+    compiled = torch.compile(fn, backend=rewrite_backend({"passes": ["loss_entropy"]}, reports=reports))
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = compiled(z1), fn(z2)
+    g1, g2 = torch.autograd.grad(got, z1)[0], torch.autograd.grad(want, z2)[0]
+    assert torch.isfinite(g2[0, 1, :3]).all()
+    _close(got, want)
+    _close(g1, g2)
+    assert not [m for r in reports for m in r.matches]
+    reasons = [n.reason for r in reports for n in r.near_misses]
+    assert any("a sum of log-probabilities spelled with torch.logsumexp" in x for x in reasons), reasons
+
+
+def _raw_logp_beside_ce(z, old, adv, mask, y):
+    logits = z / 0.9
+    logp = torch.gather(logits, -1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return _grpo_objective(logp, old, adv, mask) + 0.1 * F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def test_raw_log_prob_beside_a_log_softmax_statistic_is_a_near_miss():
+    """One op call serves one convention for L on +-inf rows: a log p(y) of torch.logsumexp's
+    beside a cross-entropy (log_softmax's) on the same logits is left as written and
+    reported; the cross-entropy is rewritten; eager's numbers with +-inf rows."""
+    from .conftest import rewrite_backend
+
+    z, old, adv, mask, y = _rl_inputs(torch.float32)
+    z = _with_infinite_rows(z)
+    reports: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(_raw_logp_beside_ce,
+                             backend=rewrite_backend({"passes": ["loss_entropy", "lm_head"]}, reports=reports))
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = compiled(z1, old, adv, mask, y), _raw_logp_beside_ce(z2, old, adv, mask, y)
+    _close(got, want)
+    g1, g2 = torch.autograd.grad(got, z1)[0], torch.autograd.grad(want, z2)[0]
+    assert torch.equal(torch.isnan(g1), torch.isnan(g2))
+    _close(g1, g2)
+    pats = [m.pattern for r in reports for m in r.matches]
+    assert "cross_entropy" in pats and "target_log_prob(logsumexp)" not in pats, pats
+    reasons = [n.reason for r in reports for n in r.near_misses if n.pattern == "target_log_prob"]
+    assert len(reasons) == 1 and "one op serves one convention" in reasons[0], reasons

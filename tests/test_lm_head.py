@@ -295,6 +295,19 @@ def _ppo_rows_misaligned(m, h, y):
     return (torch.exp(logp) * entropy.flip(-1)).mean()  # row i's term reads another row's entropy
 
 
+def _grpo_trl_fp32(m, h, y):
+    """TRL's GRPO on fp32 logits: selective_log_softmax's raw target logit minus a loop of
+    per-row logsumexps, the clipped ratio taken with ``torch.min`` of two tensors."""
+    logits = m.head(h) / 0.9
+    sel = torch.gather(logits, dim=-1, index=y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    logp = sel - torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
+    coef_1 = torch.exp(logp - logp.detach() + 0.1)
+    adv = torch.linspace(-1.0, 1.0, h.shape[0]).unsqueeze(1)
+    per_token = -torch.min(coef_1 * adv, torch.clamp(coef_1, 0.8, 1.2) * adv)
+    mask = (y != -100).float()
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
 SPELLINGS = {
     # name: (loss_fn, Head kwargs, expected gradient mode; "in_forward_rows": in the forward
     # with coefficients per chunk, the loss a non-linear sum of per-row terms)
@@ -351,6 +364,7 @@ SPELLINGS = {
     "ppo_bf16_temperature_before_upcast": (lambda m, h, y: _ppo((m.head(h) / 0.9).float(), y),
                                            {"dtype": torch.bfloat16}, "in_forward_rows"),
     "ppo_with_clip_fraction_returned": (_ppo_with_clip_fraction, {}, "in_forward_rows"),
+    "grpo_trl_fp32_raw_logp_torch_min": (_grpo_trl_fp32, {}, "in_forward_rows"),
     "nonlinear_after_a_reduction": (_ppo_nonlinear_after_reduction, {}, "recompute"),
     "rows_misaligned": (_ppo_rows_misaligned, {}, "recompute"),
     "logits_returned_twice_with_reduction_none": (

@@ -279,7 +279,7 @@ def _register() -> None:
     ops_bwd = torch.ops.ger.loss_bwd.default
 
     @_compat.register_lowering(ops_fwd, type_promotion_kind=None)
-    def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras, chunk):
+    def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False):
         r = _Row(logits, target, base, log_base)
         ops = r.ops
         alpha = float(alpha)
@@ -299,7 +299,11 @@ def _register() -> None:
         m_, s_, ld = stats.softmax_stats(scaled, plain)
 
         def L(a, d):
-            return ops.add(m_([a, d]), ops.log(s_([a, d])))
+            out = ops.add(m_([a, d]), ops.log(s_([a, d])))
+            if lse_inf:  # torch.logsumexp's: M itself on a row whose max is +-inf (ops.ger_loss.fwd_math)
+                m = m_([a, d])
+                out = ops.where(ops.eq(ops.abs(m), r.const(math.inf)), m, out)
+            return out
 
         if 0.0 < alpha < 1.0:  # the extra pass: KL(p||m) and KL(u||m) need L
 

@@ -106,7 +106,7 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 
 # ----------------------------------------------------------------------------- forward
 def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: Optional[Tensor], alpha: float,
-             ignore_index: int, extras: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             ignore_index: int, extras: bool, lse_inf: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward statistics in differentiable torch (no target check): the eager
     kernel, what ``ger_loss`` runs under torch.func transforms and forward AD, and what
     the op's backward differentiates for a double backward.
@@ -115,6 +115,14 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     distribution, and for any other u (label smoothing with class weights passes
     u = w b, log u = 0) a function whose gradient is exactly p - u. ``u z`` is not
     guarded: 0 * (-inf) is NaN, as in F.cross_entropy's ``-(w * log_softmax(z)).sum()``.
+
+    ``lse_inf``: L as torch.logsumexp forms it, M on a row whose max M is +-inf (+inf: a
+    +inf logit and no NaN; -inf: only -inf logits), where log_softmax's M + log S is NaN.
+    nll = L - z_y follows (+inf, NaN where z_y is +inf too or the row is -inf), and the
+    backward's p = e^(z - L), from the saved L, is then logsumexp's gradient (0, NaN at a
+    +inf logit; NaN on a -inf row). Only for
+    statistics spelled with torch.logsumexp and the raw target logit (the loss pass's
+    ``lse_inf`` rows): the other outputs are not log_softmax's on those rows.
     """
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
@@ -123,6 +131,8 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     # row with a +inf logit or only -inf logits (torch.logsumexp would give +-inf there)
     M = z.detach().amax(1, keepdim=True)
     lse = (M + torch.log(torch.exp(z - M).sum(1, keepdim=True))).squeeze(1)  # (A, D)
+    if lse_inf:  # the same value on other rows (log S + M), and logsumexp's own derivative
+        lse = torch.logsumexp(z, 1)
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     zy = z.gather(1, t.unsqueeze(1)).squeeze(1)
@@ -159,15 +169,16 @@ def loss_fwd(
     ignore_index: int,
     extras: bool,
     chunk: int,
+    lse_inf: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # ``chunk`` selects the lowering's reduction strategy (0: whole rows, K: chunks of
     # K classes); the math, and so this eager kernel, do not depend on it.
     check_targets(target, logits.shape[1], ignore_index)
-    return fwd_math(logits, target, base, log_base, alpha, ignore_index, extras)
+    return fwd_math(logits, target, base, log_base, alpha, ignore_index, extras, lse_inf)
 
 
 @loss_fwd.register_fake
-def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras, chunk):
+def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False):
     _ensure_lowerings()  # a trace is under way: Inductor may lower this op next
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
@@ -235,12 +246,13 @@ def _loss_bwd_fake(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base,
 
 # ----------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    logits, target, base, log_base, alpha, ignore_index, extras, _chunk = inputs
+    logits, target, base, log_base, alpha, ignore_index, extras, _chunk, *rest = inputs
     nll, reg, lse, ent, aux = output
     ctx.save_for_backward(logits, target, base, log_base, lse, ent, reg, aux)
     ctx.alpha = alpha
     ctx.ignore_index = ignore_index
     ctx.extras = extras
+    ctx.lse_inf = bool(rest[0]) if rest else False
     # unused outputs (e.g. reg when beta == 0, lse/ent without extras) get None, and
     # the backward kernel then skips their terms
     ctx.set_materialize_grads(False)
@@ -252,21 +264,21 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, g_aux):
     if not ctx.extras:
         g_ent = None
     if g_nll is None and g_reg is None and g_lse is None and g_ent is None:
-        return (None,) * 8
+        return (None,) * 9
     if torch.is_grad_enabled():
         # backward(create_graph=True): a differentiable gradient, by autograd through the
         # forward math in torch ops (loss_bwd has no derivative), so a double backward works
-        return (_differentiable_grad(ctx, logits, target, base, log_base, (g_nll, g_reg, g_lse, g_ent)),) + (None,) * 7
+        return (_differentiable_grad(ctx, logits, target, base, log_base, (g_nll, g_reg, g_lse, g_ent)),) + (None,) * 8
     grad = loss_bwd(
         g_nll, g_reg, g_lse, g_ent, logits, target, base, log_base, lse, ent, reg, aux, ctx.alpha, ctx.ignore_index
     )
-    return (grad,) + (None,) * 7
+    return (grad,) + (None,) * 8
 
 
 def _differentiable_grad(ctx, logits, target, base, log_base, grads) -> Tensor:
     """The gradient of the statistics with incoming ``grads``, as a differentiable
     function of the logits and of ``grads`` (the op's eager math differentiated by autograd)."""
-    stats = fwd_math(logits, target, base, log_base, ctx.alpha, ctx.ignore_index, ctx.extras)
+    stats = fwd_math(logits, target, base, log_base, ctx.alpha, ctx.ignore_index, ctx.extras, ctx.lse_inf)
     outs = [(s, g) for s, g in zip(stats[:4], grads) if g is not None]
     (grad,) = torch.autograd.grad([s for s, _ in outs], [logits], [g for _, g in outs], create_graph=True)
     return grad

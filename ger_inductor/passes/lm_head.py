@@ -866,7 +866,7 @@ def _not_rowwise(plan: Plan, path: list, in_d: set) -> str | None:
         if _is(n, _ORDER_KEEPING) and not _is(n, _PERMUTES):
             state[n] = ("row", kinds[0][1])
             continue
-        if _is(n, _ELEMENTWISE | _ADDITIVE | _SCALING | _MASKING | _DIVIDING):
+        if _is(n, _ELEMENTWISE | _ADDITIVE | _SCALING | _MASKING | _DIVIDING) or _binary_min_max(n):
             if _is(n, _DIVIDING) and n.kwargs.get("rounding_mode") is not None:
                 return f"{n.name} rounds"
             if len(deps) > 1 and (len({k[1] for k in kinds}) != 1 or any(tuple(x) != tuple(out_shape) for x in shapes)):
@@ -971,9 +971,16 @@ def _saved_by_eager(plan: Plan) -> dict:
             add(n.args[1], n)
         elif n.target is losses.cross_entropy_from_stats:  # its target and class weights
             add([graph.op_args(n)[k] for k in ("target", "weight")], n)
-        elif _is(n, _SAVES_OPERANDS):  # a non-linear loss (per-row coefficients): the other operands
+        elif _is(n, _SAVES_OPERANDS) or _binary_min_max(n):  # a non-linear loss (per-row coefficients): the other operands
             add(list(n.args) + list(n.kwargs.values()), n)
     return out
+
+
+def _binary_min_max(n: fx.Node) -> bool:
+    """``torch.min(a, b)`` / ``torch.max(a, b)`` of two tensors (TRL's GRPO clipping): an
+    element-by-element minimum / maximum, saving both operands; not ``min(x)`` nor ``min(x, dim)``."""
+    return _is(n, {torch.min, torch.max, "min", "max"}) and len(n.args) == 2 and not n.kwargs \
+        and isinstance(n.args[1], fx.Node) and isinstance(_val(n.args[1]), torch.Tensor)
 
 
 #: element-by-element operations whose eager backward saves every tensor operand

@@ -51,6 +51,9 @@ class Row:
     target: fx.Node | None = None
     alpha: float | None = None
     nan: tuple = (None, None)  # (forward, backward): where eager's spelling is NaN (Vocab.nan)
+    # L is torch.logsumexp's (+-inf on a row whose max is +-inf), not log_softmax's (NaN
+    # there): a logsumexp spelled in the user's code (losses.row_stats(lse_inf=))
+    lse_inf: bool = False
 
     def scaled(self, c: float) -> "Row":
         return dataclasses.replace(self, coefs={k: c * v for k, v in self.coefs.items()})
@@ -78,6 +81,12 @@ class Vocab:
 
     def is_(self, **expect) -> bool:
         return set(self.terms) == set(expect) and all(coef_eq(self.terms[k], v) for k, v in expect.items())
+
+    @property
+    def lse_inf(self) -> bool:
+        """Whether its per-row term holds an L of torch.logsumexp's (``Row.lse_inf``):
+        ``z - logsumexp(z, keepdim=True)``."""
+        return any(isinstance(c, Row) and c.lse_inf for c in self.terms.values())
 
 
 class VPoly:
@@ -188,7 +197,7 @@ def add_coef(a, b):
             # a constant plus a per-row value: keep as a Row with a "one" statistic
             base = ra or rb
             other = b if ra is not None else a
-            return Row(base.root, {**base.coefs, "one": base.coefs.get("one", 0.0) + other})
+            return Row(base.root, {**base.coefs, "one": base.coefs.get("one", 0.0) + other}, lse_inf=base.lse_inf)
         if ra is None:
             return rb
         if rb is None:
@@ -196,7 +205,7 @@ def add_coef(a, b):
         coefs = dict(ra.coefs)
         for k, v in rb.coefs.items():
             coefs[k] = coefs.get(k, 0.0) + v
-        return Row(ra.root, coefs)
+        return Row(ra.root, coefs, lse_inf=ra.lse_inf or rb.lse_inf)
     return a + b
 
 

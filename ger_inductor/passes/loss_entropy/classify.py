@@ -18,7 +18,7 @@ from ... import losses, shapes
 from ..graph import arg as _arg, dtype as _dtype, is_op as _is, shape as _shape, target_of as _target_of, val as _val
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, Row, Vocab, add_coef, lse_row, vscale
 from .evaluate import (
-    Evaluator, CE, GATHER, KL, LOGSUMEXP, LOG_SOFTMAX, MEAN, NLL, SOFTMAX, SUM, class_dim_ok,
+    Evaluator, CE, GATHER, KL, LOGSUMEXP, LOG_SOFTMAX, MEAN, NLL, SOFTMAX, STACK, SUB, SUM, class_dim_ok,
     refuse_log_of_probabilities,
 )
 
@@ -33,6 +33,11 @@ class Candidate:
     ce: dict[str, Any] | None = None  # target, weight, ignore_index, reduction, label_smoothing, class_dim
     kl_reduction: str | None = None
     operands: tuple = ()  # vocabulary-level nodes the candidate consumes
+    # (reader, input) pairs of the logits' reads that are not vocabulary-level values (the
+    # raw target logit and the logsumexps of ``raw_log_prob``), for the barrier check, and
+    # the nodes the rewrite makes dead with it
+    reads: tuple = ()
+    absorbed: tuple = ()
 
 
 def classify(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
@@ -65,7 +70,8 @@ def classify(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
         if shp is None or not class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
             return None
         root = ev.root_of(x)
-        return Candidate(n, "row", root, row=Row(root, {"L": 1.0}, keepdim=bool(_arg(n, 2, "keepdim", False))))
+        return Candidate(n, "row", root, row=Row(root, {"L": 1.0}, keepdim=bool(_arg(n, 2, "keepdim", False)),
+                                                 lse_inf=True))
     if t in GATHER:
         x = n.args[0]
         v = _value_if_loss_like(ev, x)
@@ -75,21 +81,7 @@ def classify(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
             refuse_log_of_probabilities(v, "a gather at the target")
         except NotRepresentable as e:
             raise NotRepresentable(e.reason, n) from None
-        shp = _shape(x)
-        if shp is None or not class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
-            raise NotRepresentable("gather over a dimension other than the classes", n)
-        index = _arg(n, 2, "index")
-        # gather also takes an index with fewer rows than the logits (rows 0..k-1): the op
-        # needs one target per row, known for every size or guarded
-        ishape = _shape(index)
-        if ishape is None or len(ishape) != len(shp) or not shapes.known_equal(ishape[-1], 1) or not (
-            shapes.known_equal(ishape[:-1], shp[:-1])
-            or (guard is not None and guard(_rows_equal(ishape[:-1], shp[:-1]), GATHER_ROWS_WHY))
-        ):
-            raise NotRepresentable("gather with an index that is not one target per row", n)
-        target = _squeeze_last(index)
-        if target is None:
-            target = ("squeeze", index)  # e.g. clamp(y.unsqueeze(-1), min=0): squeezed at rewrite
+        target = _gather_target(n, x, guard)
         coefs: dict[str, float] = {}
         for k, c in v.terms.items():
             if k == "z":
@@ -99,9 +91,84 @@ def classify(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
                     coefs[kk] = coefs.get(kk, 0.0) + cc
             else:
                 raise NotRepresentable("gather of probabilities (not a log-likelihood)", n)
-        row = Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=True, target=target)
+        row = Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=True, target=target,
+                  lse_inf=v.lse_inf)
         return Candidate(n, "row", v.root, row=row, operands=(x,))
+    if t in SUB:
+        return raw_log_prob(ev, n, guard)
     return None
+
+
+def _gather_target(n: fx.Node, x, guard):
+    """The per-row target of ``gather(x, -1, index)`` (``n``): the index squeezed, or
+    ("squeeze", index) to squeeze at the rewrite; NotRepresentable unless one target per row."""
+    shp = _shape(x)
+    if shp is None or not class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
+        raise NotRepresentable("gather over a dimension other than the classes", n)
+    index = _arg(n, 2, "index")
+    # gather also takes an index with fewer rows than the logits (rows 0..k-1): the op
+    # needs one target per row, known for every size or guarded
+    ishape = _shape(index)
+    if ishape is None or len(ishape) != len(shp) or not shapes.known_equal(ishape[-1], 1) or not (
+        shapes.known_equal(ishape[:-1], shp[:-1])
+        or (guard is not None and guard(_rows_equal(ishape[:-1], shp[:-1]), GATHER_ROWS_WHY))
+    ):
+        raise NotRepresentable("gather with an index that is not one target per row", n)
+    target = _squeeze_last(index)
+    return ("squeeze", index) if target is None else target  # e.g. clamp(y.unsqueeze(-1), min=0)
+
+
+def _strip_squeeze(x):
+    """(x without a trailing squeeze(-1), whether one was stripped)."""
+    if isinstance(x, fx.Node) and _is(x, {"squeeze", torch.squeeze}) and len(x.args) == 2 and not x.kwargs \
+            and isinstance(x.args[0], fx.Node) and _shape(x.args[0]) is not None \
+            and x.args[1] in (-1, len(_shape(x.args[0])) - 1):
+        return x.args[0], True
+    return x, False
+
+
+def raw_log_prob(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
+    """``gather(z, -1, y) - logsumexp(z, -1)``: log p(y) from the raw target logit and a
+    logsumexp of the same logits, both squeezed or both kept (N, 1); the logsumexps may be
+    stacked from per-row blocks ``[logsumexp(z[i], -1) for i]`` covering z in order (TRL's
+    fp32 ``selective_log_softmax``). A Row {zy: 1, L: -1} with torch.logsumexp's L
+    (``Row.lse_inf``: -inf, or NaN, where a row's max is +-inf, not log_softmax's NaN); the
+    gather, the logsumexps and the blocks go with it. None when ``n`` is not of that form."""
+    if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    g, squeezed = _strip_squeeze(n.args[0])
+    if not (_is(g, GATHER) and isinstance(g.args[0], fx.Node)):
+        return None
+    z = g.args[0]
+    zshape, nshape = _shape(z), _shape(n)
+    b = n.args[1]
+    if zshape is None or nshape is None or not isinstance(_val(z), torch.Tensor) or not _val(z).is_floating_point():
+        return None
+    reads, absorbed = [(g, z)], [g] + ([n.args[0]] if squeezed else [])
+    if _is(b, LOGSUMEXP) and b.args and b.args[0] is z:
+        if not class_dim_ok(b, _arg(b, 1, "dim"), len(zshape)) or bool(_arg(b, 2, "keepdim", False)) == squeezed:
+            return None
+        reads.append((b, z))
+        absorbed.append(b)
+    elif _is(b, STACK) and squeezed and isinstance(b.args[0], (list, tuple)) and (_arg(b, 1, "dim", 0) or 0) == 0 \
+            and len(zshape) >= 2 and isinstance(zshape[0], int) and len(b.args[0]) == zshape[0]:
+        for i, e in enumerate(b.args[0]):
+            blk = e.args[0] if isinstance(e, fx.Node) and _is(e, LOGSUMEXP) and e.args else None
+            if not (isinstance(blk, fx.Node) and blk.op == "call_function" and blk.target is operator.getitem
+                    and blk.args[0] is z and blk.args[1] == i and not blk.kwargs) \
+                    or not class_dim_ok(e, _arg(e, 1, "dim"), len(zshape) - 1) or _arg(e, 2, "keepdim", False):
+                return None
+            reads += [(blk, z), (e, blk)]
+            absorbed += [e, blk]
+        absorbed.append(b)
+    else:
+        return None
+    if not shapes.known_equal(_shape(b), nshape):
+        return None  # a broadcast
+    target = _gather_target(g, z, guard)
+    root = ev.root_of(z)
+    row = Row(root, {"zy": 1.0, "L": -1.0}, keepdim=not squeezed, target=target, lse_inf=True)
+    return Candidate(n, "row", root, row=row, reads=tuple(reads), absorbed=tuple(absorbed))
 
 
 #: why the gather rewrite asks for a guard when the sizes are symbolic

@@ -35,6 +35,7 @@ SUM = {torch.sum, "sum"}
 MEAN = {torch.mean, "mean"}
 LOGSUMEXP = {torch.logsumexp, "logsumexp", torch.special.logsumexp}
 GATHER = {torch.gather, "gather"}
+STACK = {torch.stack, "stack"}
 CLAMP = {torch.clamp, torch.clip, "clamp", "clip"}
 ENTR = {torch.special.entr, "entr"}
 XLOGY = {torch.xlogy, torch.special.xlogy, "xlogy"}
@@ -185,7 +186,7 @@ class Evaluator:
             shp = _shape(x)
             if shp is None or not class_dim_ok(n, _arg(n, 1, "dim"), len(shp)):
                 raise NotRepresentable("logsumexp over a dimension other than the classes")
-            return Row(self.root_of(x), {"L": 1.0}, keepdim=bool(_arg(n, 2, "keepdim", False)))
+            return Row(self.root_of(x), {"L": 1.0}, keepdim=bool(_arg(n, 2, "keepdim", False)), lse_inf=True)
         if t in EXP:
             v = self.value(n.args[0])
             if isinstance(v, Vocab) and v.is_(z=1.0, one=lse_row(v.root, -1.0)):
@@ -402,7 +403,8 @@ class Evaluator:
         if mean:
             V = _classes(v.root)
             coefs = {k: c / V for k, c in coefs.items()}
-        return Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=keepdim, alpha=v.alpha, nan=v.nan)
+        return Row(v.root, {k: c for k, c in coefs.items() if c != 0.0}, keepdim=keepdim, alpha=v.alpha, nan=v.nan,
+                   lse_inf=v.lse_inf)
 
 
 def refuse_log_of_probabilities(v, what: str) -> None:

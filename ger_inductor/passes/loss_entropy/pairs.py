@@ -41,7 +41,7 @@ from ..graph import (
     shape as _shape, target_of as _target_of, val as _val,
 )
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, Row, Vocab
-from .evaluate import CE, ADD, DIV, EXP, KL, LOG, LOGSUMEXP, MEAN, MUL, NEG, SUB, SUM, Evaluator, class_dim_ok
+from .evaluate import CE, ADD, DIV, EXP, KL, LOG, LOGSUMEXP, MEAN, MUL, NEG, STACK, SUB, SUM, Evaluator, class_dim_ok
 
 PATTERN = "distill_kl"
 #: the report's pattern of a JSD_beta through a mixture (the near-misses stay PATTERN's)
@@ -221,7 +221,6 @@ CONST_UNARY = {**{t: math.log for t in LOG}, **{t: math.exp for t in EXP}, torch
                "log1p": math.log1p, **{t: operator.neg for t in NEG}}
 CONST_BINARY = ((ADD, operator.add), (SUB, operator.sub), (MUL, operator.mul), (DIV, operator.truediv))
 LOGADDEXP = {torch.logaddexp, "logaddexp"}
-STACK = {torch.stack, "stack"}
 
 
 def _is_prob(e: Elem):

@@ -20,7 +20,7 @@ from ..graph import (
 )
 from . import pairs
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, VPoly, Vocab
-from .evaluate import GATHER, KL, LOGSUMEXP, MEAN, NLL, SUB, SUM, Evaluator
+from .evaluate import KL, MEAN, NLL, SUM, Evaluator
 from .classify import Candidate, _softmax_roots, classify
 
 
@@ -94,7 +94,11 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     # (pairs.rewrite); rewritten on its own below where it does not
     student_bases = {ev.root_of(x).base for pc in pair_cands for x in (pairs.logits_of(pc) or ())}
     deferred: dict = {}
+    for key in list(groups):
+        groups[key] = _lse_inf_policy(groups[key], ctx)
     for root, group in groups.items():
+        if not group:
+            continue
         plan = _plan(ev, root, group, ctx)
         if plan is not None and _absorbs_eager_node(group, plan, ctx):
             continue
@@ -124,55 +128,56 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         if _reads_may_move(gm, ev, group, ctx) and _hoist_operands(gm.graph, group, plan, ctx):
             _rewrite(gm, root, group, plan, ctx)
             changed = True
-    _report_raw_log_probs(gm, ev, ctx)
     return changed
 
 
-#: the near-miss of a log-probability spelled as the raw target logit minus a bare logsumexp
-RAW_LOG_PROB_WHY = (
-    "a log-probability spelled as the raw target logit minus a logsumexp of the logits (e.g. TRL's "
-    "selective_log_softmax for fp32 logits, its logsumexps stacked from a loop over the batch) is not rewritten: "
-    "eager's logsumexp is +inf on a row with a +inf logit and its gradient NaN only at that class, where the "
-    "fused statistics are NaN for the whole row; log_softmax(z).gather(-1, y) is rewritten")
+#: the near-miss of a statistic of torch.logsumexp's convention the op cannot serve with the others
+LSE_INF_MIXED_WHY = (
+    "a log-probability spelled with torch.logsumexp (the raw target logit minus a logsumexp, e.g. TRL's fp32 "
+    "selective_log_softmax, or z - logsumexp(z, keepdim=True)) beside statistics of log_softmax's convention on "
+    "the same logits: on a row whose max is +-inf eager's logsumexp is +-inf (log p(y) -inf, its gradient NaN "
+    "only at a +inf logit) where log_softmax is NaN, and one op serves one convention; left as written")
+LSE_INF_SUM_WHY = (
+    "a sum of log-probabilities spelled with torch.logsumexp (z - logsumexp(z, keepdim=True)): on a row whose max "
+    "is +-inf eager's gradient is finite at the finite logits, where the fused statistics' is NaN; left as written")
 
 
-def _report_raw_log_probs(gm: fx.GraphModule, ev: Evaluator, ctx) -> None:
-    """A near-miss at each ``gather(z, -1, y) - logsumexp(z, -1)`` (the logsumexps may be
-    stacked from per-row blocks ``z[i]``): a known look-alike the pass leaves as written
-    (RAW_LOG_PROB_WHY), so that it is reported rather than silently left."""
-    def strip(x):
-        while isinstance(x, fx.Node) and _is(x, _VIEWS | {"squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze}):
-            x = x.args[0]
-        return x
+def _lse_raw(c: Candidate) -> bool:
+    """A statistic of torch.logsumexp's convention the op serves with ``lse_inf``: c L (+ k),
+    or c (z_y - L) (+ k) - log p(y) from the raw target logit, computed as -nll, so that the
+    op's L - z_y keeps eager's IEEE arithmetic on +-inf rows (-inf, NaN)."""
+    if c.kind != "row" or not c.row.lse_inf:
+        return False
+    co = {k: v for k, v in c.row.coefs.items() if k != "one"}
+    if set(co) == {"L"}:
+        return True
+    return set(co) == {"zy", "L"} and isinstance(co["zy"], float) and co["zy"] == -co["L"]
 
-    def base(x):
-        return ev.root_of(x).base if isinstance(x, fx.Node) else None
 
-    def lse_bases(x) -> set:
-        x = strip(x)
-        if _is(x, LOGSUMEXP) and isinstance(x.args[0], fx.Node):
-            return {base(x.args[0])}
-        if _is(x, pairs.STACK) and isinstance(x.args[0], (list, tuple)) and x.args[0]:
-            out = set()
-            for e in x.args[0]:
-                e = strip(e)
-                if not (_is(e, LOGSUMEXP) and isinstance(e.args[0], fx.Node)):
-                    return set()
-                blk = e.args[0]
-                if blk.op == "call_function" and blk.target is operator.getitem and isinstance(blk.args[0], fx.Node):
-                    blk = blk.args[0]  # z[i]: a block of rows of z
-                out.add(base(blk))
-            return out
-        return set()
+def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
+    """The candidates of one logits tensor the op can serve, given that one op call has one
+    convention for L on a row whose max is +-inf (``ger::loss_fwd(lse_inf=)``):
 
-    for n in list(gm.graph.nodes):
-        if not _is(n, SUB) or len(n.args) < 2 or not all(isinstance(a, fx.Node) for a in n.args[:2]):
+    - every statistic of torch.logsumexp's convention (``_lse_raw``): the op takes it;
+    - a log p(y) of that convention beside any other statistic: left as written (near-miss),
+      the others rewritten with log_softmax's convention;
+    - a bare logsumexp beside log_softmax statistics (a z-loss beside a cross-entropy, verl's
+      entropy as logsumexp - sum p z): rewritten with log_softmax's convention, NaN on such
+      rows where eager's logsumexp is +-inf (the loss beside it is NaN there in both);
+    - other terms built on z - logsumexp(z, keepdim=True): a sum over the classes is left
+      as written (LSE_INF_SUM_WHY); products with probabilities are NaN there in both."""
+    out = []
+    for c in group:
+        if c.kind == "row" and c.row.lse_inf and not _lse_raw(c) and set(c.row.coefs) <= {"zy", "zsum", "L", "one"}:
+            ctx.near_miss(_pattern_name(c), c.node, LSE_INF_SUM_WHY)
             continue
-        g = strip(n.args[0])
-        if not (_is(g, GATHER) and isinstance(g.args[0], fx.Node)):
-            continue
-        if lse_bases(n.args[1]) == {base(g.args[0])}:
-            ctx.near_miss("target_log_prob", n, RAW_LOG_PROB_WHY)
+        out.append(c)
+    raw_logp = [c for c in out if _lse_raw(c) and "zy" in c.row.coefs]
+    if raw_logp and not all(_lse_raw(c) for c in out):
+        for c in raw_logp:
+            ctx.near_miss("target_log_prob", c.node, LSE_INF_MIXED_WHY)
+        out = [c for c in out if c not in raw_logp]
+    return out
 
 
 def _two_roots(ev: Evaluator, n: fx.Node) -> bool:
@@ -222,6 +227,7 @@ class Plan:
     ce: Candidate | None
     smooth: tuple | None  # (eps, weight node) for weighted label smoothing
     vocab: set  # the N x V intermediates the rewrite makes dead
+    lse_inf: bool = False  # L of torch.logsumexp's convention (every statistic is ``_lse_raw``)
 
 
 def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None:
@@ -281,7 +287,10 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
                       "is a valid class")
     extras = bool(needed & {"ez", "plogm"})
     ignore_index = ce.ce["ignore_index"] if ce is not None else NO_IGNORE
-    return Plan(targets[0] if targets else None, ignore_index, alpha, extras, ce, smooth, vocab)
+    for c in group:  # the raw target logit, the logsumexps (dead once replaced, unless read elsewhere)
+        vocab |= set(c.absorbed)
+    lse_inf = any(_lse_raw(c) and "zy" in c.row.coefs for c in group) and all(_lse_raw(c) for c in group)
+    return Plan(targets[0] if targets else None, ignore_index, alpha, extras, ce, smooth, vocab, lse_inf)
 
 
 def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], ctx) -> bool:
@@ -293,14 +302,13 @@ def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], c
     first = min((c.node for c in group), key=_order(g))
     reads = []
     for c in group:
-        closure = _vocab_closure(ev, c.operands) | {c.node}
-        for n in closure:
-            for a in n.all_input_nodes:
-                if a not in closure:
-                    # and the views / upcasts between, each at its own position (a copy
-                    # keeps what it read: graph.snapshot_reads)
-                    reads.append((n, a))
-                    reads.extend(graph.snapshot_reads(a, c.root.base))
+        closure = _vocab_closure(ev, c.operands) | {c.node} | set(c.absorbed)
+        inner = [(n, a) for n in closure for a in n.all_input_nodes if a not in closure] + list(c.reads)
+        for n, a in inner:
+            # and the views / upcasts between, each at its own position (a copy keeps
+            # what it read: graph.snapshot_reads)
+            reads.append((n, a))
+            reads.extend(graph.snapshot_reads(a, c.root.base))
     effects = graph.Effects(gm)
     barrier = effects.first_barrier(reads, first)
     reason = graph.moved_reads_reason(barrier) if barrier is not None else None
@@ -376,6 +384,8 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
                     "smooth_weight": plan.smooth[1] if plan.smooth else None}
         if any(c.row is not None and c.row.nan != (None, None) for c in group):
             stats_kw["zmin"] = True  # the rows where eager's spelling is NaN (losses.row_statistic)
+        if plan.lse_inf:
+            stats_kw["lse_inf"] = True
         stats = g.call_function(
             losses.row_stats,
             (logits, target, plan.alpha, plan.ignore_index, plan.extras, chunk),
@@ -445,7 +455,7 @@ def _pattern_name(c: Candidate) -> str:
     if "ez" in keys:
         return "entropy"
     if "zy" in keys:
-        return "target_log_prob"
+        return "target_log_prob" if not c.row.lse_inf else "target_log_prob(logsumexp)"
     if "zsum" in keys:
         return "sum_log_probs"
     return "row_statistic"
