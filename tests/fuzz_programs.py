@@ -304,7 +304,7 @@ def _inputs(p: Program):
     elif p.bad_logit == "+inf":
         q[0, 1] = math.inf
     elif p.bad_logit == "-inf_row":
-        q[2, :] = -math.inf
+        q[min(2, p.n - 1), :] = -math.inf
     y = torch.randint(0, p.v, (p.n,), generator=g)
     if p.ignore:
         y[::3] = 1
