@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.testing import FileCheck
 
 from ger_inductor import (TokenStats, ger_distill_loss, ger_distill_reference, ger_linear_distill_loss,
                           ger_linear_token_stats, ger_token_stats, ger_token_stats_reference)
@@ -364,6 +365,13 @@ def test_inductor_lowering_equals_eager_op(beta, T, hw, dtype, teacher_grad):
     # every loop over the classes (both maxima, the sums, the JSD's own loop, the hard
     # CE's) runs under ONE loop over the rows: a row pair is read from memory once
     assert fwd.count("#pragma omp for") == 1, fwd
+    if hw and dtype == torch.float32:
+        # the hard CE's -g at the target: one scattered add per row after the elementwise
+        # pass (_add_at_targets), no per-element compare with the target's index
+        FileCheck().check("#pragma omp for").check("atomic_add").run(bwd)
+        assert "arange" not in bwd, bwd
+    elif hw:  # bf16 / fp16 gradients: in the pass, added in fp32 before the rounding
+        assert "arange" in bwd and "atomic_add" not in bwd, bwd
 
 
 def test_hard_ce_at_power_of_two_temperatures_reuses_the_tempered_exponential():
