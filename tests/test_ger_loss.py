@@ -358,6 +358,11 @@ def test_generated_code_one_kernel_over_logits_no_nxv_buffer(kw):
     assert len(set(re.findall(r"cpp_fused_\w+", bwd))) == 1
     assert len(re.findall(nxv, bwd)) == 1
     FileCheck().check("loss_bwd").check_not("log_softmax").run(bwd)
+    # the -g at the target: one scattered add per row after the elementwise pass (fp32 on
+    # CPU), no per-element compare with the target's index; the incoming gradients are
+    # per-row buffers, not recomputed (a division) per vector of classes
+    FileCheck().check("#pragma omp for").check("atomic_add").run(bwd)
+    assert "arange" not in bwd, bwd
 
 
 def test_gradient_reuses_saved_logits():

@@ -414,11 +414,15 @@ def _register() -> None:
             c1.realize()
             c1 = c1.make_loader()
 
+        cpu = P.device.type == "cpu"
+
         def row_buffer(fn, dtype):
-            # a per-row value computed once per row (an (R,) buffer): inlined into the
+            # CPU: a per-row value computed once per row (an (R,) buffer). Inlined into the
             # elementwise pass, the incoming gradient's own code (a mean's division, an
             # expand of a scalar) and this division would run once per vector of classes,
             # the compiler unable to hoist loads that may alias the output
+            if not cpu:
+                return fn
             b = P.pointwise(fn, [P.R], dtype)
             b.realize()
             return b.make_loader()
@@ -426,10 +430,10 @@ def _register() -> None:
         gq = row_buffer(lambda idx: ops.truediv(ops.to_dtype(gD_(idx), P.cdt), P.const(P.T)), P.cdt) \
             if gD_ is not None else None
         gn_ = row_buffer(lambda idx, f=gn_: ops.to_dtype(f(idx), P.cdt), P.cdt) if gn_ is not None else None
-        # fp32 gradients: the hard CE's -g at the target is added after the elementwise
-        # pass, one scattered add per row (``_add_at_targets``), instead of a compare and
-        # two blends per element (a third of the pass's time at 2048 x 32000)
-        scatter_y = gn_ is not None and P.s_dtype == torch.float32
+        # fp32 gradients on CPU: the hard CE's -g at the target is added after the
+        # elementwise pass, one scattered add per row (``_add_at_targets``), instead of a
+        # compare of 64-bit indices and two blends per element
+        scatter_y = cpu and gn_ is not None and P.s_dtype == torch.float32
 
         def pre(r, j):
             lps = ops.sub(P.a(r, j), Ls_([r]))

@@ -274,6 +274,23 @@ class _Stats:
         return out
 
 
+def _add_at_targets(r: _Row, grad, g, ignore_index: int):
+    """grad[a, t[a, d], d] -= g[a, d] for every row whose target is not ``ignore_index``:
+    an accumulating ``index_put_`` of A x D values after the elementwise pass. An ignored
+    row adds -0.0 at class 0, which changes no value (x + -0 = x)."""
+    ops = r.ops
+
+    def valid(a, d):
+        return r.valid(r.target(a, d), ignore_index)
+
+    rows = r.pointwise(lambda idx: ops.index_expr(idx[0], torch.int64), dtype=torch.int64)
+    cols = r.pointwise(lambda idx: ops.where(valid(*idx), ops.to_dtype(r.target(*idx), torch.int64),
+                                             ops.constant(0, torch.int64)), dtype=torch.int64)
+    deps = r.pointwise(lambda idx: ops.index_expr(idx[1], torch.int64), dtype=torch.int64)
+    vals = r.pointwise(lambda idx: ops.where(valid(*idx), ops.neg(g(idx)), r.const(-0.0)))
+    return _compat.inductor_lowerings()[aten.index_put_.default](grad, [rows, cols, deps], vals, True)
+
+
 def _register() -> None:
     ops_fwd = torch.ops.ger.loss_fwd.default
     ops_bwd = torch.ops.ger.loss_bwd.default
@@ -377,14 +394,41 @@ def _register() -> None:
         r = _Row(logits, target, base, log_base)
         ops = r.ops
         alpha = float(alpha)
+        cpu = r.device.type == "cpu"
+
+        def row_buffer(box, valid_only: bool = False):
+            """CPU: the incoming gradient of a statistic as an (A, D) buffer in the compute
+            type (``valid_only``: 0 at ignored targets), computed once per row. Inlined into
+            the elementwise pass, its own code (a mean's division, an expand of a scalar)
+            would run once per vector of classes (the compiler cannot hoist loads that may
+            alias the output)."""
+            if box is None:
+                return None
+            load = box.make_loader()
+
+            def fn(idx):
+                v = ops.to_dtype(load(idx), r.cdt)
+                if valid_only:
+                    v = ops.where(r.valid(r.target(*idx), ignore_index), v, r.const(0.0))
+                return v
+            if not cpu:
+                return fn
+            b = r.pointwise(fn)
+            b.realize()
+            return b.make_loader()
+
         L_ = lse.make_loader()
-        gn = grad_nll.make_loader() if grad_nll is not None else None
-        gr = grad_reg.make_loader() if grad_reg is not None else None
-        gl = grad_lse.make_loader() if grad_lse is not None else None
-        ge = grad_ent.make_loader() if grad_ent is not None else None
+        gn = row_buffer(grad_nll, valid_only=True)
+        gr = row_buffer(grad_reg)
+        gl = row_buffer(grad_lse)
+        ge = row_buffer(grad_ent)
         ent_ = ent.make_loader() if grad_ent is not None else None
         reg_ = reg.make_loader()
         aux_ = aux.make_loader()
+        # CPU, gradients in the compute type: -g at the target is one scattered add per row
+        # after the elementwise pass (``_add_at_targets``), as eager's log_softmax backward
+        # forms it (g p - g), instead of a compare of 64-bit indices and a blend per element
+        scatter_y = cpu and gn is not None and r.in_dtype == r.cdt
 
         def fn(idx):
             a, j, d = idx
@@ -393,12 +437,12 @@ def _register() -> None:
             lp = ops.sub(z, L)
             p = ops.exp(lp)
             g = r.const(0.0)
-            if gn is not None:
+            if gn is not None and scatter_y:
+                g = ops.add(g, ops.mul(gn([a, d]), p))
+            elif gn is not None:
                 t = r.target(a, d)
-                ok = r.valid(t, ignore_index)
                 is_y = ops.eq(ops.index_expr(j, r.t_dtype), t)
-                coef = ops.where(ok, ops.to_dtype(gn([a, d]), r.cdt), r.const(0.0))
-                g = ops.add(g, ops.mul(coef, ops.sub(p, ops.where(is_y, r.const(1.0), r.const(0.0)))))
+                g = ops.add(g, ops.mul(gn([a, d]), ops.sub(p, ops.where(is_y, r.const(1.0), r.const(0.0)))))
             if gr is not None:
                 if alpha == 0.0:
                     dj = r.xmul(p, ops.sub(ops.sub(lp, r.log_u(j)), reg_([a, d])))
@@ -407,15 +451,18 @@ def _register() -> None:
                 else:
                     lpm = r.log_ratios(lp, r.log_u(j), p, r.u(j), alpha)[0]
                     dj = ops.truediv(r.xmul(p, ops.sub(lpm, aux_([a, d]))), r.const(1.0 - alpha))
-                g = ops.add(g, ops.mul(ops.to_dtype(gr([a, d]), r.cdt), dj))
+                g = ops.add(g, ops.mul(gr([a, d]), dj))
             if gl is not None:
-                g = ops.add(g, ops.mul(ops.to_dtype(gl([a, d]), r.cdt), p))
+                g = ops.add(g, ops.mul(gl([a, d]), p))
             if ge is not None:
                 ezv = ops.sub(L, ent_([a, d]))
-                g = ops.sub(g, ops.mul(ops.to_dtype(ge([a, d]), r.cdt), r.xmul(p, ops.sub(z, ezv))))
+                g = ops.sub(g, ops.mul(ge([a, d]), r.xmul(p, ops.sub(z, ezv))))
             return ops.to_dtype(g, r.in_dtype)
 
-        return r.pointwise(fn, ranges=[r.A, r.V, r.D], dtype=r.in_dtype)
+        out = r.pointwise(fn, ranges=[r.A, r.V, r.D], dtype=r.in_dtype)
+        if scatter_y:
+            out = _add_at_targets(r, out, gn, ignore_index)
+        return out
 
 
 def _register_scaled_grad() -> None:
