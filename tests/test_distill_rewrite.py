@@ -805,14 +805,21 @@ def test_raw_log_prob_compiled_by_inductor_keeps_logsumexps_infinities():
     assert "loss_bwd" in bwd
 
 
-def test_sum_of_log_probs_spelled_with_logsumexp_is_left_as_written():
-    """sum_j (z_j - logsumexp(z)): on a row with a +inf logit eager's gradient is finite at the
-    finite logits (1 - V e^(z - inf)), the fused statistics' NaN: left as written, reported;
-    eager's numbers."""
-    from .conftest import rewrite_backend
+def _lse_sum(z):
+    return (z - z.logsumexp(-1, keepdim=True)).sum(-1).clamp(min=-1e30).mean()
 
-    def fn(z):
-        return (z - z.logsumexp(-1, keepdim=True)).sum(-1).clamp(min=-1e30).mean()
+
+def _lse_kl_uniform(z):
+    lp = z - z.logsumexp(-1, keepdim=True)
+    return F.kl_div(lp, torch.full_like(lp, 1.0 / z.shape[-1]), reduction="batchmean").clamp(max=1e30)
+
+
+@pytest.mark.parametrize("fn", [_lse_sum, _lse_kl_uniform], ids=["sum", "kl_div_to_uniform"])
+def test_sum_of_log_probs_spelled_with_logsumexp_is_left_as_written(fn):
+    """sum_j (z_j - logsumexp(z)) (also as KL(u || p)): on a row with a +inf logit eager's
+    gradient is finite at the finite logits (1 - V e^(z - inf)), the fused statistics' NaN:
+    left as written, reported; eager's numbers."""
+    from .conftest import rewrite_backend
 
     z, *_ = _rl_inputs(torch.float32)
     z = _with_infinite_rows(z)

@@ -333,7 +333,8 @@ def _classify_kl_one(ev: Evaluator, n: fx.Node) -> Candidate:
         coefs = dict(row.coefs)
         for k, v in row2.coefs.items():
             coefs[k] = coefs.get(k, 0.0) + v
-        return Candidate(n, "kl", a.root, row=Row(a.root, coefs), kl_reduction=reduction, operands=(inp, tgt))
+        return Candidate(n, "kl", a.root, row=Row(a.root, coefs, lse_inf=a.lse_inf), kl_reduction=reduction,
+                         operands=(inp, tgt))
     if set(a.terms) == {"one"} and isinstance(a.terms["one"], float) and t_prob is not None and t_prob.is_(p=1.0):
         # sum_j p_j (log p_j - log u_j): KL(p||u) with input = log u
         lu = a.terms["one"]

@@ -138,8 +138,9 @@ LSE_INF_MIXED_WHY = (
     "the same logits: on a row whose max is +-inf eager's logsumexp is +-inf (log p(y) -inf, its gradient NaN "
     "only at a +inf logit) where log_softmax is NaN, and one op serves one convention; left as written")
 LSE_INF_SUM_WHY = (
-    "a sum of log-probabilities spelled with torch.logsumexp (z - logsumexp(z, keepdim=True)): on a row whose max "
-    "is +-inf eager's gradient is finite at the finite logits, where the fused statistics' is NaN; left as written")
+    "a sum of log-probabilities spelled with torch.logsumexp (z - logsumexp(z, keepdim=True); also as a KL to the "
+    "uniform): on a row whose max is +-inf eager's gradient is finite at the finite logits, where the fused "
+    "statistics' is NaN; left as written")
 
 
 def _lse_raw(c: Candidate) -> bool:
@@ -168,7 +169,8 @@ def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
       as written (LSE_INF_SUM_WHY); products with probabilities are NaN there in both."""
     out = []
     for c in group:
-        if c.kind == "row" and c.row.lse_inf and not _lse_raw(c) and set(c.row.coefs) <= {"zy", "zsum", "L", "one"}:
+        if c.kind in ("row", "kl") and c.row.lse_inf and not _lse_raw(c) \
+                and set(c.row.coefs) <= {"zy", "zsum", "L", "one"}:
             ctx.near_miss(_pattern_name(c), c.node, LSE_INF_SUM_WHY)
             continue
         out.append(c)
