@@ -326,14 +326,16 @@ class _Pair:
 
 
 def _add_at_targets(P: _Pair, grad, gn, ignore_index: int):
-    """grad[r, y_r] -= gn[r] for every row whose target is not ``ignore_index`` (the hard
-    CE's one-hot term): an accumulating ``index_put_`` of R values, after the elementwise
-    pass. An ignored row adds -0.0 at class 0, which changes no value (x + -0 = x)."""
+    """grad[r, y_r] -= gn[r] for every row whose target is a class (not ``ignore_index``, in
+    [0, V)) (the hard CE's one-hot term): an accumulating ``index_put_`` of R values, after
+    the elementwise pass. Any other row adds -0.0 at class 0, which changes no value (x + -0 = x)."""
     ops = P.ops
     low = _compat.inductor_lowerings()
 
     def valid(r):
-        return ops.ne(ops.to_dtype(P._y([r]), torch.int64), ops.constant(ignore_index, torch.int64))
+        y = ops.to_dtype(P._y([r]), torch.int64)
+        inside = ops.and_(ops.ge(y, ops.constant(0, torch.int64)), ops.lt(y, ops.index_expr(P.V, torch.int64)))
+        return ops.and_(ops.ne(y, ops.constant(ignore_index, torch.int64)), inside)
 
     rows = P.pointwise(lambda idx: ops.index_expr(idx[0], torch.int64), [P.R], torch.int64)
     cols = P.pointwise(lambda idx: ops.where(valid(idx[0]), ops.to_dtype(P._y(idx), torch.int64),

@@ -275,13 +275,18 @@ class _Stats:
 
 
 def _add_at_targets(r: _Row, grad, g, ignore_index: int):
-    """grad[a, t[a, d], d] -= g[a, d] for every row whose target is not ``ignore_index``:
-    an accumulating ``index_put_`` of A x D values after the elementwise pass. An ignored
-    row adds -0.0 at class 0, which changes no value (x + -0 = x)."""
+    """grad[a, t[a, d], d] -= g[a, d] for every row whose target is a class of these logits
+    (not ``ignore_index``, in [0, V): the vocabulary-parallel backward passes V for a class
+    another rank owns): an accumulating ``index_put_`` of A x D values after the
+    elementwise pass. Any other row adds -0.0 at class 0, which changes no value (x + -0 = x)."""
     ops = r.ops
 
     def valid(a, d):
-        return r.valid(r.target(a, d), ignore_index)
+        t = r.target(a, d)
+        t64 = ops.to_dtype(t, torch.int64)
+        inside = ops.and_(ops.ge(t64, ops.constant(0, torch.int64)),
+                          ops.lt(t64, ops.index_expr(r.V, torch.int64)))
+        return ops.and_(r.valid(t, ignore_index), inside)
 
     rows = r.pointwise(lambda idx: ops.index_expr(idx[0], torch.int64), dtype=torch.int64)
     cols = r.pointwise(lambda idx: ops.where(valid(*idx), ops.to_dtype(r.target(*idx), torch.int64),
