@@ -521,7 +521,9 @@ def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index:
         u, log_u = st.u, st.log_u
     if target is None:
         target = torch.zeros((A, D), dtype=torch.long, device=logits.device)
-    elif target.dtype == torch.uint8:
+    elif target.dtype != torch.long:
+        # uint8 (cross_entropy), int32 (gather takes it): the op compares with int64 ignore
+        # indices (NO_IGNORE = -2^62 would wrap to 0 in int32)
         target = target.long()
     rows = tuple(logits.shape[:cd]) + tuple(logits.shape[cd + 1:])
     # before the op, on the op's (A, V, D) view: Inductor then computes it in the loop

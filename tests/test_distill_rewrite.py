@@ -837,6 +837,105 @@ def test_sum_of_log_probs_spelled_with_logsumexp_is_left_as_written(fn):
     assert any("a sum of log-probabilities spelled with torch.logsumexp" in x for x in reasons), reasons
 
 
+def _raw_written_in_place(z, y):
+    zy = torch.gather(z, -1, y.unsqueeze(-1)).squeeze(-1)
+    zy.add_(1.0)  # an in-place write of the gathered logit the op would not see
+    return (zy - torch.logsumexp(z, -1)).exp().mean()
+
+
+def _raw_block_written_in_place(z, y):
+    blocks = [torch.logsumexp(row, dim=-1) for row in z]
+    blocks[0].mul_(2.0)
+    return (torch.gather(z, -1, y.unsqueeze(-1)).squeeze(-1) - torch.stack(blocks)).exp().mean()
+
+
+def _raw_beside_entropy(z, y):
+    logp = torch.gather(z, -1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
+    p = z.softmax(-1)
+    return logp.clamp(min=-50).mean() - 0.1 * (p * p.log()).sum(-1).mean()
+
+
+def _two_conventions_in_one_term(z, y):
+    lp = 0.5 * F.log_softmax(z, -1) + 0.5 * (z - z.logsumexp(-1, keepdim=True))
+    return lp.gather(-1, y.unsqueeze(-1)).mean()
+
+
+def _nll_of_lse_spelled(z, y):
+    return F.nll_loss((z - z.logsumexp(-1, keepdim=True)).flatten(0, 1), y.flatten())
+
+
+def _raw_bf16(z, y):
+    zb = z.to(torch.bfloat16)
+    return (torch.gather(zb, -1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(zb, -1)).float().exp().mean()
+
+
+@pytest.mark.parametrize("fn, why", [
+    (_raw_written_in_place, "is also used by"),
+    (_raw_block_written_in_place, "is also used by"),
+    (_raw_beside_entropy, "one op serves one convention"),
+    (_two_conventions_in_one_term, "combined in one term"),
+    (_nll_of_lse_spelled, "nll_loss of z - logsumexp(z, keepdim=True)"),
+    (_raw_bf16, None),
+], ids=["gathered_logit_written", "row_block_written", "beside_entropy", "two_conventions", "nll_loss", "bf16"])
+def test_raw_log_prob_look_alikes_keep_eagers_numbers(fn, why):
+    """The stop-33 review's counterexamples (all gave other numbers than eager on the first
+    version of the raw rewrite, or before it): a write to a node the op would absorb, a
+    logsumexp left to the other convention when its subtraction is refused, both
+    conventions in one term, nll_loss of the logsumexp spelling, bf16 (eager rounds the
+    logsumexp). Left as written (near-miss), eager's values, gradients and errors, with a
+    +inf logit and a -inf row."""
+    from .conftest import rewrite_backend
+
+    z, *_, y = _rl_inputs(torch.float32)
+    z = _with_infinite_rows(z)
+    reports: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=rewrite_backend({"passes": ["loss_entropy", "lm_head"]}, reports=reports))
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = compiled(z1, y), fn(z2, y)
+    _close(got, want)
+    try:
+        g2 = torch.autograd.grad(want, z2)[0]
+    except RuntimeError as e:  # eager's version-counter error: ger must raise it too
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(got, z1)
+        assert "inplace" in str(e)
+    else:
+        g1 = torch.autograd.grad(got, z1)[0]
+        assert torch.equal(torch.isnan(g1), torch.isnan(g2))
+        _close(g1, g2)
+    assert not [m for r in reports for m in r.matches if m.pattern == "target_log_prob(logsumexp)"]
+    reasons = [n.reason for r in reports for n in r.near_misses]
+    if why is not None:
+        assert any(why in x for x in reasons), reasons
+
+
+def test_raw_log_prob_with_an_int32_index():
+    """gather takes an int32 index: the op's ignore index (-2^62) compared in int32 wrapped
+    to 0, so class 0 counted as ignored (a log_softmax gather had it too); the target is
+    now widened to int64."""
+    from .conftest import rewrite_backend
+
+    z, *_, y = _rl_inputs(torch.float32)
+    y = y.to(torch.int32)
+    y[0, :4] = 0
+
+    def fn(z, y):
+        a = torch.gather(z, -1, y.unsqueeze(-1).long()).squeeze(-1) - torch.logsumexp(z, -1)
+        b = z.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return a.mean(), b.mean()
+
+    reports: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z, y: fn(z, y)[1], backend=rewrite_backend({"passes": ["loss_entropy"]},
+                                                                                reports=reports))
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = compiled(z1, y), fn(z2, y)[1]
+    _close(got, want)
+    _close(torch.autograd.grad(got, z1)[0], torch.autograd.grad(want, z2)[0])
+    assert [m for r in reports for m in r.matches if m.pattern == "target_log_prob"]
+
+
 def _raw_logp_beside_ce(z, old, adv, mask, y):
     logits = z / 0.9
     logp = torch.gather(logits, -1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)

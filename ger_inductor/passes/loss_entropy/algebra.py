@@ -202,6 +202,10 @@ def add_coef(a, b):
             return rb
         if rb is None:
             return ra
+        if ra.lse_inf != rb.lse_inf and "L" in ra.coefs and "L" in rb.coefs:
+            # log_softmax's L (NaN on a row whose max is +-inf) and torch.logsumexp's (+-inf)
+            # in one term: neither convention is eager's on such rows
+            raise NotRepresentable("log-probabilities of log_softmax and of z - logsumexp(z) combined in one term")
         coefs = dict(ra.coefs)
         for k, v in rb.coefs.items():
             coefs[k] = coefs.get(k, 0.0) + v

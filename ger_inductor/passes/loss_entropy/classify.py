@@ -142,8 +142,9 @@ def raw_log_prob(ev: Evaluator, n: fx.Node, guard=None) -> Candidate | None:
     z = g.args[0]
     zshape, nshape = _shape(z), _shape(n)
     b = n.args[1]
-    if zshape is None or nshape is None or not isinstance(_val(z), torch.Tensor) or not _val(z).is_floating_point():
-        return None
+    if zshape is None or nshape is None or not isinstance(_val(z), torch.Tensor) \
+            or _val(z).dtype not in (torch.float32, torch.float64):
+        return None  # bf16 / fp16: eager rounds the logsumexp and the difference (TRL's branch is fp32/fp64)
     reads, absorbed = [(g, z)], [g] + ([n.args[0]] if squeezed else [])
     if _is(b, LOGSUMEXP) and b.args and b.args[0] is z:
         if not class_dim_ok(b, _arg(b, 1, "dim"), len(zshape)) or bool(_arg(b, 2, "keepdim", False)) == squeezed:
@@ -283,6 +284,10 @@ def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
         if v.inf == "p0":
             raise NotRepresentable("nll_loss of log(softmax(...)): eagerly inf where the target's probability "
                                    "underflows to 0; written with log_softmax it is rewritten", n)
+        if v.lse_inf:
+            raise NotRepresentable("nll_loss of z - logsumexp(z, keepdim=True): torch.logsumexp's +-inf on a row "
+                                   "whose max is +-inf is not the loss's convention; written with log_softmax it "
+                                   "is rewritten", n)
         if len(shp) >= 3:
             raise NotRepresentable("nll_loss with classes in dim 1 of a >2-d input", n)
         root = v.root

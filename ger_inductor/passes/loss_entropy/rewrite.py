@@ -164,7 +164,8 @@ def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
       the others rewritten with log_softmax's convention;
     - a bare logsumexp beside log_softmax statistics (a z-loss beside a cross-entropy, verl's
       entropy as logsumexp - sum p z): rewritten with log_softmax's convention, NaN on such
-      rows where eager's logsumexp is +-inf (the loss beside it is NaN there in both);
+      rows where eager's logsumexp is +-inf (a known gap, docs/patterns.md: the loss beside
+      it is NaN there in both unless the cross-entropy ignores that row);
     - other terms built on z - logsumexp(z, keepdim=True): a sum over the classes is left
       as written (LSE_INF_SUM_WHY); products with probabilities are NaN there in both."""
     out = []
@@ -173,13 +174,33 @@ def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
                 and set(c.row.coefs) <= {"zy", "zsum", "L", "one"}:
             ctx.near_miss(_pattern_name(c), c.node, LSE_INF_SUM_WHY)
             continue
+        used = _absorbed_used_elsewhere(c)
+        if used is not None:
+            ctx.near_miss(_pattern_name(c), c.node, used)
+            continue
         out.append(c)
     raw_logp = [c for c in out if _lse_raw(c) and "zy" in c.row.coefs]
     if raw_logp and not all(_lse_raw(c) for c in out):
         for c in raw_logp:
             ctx.near_miss("target_log_prob", c.node, LSE_INF_MIXED_WHY)
-        out = [c for c in out if c not in raw_logp]
+        # and the logsumexps they read stay as written too (rewritten with the others'
+        # convention they would give the subtraction left in the graph log_softmax's NaN)
+        left = {n for c in raw_logp for n in c.absorbed}
+        out = [c for c in out if c not in raw_logp and c.node not in left]
     return out
+
+
+def _absorbed_used_elsewhere(c: Candidate) -> str | None:
+    """Why the raw target logit or a logsumexp that ``c`` absorbs (``raw_log_prob``) cannot
+    go with it: read by another node (an in-place write included: the op would not see
+    it). None when they feed only ``c``'s own expression."""
+    inside = set(c.absorbed) | {c.node}
+    for n in c.absorbed:
+        for u in n.users:
+            if u not in inside:
+                return (f"{n.name} (part of a log-probability spelled as the raw target logit minus a logsumexp) is "
+                        f"also used by {u.name}: left as written")
+    return None
 
 
 def _two_roots(ev: Evaluator, n: fx.Node) -> bool:
