@@ -168,7 +168,7 @@ def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
       it is NaN there in both unless the cross-entropy ignores that row);
     - other terms built on z - logsumexp(z, keepdim=True): a sum over the classes is left
       as written (LSE_INF_SUM_WHY); products with probabilities are NaN there in both."""
-    out = []
+    out, left = [], set()
     for c in group:
         if c.kind in ("row", "kl") and c.row.lse_inf and not _lse_raw(c) \
                 and set(c.row.coefs) <= {"zy", "zsum", "L", "one"}:
@@ -177,17 +177,18 @@ def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
         used = _absorbed_used_elsewhere(c)
         if used is not None:
             ctx.near_miss(_pattern_name(c), c.node, used)
+            left |= set(c.absorbed)
             continue
         out.append(c)
     raw_logp = [c for c in out if _lse_raw(c) and "zy" in c.row.coefs]
-    if raw_logp and not all(_lse_raw(c) for c in out):
+    if raw_logp and not all(_lse_raw(c) for c in out if c.node not in left):
         for c in raw_logp:
             ctx.near_miss("target_log_prob", c.node, LSE_INF_MIXED_WHY)
-        # and the logsumexps they read stay as written too (rewritten with the others'
-        # convention they would give the subtraction left in the graph log_softmax's NaN)
-        left = {n for c in raw_logp for n in c.absorbed}
-        out = [c for c in out if c not in raw_logp and c.node not in left]
-    return out
+        left |= {n for c in raw_logp for n in c.absorbed}
+        out = [c for c in out if c not in raw_logp]
+    # the logsumexps a refused subtraction reads stay as written too: rewritten with the
+    # others' convention they would give the subtraction left in the graph log_softmax's NaN
+    return [c for c in out if c.node not in left]
 
 
 def _absorbed_used_elsewhere(c: Candidate) -> str | None:
