@@ -157,6 +157,41 @@ def main(argv=None) -> int:
             if not ok:
                 failures.append(rec)
 
+    # ---- 1b'. log p(y) as the raw target logit minus torch.logsumexp (the op's lse_inf
+    # convention, stop 33): +inf and -inf rows, NaN positions and values equal eager's
+    def raw_logp(z, y):
+        sel = torch.gather(z, -1, y.unsqueeze(-1)).squeeze(-1)
+        logp = sel - torch.stack([torch.logsumexp(row, dim=-1) for row in z])
+        ratio = torch.exp(logp + 2.0)
+        return -torch.minimum(ratio * 0.5, torch.clamp(ratio, 0.8, 1.2) * 0.5).mean()
+
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    B, S, V = (2, 8, 1000) if args.cpu_dry_run else (4, 512, 32000)
+    z = torch.randn(B, S, V, device=dev) * 3
+    z[0, 1, 3] = math.inf
+    z[1, 2, :] = -math.inf
+    y = torch.randint(0, V, (B, S), device=dev)
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out = torch.compile(raw_logp, backend=ger_backend, options={"strict": True})(z1, y)
+    (g1,) = torch.autograd.grad(out, z1)
+    ref = raw_logp(z2, y)
+    (g2,) = torch.autograd.grad(ref, z2)
+    matched = sorted({m.pattern for r in ger_inductor.reports() for m in r.matches})
+    same_nan = bool(torch.equal(torch.isnan(g1), torch.isnan(g2)))
+    both_nan = bool(torch.isnan(out).item() and torch.isnan(ref).item())  # the -inf row: NaN in both
+    el = 0.0 if both_nan else _rel(out.float(), ref.double())
+    fin = ~torch.isnan(g2)
+    eg = _rel(g1[fin].float(), g2[fin].double())
+    ok = same_nan and el <= 1e-5 and eg <= 1e-5 and "target_log_prob(logsumexp)" in matched
+    rec = dict(variant="rewrite:raw_logp_inf_rows", dtype="float32", loss_rel=el, grad_rel=eg, ok=ok,
+               matches=matched, nan_positions_equal=same_nan)
+    report["checks"].append(rec)
+    print(f"check rewrite raw_logp_inf_rows        loss rel {el:.1e} grad rel {eg:.1e} NaN positions equal "
+          f"{same_nan} {matched} {'OK' if ok else 'FAIL'}", flush=True)
+    if not ok:
+        failures.append(rec)
+
     # ---- 1c. conv -> BN -> activation lowerings and rewrites
     try:
         from benchmarks.gpu_check_conv import run_conv_checks
