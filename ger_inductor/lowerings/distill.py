@@ -525,8 +525,20 @@ def _register() -> None:
         P = _Pair(z, z, y, T)
         ops = P.ops
         L_, H_ = L.make_loader(), H.make_loader()
-        glp = g_lp.make_loader() if g_lp is not None else None
-        gH = g_H.make_loader() if g_H is not None else None
+        cpu = P.device.type == "cpu"
+
+        def row_buffer(box):  # CPU: the incoming row gradient once per row (as distill_bwd's)
+            if box is None:
+                return None
+            load = box.make_loader()
+            if not cpu:
+                return lambda idx: ops.to_dtype(load(idx), P.cdt)
+            b = P.pointwise(lambda idx: ops.to_dtype(load(idx), P.cdt), [P.R], P.cdt)
+            b.realize()
+            return b.make_loader()
+
+        glp, gH = row_buffer(g_lp), row_buffer(g_H)
+        scatter_y = cpu and glp is not None and P.s_dtype == torch.float32
 
         def fn(idx):  # [g_lp (onehot - p) - g_H p (log p + H)] / T
             r, j = idx
@@ -534,17 +546,21 @@ def _register() -> None:
             p = ops.exp(lp)
             out = P.const(0.0)
             if gH is not None:
-                g = ops.to_dtype(gH([r]), P.cdt)
-                out = ops.sub(out, P.xmul(g, P.xmul(p, ops.add(lp, H_([r])))))
+                out = ops.sub(out, P.xmul(gH([r]), P.xmul(p, ops.add(lp, H_([r])))))
             if glp is not None:
-                g = ops.to_dtype(glp([r]), P.cdt)
-                is_y = ops.eq(ops.index_expr(j, torch.int64), ops.to_dtype(P._y([r]), torch.int64))
-                out = ops.add(ops.sub(out, P.xmul(g, p)), ops.where(is_y, g, P.const(0.0)))
+                g = glp([r])
+                out = ops.sub(out, P.xmul(g, p))
+                if not scatter_y:
+                    is_y = ops.eq(ops.index_expr(j, torch.int64), ops.to_dtype(P._y([r]), torch.int64))
+                    out = ops.add(out, ops.where(is_y, g, P.const(0.0)))
             if P.T != 1.0:
                 out = ops.truediv(out, P.const(P.T))
             return ops.to_dtype(out, P.s_dtype)
 
-        return P.pointwise(fn, [P.R, P.V], P.s_dtype)
+        out = P.pointwise(fn, [P.R, P.V], P.s_dtype)
+        if scatter_y:  # + g_lp / T at the target, one scattered add per row (_add_at_targets)
+            out = _add_at_targets(P, out, lambda idx: ops.neg(ops.truediv(glp(idx), P.const(P.T))), -(2 ** 62))
+        return out
 
 
 _register()
