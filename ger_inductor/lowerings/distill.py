@@ -297,6 +297,17 @@ class _Pair:
             outs.append(out)
         return outs
 
+    def row_buffer(self, fn):
+        """A per-row value (compute type) for an elementwise pass over the classes: on CPU
+        an (R,) buffer computed once per row. Inlined, the incoming gradient's own code (a
+        mean's division, an expand of a scalar) would run once per vector of classes, the
+        compiler unable to hoist loads that may alias the output. Elsewhere ``fn`` itself."""
+        if self.device.type != "cpu":
+            return fn
+        b = self.pointwise(fn, [self.R], self.cdt)
+        b.realize()
+        return b.make_loader()
+
     def pointwise(self, fn, ranges, dtype):
         return self.ir.Pointwise.create(device=self.device, dtype=dtype, inner_fn=fn, ranges=list(ranges))
 
@@ -417,21 +428,9 @@ def _register() -> None:
             c1 = c1.make_loader()
 
         cpu = P.device.type == "cpu"
-
-        def row_buffer(fn, dtype):
-            # CPU: a per-row value computed once per row (an (R,) buffer). Inlined into the
-            # elementwise pass, the incoming gradient's own code (a mean's division, an
-            # expand of a scalar) and this division would run once per vector of classes,
-            # the compiler unable to hoist loads that may alias the output
-            if not cpu:
-                return fn
-            b = P.pointwise(fn, [P.R], dtype)
-            b.realize()
-            return b.make_loader()
-
-        gq = row_buffer(lambda idx: ops.truediv(ops.to_dtype(gD_(idx), P.cdt), P.const(P.T)), P.cdt) \
+        gq = P.row_buffer(lambda idx: ops.truediv(ops.to_dtype(gD_(idx), P.cdt), P.const(P.T))) \
             if gD_ is not None else None
-        gn_ = row_buffer(lambda idx, f=gn_: ops.to_dtype(f(idx), P.cdt), P.cdt) if gn_ is not None else None
+        gn_ = P.row_buffer(lambda idx, f=gn_: ops.to_dtype(f(idx), P.cdt)) if gn_ is not None else None
         # fp32 gradients on CPU: the hard CE's -g at the target is added after the
         # elementwise pass, one scattered add per row (``_add_at_targets``), instead of a
         # compare of 64-bit indices and two blends per element
@@ -526,18 +525,8 @@ def _register() -> None:
         ops = P.ops
         L_, H_ = L.make_loader(), H.make_loader()
         cpu = P.device.type == "cpu"
-
-        def row_buffer(box):  # CPU: the incoming row gradient once per row (as distill_bwd's)
-            if box is None:
-                return None
-            load = box.make_loader()
-            if not cpu:
-                return lambda idx: ops.to_dtype(load(idx), P.cdt)
-            b = P.pointwise(lambda idx: ops.to_dtype(load(idx), P.cdt), [P.R], P.cdt)
-            b.realize()
-            return b.make_loader()
-
-        glp, gH = row_buffer(g_lp), row_buffer(g_H)
+        glp, gH = ((P.row_buffer(lambda idx, f=g.make_loader(): ops.to_dtype(f(idx), P.cdt)) if g is not None else None)
+                   for g in (g_lp, g_H))
         scatter_y = cpu and glp is not None and P.s_dtype == torch.float32
 
         def fn(idx):  # [g_lp (onehot - p) - g_H p (log p + H)] / T
