@@ -129,10 +129,11 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     z = logits.to(cd)
     # L = M + log sum e^(z - M), IEEE throughout like the lowering and log_softmax: NaN in a
     # row with a +inf logit or only -inf logits (torch.logsumexp would give +-inf there)
-    M = z.detach().amax(1, keepdim=True)
-    lse = (M + torch.log(torch.exp(z - M).sum(1, keepdim=True))).squeeze(1)  # (A, D)
     if lse_inf:  # the same value on other rows (log S + M), and logsumexp's own derivative
         lse = torch.logsumexp(z, 1)
+    else:
+        M = z.detach().amax(1, keepdim=True)
+        lse = (M + torch.log(torch.exp(z - M).sum(1, keepdim=True))).squeeze(1)  # (A, D)
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     zy = z.gather(1, t.unsqueeze(1)).squeeze(1)
