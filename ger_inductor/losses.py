@@ -497,11 +497,13 @@ class RowStats(NamedTuple):
     aux: Tensor
     #: per-row minimum logit (detached), for the NaN conventions of ``row_statistic``
     zmin: Tensor | None = None
+    #: L of torch.logsumexp's convention (``row_stats(lse_inf_out=True)``), for a bare logsumexp
+    lse_raw: Tensor | None = None
 
 
 def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index: int, extras: bool, chunk: int,
               class_dim: int = -1, smooth_eps: float | None = None, smooth_weight: Tensor | None = None,
-              zmin: bool = False, lse_inf: bool = False) -> RowStats:
+              zmin: bool = False, lse_inf: bool = False, lse_inf_out: bool = False) -> RowStats:
     """The op's statistics for every row of ``logits`` (classes in ``class_dim``), each
     shaped like the logits without the class dimension. With ``smooth_eps`` and
     ``smooth_weight`` (F.cross_entropy's weighted label smoothing) the op's regulariser
@@ -509,7 +511,10 @@ def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index:
     (where eager's products p * log p are NaN, see ``row_statistic``). ``target`` None:
     statistics that need none (an entropy alone); the op gets class 0 and its nll is
     not read (its gradient is none). ``lse_inf``: L (and nll = L - z_y) of torch.logsumexp's
-    convention, +-inf on a row whose max is +-inf (``ger::loss_fwd(lse_inf=)``)."""
+    convention, +-inf on a row whose max is +-inf (``ger::loss_fwd(lse_inf=)``).
+    ``lse_inf_out``: the statistics keep log_softmax's convention (``lse`` NaN on such
+    rows), and ``lse_raw`` holds torch.logsumexp's L for a bare logsumexp beside them
+    (``ger::loss_fwd(lse_inf_out=)``; ``row_statistic(lse_raw=True)``)."""
     cd = class_dim % logits.dim()
     V = logits.shape[cd]
     A = math.prod(logits.shape[:cd])
@@ -531,11 +536,16 @@ def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index:
     mn = logits.detach().reshape(A, V, D).amin(1).to(cdt).reshape(rows) if zmin else None
     out = torch.ops.ger.loss_fwd(
         logits.reshape(A, V, D), target.reshape(A, D), u, log_u,
-        float(alpha), int(ignore_index), bool(extras), int(chunk), *((True,) if lse_inf else ()),
+        float(alpha), int(ignore_index), bool(extras), int(chunk),
+        *((bool(lse_inf), True) if lse_inf_out else (True,) if lse_inf else ()),
     )
     nll, reg, lse, ent, aux = out
+    raw = None
+    if lse_inf_out:  # log_softmax's L (NaN on the +-inf rows) for every other statistic
+        raw = lse.reshape(rows)
+        lse = torch.where(lse.isinf(), torch.full((), math.nan, dtype=lse.dtype, device=lse.device), lse)
     return RowStats(nll.reshape(rows), reg.reshape(rows), lse.reshape(rows),
-                    ent.reshape(rows) if extras else ent, aux.reshape(rows), mn)
+                    ent.reshape(rows) if extras else ent, aux.reshape(rows), mn, raw)
 
 
 def cross_entropy_from_stats(stats: RowStats, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
@@ -556,7 +566,7 @@ def cross_entropy_from_stats(stats: RowStats, logits: Tensor, target: Tensor, we
 
 
 def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float], ...], keepdim: bool, alpha: float,
-                  out_dtype: torch.dtype, nan: tuple = (None, None)) -> Tensor:
+                  out_dtype: torch.dtype, nan: tuple = (None, None), lse_raw: bool = False) -> Tensor:
     """A linear combination of per-row statistics of the logits ``like`` (classes last),
     shaped like ``like`` reduced over its last dimension.
 
@@ -571,7 +581,12 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
     entr(p) / xlogy(p, p), -log 0 = inf), None nowhere. A forward NaN makes the row's
     gradient NaN too, as eagerly. Needs ``stats.zmin`` (``row_stats(zmin=True)``); without
     it (the fused lm head's statistics) the conventions are not applied.
+
+    ``lse_raw``: L is torch.logsumexp's (``stats.lse_raw``, +-inf on a row whose max is
+    +-inf) where the statistics carry it; the fused lm head's do not (log_softmax's L).
     """
+    if lse_raw and getattr(stats, "lse_raw", None) is not None:
+        stats = stats._replace(lse=stats.lse_raw)
     V = like.shape[-1]
     # coefficients are polynomials in V ({power: c}): the loss pass writes a coefficient
     # that depends on a symbolic V as ("V", ((power, c), ...)); the algebra below is exact

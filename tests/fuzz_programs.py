@@ -43,7 +43,10 @@ TERMS = ("ce", "ce_ls", "ce_weighted", "entropy_prod", "entropy_plogp", "entropy
          # log p(y) as the raw target logit minus torch.logsumexp (+-inf where a row's max
          # is, not log_softmax's NaN): TRL's fp32 selective_log_softmax (a loop of per-row
          # logsumexps), the plain spelling, and z - logsumexp(z, keepdim=True) gathered
-         "raw_logp", "raw_logp_rows", "lse_keepdim_logp", "lse_keepdim_sum")
+         "raw_logp", "raw_logp_rows", "lse_keepdim_logp", "lse_keepdim_sum",
+         # a z-loss clamped to finite values: +-inf (eager's logsumexp) and NaN differ even
+         # where the CE beside it ignores the row
+         "zloss_clamped")
 WRITES = ("mul_", "masked_fill_", "add_view", "index_put", "copy_", "clamp_target", "class_weight", "unrelated")
 CONTEXTS = ("grad", "no_grad", "inference_mode", "autocast")
 ACTS = ("relu", "relu_inplace", "silu", "hardtanh", "hardswish", "leaky_relu_inplace", "mish", "none")
@@ -148,6 +151,8 @@ def _term(kind: str, q, y, w, ignore: int, t=None, qt=None):
         return -0.1 * _entropy(kind, q)
     if kind == "zloss":
         return 1e-3 * torch.logsumexp(q, -1).pow(2).mean()
+    if kind == "zloss_clamped":
+        return 1e-3 * torch.logsumexp(q, -1).clamp(-50.0, 50.0).pow(2).mean()
     if kind == "kl_uniform":
         lp = q.log_softmax(-1)
         return 0.1 * F.kl_div(lp, torch.full_like(lp, 1.0 / q.shape[-1]), reduction="batchmean")

@@ -805,6 +805,101 @@ def test_raw_log_prob_compiled_by_inductor_keeps_logsumexps_infinities():
     assert "loss_bwd" in bwd
 
 
+def _zloss_beside_ce(z, y):
+    """PaLM's z-loss beside a CE whose ignore_index drops the +-inf rows: eager's loss finite."""
+    zf, yf = z.flatten(0, 1), y.flatten()
+    lse = torch.logsumexp(zf, -1)
+    return F.cross_entropy(zf, yf, ignore_index=-100) + 1e-3 * lse.clamp(-50, 50).pow(2).mean(), lse.detach()
+
+
+def _zloss_beside_detached_ce(z, y):
+    """The logsumexp alone has a gradient (the CE only logged): eager's gradient of a +inf
+    row is logsumexp's (0 at the finite logits, NaN at the +inf one)."""
+    zf, yf = z.flatten(0, 1), y.flatten()
+    lse = torch.logsumexp(zf, -1)
+    return (lse.clamp(-50, 50) ** 2).mean(), lse.detach(), F.cross_entropy(zf, yf, ignore_index=-100).detach()
+
+
+def _verl_entropy_and_lse(z, y):
+    """verl's entropy_from_logits with the logsumexp also logged."""
+    p = z.softmax(-1)
+    lse = torch.logsumexp(z, -1)
+    return (lse - (p * z).sum(-1)).mean(), lse.detach()
+
+
+ZLOSS_CASES = {"zloss_beside_ignoring_ce": _zloss_beside_ce, "zloss_beside_detached_ce": _zloss_beside_detached_ce,
+               "verl_entropy_logged_lse": _verl_entropy_and_lse}
+
+
+def _zloss_inputs():
+    z, _, _, _, y = _rl_inputs(torch.float32)
+    z = _with_infinite_rows(z)
+    y = y.clone()
+    y[0, 1] = y[0, 2] = y[1, 0] = -100  # the CE ignores the +-inf rows
+    return z, y
+
+
+@pytest.mark.parametrize("name", list(ZLOSS_CASES))
+def test_bare_logsumexp_beside_log_softmax_statistics_keeps_its_infinities(name):
+    """A bare torch.logsumexp (a z-loss, a logged statistic) beside log_softmax statistics of
+    the same logits: one op call, the logsumexp +-inf and the others NaN on a row whose max
+    is +-inf, as eagerly (``ger::loss_fwd(lse_inf_out=True)``); the row's gradient NaN where
+    a log_softmax statistic has one, else logsumexp's own. Before: the logsumexp read NaN."""
+    from .conftest import rewrite_backend
+
+    fn = ZLOSS_CASES[name]
+    z, y = _zloss_inputs()
+    reports: list = []
+    graphs: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=rewrite_backend({"passes": ["loss_entropy"]}, reports=reports,
+                                                         on_graph=lambda before, gm: graphs.append(gm)))
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    (got, got_lse, *got_more), (want, want_lse, *want_more) = compiled(z1, y), fn(z2, y)
+    assert torch.equal(want_lse.isinf(), got_lse.isinf()) and want_lse.isinf().sum() == 3
+    _close(got_lse, want_lse)
+    _close(got, want)
+    _close(got_more, want_more)
+    got.backward()
+    want.backward()
+    assert torch.equal(torch.isnan(z1.grad), torch.isnan(z2.grad))
+    _close(z1.grad, z2.grad)
+    if name == "zloss_beside_detached_ce":  # logsumexp's gradient: finite beside the +inf logit
+        assert torch.isnan(z1.grad[0, 1, 3]) and torch.isfinite(z1.grad[0, 1, :3]).all()
+    pats = [m.pattern for r in reports for m in r.matches]
+    assert "row_statistic" in pats and ("entropy" in pats or "cross_entropy" in pats), pats
+    assert [n.reason for r in reports for n in r.near_misses] == []
+    calls = [n for gm in graphs for n in gm.graph.nodes if n.target is ger_inductor.losses.row_stats]
+    assert len(calls) == 1 and calls[0].kwargs.get("lse_inf_out") is True, calls
+
+
+def test_bare_logsumexp_beside_a_ce_compiled_by_inductor():
+    """The z-loss beside an ignoring CE under backend="ger" (Inductor's code): the op's L
+    output selects M where |M| = inf, its other statistics do not; eager's numbers."""
+
+    def step(z, y):
+        loss, lse = _zloss_beside_ce(z, y)
+        loss.backward()
+        return loss, lse
+
+    z, y = _zloss_inputs()
+    torch._dynamo.reset()
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    (got, got_lse), (fwd, bwd) = _compat.run_and_get_code(torch.compile(step, backend="ger", options={"strict": True}),
+                                                           z1, y)
+    want, want_lse = step(z2, y)
+    rep = ger_inductor.last_report()
+    assert sorted(m.pattern for m in rep.matches) == ["cross_entropy", "row_statistic"] and rep.fallbacks == []
+    _close(got, want)
+    _close(got_lse, want_lse)
+    assert torch.isfinite(got) and torch.equal(got_lse.isinf(), want_lse.isinf())
+    assert torch.equal(torch.isnan(z1.grad), torch.isnan(z2.grad))
+    _close(z1.grad, z2.grad)
+    FileCheck().check("cpp_fused").check("loss_fwd").check("abs()").check("std::numeric_limits<float>::infinity()") \
+        .check_not("logsumexp").run(fwd)
+    assert "loss_bwd" in bwd
+
+
 def _lse_sum(z):
     return (z - z.logsumexp(-1, keepdim=True)).sum(-1).clamp(min=-1e30).mean()
 

@@ -126,6 +126,10 @@ FOUND = {
     "fused_head_returned_logits_written_eager_saves_them": fz.Program(
         context="grad", n=7, v=33, bad_logit="-inf", ignore=True, terms=("rows_view_written", "kl_uniform", "zloss"),
         write_at=2, logits_from="linear", act="hardtanh", lm_chunk=2, returned="logits_written", seed=0),
+    # a +inf logit in a row the CE ignores, a clamped z-loss beside: eager's logsumexp +inf
+    # (clamped to 50), the fused one log_softmax's NaN (before ger::loss_fwd(lse_inf_out=))
+    "zloss_clamped_beside_ignoring_ce": fz.Program(
+        context="grad", n=6, v=16, bad_logit="+inf", ignore=True, terms=("ce", "zloss_clamped"), seed=0),
 }
 
 

@@ -301,7 +301,8 @@ def _register() -> None:
     ops_bwd = torch.ops.ger.loss_bwd.default
 
     @_compat.register_lowering(ops_fwd, type_promotion_kind=None)
-    def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False):
+    def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False,
+                 lse_inf_out=False):
         r = _Row(logits, target, base, log_base)
         ops = r.ops
         alpha = float(alpha)
@@ -320,9 +321,9 @@ def _register() -> None:
                 plain["U"] = lambda a, j, d: ops.mul(r.u(j), r.z(a, j, d))
         m_, s_, ld = stats.softmax_stats(scaled, plain)
 
-        def L(a, d):
+        def L(a, d, inf_rows=lse_inf):
             out = ops.add(m_([a, d]), ops.log(s_([a, d])))
-            if lse_inf:  # torch.logsumexp's: M itself on a row whose max is +-inf (ops.ger_loss.fwd_math)
+            if inf_rows:  # torch.logsumexp's: M itself on a row whose max is +-inf (ops.ger_loss.fwd_math)
                 m = m_([a, d])
                 out = ops.where(ops.eq(ops.abs(m), r.const(math.inf)), m, out)
             return out
@@ -386,7 +387,8 @@ def _register() -> None:
 
         nll = r.pointwise(nll_fn)
         reg = r.pointwise(reg_fn)
-        lse = r.pointwise(lambda idx: L(*idx))
+        # ``lse_inf_out``: the L output alone of torch.logsumexp's convention (fwd_math)
+        lse = r.pointwise(lambda idx: L(*idx, inf_rows=lse_inf or lse_inf_out))
         aux = r.pointwise(aux_fn)
         if extras:
             ent = r.pointwise(lambda idx: ops.sub(L(*idx), ez(*idx)))

@@ -106,7 +106,8 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 
 # ----------------------------------------------------------------------------- forward
 def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: Optional[Tensor], alpha: float,
-             ignore_index: int, extras: bool, lse_inf: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             ignore_index: int, extras: bool, lse_inf: bool = False,
+             lse_inf_out: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward statistics in differentiable torch (no target check): the eager
     kernel, what ``ger_loss`` runs under torch.func transforms and forward AD, and what
     the op's backward differentiates for a double backward.
@@ -123,6 +124,12 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     +inf logit; NaN on a -inf row). Only for
     statistics spelled with torch.logsumexp and the raw target logit (the loss pass's
     ``lse_inf`` rows): the other outputs are not log_softmax's on those rows.
+
+    ``lse_inf_out``: only the L output takes torch.logsumexp's convention (a bare logsumexp,
+    e.g. a z-loss, beside log_softmax statistics); nll, reg, ent and aux keep log_softmax's
+    (NaN on those rows). The backward then takes L back to NaN on those rows whenever one
+    of the others has a gradient (``_backward``): eager's log_softmax / softmax backward is
+    NaN in the whole row there, whatever the logsumexp's gradient.
     """
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
@@ -130,10 +137,12 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     # L = M + log sum e^(z - M), IEEE throughout like the lowering and log_softmax: NaN in a
     # row with a +inf logit or only -inf logits (torch.logsumexp would give +-inf there)
     if lse_inf:  # the same value on other rows (log S + M), and logsumexp's own derivative
-        lse = torch.logsumexp(z, 1)
+        lse = lse_out = torch.logsumexp(z, 1)
     else:
         M = z.detach().amax(1, keepdim=True)
-        lse = (M + torch.log(torch.exp(z - M).sum(1, keepdim=True))).squeeze(1)  # (A, D)
+        lse = lse_out = (M + torch.log(torch.exp(z - M).sum(1, keepdim=True))).squeeze(1)  # (A, D)
+        if lse_inf_out:  # logsumexp's value and derivative on the +-inf rows, for the L output only
+            lse_out = torch.where(M.squeeze(1).isinf(), torch.logsumexp(z, 1), lse)
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     zy = z.gather(1, t.unsqueeze(1)).squeeze(1)
@@ -157,7 +166,7 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
         kl_um = xmul(u.expand_as(lp), log_u_m).sum(1)
         reg = kl_pm / (1.0 - alpha) + kl_um / alpha
         aux = kl_pm
-    return nll, reg, lse, ent, aux
+    return nll, reg, lse_out, ent, aux
 
 
 @torch.library.custom_op(f"{OPS_NAMESPACE}::loss_fwd", mutates_args=())
@@ -171,15 +180,17 @@ def loss_fwd(
     extras: bool,
     chunk: int,
     lse_inf: bool = False,
+    lse_inf_out: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # ``chunk`` selects the lowering's reduction strategy (0: whole rows, K: chunks of
     # K classes); the math, and so this eager kernel, do not depend on it.
     check_targets(target, logits.shape[1], ignore_index)
-    return fwd_math(logits, target, base, log_base, alpha, ignore_index, extras, lse_inf)
+    return fwd_math(logits, target, base, log_base, alpha, ignore_index, extras, lse_inf, lse_inf_out)
 
 
 @loss_fwd.register_fake
-def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False):
+def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False,
+                   lse_inf_out=False):
     _ensure_lowerings()  # a trace is under way: Inductor may lower this op next
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
@@ -254,6 +265,7 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
     ctx.extras = extras
     ctx.lse_inf = bool(rest[0]) if rest else False
+    ctx.lse_inf_out = bool(rest[1]) if len(rest) > 1 else False
     # unused outputs (e.g. reg when beta == 0, lse/ent without extras) get None, and
     # the backward kernel then skips their terms
     ctx.set_materialize_grads(False)
@@ -265,21 +277,30 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, g_aux):
     if not ctx.extras:
         g_ent = None
     if g_nll is None and g_reg is None and g_lse is None and g_ent is None:
-        return (None,) * 9
+        return (None,) * _N_ARGS
+    if ctx.lse_inf_out and (g_nll is not None or g_reg is not None or g_ent is not None):
+        # the saved L is logsumexp's (+-inf on a row whose max is +-inf); a log_softmax
+        # statistic with a gradient makes eager's whole row NaN there (its backward reads
+        # the NaN log-probabilities): log_softmax's L gives the same
+        lse = torch.where(lse.isinf(), torch.full_like(lse, math.nan), lse)
     if torch.is_grad_enabled():
         # backward(create_graph=True): a differentiable gradient, by autograd through the
         # forward math in torch ops (loss_bwd has no derivative), so a double backward works
-        return (_differentiable_grad(ctx, logits, target, base, log_base, (g_nll, g_reg, g_lse, g_ent)),) + (None,) * 8
+        return (_differentiable_grad(ctx, logits, target, base, log_base, (g_nll, g_reg, g_lse, g_ent)),) + (None,) * (_N_ARGS - 1)
     grad = loss_bwd(
         g_nll, g_reg, g_lse, g_ent, logits, target, base, log_base, lse, ent, reg, aux, ctx.alpha, ctx.ignore_index
     )
-    return (grad,) + (None,) * 8
+    return (grad,) + (None,) * (_N_ARGS - 1)
+
+
+_N_ARGS = 10  # loss_fwd's arguments, trailing optional ones included: a gradient (or None) each
 
 
 def _differentiable_grad(ctx, logits, target, base, log_base, grads) -> Tensor:
     """The gradient of the statistics with incoming ``grads``, as a differentiable
     function of the logits and of ``grads`` (the op's eager math differentiated by autograd)."""
-    stats = fwd_math(logits, target, base, log_base, ctx.alpha, ctx.ignore_index, ctx.extras, ctx.lse_inf)
+    stats = fwd_math(logits, target, base, log_base, ctx.alpha, ctx.ignore_index, ctx.extras, ctx.lse_inf,
+                     ctx.lse_inf_out)
     outs = [(s, g) for s, g in zip(stats[:4], grads) if g is not None]
     (grad,) = torch.autograd.grad([s for s, _ in outs], [logits], [g for _, g in outs], create_graph=True)
     return grad

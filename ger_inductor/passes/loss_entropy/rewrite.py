@@ -155,6 +155,11 @@ def _lse_raw(c: Candidate) -> bool:
     return set(co) == {"zy", "L"} and isinstance(co["zy"], float) and co["zy"] == -co["L"]
 
 
+def _bare_lse(c: Candidate) -> bool:
+    """A logsumexp of torch.logsumexp's convention alone (c L + k), no target logit."""
+    return _lse_raw(c) and "zy" not in c.row.coefs
+
+
 def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
     """The candidates of one logits tensor the op can serve, given that one op call has one
     convention for L on a row whose max is +-inf (``ger::loss_fwd(lse_inf=)``):
@@ -163,9 +168,8 @@ def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
     - a log p(y) of that convention beside any other statistic: left as written (near-miss),
       the others rewritten with log_softmax's convention;
     - a bare logsumexp beside log_softmax statistics (a z-loss beside a cross-entropy, verl's
-      entropy as logsumexp - sum p z): rewritten with log_softmax's convention, NaN on such
-      rows where eager's logsumexp is +-inf (a known gap, docs/patterns.md: the loss beside
-      it is NaN there in both unless the cross-entropy ignores that row);
+      entropy as logsumexp - sum p z): the op gives the logsumexp its own convention and
+      the others log_softmax's (``Plan.lse_inf_out``);
     - other terms built on z - logsumexp(z, keepdim=True): a sum over the classes is left
       as written (LSE_INF_SUM_WHY); products with probabilities are NaN there in both."""
     out, left = [], set()
@@ -252,6 +256,7 @@ class Plan:
     smooth: tuple | None  # (eps, weight node) for weighted label smoothing
     vocab: set  # the N x V intermediates the rewrite makes dead
     lse_inf: bool = False  # L of torch.logsumexp's convention (every statistic is ``_lse_raw``)
+    lse_inf_out: bool = False  # ... for the bare logsumexps only, beside log_softmax statistics
 
 
 def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None:
@@ -314,7 +319,15 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
     for c in group:  # the raw target logit, the logsumexps (dead once replaced, unless read elsewhere)
         vocab |= set(c.absorbed)
     lse_inf = any(_lse_raw(c) and "zy" in c.row.coefs for c in group) and all(_lse_raw(c) for c in group)
-    return Plan(targets[0] if targets else None, ignore_index, alpha, extras, ce, smooth, vocab, lse_inf)
+    # a bare logsumexp (a z-loss, verl's entropy) beside statistics of log_softmax's
+    # convention: the op gives its L torch.logsumexp's +-inf and the others' NaN on a row
+    # whose max is +-inf. Each of the others reads nll, reg or ent (NaN on such rows, their
+    # gradient too, as eager's log_softmax backward), which the op's backward relies on.
+    others = [c for c in group if not _lse_raw(c)]
+    lse_inf_out = not lse_inf and bool(others) and any(_bare_lse(c) for c in group) and all(
+        c.kind == "ce" or set(c.row.coefs) - {"L", "one"} for c in others)
+    return Plan(targets[0] if targets else None, ignore_index, alpha, extras, ce, smooth, vocab, lse_inf,
+                lse_inf_out)
 
 
 def _reads_may_move(gm: fx.GraphModule, ev: Evaluator, group: list[Candidate], ctx) -> bool:
@@ -410,6 +423,8 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
             stats_kw["zmin"] = True  # the rows where eager's spelling is NaN (losses.row_statistic)
         if plan.lse_inf:
             stats_kw["lse_inf"] = True
+        if plan.lse_inf_out:
+            stats_kw["lse_inf_out"] = True
         stats = g.call_function(
             losses.row_stats,
             (logits, target, plan.alpha, plan.ignore_index, plan.extras, chunk),
@@ -430,6 +445,8 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
                 coefs = tuple(sorted((k, v.encode() if isinstance(v, VPoly) else v) for k, v in c.row.coefs.items()))
                 out_dtype = _dtype(c.node) if c.kind == "row" else torch.float32
                 nan_kw = {"nan": c.row.nan} if c.row.nan != (None, None) else {}
+                if plan.lse_inf_out and _bare_lse(c):
+                    nan_kw["lse_raw"] = True
                 new = g.call_function(losses.row_statistic, (stats, like, coefs, c.row.keepdim, plan.alpha, out_dtype),
                                       nan_kw)
                 if c.kind == "kl":
