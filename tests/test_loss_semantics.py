@@ -235,6 +235,10 @@ def _ls_negative_weight_sum(z, y):
     return F.cross_entropy(z, y, weight=w, label_smoothing=0.1, reduction="sum")
 
 
+def _softmax_sum(z, y):
+    return (z.softmax(-1).sum(-1) * 1.5).mean()
+
+
 #: spelling -> (function, patterns the report must show); each has its own eager convention
 NAN_SPELLINGS = {
     "p_times_log_softmax": (_entropy_prod, {"cross_entropy", "entropy"}),  # NaN where z = -inf
@@ -260,6 +264,8 @@ NAN_SPELLINGS = {
     "entropy_alone_row_blocks": (spellings.entropy_verl_chunked, {"entropy"}),
     "kl_uniform_alone": (spellings.kl_uniform_alone, {"kl_div"}),
     "entropy_of_other_temperature": (spellings.cp_temperature_one_softmax, {"cross_entropy", "entropy"}),
+    # sum_j p_j = 1 folded to a constant: NaN where eager's softmax is (NaN, +inf logits)
+    "softmax_sum_alone": (_softmax_sum, {"row_statistic"}),
 }
 BAD = ["-inf", "nan", "underflow", "masked", "+inf"]
 
@@ -399,6 +405,27 @@ def test_target_dtype_rejected_like_cross_entropy(dtype):
             call()
         assert isinstance(e.value, RuntimeError) and isinstance(e.value, TypeError), where
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("index", [10_000, -1], ids=["past_the_end", "negative"])
+def test_out_of_range_gather_index_raises_gathers_error(index):
+    """A log p(y) read by gather with an index outside the classes: eager's gather raises
+    RuntimeError (not cross_entropy's IndexError); so does the rewritten op's eager kernel."""
+    from ger_inductor.ops.ger_loss import NO_IGNORE
+
+    def fn(z, y):
+        return -z.log_softmax(-1).gather(-1, y.unsqueeze(-1)).mean()
+
+    z, y = _logits(), _targets().clone()
+    y[1] = index
+    with pytest.raises(RuntimeError, match="out of bounds") as want:
+        fn(z, y)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="out of bounds") as got:
+        torch.compile(fn, backend="ger", options=AOT)(z, y)
+    assert [m.pattern for m in ger_inductor.last_report().matches] == ["target_log_prob"]
+    assert not isinstance(got.value, IndexError) and str(got.value).endswith(str(want.value).split(" out of")[-1])
+    assert NO_IGNORE < 0 and index != NO_IGNORE
 
 
 def test_uint8_targets_work_like_int64():

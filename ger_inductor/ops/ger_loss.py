@@ -93,11 +93,19 @@ def _base_terms(base, log_base, V: int, cd: torch.dtype, device) -> tuple[Tensor
     return base.to(cd).view(1, V, 1), log_base.to(cd).view(1, V, 1)
 
 
+#: the ignore index of statistics whose target is a gather index, not a loss's target (the
+#: loss pass's log p(y) from ``gather``): no class is ignored, and a bad index raises what
+#: gather raises
+NO_IGNORE = -(2**62)
+
+
 def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Eager check (host sync) that every non-ignored target is a valid class."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         first = target[bad].flatten()[0].item()
+        if ignore_index == NO_IGNORE:  # torch.gather's error, type and words
+            raise RuntimeError(f"index {first} is out of bounds for dimension 1 with size {num_classes}")
         raise IndexError(
             f"ger_loss: target {first} is out of bounds for {num_classes} classes "
             f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from ... import _compat, fleet, losses, shapes
+from ...ops import ger_loss as _op
 from .. import graph
 from ..graph import (
     SHAPE_ONLY as _SHAPE_ONLY, VIEWS as _VIEWS, arg as _arg, dtype as _dtype, is_op as _is, shape as _shape,
@@ -27,7 +28,7 @@ from .classify import Candidate, _softmax_roots, classify
 FAMILY = "loss_entropy"
 LOSS_FWD = (torch.ops.ger.loss_fwd, torch.ops.ger.loss_fwd.default)
 #: ignore_index for statistics read through gather (every target is then a valid class)
-NO_IGNORE = -(2**62)
+NO_IGNORE = _op.NO_IGNORE
 
 
 #: the functions the rewrite inserts into graphs (AOTAutograd traces through them)
