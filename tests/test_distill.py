@@ -365,6 +365,11 @@ def test_inductor_lowering_equals_eager_op(beta, T, hw, dtype, teacher_grad):
     # every loop over the classes (both maxima, the sums, the JSD's own loop, the hard
     # CE's) runs under ONE loop over the rows: a row pair is read from memory once
     assert fwd.count("#pragma omp for") == 1, fwd
+    if 0.0 < beta < 1.0:
+        # the JSD's loop reads p = e^(x - max) / S from the sums' pass, kept per row and
+        # thread (Inductor's local buffer of V values): no second exponential, no (R, V) buffer
+        assert fwd.count(f"std::make_unique<float []>({Vn}L)") == 2, fwd
+        assert f"empty_strided_cpu(({R}, {Vn})" not in fwd, fwd
     if hw and dtype == torch.float32:
         # the hard CE's -g at the target: one scattered add per row after the elementwise
         # pass (_add_at_targets), no per-element compare with the target's index
