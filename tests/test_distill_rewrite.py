@@ -873,6 +873,61 @@ def test_bare_logsumexp_beside_log_softmax_statistics_keeps_its_infinities(name)
     assert len(calls) == 1 and calls[0].kwargs.get("lse_inf_out") is True, calls
 
 
+def _zloss_written(z, y):
+    lse = torch.logsumexp(z, -1)
+    lse.mul_(2)  # eager's logsumexp saved its output: a backward through it raises
+    return F.cross_entropy(z, y) + 1e-3 * lse.pow(2).mean()
+
+
+def _zloss_bf16(z, y):
+    return F.cross_entropy(z, y) + 1e-3 * torch.logsumexp(z, -1).pow(2).mean()
+
+
+@pytest.mark.parametrize("fn,dtype,why", [(_zloss_written, torch.float32, "written in place"),
+                                          (_zloss_bf16, torch.bfloat16, "bfloat16-rounded")],
+                         ids=["written_in_place", "bf16"])
+def test_bare_logsumexp_left_as_written_where_eagers_gradient_differs(fn, dtype, why):
+    """A bare logsumexp beside a CE stays as written (near-miss) where the op's statistic
+    would lose eager's behaviour: its output written in place (autograd's version error),
+    or bf16 logits (eager's gradient e^(z - L) from the rounded L). The CE is rewritten."""
+    from .conftest import rewrite_backend
+
+    z = (torch.randn(6, 9, generator=torch.Generator().manual_seed(3)) * 8 + 20).to(dtype)
+    y = torch.arange(6) % 9
+    reports: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=rewrite_backend({"passes": ["loss_entropy"]}, reports=reports))
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = compiled(z1, y), fn(z2, y)
+    _close(got.float(), want.float())
+    if dtype == torch.float32:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            want.backward()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            got.backward()
+    else:  # the fused CE's gradient is fp32 math (eager's reads its bf16 log-probabilities)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(z1.grad.float(), z2.grad.float(), rtol=0.1, atol=2e-3)
+    assert [m.pattern for r in reports for m in r.matches] == ["cross_entropy"]
+    reasons = [n.reason for r in reports for n in r.near_misses if n.pattern == "logsumexp"]
+    assert len(reasons) == 1 and why in reasons[0], reasons
+
+
+def test_bare_logsumexp_double_backward_keeps_logsumexps_gradient():
+    """The op's differentiable path (backward(create_graph=True)) gives the logsumexp
+    statistic torch.logsumexp's own gradient on a +inf row (0 beside the +inf logit), as
+    the single backward does."""
+    z = torch.tensor([[0.5, -1.0, 2.0, 0.1], [0.3, math.inf, -0.2, 1.0]], requires_grad=True)
+    y = torch.tensor([2, 0])
+    st = ger_inductor.losses.row_stats(z, y, 1.0, -100, False, 0, lse_inf_out=True)
+    for create in (False, True):
+        (g,) = torch.autograd.grad(st.lse_raw.clamp(-50, 50).sum(), z, create_graph=create, retain_graph=True)
+        (want,) = torch.autograd.grad(torch.logsumexp(z, -1).clamp(-50, 50).sum(), z)
+        assert torch.equal(g.isnan(), want.isnan()) and torch.isnan(g[1, 1]) and g[1, 0] == 0, (create, g)
+        _close(g, want)
+
+
 def test_bare_logsumexp_beside_a_ce_compiled_by_inductor():
     """The z-loss beside an ignoring CE under backend="ger" (Inductor's code): the op's L
     output selects M where |M| = inf, its other statistics do not; eager's numbers."""

@@ -149,8 +149,9 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     else:
         M = z.detach().amax(1, keepdim=True)
         lse = lse_out = (M + torch.log(torch.exp(z - M).sum(1, keepdim=True))).squeeze(1)  # (A, D)
-        if lse_inf_out:  # logsumexp's value and derivative on the +-inf rows, for the L output only
-            lse_out = torch.where(M.squeeze(1).isinf(), torch.logsumexp(z, 1), lse)
+        if lse_inf_out:  # torch.logsumexp's value and derivative, for the L output only (the same
+            # value on the other rows; a where would send a 0 * NaN gradient into a double backward)
+            lse_out = torch.logsumexp(z, 1)
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     zy = z.gather(1, t.unsqueeze(1)).squeeze(1)

@@ -95,8 +95,10 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     # (pairs.rewrite); rewritten on its own below where it does not
     student_bases = {ev.root_of(x).base for pc in pair_cands for x in (pairs.logits_of(pc) or ())}
     deferred: dict = {}
+    effects: list = []  # graph.Effects(gm), built when a bare logsumexp needs it
     for key in list(groups):
-        groups[key] = _lse_inf_policy(groups[key], ctx)
+        groups[key] = _lse_inf_policy(groups[key], ctx, lambda: effects[0] if effects else
+                                      (effects.append(graph.Effects(gm)) or effects[0]))
     for root, group in groups.items():
         if not group:
             continue
@@ -161,7 +163,23 @@ def _bare_lse(c: Candidate) -> bool:
     return _lse_raw(c) and "zy" not in c.row.coefs
 
 
-def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
+def _bare_lse_refusal(c: Candidate, effects) -> str | None:
+    """Why a bare logsumexp cannot join the op call of the statistics beside it: its
+    output written in place (eager's logsumexp saved it for its backward: autograd raises
+    there, the op's copy would not), or bf16 / fp16 logits (eager's backward forms
+    e^(z - L) from the rounded L, the op from its fp32 L). None when it can."""
+    dt = _dtype(c.node)
+    if dt not in (torch.float32, torch.float64):
+        return (f"a logsumexp in {dt}: eager's gradient e^(z - L) uses its {dt}-rounded value, the fused "
+                "statistics' the fp32 one; left as written")
+    writers = effects().writers_of(c.node)
+    if writers:
+        return (f"the logsumexp is written in place by {graph.describe(writers[0])}: eager saved it for its "
+                "backward (autograd raises there); left as written")
+    return None
+
+
+def _lse_inf_policy(group: list[Candidate], ctx, effects=None) -> list[Candidate]:
     """The candidates of one logits tensor the op can serve, given that one op call has one
     convention for L on a row whose max is +-inf (``ger::loss_fwd(lse_inf=)``):
 
@@ -175,6 +193,11 @@ def _lse_inf_policy(group: list[Candidate], ctx) -> list[Candidate]:
       as written (LSE_INF_SUM_WHY); products with probabilities are NaN there in both."""
     out, left = [], set()
     for c in group:
+        if len(group) > 1 and _bare_lse(c) and effects is not None:
+            why = _bare_lse_refusal(c, effects)
+            if why is not None:
+                ctx.near_miss("logsumexp", c.node, why)
+                continue
         if c.kind in ("row", "kl") and c.row.lse_inf and not _lse_raw(c) \
                 and set(c.row.coefs) <= {"zy", "zsum", "L", "one"}:
             ctx.near_miss(_pattern_name(c), c.node, LSE_INF_SUM_WHY)
