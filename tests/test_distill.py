@@ -585,6 +585,9 @@ def test_token_stats_inductor_lowering(T, dtype):
     _close(torch.autograd.grad(loss, z)[0], torch.autograd.grad(l_ref, z)[0], tol)
     for c in code:
         assert not re.search(r"torch\.ops\.ger\.token_\w+\.default\(", c), c
+    # the entropy's loop reads p from the sum's exponentials, kept per row (a local buffer
+    # of V values), not an (R, V) buffer
+    assert code[0].count("std::make_unique<float []>(157L)") == 1 and "empty_strided_cpu((23, 157)" not in code[0]
     bwd = code[-1]
     if dtype == torch.float32:  # + g / T at the target: one scattered add per row after the pass
         FileCheck().check("#pragma omp for").check("atomic_add").run(bwd)

@@ -522,11 +522,21 @@ def _register() -> None:
     def token_fwd(z, y, T, chunk, rev):
         P = _Pair(z, z, y, T)  # one row: the "student" side only
         ops = P.ops
-        L = P.lse("s")
+        probs = None
+        if P.device.type == "cpu":
+            # the entropy's loop reads p = e^(a - max) / S from the sum's loop (kept per
+            # row and thread: ``row_local``) instead of a second exponential
+            M = P.tempered_max("s")
+            e = P.row_local(lambda r, j: ops.exp(ops.sub(P.a(r, j), M([r]))))
+            S = P.reduction(e, "sum")
+            L = lambda idx: ops.add(M(idx), ops.log(S(idx)))  # noqa: E731
+            probs = lambda r, j: ops.mul(e(r, j), ops.reciprocal(S([r])))  # noqa: E731
+        else:
+            L = P.lse("s")
 
         def h_fn(r, j):  # -p log p, 0 where p == 0
             lp = ops.sub(P.a(r, j), L([r]))
-            return ops.neg(P.xmul(ops.exp(lp), lp))
+            return ops.neg(P.xmul(probs(r, j) if probs is not None else ops.exp(lp), lp))
 
         H = P.reduction(h_fn, "sum")
 
