@@ -39,6 +39,7 @@ import torch
 from .. import _compat
 from ..distill import LOG_FORM_BETAS, split_kind
 from ..ops.distill import compute_dtype
+from .ger_loss import row_local_ok
 
 aten = torch.ops.aten
 #: temperatures at which the hard CE's exponential is a power of the tempered one
@@ -384,7 +385,7 @@ def _register() -> None:
             else:
                 ks = K
         else:
-            Ls, Lt = P.lse_pair(keep_exp=kind == "mix" and P.device.type == "cpu")
+            Ls, Lt = P.lse_pair(keep_exp=kind == "mix" and row_local_ok(P.device, P.V))
         Ls1 = (P.hard_lse() if P.T != 1.0 else Ls) if hard else None
 
         def logs(r, j):
@@ -523,7 +524,7 @@ def _register() -> None:
         P = _Pair(z, z, y, T)  # one row: the "student" side only
         ops = P.ops
         probs = None
-        if P.device.type == "cpu":
+        if row_local_ok(P.device, P.V):
             # the entropy's loop reads p = e^(a - max) / S from the sum's loop (kept per
             # row and thread: ``row_local``) instead of a second exponential
             M = P.tempered_max("s")

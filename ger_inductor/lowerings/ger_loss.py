@@ -44,6 +44,23 @@ aten = torch.ops.aten
 
 
 
+#: the smallest static class count at which an (R, V) value is kept per row (``row_local_ok``)
+LOCAL_ROW_MIN_V = 64
+
+
+def row_local_ok(device, V) -> bool:
+    """Whether an (R, V) elementwise value read by several loops over each row may be
+    realised for Inductor's CPU backend to keep per row and thread (outer-loop fusion
+    with a local buffer of V values). Measured: at V < 8 it vectorises along the rows
+    instead and allocates the whole (R, V) buffer (a logits-sized tensor, rule 2), so
+    only CPUs and V of at least LOCAL_ROW_MIN_V (a symbolic V: its example value; the
+    kernel, generated once for the symbolic sizes, keeps the local buffer for any V)."""
+    if getattr(device, "type", device) != "cpu":
+        return False
+    V = sympy.sympify(V)
+    return (int(V) if V.is_number else _compat.size_hint(V)) >= LOCAL_ROW_MIN_V
+
+
 def _realized(box):
     """Reductions must be realized into buffers before other IR loads them."""
     box.realize()
@@ -339,7 +356,7 @@ def _register() -> None:
                 plain["U"] = lambda a, j, d: ops.mul(r.u(j), r.z(a, j, d))
         # general alpha on CPU: the extra pass reads p = e / S from the sums' pass (one
         # exponential per element fewer) where the rows are whole and contiguous
-        keep = 0.0 < alpha < 1.0 and r.device.type == "cpu" and not stats.K and r.D == 1
+        keep = 0.0 < alpha < 1.0 and row_local_ok(r.device, r.V) and not stats.K and r.D == 1
         m_, s_, ld = stats.softmax_stats(scaled, plain, keep_exp=keep)
 
         def L(a, d, inf_rows=lse_inf):
