@@ -128,6 +128,13 @@ FOUND = {
         write_at=2, logits_from="linear", act="hardtanh", lm_chunk=2, returned="logits_written", seed=0),
     # a +inf logit in a row the CE ignores, a clamped z-loss beside: eager's logsumexp +inf
     # (clamped to 50), the fused one log_softmax's NaN (before ger::loss_fwd(lse_inf_out=))
+    # stop 34's first bare-logsumexp refusal also refused Categorical's internal
+    # logsumexp (z - logsumexp(z, keepdim=True)) in bf16 under autocast: the head's
+    # returned logits, written by the caller, lost eager's version error
+    "categorical_bf16_lse_inside_entropy_returned_logits_written": fz.Program(
+        context="autocast", n=6, v=33, bad_logit="+inf", ignore=True, terms=("soft_ce", "entropy_cat"), write="index_put",
+        write_at=1, logits_from="linear_tempered", conv="train", act="mish", conv_write="running_mean",
+        conv_form="shared", dynamic=True, lm_chunk=2, returned="logits_written", seed=81),
     "zloss_clamped_beside_ignoring_ce": fz.Program(
         context="grad", n=6, v=16, bad_logit="+inf", ignore=True, terms=("ce", "zloss_clamped"), seed=0),
 }

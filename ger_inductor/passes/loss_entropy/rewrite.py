@@ -167,7 +167,13 @@ def _bare_lse_refusal(c: Candidate, effects) -> str | None:
     """Why a bare logsumexp cannot join the op call of the statistics beside it: its
     output written in place (eager's logsumexp saved it for its backward: autograd raises
     there, the op's copy would not), or bf16 / fp16 logits (eager's backward forms
-    e^(z - L) from the rounded L, the op from its fp32 L). None when it can."""
+    e^(z - L) from the rounded L, the op from its fp32 L). None when it can, and when it
+    is only read inside the others' expressions (``z - logsumexp(z, keepdim=True)``, as
+    Categorical's normalised logits): the op call replaces it with them."""
+    x = c.node.args[0] if c.node.args else None
+    if isinstance(x, fx.Node) and c.node.users and all(
+            shapes.known_equal(_shape(u), _shape(x)) for u in c.node.users if not _is(u, _SHAPE_ONLY)):
+        return None
     dt = _dtype(c.node)
     if dt not in (torch.float32, torch.float64):
         return (f"a logsumexp in {dt}: eager's gradient e^(z - L) uses its {dt}-rounded value, the fused "
