@@ -186,15 +186,6 @@ def inductor_ops():
     return V, ops
 
 
-def size_hint(expr, fallback: int = 8192) -> int:
-    """The example value of a (possibly symbolic) size in the graph being lowered."""
-    from torch._inductor.virtualized import V
-
-    sv = V.graph.sizevars
-    hint = getattr(sv, "optimization_hint", None) or sv.size_hint  # renamed in torch 2.13
-    return int(hint(expr, fallback=fallback))
-
-
 def online_softmax_ok(device, dtype, inner_fn, ranges, reduction_ranges) -> bool:
     """Whether ``ir.OnlineSoftmaxReduction`` can serve this reduction unsplit.
 

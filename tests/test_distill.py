@@ -365,11 +365,7 @@ def test_inductor_lowering_equals_eager_op(beta, T, hw, dtype, teacher_grad):
     # every loop over the classes (both maxima, the sums, the JSD's own loop, the hard
     # CE's) runs under ONE loop over the rows: a row pair is read from memory once
     assert fwd.count("#pragma omp for") == 1, fwd
-    if 0.0 < beta < 1.0:
-        # the JSD's loop reads p = e^(x - max) / S from the sums' pass, kept per row and
-        # thread (Inductor's local buffer of V values): no second exponential, no (R, V) buffer
-        assert fwd.count(f"std::make_unique<float []>({Vn}L)") == 2, fwd
-        assert f"empty_strided_cpu(({R}, {Vn})" not in fwd, fwd
+    assert f"empty_strided_cpu(({R}, {Vn})" not in fwd, fwd  # no (R, V) buffer in the forward
     if hw and dtype == torch.float32:
         # the hard CE's -g at the target: one scattered add per row after the elementwise
         # pass (_add_at_targets), no per-element compare with the target's index
@@ -585,9 +581,7 @@ def test_token_stats_inductor_lowering(T, dtype):
     _close(torch.autograd.grad(loss, z)[0], torch.autograd.grad(l_ref, z)[0], tol)
     for c in code:
         assert not re.search(r"torch\.ops\.ger\.token_\w+\.default\(", c), c
-    # the entropy's loop reads p from the sum's exponentials, kept per row (a local buffer
-    # of V values), not an (R, V) buffer
-    assert code[0].count("std::make_unique<float []>(157L)") == 1 and "empty_strided_cpu((23, 157)" not in code[0]
+    assert "empty_strided_cpu((23, 157)" not in code[0]  # no (R, V) buffer in the forward
     bwd = code[-1]
     if dtype == torch.float32:  # + g / T at the target: one scattered add per row after the pass
         FileCheck().check("#pragma omp for").check("atomic_add").run(bwd)
@@ -1055,21 +1049,23 @@ def test_linear_token_stats_under_ger_forms_gradients_in_the_forward(bias):
             FileCheck().check("autograd_function_apply").check_not("linear_row_stats").run(code)
 
 
-@pytest.mark.parametrize("op", ["jsd", "token", "ger"])
-def test_small_class_counts_allocate_no_rows_by_classes_buffer(op):
-    """The exponentials kept per row for a second loop (Inductor's local buffer,
-    lowerings.ger_loss.row_local_ok) only from V = 64: at V < 8 Inductor's CPU backend
-    vectorises along the rows and would allocate the whole (R, V) buffer instead, a
-    logits-sized tensor Inductor's own code does not have. Values still equal the eager op."""
+@pytest.mark.parametrize("op,R,Vn", [("jsd", 2, 4096), ("token", 2, 4096), ("ger", 2, 4096), ("ger_rows", 17, 128),
+                                       ("jsd", 40, 6)])
+def test_forward_allocates_no_rows_by_classes_buffer(op, R, Vn):
+    """Rule 2 guard: the forward lowerings allocate no (R, V) buffer, at few rows of a
+    large vocabulary, with per-row outputs ('none') and at small V. Stop 34 tried keeping
+    the first loop's exponentials per row (Inductor's CPU local buffer) for the second
+    loop: at these shapes Inductor allocated the whole (R, V) buffer instead (a review
+    found them; the change was reverted, docs/benchmarks.md). Values equal the eager op."""
     from ger_inductor import ger_loss
 
-    R, Vn = 40, 6
     g = torch.Generator().manual_seed(5)
     zs, zt = torch.randn(R, Vn, generator=g), torch.randn(R, Vn, generator=g)
     y = torch.randint(0, Vn, (R,), generator=g)
     fn = {"jsd": lambda a: ger_distill_loss(a, zt, beta=0.4),
           "token": lambda a: ger_token_stats(a, y).entropy.mean(),
-          "ger": lambda a: ger_loss(a, y, alpha=0.5, beta=0.3)}[op]
+          "ger": lambda a: ger_loss(a, y, alpha=0.5, beta=0.3),
+          "ger_rows": lambda a: ger_loss(a, y, alpha=0.5, beta=0.3, reduction="none").sum()}[op]
     torch._dynamo.reset()
     a = zs.clone().requires_grad_()
     compiled = torch.compile(lambda a: fn(a), backend="inductor", fullgraph=True, dynamic=False)
@@ -1078,4 +1074,4 @@ def test_small_class_counts_allocate_no_rows_by_classes_buffer(op):
     want = fn(b)
     _close(got[0], want, 1e-5)
     _close(got[1][0], torch.autograd.grad(want, b)[0], 1e-5)
-    assert f"empty_strided_cpu(({R}, {Vn}" not in fwd and "make_unique" not in fwd, fwd
+    assert f"empty_strided_cpu(({R}, {Vn}" not in fwd, fwd

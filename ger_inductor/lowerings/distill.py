@@ -39,7 +39,6 @@ import torch
 from .. import _compat
 from ..distill import LOG_FORM_BETAS, split_kind
 from ..ops.distill import compute_dtype
-from .ger_loss import row_local_ok
 
 aten = torch.ops.aten
 #: temperatures at which the hard CE's exponential is a power of the tempered one
@@ -63,7 +62,6 @@ class _Pair:
         self._raw_max: dict = {}
         self._last_reduction = None
         self._s_exp = None  # e^(z_s / T - max z_s / T) as the student's sum forms it (``hard_lse``)
-        self.probs = None  # (R, V) loaders of p_s, p_t from those exponentials (``lse_pair(keep_exp=True)``)
 
     def const(self, v: float):
         return self.ops.constant(v, self.cdt)
@@ -217,7 +215,7 @@ class _Pair:
         S = self.reduction(lambda r, j: ops.exp(ops.sub(x(r, j), M([r]))), "sum")
         return lambda idx: ops.add(M(idx), ops.log(S(idx)))
 
-    def lse_pair(self, keep_exp: bool = False):
+    def lse_pair(self):
         """(Ls, Lt): both rows' log-sum-exps at T, each sum also reading the other row's
         maximum without using it (``where(Mo == Mo, Ms, Ms)``): the two sums then share data,
         Inductor's CPU backend fuses every loop of the pair under one loop over the rows
@@ -232,24 +230,10 @@ class _Pair:
             m = M[side]([r])
             return ops.where(ops.eq(other, other), m, m)
 
-        e = {side: (lambda r, j, side=side: ops.exp(ops.sub(x[side](r, j), shift(side, r)))) for side in ("s", "t")}
-        if keep_exp:
-            e = {side: self.row_local(e[side]) for side in ("s", "t")}
-        self._s_exp = e["s"]
-        S = {side: self.reduction(e[side], "sum") for side in ("s", "t")}
-        self.probs = {side: (lambda r, j, side=side: ops.mul(e[side](r, j), ops.reciprocal(S[side]([r]))))
-                      for side in ("s", "t")} if keep_exp else None
+        self._s_exp = lambda r, j: ops.exp(ops.sub(x["s"](r, j), shift("s", r)))  # noqa: E731
+        S = {"s": self.reduction(self._s_exp, "sum"),
+             "t": self.reduction(lambda r, j: ops.exp(ops.sub(x["t"](r, j), shift("t", r))), "sum")}
         return tuple((lambda idx, side=side: ops.add(M[side](idx), ops.log(S[side](idx)))) for side in ("s", "t"))
-
-    def row_local(self, fn):
-        """An (R, V) elementwise value computed once, for the passes over a row that read
-        it again: realised as a buffer that Inductor's CPU backend keeps per row and thread
-        (its outer-loop fusion with a local buffer: V values, not R x V), since every reader
-        is in the op's own loop over the rows."""
-        b = self.pointwise(lambda idx: fn(idx[0], idx[1]), [self.R, self.V], self.cdt)
-        b.realize()
-        load = b.make_loader()
-        return lambda r, j: load([r, j])
 
     def hard_lse(self):
         """A loader of LSE_j z_s(r, j), the hard CE's log-sum-exp at T = 1, for T != 1.
@@ -385,7 +369,7 @@ def _register() -> None:
             else:
                 ks = K
         else:
-            Ls, Lt = P.lse_pair(keep_exp=kind == "mix" and row_local_ok(P.device, P.V))
+            Ls, Lt = P.lse_pair()
         Ls1 = (P.hard_lse() if P.T != 1.0 else Ls) if hard else None
 
         def logs(r, j):
@@ -394,10 +378,7 @@ def _register() -> None:
         if kind == "mix":
             def both(r, j):
                 lps, lpt = logs(r, j)
-                if P.probs is not None:  # e^(x - max) of the sums' pass, over S
-                    ps, pt = P.probs["s"](r, j), P.probs["t"](r, j)
-                else:
-                    ps, pt = ops.exp(lps), ops.exp(lpt)
+                ps, pt = ops.exp(lps), ops.exp(lpt)
                 return ps, pt, P.log_ratios(lpt, lps, pt, ps, beta, mode)
 
             def kt_fn(r, j):
@@ -523,21 +504,11 @@ def _register() -> None:
     def token_fwd(z, y, T, chunk, rev):
         P = _Pair(z, z, y, T)  # one row: the "student" side only
         ops = P.ops
-        probs = None
-        if row_local_ok(P.device, P.V):
-            # the entropy's loop reads p = e^(a - max) / S from the sum's loop (kept per
-            # row and thread: ``row_local``) instead of a second exponential
-            M = P.tempered_max("s")
-            e = P.row_local(lambda r, j: ops.exp(ops.sub(P.a(r, j), M([r]))))
-            S = P.reduction(e, "sum")
-            L = lambda idx: ops.add(M(idx), ops.log(S(idx)))  # noqa: E731
-            probs = lambda r, j: ops.mul(e(r, j), ops.reciprocal(S([r])))  # noqa: E731
-        else:
-            L = P.lse("s")
+        L = P.lse("s")
 
         def h_fn(r, j):  # -p log p, 0 where p == 0
             lp = ops.sub(P.a(r, j), L([r]))
-            return ops.neg(P.xmul(probs(r, j) if probs is not None else ops.exp(lp), lp))
+            return ops.neg(P.xmul(ops.exp(lp), lp))
 
         H = P.reduction(h_fn, "sum")
 

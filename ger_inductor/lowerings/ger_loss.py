@@ -44,23 +44,6 @@ aten = torch.ops.aten
 
 
 
-#: the smallest static class count at which an (R, V) value is kept per row (``row_local_ok``)
-LOCAL_ROW_MIN_V = 64
-
-
-def row_local_ok(device, V) -> bool:
-    """Whether an (R, V) elementwise value read by several loops over each row may be
-    realised for Inductor's CPU backend to keep per row and thread (outer-loop fusion
-    with a local buffer of V values). Measured: at V < 8 it vectorises along the rows
-    instead and allocates the whole (R, V) buffer (a logits-sized tensor, rule 2), so
-    only CPUs and V of at least LOCAL_ROW_MIN_V (a symbolic V: its example value; the
-    kernel, generated once for the symbolic sizes, keeps the local buffer for any V)."""
-    if getattr(device, "type", device) != "cpu":
-        return False
-    V = sympy.sympify(V)
-    return (int(V) if V.is_number else _compat.size_hint(V)) >= LOCAL_ROW_MIN_V
-
-
 def _realized(box):
     """Reductions must be realized into buffers before other IR loads them."""
     box.realize()
@@ -233,28 +216,10 @@ class _Stats:
         )
 
     # ---- the statistics
-    def softmax_stats(self, scaled: dict, plain: dict, keep_exp: bool = False):
+    def softmax_stats(self, scaled: dict, plain: dict):
         """M, S and sums per row: ``scaled[name](a, j, d, e)`` is summed as e * value with
-        e = e^(z - M) (0 where e == 0); ``plain[name](a, j, d)`` is summed as is.
-
-        ``keep_exp`` (CPU, whole rows, classes last): e is kept per row for a later pass
-        over the same row (``self.exp``), as a buffer Inductor's CPU backend holds per row
-        and thread (outer-loop fusion with a local buffer: V values, not A x V)."""
+        e = e^(z - M) (0 where e == 0); ``plain[name](a, j, d)`` is summed as is."""
         r, ops = self.r, self.r.ops
-        self.exp = None
-        if not self.K and keep_exp:
-            M = r.reduction(lambda a, j, d: r.z(a, j, d), "max")
-            m_ = M.make_loader()
-            buf = _realized(r.pointwise(lambda idx: ops.exp(ops.sub(r.z(*idx), m_([idx[0], idx[2]]))),
-                                        ranges=[r.A, r.V, r.D])).make_loader()
-
-            def e(a, j, d):
-                return buf([a, j, d])
-            self.exp = e
-            S = r.reduction(e, "sum")
-            out = {n: r.reduction(lambda a, j, d, f=f: r.xmul(e(a, j, d), f(a, j, d)), "sum").make_loader() for n, f in scaled.items()}
-            out.update({n: r.reduction(f, "sum").make_loader() for n, f in plain.items()})
-            return m_, S.make_loader(), out
         if not self.K:
             M, S = r.online_softmax()
             m_ = M.make_loader()
@@ -354,10 +319,7 @@ def _register() -> None:
             else:
                 # not guarded: u_j z_j = 0 * -inf is NaN, as in F.cross_entropy's weighted smoothing
                 plain["U"] = lambda a, j, d: ops.mul(r.u(j), r.z(a, j, d))
-        # general alpha on CPU: the extra pass reads p = e / S from the sums' pass (one
-        # exponential per element fewer) where the rows are whole and contiguous
-        keep = 0.0 < alpha < 1.0 and row_local_ok(r.device, r.V) and not stats.K and r.D == 1
-        m_, s_, ld = stats.softmax_stats(scaled, plain, keep_exp=keep)
+        m_, s_, ld = stats.softmax_stats(scaled, plain)
 
         def L(a, d, inf_rows=lse_inf):
             out = ops.add(m_([a, d]), ops.log(s_([a, d])))
@@ -370,10 +332,7 @@ def _register() -> None:
 
             def ratios(a, j, d):
                 lpj = ops.sub(r.z(a, j, d), L(a, d))
-                if stats.exp is not None:
-                    pj = ops.mul(stats.exp(a, j, d), ops.reciprocal(s_([a, d])))
-                else:
-                    pj = ops.exp(lpj)
+                pj = ops.exp(lpj)
                 return pj, r.log_ratios(lpj, r.log_u(j), pj, r.u(j), alpha)
 
             def kl_pm(a, j, d):

@@ -21,7 +21,7 @@ from ..graph import (
 )
 from . import pairs
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, VPoly, Vocab
-from .evaluate import KL, MEAN, NLL, SUM, Evaluator
+from .evaluate import KL, MEAN, NLL, SUB, SUM, Evaluator
 from .classify import Candidate, _softmax_roots, classify
 
 
@@ -171,8 +171,10 @@ def _bare_lse_refusal(c: Candidate, effects) -> str | None:
     is only read inside the others' expressions (``z - logsumexp(z, keepdim=True)``, as
     Categorical's normalised logits): the op call replaces it with them."""
     x = c.node.args[0] if c.node.args else None
-    if isinstance(x, fx.Node) and c.node.users and all(
-            shapes.known_equal(_shape(u), _shape(x)) for u in c.node.users if not _is(u, _SHAPE_ONLY)):
+    readers = [u for u in c.node.users if not _is(u, _SHAPE_ONLY)]
+    if isinstance(x, fx.Node) and readers and all(
+            _is(u, SUB) and len(u.args) == 2 and u.args[0] is x and u.args[1] is c.node and not u.kwargs
+            for u in readers):
         return None
     dt = _dtype(c.node)
     if dt not in (torch.float32, torch.float64):
