@@ -623,7 +623,7 @@ def row_statistic(stats: RowStats, like: Tensor, coefs: tuple[tuple[str, float],
     if not isinstance(total, Tensor) or total.shape != stats.lse.shape:
         # a constant (sum_j p_j = 1): still NaN, value and gradient, in the rows where eager's
         # softmax is NaN (a NaN logit, a +inf one, only -inf ones), where the op's L is NaN
-        total = float(total) + 0.0 * stats.lse
+        total = (total if isinstance(total, Tensor) else float(total)) + 0.0 * stats.lse
     fwd_nan, bwd_nan = nan
     if getattr(stats, "zmin", None) is None:
         # statistics without the row minimum: the fused lm head's (lm_head.LinearStats; its
