@@ -302,7 +302,8 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, g_aux):
     return (grad,) + (None,) * (_N_ARGS - 1)
 
 
-_N_ARGS = 10  # loss_fwd's arguments, trailing optional ones included: a gradient (or None) each
+#: loss_fwd's arguments, trailing optional ones included: its backward returns a gradient (or None) each
+_N_ARGS = len(loss_fwd._opoverload._schema.arguments)
 
 
 def _differentiable_grad(ctx, logits, target, base, log_base, grads) -> Tensor:

@@ -7,6 +7,7 @@ switch (passes/graph.py), and replace the reductions by O(rows) combinations of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 
 import torch
@@ -95,10 +96,9 @@ def run(gm: fx.GraphModule, ctx) -> bool:
     # (pairs.rewrite); rewritten on its own below where it does not
     student_bases = {ev.root_of(x).base for pc in pair_cands for x in (pairs.logits_of(pc) or ())}
     deferred: dict = {}
-    effects: list = []  # graph.Effects(gm), built when a bare logsumexp needs it
+    effects = functools.cache(lambda: graph.Effects(gm))  # built when a bare logsumexp needs it
     for key in list(groups):
-        groups[key] = _lse_inf_policy(groups[key], ctx, lambda: effects[0] if effects else
-                                      (effects.append(graph.Effects(gm)) or effects[0]))
+        groups[key] = _lse_inf_policy(groups[key], ctx, effects)
     for root, group in groups.items():
         if not group:
             continue
