@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ger_inductor
+from ger_inductor import _compat
 from ger_inductor.passes import graph
 
 N, V = 16, 40
@@ -172,14 +173,29 @@ def test_returned_logits_written_before_backward_under_inductor():
 
     g = torch.Generator().manual_seed(0)
     q0, y = torch.randn(6, 11, generator=g), torch.randint(0, 11, (6,), generator=g)
-    grads = []
-    for f in (fn, torch.compile(fn, backend="ger", options={"strict": True})):
+
+    def write_then_backward(f):
         q_in = q0.clone().requires_grad_()
         loss, q = f(q_in, y)
-        q.mul_(0.5)
+        try:
+            q.mul_(0.5)
+        except RuntimeError as e:
+            return str(e)
         loss.backward()
-        grads.append(q_in.grad)
-    torch.testing.assert_close(grads[1], grads[0])
+        return q_in.grad
+
+    # torch 2.14.1's Inductor returns q as an output view of its compiled function, and
+    # the caller's write raises there (plain backend="inductor" alike; 2.13 does not):
+    # ger may then raise Inductor's error, never give another gradient.
+    inductor = write_then_backward(torch.compile(fn, backend="inductor"))
+    _compat.dynamo_reset()
+    ger_inductor.clear_reports()
+    eager, ger = write_then_backward(fn), write_then_backward(torch.compile(fn, backend="ger", options={"strict": True}))
+    if isinstance(inductor, str):
+        assert isinstance(ger, str) and "is a view and is being modified inplace" in ger, ger
+    else:
+        assert isinstance(ger, torch.Tensor), ger
+        torch.testing.assert_close(ger, eager)
     assert _matches("loss_entropy") == 1
     rep = ger_inductor.last_report()
     assert "copied for" in next(p for p in rep.passes if p.name == "loss_entropy").strategy["saved_logits"]
