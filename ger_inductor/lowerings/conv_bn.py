@@ -141,11 +141,11 @@ class _Channels:
         one, zero = self.const(1.0), self.const(0.0)
         if act == "none":
             return one
-        if act == "relu":
-            return ops.where(ops.gt(z, zero), one, zero)
+        if act == "relu":  # zero where z <= 0: a NaN z passes the gradient, as eagerly
+            return ops.where(ops.le(z, zero), zero, one)
         if act == "hardtanh":
-            inside = ops.logical_and(ops.gt(z, self.const(lo)), ops.lt(z, self.const(hi)))
-            return ops.where(inside, one, zero)
+            outside = ops.logical_or(ops.le(z, self.const(lo)), ops.ge(z, self.const(hi)))
+            return ops.where(outside, zero, one)
         if act == "silu":
             s = ops.sigmoid(z)
             return ops.mul(s, ops.add(one, ops.mul(z, ops.sub(one, s))))
@@ -295,11 +295,11 @@ def _register() -> None:
         load_grad, load_out, dtype = grad_out.make_loader(), out.make_loader(), grad_out.get_dtype()
 
         def fn(idx):
-            y = load_out(idx)
-            inside = ops.gt(y, ops.constant(min_val, out.get_dtype()))
+            y = load_out(idx)  # zero where out <= min (>= max): a NaN output passes the gradient
+            outside = ops.le(y, ops.constant(min_val, out.get_dtype()))
             if max_val is not None:
-                inside = ops.logical_and(inside, ops.lt(y, ops.constant(max_val, out.get_dtype())))
-            return ops.where(inside, load_grad(idx), ops.constant(0.0, dtype))
+                outside = ops.logical_or(outside, ops.ge(y, ops.constant(max_val, out.get_dtype())))
+            return ops.where(outside, ops.constant(0.0, dtype), load_grad(idx))
 
         return ir.Pointwise.create(device=grad_out.get_device(), dtype=dtype, inner_fn=fn, ranges=list(out.get_size()))
 

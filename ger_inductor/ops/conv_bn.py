@@ -63,6 +63,11 @@ ONEDNN_POST_OPS = {
     # mish: oneDNN has no such post-op here ("Fusion behavior undefined")
 }
 
+#: post-ops whose oneDNN kernels give a number for a NaN input (relu 0, hardtanh and
+#: hardsigmoid a bound), where eager's activation keeps the NaN: oneDNN's conv runs with
+#: no post-op and the activation follows as its own op (eager's NaN kept)
+ONEDNN_POST_OP_DROPS_NAN = frozenset({"relu", "hardtanh", "hardsigmoid"})
+
 
 def onednn_scalars(act: str, act_min: float, act_max: float) -> list[float]:
     """The scalars of oneDNN's post-op: hardtanh's (min, max), leaky_relu's slope."""
@@ -111,13 +116,15 @@ def activation_derivative(z: Tensor, act: str, act_min: float, act_max: float) -
     """d act / dz at z, with eager's conventions at the kinks (0 at relu's 0 and at
     hardtanh's bounds, as ``threshold_backward`` / ``hardtanh_backward`` give; hardswish
     z/3 + 1/2 on (-3, 3) and 1 from 3 on, hardsigmoid 1/6 on (-3, 3), leaky_relu the slope at 0, as
-    their ATen backwards give)."""
+    their ATen backwards give) and at NaN: relu's and hardtanh's backwards zero the
+    gradient where z <= bound, so a NaN z passes it (1 here), hardswish's too,
+    hardsigmoid's does not, leaky_relu scales it by the slope."""
     if act == "none":
         return torch.ones_like(z)
     if act == "relu":
-        return (z > 0).to(z.dtype)
+        return (~(z <= 0)).to(z.dtype)
     if act == "hardtanh":
-        return ((z > act_min) & (z < act_max)).to(z.dtype)
+        return (~((z <= act_min) | (z >= act_max))).to(z.dtype)
     if act == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
@@ -266,7 +273,7 @@ def conv_bn_act_eval(
             conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps, transposed, groups, dtype
         )
         if onednn:
-            return onednn_conv_act(x, w, b, list(padding), list(stride), list(dilation), groups, act, act_min, act_max)
+            return _onednn_conv_then_act(x, w, b, padding, stride, dilation, groups, act, act_min, act_max)
         y = run_conv(w, b)
     elif fold_into == "output":
         y = run_conv(conv_weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype))
@@ -326,8 +333,7 @@ def branches_conv_bn_act_eval(
     if x.dtype != dtype:
         x = x.to(dtype)  # as conv_bn_act_eval: the convs ran under autocast
     if onednn:
-        return onednn_conv_act(x, weight, bias, list(padding), list(stride), [1] * len(size), groups, act, act_min,
-                               act_max)
+        return _onednn_conv_then_act(x, weight, bias, padding, stride, [1] * len(size), groups, act, act_min, act_max)
     y = _CONV_FNS[(len(size), False)](x, weight, bias, stride, padding, 1, groups)
     return _eval_activation(y, act, act_min, act_max)
 
@@ -352,6 +358,14 @@ def bn_act_eval(
     scale, shift = bn_eval_scale_shift(None, running_mean, running_var, bn_weight, bn_bias, eps, cd)
     z = (y.to(cd) * _channel_view(scale, y.dim()) + _channel_view(shift, y.dim())).to(y.dtype)
     return _eval_activation(z, act, act_min, act_max)
+
+
+def _onednn_conv_then_act(x, w, b, padding, stride, dilation, groups, act, act_min, act_max) -> Tensor:
+    """oneDNN's conv with ``act`` as post-op, or (``ONEDNN_POST_OP_DROPS_NAN``) with none
+    and the activation after it."""
+    post = "none" if act in ONEDNN_POST_OP_DROPS_NAN else act
+    y = onednn_conv_act(x, w, b, list(padding), list(stride), list(dilation), groups, post, act_min, act_max)
+    return y if post == act else _eval_activation(y, act, act_min, act_max)
 
 
 def _eval_activation(y: Tensor, act: str, act_min: float, act_max: float) -> Tensor:
@@ -386,10 +400,12 @@ def _clamp_activation_fake(x, min_val, max_val):
 @torch.library.custom_op(f"{OPS_NAMESPACE}::clamp_activation_backward", mutates_args=())
 def clamp_activation_backward(grad_out: Tensor, out: Tensor, min_val: float, max_val: Optional[float]) -> Tensor:
     """grad where min < out (< max), else 0: the set where min < input (< max), as
-    ``threshold_backward`` and ``hardtanh_backward`` give."""
-    inside = out > min_val
+    ``threshold_backward`` and ``hardtanh_backward`` give - they zero where out <= min
+    (>= max), so a NaN output passes the gradient."""
+    outside = out <= min_val
     if max_val is not None:
-        inside = inside & (out < max_val)
+        outside = outside | (out >= max_val)
+    inside = ~outside
     return torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
 
 

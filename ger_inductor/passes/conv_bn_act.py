@@ -473,6 +473,10 @@ def _fold_into(c: Candidate) -> tuple[str, str]:
     """Where BN goes, and why: into the weights (a pass over the weights per call) unless
     they outweigh the conv's output (then one FMA on the output, fused with the
     activation). Symbolic shapes fold into the weights."""
+    if _value(c.conv).dtype == torch.float16:
+        # w * scale and (b - mean) * scale rounded to fp16 can overflow its range (65504) or
+        # lose the mean's cancellation where eager subtracts it first, in fp32
+        return "output", "fp16: BN's scale and shift stay in fp32, after the conv, as eager applies them"
     weights, out = _value(c.conv_args["weight"]).numel(), _value(c.conv).numel()
     if isinstance(weights, int) and isinstance(out, int) and weights > out:
         return "output", f"weights ({weights} values) outweigh the output ({out})"
@@ -678,6 +682,9 @@ def _branch_plan(root: fx.Node, ctx) -> dict[str, Any] | None:
         identity = (leaf, bn)
     first = convs[0][1]
     w0 = _value(first["conv_weight"])
+    if first["dtype"] == torch.float16:
+        raise NearMiss("branches", "fp16: the summed, folded kernel and bias are rounded to fp16, whose range the "
+                                   "scales of BN can exceed (eager adds the branches' BN outputs)")
     if any(_value(n).dtype != first["dtype"] for n in adds):
         # e.g. an fp32 BN of the input added to bf16 convs under autocast: ``a + b`` promotes
         # (``y += bn(x)`` keeps y's dtype, as one conv does)
@@ -805,6 +812,21 @@ def _written_param(effects: graph.Effects, tensors, ignore) -> fx.Node | None:
     return None
 
 
+def _other_bn_of_the_same_statistics(gm: fx.GraphModule, bn: fx.Node, ba: dict[str, Any]) -> fx.Node | None:
+    """Another batch norm of the graph that updates ``bn``'s running statistics (one BN
+    module applied to two inputs in a training step), or None. The fused training op
+    keeps the statistics it read for the backward through a version guard, as eager's BN
+    saves them; the other BN's update then raises autograd's version error, where eager's
+    own updates do not count as writes (review, stop 35)."""
+    stats = {id(t) for t in (ba["running_mean"], ba["running_var"]) if isinstance(t, fx.Node)}
+    for n in gm.graph.nodes:
+        if n is bn or n.op != "call_function" or _name(n) not in _BATCH_NORMS:
+            continue
+        if any(id(a) in stats for a in n.all_input_nodes):
+            return n
+    return None
+
+
 def run(gm: fx.GraphModule, ctx) -> bool:
     """Rewrite every conv -> BN [-> activation] of ``gm``; record matches and near-misses."""
     strategy = fleet.strategy("conv_bn_act", ctx.profile)
@@ -836,6 +858,8 @@ def run(gm: fx.GraphModule, ctx) -> bool:
         params = [ba["weight"], ba["bias"]] if ba["training"] else [
             ba["weight"], ba["bias"], ba["running_mean"], ba["running_var"], c.conv_args["weight"], c.conv_args["bias"]]
         writer = _written_param(effects, params, c.nodes)
+        if writer is None and ba["training"]:
+            writer = _other_bn_of_the_same_statistics(gm, bn, ba)
         if writer is not None:
             ctx.near_miss(pattern, bn, NEAR_MISS_REASONS["written_param"] + f" ({graph.describe(writer)})")
             continue
