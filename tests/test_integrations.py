@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_labels_path_fuses_the_head_with_eager_numbers(kind):
     # without labels the output is the model's own; restore undoes the patch
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == (2, 12, V)
-    assert restore(model) is model and "forward" not in vars(model)
+    assert restore(model) is model and not model._forward_hooks and not hasattr(model, "_ger_drop_logits_hook")
     with torch.no_grad():
         assert model(input_ids=ids, labels=labels).logits is not None
     assert getattr(model, "loss_type", None) == getattr(base, "loss_type", None)
@@ -115,3 +116,28 @@ def test_unmodified_labels_path_fuses_the_head_and_returns_the_logits():
         (o.loss + 1e-3 * o.logits.float().logsumexp(-1).pow(2).mean()).backward()
     for (k, p), (_, p2) in zip(base.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(p2.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_patched_model_deep_copies_and_pickles():
+    """A deep copy of a patched model (an EMA or a reference model) runs its own weights
+    and keeps the patch; ``torch.save(model)`` pickles it. The closure over the bound
+    ``forward`` that the integration used before ran the original's weights in the copy
+    and did not pickle (review, stop 35)."""
+    import io
+
+    model = drop_logits_with_labels(_model("llama"))
+    ids = torch.randint(0, V, (1, 6))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        out = twin(input_ids=ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, torch.tensor(math.log(V)))  # zero weights: uniform predictions
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert loaded(input_ids=ids, labels=ids).logits is None
+        assert loaded(input_ids=ids).logits is not None

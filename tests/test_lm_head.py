@@ -978,3 +978,50 @@ def test_per_row_loss_dividing_by_the_statistics_keeps_what_eager_saves():
     for loss in (ref, out):
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+# ----------------------------------------------------------------------------- review, stop 35
+class _EmbHead(nn.Module):
+    def __init__(self, vocab=40, hidden=8, autocast=False):
+        super().__init__()
+        self.emb, self.mix, self.head = nn.Embedding(vocab, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, vocab)
+        self.autocast = autocast
+
+    def forward(self, x, y):
+        h = torch.tanh(self.mix(self.emb(x)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            z = self.head(h)
+            loss = F.cross_entropy(z.view(-1, z.shape[-1]), y.view(-1), label_smoothing=0.1)
+        return loss, z
+
+
+def test_head_under_autocast_is_left_as_written():
+    """bf16 autocast around the head (the HF Trainer's ``bf16=True``): eager's logits are
+    bf16 from fp32 weights; the fused head computed in the weights' fp32 and returned fp32
+    logits (review, stop 35). Now a near-miss naming autocast; the loss is still fused."""
+    torch.manual_seed(0)
+    model = _EmbHead(autocast=True)
+    x, y = torch.randint(0, 40, (2, 6)), torch.randint(0, 40, (2, 6))
+    ref_loss, ref_z = model(x, y)
+    loss, z = torch.compile(model, backend=rewrite_backend({"lm_head_chunk": 4}))(x, y)
+    assert z.dtype == ref_z.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref_loss)
+    rep = ger_inductor.last_report()
+    assert not [m for m in rep.matches if m.family == "lm_head"]
+    assert any("(autocast)" in n.reason for n in rep.near_misses if n.family == "lm_head"), rep.near_misses
+
+
+def test_empty_token_batch_gives_every_parameter_a_zero_gradient():
+    """No tokens (B = 2, T = 0): eager's loss is NaN and every parameter gets a zero
+    gradient; the fused head's backward returned None for the hidden states' gradient, so
+    the embedding and the layers before the head kept ``.grad = None`` and an optimizer
+    would skip them (review, stop 35)."""
+    torch.manual_seed(0)
+    model = _EmbHead()
+    x = y = torch.zeros(2, 0, dtype=torch.long)
+    loss, _ = torch.compile(lambda a, b: (model(a, b)[0], None), backend=rewrite_backend({"lm_head_chunk": 4}))(x, y)
+    loss.backward()
+    assert loss.isnan()
+    assert [m.detail["gradients"] for m in ger_inductor.last_report().matches if m.family == "lm_head"] == ["in_forward"]
+    for n, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), n

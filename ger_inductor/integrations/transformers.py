@@ -32,13 +32,13 @@ True
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
 import torch
 
-_ORIGINAL = "_ger_original_forward"
+_HOOK = "_ger_drop_logits_hook"  # the forward hook's id in the module's hook dicts
+_PARAMS = "_ger_forward_params"  # forward's parameter names (labels may come positionally)
 _ORIGINAL_LOSS_TYPE = "_ger_original_loss_type"
 
 
@@ -52,9 +52,10 @@ def _known_loss_types() -> set:
 
 def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` (a transformers causal LM) return ``logits=None`` whenever it is
-    called with ``labels``; calls without labels are unchanged. Patches the instance (its
-    ``forward``), returns it, and is undone by :func:`restore`. Call it before
-    ``torch.compile``.
+    called with ``labels``; calls without labels are unchanged. Registers a forward hook on
+    the instance (so it acts on ``model(...)`` calls, as training loops make them, not on
+    ``model.forward(...)``), returns it, and is undone by :func:`restore`; deep copies and
+    pickles of the model keep it. Call it before ``torch.compile``.
 
     Code that reads ``outputs.logits`` of a call with labels (an evaluation loop computing
     accuracy, say) must not use it: it raises no error there, the logits are ``None``.
@@ -62,11 +63,10 @@ def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"drop_logits_with_labels: expected a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model, _ORIGINAL):
+    if hasattr(model, _HOOK):
         return model  # already patched
-    forward = model.forward
     try:
-        params = inspect.signature(forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
     if "labels" not in params:
@@ -77,33 +77,39 @@ def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
         if loss_type is None or loss_type not in _known_loss_types():
             setattr(model, _ORIGINAL_LOSS_TYPE, loss_type)
             model.loss_type = "ForCausalLM"
-    names = list(params)
-
-    @functools.wraps(forward)
-    def forward_without_logits(*args: Any, **kwargs: Any):
-        labels = kwargs.get("labels")
-        if labels is None and "labels" in names and names.index("labels") < len(args):
-            labels = args[names.index("labels")]
-        out = forward(*args, **kwargs)
-        if labels is None:
-            return out
-        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
-            return (out[0], None, *out[2:])
-        # a new output without the logits (setting ``out.logits = None`` would leave them
-        # in the output's dict, and so among the compiled graph's outputs)
-        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
-
-    setattr(model, _ORIGINAL, forward)
-    model.forward = forward_without_logits
+    setattr(model, _PARAMS, tuple(params))
+    handle = model.register_forward_hook(_drop_logits, with_kwargs=True)
+    setattr(model, _HOOK, handle.id)
     return model
+
+
+def _drop_logits(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any):
+    """The forward hook: the output without its logits when the call had labels.
+
+    A module-level function registered as a hook (not a closure over a bound
+    ``forward``), so ``copy.deepcopy`` of the model runs the copy's own weights (an EMA or
+    reference model) and ``torch.save(model)`` pickles it."""
+    names = getattr(module, _PARAMS, ())
+    labels = kwargs.get("labels")
+    if labels is None and "labels" in names and names.index("labels") < len(args):
+        labels = args[names.index("labels")]
+    if labels is None:
+        return out
+    if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
+        return (out[0], None, *out[2:])
+    # a new output without the logits (setting ``out.logits = None`` would leave them in
+    # the output's dict, and so among the compiled graph's outputs)
+    return type(out)(**{k: v for k, v in out.items() if k != "logits"})
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`drop_logits_with_labels` (a model it did not patch is returned as is)."""
-    if hasattr(model, _ORIGINAL):
-        delattr(model, _ORIGINAL)
-        if "forward" in vars(model):
-            del model.forward
+    if hasattr(model, _HOOK):
+        hook_id = getattr(model, _HOOK)
+        model._forward_hooks.pop(hook_id, None)
+        model._forward_hooks_with_kwargs.pop(hook_id, None)
+        delattr(model, _HOOK)
+        delattr(model, _PARAMS)
     if hasattr(model, _ORIGINAL_LOSS_TYPE):
         old = getattr(model, _ORIGINAL_LOSS_TYPE)
         delattr(model, _ORIGINAL_LOSS_TYPE)

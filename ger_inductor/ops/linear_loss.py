@@ -626,8 +626,13 @@ def _carrier_backward(ctx, g):
         ctx.grads = None
 
     def scaled(gr: Tensor, i: int):
-        if not ctx.needs_input_grad[i] or gr.numel() == 0:
+        if not ctx.needs_input_grad[i]:
             return None
+        if gr.numel() == 0:
+            # no rows (an empty batch): eager's gradient is an empty / zero tensor, never
+            # None (an optimizer skips a parameter whose .grad is None)
+            return torch.zeros_like(h) if i == 0 else torch.zeros_like(weight) if i == 1 else \
+                weight.new_zeros(weight.shape[0])
         # in place when running eagerly; a compiled backward reuses the saved buffer itself,
         # and reads h, the weight and the kept tensors (so it saves them, and checks their
         # versions)
