@@ -94,6 +94,8 @@ def _compile(model: nn.Module, backend: str | None, freezing: bool, example: Cal
         return model
     if backend == "ger_prior":  # the rewrites always: no whole-graph measurement
         compiled = torch.compile(model, backend="ger", options={"autotune": False})
+    elif backend == "ger_reparam":  # summed branches merged into one conv (opt-in since stop 35)
+        compiled = torch.compile(model, backend="ger", options={"reparameterize": True})
     else:
         compiled = torch.compile(model, backend=backend)
     if freezing:
@@ -187,6 +189,8 @@ def _register(model_key: str) -> None:
             Variant("inductor(freezing)", _inference("inductor", False, freezing=True), "torch._inductor.config.freezing"),
             Variant("ger", _inference("ger", False), "the graph timed with and without the rewrites at compile time"),
             Variant("ger_prior", _inference("ger_prior", False), "runtime fold, oneDNN post-op conv on CPU (autotune=False)"),
+            *([Variant("ger(reparameterize)", _inference("ger_reparam", False), "summed branches merged into one conv")]
+              if model_key == "r" else []),
         ],
         check=_check_inference,
     ))  # fmt: skip
@@ -197,6 +201,8 @@ def _register(model_key: str) -> None:
             Variant("inductor", _inference("inductor", True), "cannot fold: BN parameters require grad"),
             Variant("ger", _inference("ger", True), "the graph timed with and without the rewrites at compile time"),
             Variant("ger_prior", _inference("ger_prior", True), "runtime fold, differentiable (autotune=False)"),
+            *([Variant("ger(reparameterize)", _inference("ger_reparam", True), "summed branches merged into one conv")]
+              if model_key == "r" else []),
         ],
         check=_check_inference,
     ))  # fmt: skip

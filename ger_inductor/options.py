@@ -71,6 +71,12 @@ class GerOptions:
         metadata={"doc": "file of measured decisions (default <Inductor cache dir>/ger/decisions.json; env "
                          "GER_AUTOTUNE_STORE)"},
     )
+    reparameterize: bool = dataclasses.field(
+        default=False,
+        metadata={"doc": "eval: merge summed conv -> BN branches of one input into ONE convolution (RepVGG's "
+                         "re-parameterisation); equal to eager for finite inputs, but an inf or NaN in the input "
+                         "spreads differently (0 * inf at the zero-padded taps), so off by default (a near-miss)"},
+    )
     compiler: str = dataclasses.field(
         default="inductor",
         metadata={"doc": "'inductor' (default), or 'aot_eager': ger's rewrites run by AOTAutograd without code "
@@ -135,6 +141,8 @@ class GerOptions:
             if not isinstance(v, (str, os.PathLike)):
                 raise TypeError(f"ger option 'autotune_store' must be a str or os.PathLike, got {type(v).__name__}")
             kw["autotune_store"] = os.path.abspath(os.fspath(v))
+        if "reparameterize" in options:
+            kw["reparameterize"] = _expect_bool("reparameterize", options["reparameterize"])
         if "compiler" in options:
             v = options["compiler"]
             if not isinstance(v, str):
@@ -159,6 +167,7 @@ class GerOptions:
             "lm_head_chunk": self.lm_head_chunk,
             "autotune": self.autotune,
             "autotune_store": self.autotune_store,
+            "reparameterize": self.reparameterize,
             "compiler": self.compiler,
         }
 

@@ -368,7 +368,9 @@ def run_program(p: Program, backend: str | None, strict: bool = False, float64: 
         h.requires_grad_(True)
     fn = m if backend is None else torch.compile(
         m, backend=backend, dynamic=p.dynamic or None,
-        **({"options": {"strict": strict, "compiler": "aot_eager", "lm_head_chunk": p.lm_chunk}}
+        # reparameterize: the summed-branch merge stays fuzzed (its inputs here are finite)
+        **({"options": {"strict": strict, "compiler": "aot_eager", "lm_head_chunk": p.lm_chunk,
+                        "reparameterize": True}}
            if backend == "ger" else {}))
     out = Outcome()
     try:

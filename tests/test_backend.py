@@ -86,6 +86,7 @@ def test_options_defaults_and_parse():
         ({"device_profile": 3}, TypeError, ["device_profile", "str"]),
         ({"dump_dir": 3}, TypeError, ["dump_dir"]),
         ({"inductor_config": {"no_such_key": 1}}, ValueError, ["no_such_key"]),
+        ({"reparameterize": 1}, TypeError, ["reparameterize", "bool"]),
         ([("strict", True)], TypeError, ["dict"]),
     ],
 )

@@ -36,10 +36,12 @@ EVAL, TRAIN, ACT = conv_bn_act.PATTERN_EVAL, conv_bn_act.PATTERN_TRAIN, conv_bn_
 FP32_REL = 1e-4
 
 
-def rewrite_only(profile: str = "auto", graphs: list | None = None, eager_ops: tuple = ()):
-    """ger's conv_bn_act pass alone, the rewritten graph run eagerly (conftest.rewrite_backend)."""
+def rewrite_only(profile: str = "auto", graphs: list | None = None, eager_ops: tuple = (), reparameterize: bool = True):
+    """ger's conv_bn_act pass alone, the rewritten graph run eagerly (conftest.rewrite_backend);
+    summed branches merged (option ``reparameterize``, off by default in ger)."""
     on_graph = None if graphs is None else (lambda before, gm: graphs.append((before, graph_text(gm))))
-    return rewrite_backend({"device_profile": profile, "passes": ["conv_bn_act"], "eager_ops": list(eager_ops)}, on_graph)
+    return rewrite_backend({"device_profile": profile, "passes": ["conv_bn_act"], "eager_ops": list(eager_ops),
+                            "reparameterize": reparameterize}, on_graph)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -934,7 +936,8 @@ def test_summed_branches_codegen_one_conv(seed):
     model = randomize_bn_statistics(RepBlock()).eval()
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
-        out, (code,) = _compat.run_and_get_code(torch.compile(model, backend="ger", options={"strict": True}), x)
+        out, (code,) = _compat.run_and_get_code(
+            torch.compile(model, backend="ger", options={"strict": True, "reparameterize": True}), x)
     assert _rel(out, copy.deepcopy(model).double()(x.double())) <= FP32_REL
     assert _report_matches(conv_bn_act.PATTERN_BRANCHES)
     FileCheck().check_count("_convolution_pointwise", 1, exactly=True).check_not("extern_kernels.convolution").run(
@@ -1212,23 +1215,46 @@ def test_one_batch_norm_applied_twice_in_training_is_left_alone(seed):
         torch.testing.assert_close(b, b0, msg=n)
 
 
+class _CrossBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 3, (1, 3), padding=(0, 1)), nn.Conv2d(3, 3, (3, 1), padding=(1, 0))
+        self.b1, self.b2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.b1(self.c1(x)) + self.b2(self.c2(x))
+
+
+def test_summed_branches_are_merged_only_when_asked(seed):
+    """By default summed branches are a near-miss naming the option (each pair still
+    folded), and an inf in the input spreads as eagerly; ``reparameterize=True`` merges
+    them into one conv (the known gap below)."""
+    model = randomize_bn_statistics(_CrossBranches()).eval()
+    x = torch.randn(1, 3, 5, 5)
+    x[0, 1, 2, 2] = float("inf")
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(copy.deepcopy(model), backend=rewrite_only(reparameterize=False))(x)
+    assert not _report_matches(conv_bn_act.PATTERN_BRANCHES) and len(_report_matches(EVAL)) == 2
+    assert [r for p, r in _near_misses() if p == conv_bn_act.PATTERN_BRANCHES] == [
+        conv_bn_act.NEAR_MISS_REASONS["reparameterize"]]
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(got.nan_to_num(0.0, 0.0, 0.0), want.nan_to_num(0.0, 0.0, 0.0))
+    _compat.dynamo_reset()
+    with torch.no_grad():
+        torch.compile(copy.deepcopy(model), backend=rewrite_only(reparameterize=True))(x.nan_to_num(0.0, 0.0))
+    assert _report_matches(conv_bn_act.PATTERN_BRANCHES)
+
+
 @pytest.mark.xfail(strict=True, reason="known gap: summed branches merged into one kernel see 0 * inf at the "
                                        "zero-padded taps (docs/patterns.md)")
 def test_known_gap_summed_branches_with_an_infinite_input(seed):
-    """RepVGG-style branches ``bn1(conv1x3(x)) + bn2(conv3x1(x))`` become one 3x3 conv whose
-    corners are 0: an inf in the input gives 0 * inf = NaN there, where eager's branches
-    never read it (review, stop 35). Finite inputs are exact up to rounding."""
+    """With ``reparameterize=True``, RepVGG-style branches ``bn1(conv1x3(x)) +
+    bn2(conv3x1(x))`` become one 3x3 conv whose corners are 0: an inf in the input gives
+    0 * inf = NaN there, where eager's branches never read it (review, stop 35). Finite
+    inputs are exact up to rounding."""
 
-    class Branches(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.c2 = nn.Conv2d(3, 3, (1, 3), padding=(0, 1)), nn.Conv2d(3, 3, (3, 1), padding=(1, 0))
-            self.b1, self.b2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
-
-        def forward(self, x):
-            return self.b1(self.c1(x)) + self.b2(self.c2(x))
-
-    model = randomize_bn_statistics(Branches()).eval()
+    model = randomize_bn_statistics(_CrossBranches()).eval()
     x = torch.randn(1, 3, 5, 5)
     x[0, 1, 2, 2] = float("inf")
     with torch.no_grad():

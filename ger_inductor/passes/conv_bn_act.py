@@ -82,6 +82,9 @@ NEAR_MISS_REASONS = {
     "conv_output_leaves_graph": "the conv output leaves this graph, so a batch norm after it cannot be folded or fused",
     "bn_input_from_other_graph": "batch norm's input comes from another graph, so a conv before it cannot be folded or fused",
     "branches": "summed conv -> BN branches of one input that cannot become one convolution",
+    "reparameterize": "summed conv -> BN branches of one input, each pair folded: merged into one convolution, an "
+                      "inf or NaN in the input would spread differently from eager (0 * inf at the zero-padded "
+                      "taps); the option reparameterize=True merges them",
     "written_param": "a weight or running statistic the rewrite reads is written in place in this graph (the fused "
                      "op's backward could be computed from the value before the write)",
 }
@@ -738,6 +741,9 @@ def _fold_summed_branches(gm: fx.GraphModule, ctx, strategy: dict[str, Any]) -> 
             if mixed:
                 ctx.near_miss(PATTERN_BRANCHES, top, NEAR_MISS_REASONS["branches"] + " (the branches are summed with "
                               "other terms, and no sub-sum (a + b) holds only branches: sum them first)")
+            continue
+        if not ctx.options.reparameterize:
+            ctx.near_miss(PATTERN_BRANCHES, root, NEAR_MISS_REASONS["reparameterize"])
             continue
         act_node, act = None, Activation("none")
         if len(root.users) == 1:
