@@ -25,20 +25,36 @@ def _run(code: str, env=None) -> subprocess.CompletedProcess:
 
 
 # ----------------------------------------------------------------------------- package
-def test_entry_point_discovery_without_import():
-    """A fresh interpreter that never imports ger_inductor can compile with backend="ger"."""
+@pytest.fixture(scope="module")
+def fresh_interpreter(tmp_path_factory):
+    """ONE fresh interpreter (a first Inductor compile costs ~10 s) that never imports
+    ger_inductor, compiles with backend="ger", with TORCH_LOGS and TORCH_TRACE set: the
+    entry point, the module logger and the trace artifacts are read from its run."""
+    trace = tmp_path_factory.mktemp("torch_trace")
     r = _run(
         """
         import sys, torch
-        f = torch.compile(lambda x: (x.sin() * 2).sum(), backend="ger")
+        f = torch.compile(lambda x: (x.sin() * 2).relu().sum(), backend="ger")
         out = f(torch.ones(8))
         assert abs(out.item() - 2 * 8 * torch.ones(1).sin().item()) < 1e-5, out
         import torch._dynamo
         assert "ger" in torch._dynamo.list_backends(), torch._dynamo.list_backends()
         print("OK", "ger_inductor" in sys.modules)
-        """
+        """,
+        env={"TORCH_TRACE": str(trace), "TORCH_LOGS": "+ger_inductor"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    return r, trace
+
+
+#: the three tests reading the fresh interpreter's run stay on one pytest-xdist worker
+_FRESH = pytest.mark.xdist_group("fresh_interpreter")
+
+
+@_FRESH
+def test_entry_point_discovery_without_import(fresh_interpreter):
+    """A fresh interpreter that never imports ger_inductor can compile with backend="ger"."""
+    r, _ = fresh_interpreter
     assert "OK True" in r.stdout  # imported by the entry point, not by the user
 
 
@@ -373,30 +389,16 @@ def test_report_table_and_json():
     assert d["compile_seconds"] > 0
 
 
-def test_torch_trace_artifacts(tmp_path):
-    r = _run(
-        """
-        import torch
-        f = torch.compile(lambda x: (x * 2).relu().sum(), backend="ger")
-        f(torch.randn(8))
-        """,
-        env={"TORCH_TRACE": str(tmp_path)},
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    text = "".join(open(os.path.join(tmp_path, p)).read() for p in os.listdir(tmp_path))
+@_FRESH
+def test_torch_trace_artifacts(fresh_interpreter):
+    _, trace = fresh_interpreter
+    text = "".join(open(os.path.join(trace, p)).read() for p in os.listdir(trace))
     assert "ger_input_graph" in text and "ger_report" in text
 
 
-def test_torch_logs_module_logger():
-    r = _run(
-        """
-        import torch
-        f = torch.compile(lambda x: (x * 2).relu().sum(), backend="ger")
-        f(torch.randn(8))
-        """,
-        env={"TORCH_LOGS": "+ger_inductor"},
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+@_FRESH
+def test_torch_logs_module_logger(fresh_interpreter):
+    r, _ = fresh_interpreter
     assert "ger compiled graph" in r.stderr and "ger graph" in r.stderr
 
 
