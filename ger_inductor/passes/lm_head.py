@@ -421,9 +421,11 @@ def _plan(gm: fx.GraphModule, src: fx.Node, ctx) -> Plan | None:
                 return miss(f"a permutation between the lm head and the loss ({cur.name}) reorders the rows", cur)
         return None
     h, weight, weight_t, bias, module = lin
-    w_node = weight if weight is not None else weight_t
-    w_dtype = gm.get_submodule(module).weight.dtype if module is not None else _dtype(w_node)
-    if _dtype(cur) is None or _dtype(cur) != _dtype(h) or _dtype(cur) != w_dtype:
+    w_dtype = gm.get_submodule(module).weight.dtype if module is not None else _dtype(
+        weight if weight is not None else weight_t)
+    if None in (_dtype(cur), _dtype(h), w_dtype):
+        return None
+    if _dtype(cur) != _dtype(h) or _dtype(cur) != w_dtype:
         # autocast: the head computes in autocast's dtype (bf16 logits from fp32 h and W);
         # the fused head computes in W's, and would return logits of another dtype
         return miss(f"the lm head ({cur.name}) computes in {_dtype(cur)} from {_dtype(h)} inputs and {w_dtype} "
