@@ -137,6 +137,10 @@ FOUND = {
         conv_form="shared", dynamic=True, lm_chunk=2, returned="logits_written", seed=81),
     "zloss_clamped_beside_ignoring_ce": fz.Program(
         context="grad", n=6, v=16, bad_logit="+inf", ignore=True, terms=("ce", "zloss_clamped"), seed=0),
+    # stop 35 (a review, then the fuzzer's new NaN conv input): relu's fused backward zeroed
+    # the gradient at a NaN, eager's passes it (BN bias gradient differed), train and eval
+    "conv_train_relu_nan_input": fz.Program(context="grad", conv="train", act="relu", bad_x=True, seed=0),
+    "conv_eval_relu_nan_input": fz.Program(context="grad", conv="eval", act="relu", bad_x=True, seed=0),
 }
 
 
