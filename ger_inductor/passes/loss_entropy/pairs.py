@@ -771,10 +771,17 @@ def _forms_of(pe: PairEvaluator, n: fx.Node) -> dict:
         if isinstance(v, Elem):
             for r, f in v.forms.items():
                 out.setdefault(r, set()).update(f)
-    if _target_of(n) in KL:
-        e = pe.kl_terms(n)
-        for r, f in e.forms.items():
-            out.setdefault(r, set()).update(f)
+    # every F.kl_div the value reads, also those whose value is a total (``kl_div(...,
+    # reduction="batchmean") + ...``): their element forms (``xlogy`` for a probability
+    # target) are not among the memo's elements (found by the stop-35 review)
+    for m in [n, *pe.memo]:
+        if isinstance(m, fx.Node) and _target_of(m) in KL:
+            try:
+                e = pe.kl_terms(m)
+            except NotRepresentable:
+                continue
+            for r, f in e.forms.items():
+                out.setdefault(r, set()).update(f)
     return out
 
 
@@ -862,6 +869,16 @@ def peel(root: Root) -> tuple[fx.Node, float]:
     return node, T
 
 
+def _peeled_chain(base: fx.Node, x: fx.Node) -> list[fx.Node]:
+    """The nodes :func:`peel` stepped over from ``base`` down to ``x`` (the division or
+    scale by the temperature, upcasts)."""
+    chain, node = [], base
+    while isinstance(node, fx.Node) and node is not x and len(chain) < 8:
+        chain.append(node)
+        node = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    return chain if node is x else []
+
+
 def pair_kl(zs: torch.Tensor, zt: torch.Tensor, like: torch.Tensor, T: float, mode: str, coef: float, how: str,
             keepdim: bool, out_dtype: torch.dtype, chunk: int, hard: tuple | None = None, rev: bool = False):
     """c * KL(p_t || p_s) per row of p = softmax(z / T) (ger::distill_fwd), shaped or
@@ -920,8 +937,8 @@ def _rows_out(D: torch.Tensor, like: torch.Tensor, how: str, keepdim: bool, out_
         out = D.reshape(tuple(rows_shape) + ((1,) if keepdim else ()))
     elif how == "sum":
         out = D.sum()
-    elif how == "batchmean":
-        out = D.sum() / rows_shape[0]
+    elif how == "batchmean":  # F.kl_div's input.size(0): the classes of 1-d logits
+        out = D.sum() / like.shape[0]
     elif how == "mean":
         out = D.sum() / like.numel()
     elif how == "rows_mean":
@@ -1010,6 +1027,8 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
         return refuse("the two logits tensors have different numbers of classes")
     if not shapes.known_equal(math.prod(so[:-1]), math.prod(sw[:-1])):
         return refuse("the two logits tensors have different numbers of rows")
+    if shapes.known_equal(so[-1], 0):
+        return refuse("logits with no classes")
     if _dtype(xo) not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) or _dtype(xw) not in (
             torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return refuse("logits that are not floating point")
@@ -1044,6 +1063,17 @@ def rewrite(gm: fx.GraphModule, ev: Evaluator, c: PairCandidate, ctx, returned: 
     barrier = effects.first_barrier(reads, n)
     if barrier is not None:
         return refuse(graph.moved_reads_reason(barrier))
+    # the temperature's division and the upcasts between the logits and the roots are
+    # recomputed by the op from the logits: a write to one of them (``z = s / T;
+    # z[:, :2] = -inf``) would be lost (found by the stop-35 review)
+    for root, x in ((c.o, xo), (c.w, xw)):
+        for v in _peeled_chain(root.base, x):
+            if effects.roots_of(v) & effects.roots_of(x):
+                continue  # a view of the logits: their writes are the reads' barriers above
+            writer = next((m for m in effects.writers_of(v) if m not in inside), None)
+            if writer is not None:
+                return refuse(f"{v.name} is written in place by {graph.describe(writer)}: the op recomputes it "
+                              f"from {x.name}, so the write would be lost")
     pos = effects.order
     for x in (xo, xw):
         vx = _val(x)
