@@ -1,7 +1,7 @@
 """``python -m ger_inductor``: env | demo | dump SCRIPT | fleet.
 
     python -m ger_inductor env               versions, devices, detected profiles (for bug reports)
-    python -m ger_inductor demo [--quick] [--only WORD]
+    python -m ger_inductor demo [--quick] [--only WORD] [--scale F]
                                              eager / inductor / ger: LM train step, CNN steps, a loss (time, memory)
     python -m ger_inductor dump [--out DIR] SCRIPT [ARGS...]
                                              run a script; every graph ger compiles is dumped
@@ -82,7 +82,7 @@ def cmd_demo(args) -> int:
         if not only:
             print(f"ger demo: --only {args.only} and --quick leave no workload", file=sys.stderr)
             return 2
-    for w in workloads():
+    for w in workloads(args.scale):
         if not only or w.name in only:
             print(f"  {w.name}: {w.what}")
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def cmd_demo(args) -> int:
     def progress(msg):
         print(f"  [{time.perf_counter() - t0:5.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    rows = run_demo(progress=progress, repeat=args.repeat, only=only)
+    rows = run_demo(progress=progress, repeat=args.repeat, only=only, scale=args.scale)
     print()
     print(format_table(rows))
     bad = [r for r in rows if r.max_err > 1e-3]
@@ -165,6 +165,13 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _scale(text: str) -> float:
+    f = float(text)
+    if not 0.0 < f <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return f
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ger_inductor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +183,9 @@ def main(argv=None) -> int:
                    help="the workloads whose name contains WORD (case-insensitive; repeatable)")
     d.add_argument("--repeat", type=_positive_int, default=5, help="timed steps per backend (median reported)")
     d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--scale", type=_scale, default=1.0, metavar="F",
+                   help="shrink each workload's batch (tokens, images, logit rows) by F in (0, 1]: checks the numbers "
+                        "quickly; the times are then not the demo's")
     d.set_defaults(fn=cmd_demo)
     du = sub.add_parser("dump", help="run a script, dumping every graph ger compiles")
     du.add_argument("--out", default="ger_dump")

@@ -186,39 +186,49 @@ def _loss_step(fn, inputs):
     return [loss.detach(), g]
 
 
-def workloads() -> list[Workload]:
+def workloads(scale: float = 1.0) -> list[Workload]:
+    """The demo's workloads; ``scale`` (0 < scale <= 1) shrinks the batch of each (tokens,
+    images, logit rows), for a quick check of the numbers rather than of the speed."""
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"demo: scale must be in (0, 1], got {scale}")
+
+    def n(full: int) -> int:
+        return max(1, round(full * scale))
+
+    seq, imgs, rows = n(512), n(8), n(2048)
+
     def lm():
         model = TinyLM(vocab=32000, d=64, layers=2)
-        tokens = torch.randint(0, 32000, (8, 512))
-        targets = torch.randint(0, 32000, (8, 512))
-        targets[:, -16:] = -100  # padding
+        tokens = torch.randint(0, 32000, (8, seq))
+        targets = torch.randint(0, 32000, (8, seq))
+        targets[:, -min(16, seq - 1):] = -100  # padding
         return model, (tokens, targets)
 
     def cnn_train():
-        return ConvStack(64).train(), (torch.randn(8, 64, 56, 56),)
+        return ConvStack(64).train(), (torch.randn(max(2, imgs), 64, 56, 56),)  # batch >= 2: BN's batch statistics
 
     def cnn_grad_eval():
-        return DepthwiseStack(128).eval(), (torch.randn(8, 128, 56, 56),)
+        return DepthwiseStack(128).eval(), (torch.randn(imgs, 128, 56, 56),)
 
     def loss():
-        z = (torch.randn(2048, 32000) * 2).requires_grad_()
-        return confidence_penalty_loss, (z, torch.randint(0, 32000, (2048,)))
+        z = (torch.randn(rows, 32000) * 2).requires_grad_()
+        return confidence_penalty_loss, (z, torch.randint(0, 32000, (rows,)))
 
     return [
         Workload("LM train step", lm, _train_step,
-                 "4096 tokens, V=32000 (500 MiB of fp32 logits), unmodified F.cross_entropy(label_smoothing=0.1): "
-                 "ger fuses the lm head with the loss, chunked over the tokens"),
+                 f"{8 * seq} tokens, V=32000 ({8 * seq * 32000 * 4 / 2**20:.0f} MiB of fp32 logits), unmodified "
+                 "F.cross_entropy(label_smoothing=0.1): ger fuses the lm head with the loss, chunked over the tokens"),
         Workload("CNN train step", cnn_train, _train_step,
-                 "4x conv3x3->BN->ReLU, 8x64x56x56: BN+ReLU fused, the activation recomputed in backward"),
+                 f"4x conv3x3->BN->ReLU, {max(2, imgs)}x64x56x56: BN+ReLU fused, the activation recomputed in backward"),
         Workload("CNN eval, grad on", cnn_grad_eval, _grad_eval_step,
-                 "[depthwise->BN->ReLU6->1x1->BN->ReLU6] x3, 8x128x56x56, model.eval() without no_grad: "
+                 f"[depthwise->BN->ReLU6->1x1->BN->ReLU6] x3, {imgs}x128x56x56, model.eval() without no_grad: "
                  "BN folded at run time (Inductor folds only under no_grad + freezing)"),
         Workload("CE - 0.1 H(p) loss", loss, _loss_step,
-                 "2048x32000 fp32 logits, fwd+bwd, hand-written entropy: one fused read of the logits"),
+                 f"{rows}x32000 fp32 logits, fwd+bwd, hand-written entropy: one fused read of the logits"),
     ]
 
 
-def run_demo(progress=None, warmup: int = 2, repeat: int = 5, only: tuple = ()) -> list[Row]:
+def run_demo(progress=None, warmup: int = 2, repeat: int = 5, only: tuple = (), scale: float = 1.0) -> list[Row]:
     """eager / inductor / ger on each workload (or those named in ``only``) in this
     process, on the same inputs: time per step (median), peak extra memory of one step,
     bytes saved for backward beyond inputs and parameters, the largest relative
@@ -231,7 +241,7 @@ def run_demo(progress=None, warmup: int = 2, repeat: int = 5, only: tuple = ()) 
     progress = progress or (lambda msg: None)
     cpu = torch.device("cpu")
     rows: list[Row] = []
-    for w in workloads():
+    for w in workloads(scale):
         if only and w.name not in only:
             continue
         ref = None

@@ -54,6 +54,19 @@ def rewrite_backend(options: dict, on_graph=None, reports: list | None = None):
     return backend
 
 
+def compiler_params(names, codegen: set[str]) -> list:
+    """pytest params ``(name, compiler)`` for spelling tables: the names in ``codegen``
+    compile through Inductor (code generation, the lowering's numbers on that spelling),
+    the others with ``compiler="aot_eager"`` (ger's rewrite under AOTAutograd, the op's
+    eager kernels), which decides the same rewrite at a fraction of the compile time.
+    The lowerings themselves are tested on their own (test_ger_loss, test_distill)."""
+    names = list(names)
+    missing = set(codegen) - set(names)
+    assert not missing, f"codegen names not in the table: {sorted(missing)}"
+    return [pytest.param(n, "inductor" if n in codegen else "aot_eager", id=f"{n}-{'inductor' if n in codegen else 'aot'}")
+            for n in names]
+
+
 @pytest.fixture
 def quiet_ger():
     """ger's log at ERROR and warnings off: for tests that compile many programs."""

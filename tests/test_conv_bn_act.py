@@ -1016,18 +1016,17 @@ def test_train_saves_conv_outputs_only_and_is_as_accurate_as_inductor(seed):
     assert len(_report_matches(TRAIN)) == 4
 
 
-def test_resnet18_example_eval_and_train(seed):
+def test_resnet18_example_eval(seed):
     """Model C (examples/resnet18_cnn.py), narrow: every conv -> BN [-> ReLU] matched in
-    both modes; inference output and a training step's gradients vs float64."""
+    inference, the output vs float64. (A residual net's train step, with every pair
+    fused and the float64 oracle: tests/test_zoo.py::test_cnn_train_step, timm's
+    ResNet-10-T, the same basic blocks; here it cost ~30 s of the suite for that claim.)"""
     model = randomize_bn_statistics(resnet18(num_classes=10, width=8))
     x = torch.randn(2, 3, 64, 64)  # smaller inputs leave layer4's BN ~2 values per channel: ill-conditioned
     with torch.no_grad():
         out = torch.compile(copy.deepcopy(model).eval(), backend="ger", options={"strict": True})(x)
     assert _rel(out, copy.deepcopy(model).double().eval()(x.double())) <= FP32_REL
     assert len(_report_matches(EVAL)) == 20
-    _compat.dynamo_reset()
-    _assert_as_accurate_as_eager(_compare(model, x, True, True, _ger_strict), model, x, True, True)
-    assert len(_report_matches(TRAIN)) == 20
 
 
 def test_dynamic_shapes_eval_and_train(seed):

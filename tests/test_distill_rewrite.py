@@ -21,6 +21,7 @@ import ger_inductor
 from ger_inductor import _compat
 
 from . import distill_spellings as ds
+from .conftest import compiler_params
 
 B, S, V = 2, 5, 40
 T = 2.0
@@ -234,11 +235,12 @@ def _rewritten_graph(tmp_path) -> str:
     return "\n".join(line for f in files for line in open(f).read().splitlines() if not line.strip().startswith("#"))
 
 
-def _check_recognised(fn, teacher_grad: bool, pattern: str, tmp_path):
+def _check_recognised(fn, teacher_grad: bool, pattern: str, tmp_path, compiler: str = "inductor"):
     """fn compiled against eager on the four input kinds; returns the report's matches of
     ``pattern`` and the rewritten graphs' code."""
     torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="ger", options={"strict": True, "dump_dir": str(tmp_path)})
+    options = {"strict": True, "dump_dir": str(tmp_path), "compiler": compiler}
+    compiled = torch.compile(fn, backend="ger", options=options)
     for kind in ("random", "masked", "underflow", "neg_inf"):
         s, t, y = _inputs(kind)
         s.requires_grad_()
@@ -262,21 +264,27 @@ def _check_recognised(fn, teacher_grad: bool, pattern: str, tmp_path):
     return matches, code
 
 
-@pytest.mark.parametrize("name", list(RECOGNISED))
-def test_recognised_kl_spelling(name, tmp_path):
+#: spellings also compiled through Inductor: one per mode the report names, totals, T
+CODEGEN_KL = {"hinton", "trl_reverse_kl", "two_summed_kls", "two_temperatures", "soft_target_ce"}
+CODEGEN_JSD = {"trl_jsd_skewed", "liger_rows_jsd_per_token"}
+CODEGEN_HARD_CE = {"ce_first_t4_ignored_sum", "jsd_with_hard_ce"}
+
+
+@pytest.mark.parametrize("name, compiler", compiler_params(RECOGNISED, CODEGEN_KL))
+def test_recognised_kl_spelling(name, compiler, tmp_path):
     fn, mode, teacher_grad = RECOGNISED[name]
-    matches, code = _check_recognised(fn, teacher_grad, "distill_kl", tmp_path)
+    matches, code = _check_recognised(fn, teacher_grad, "distill_kl", tmp_path, compiler)
     assert all(m.detail["mode"] == mode for m in matches), [m.detail for m in matches]
     FileCheck().check("pair_kl").run(code)
 
 
-@pytest.mark.parametrize("name", list(RECOGNISED_JSD))
-def test_recognised_jsd_spelling(name, tmp_path):
+@pytest.mark.parametrize("name, compiler", compiler_params(RECOGNISED_JSD, CODEGEN_JSD))
+def test_recognised_jsd_spelling(name, compiler, tmp_path):
     """The generalized JSD through a mixture m = beta p_1 + (1 - beta) p_2, log m formed
     from log-probabilities (TRL: logsumexp of a stack, logaddexp; "lse") or from
     probabilities (Liger's M log M; "pm", NaN where both underflow, as eagerly)."""
     fn, mode, beta = RECOGNISED_JSD[name]
-    matches, code = _check_recognised(fn, True, "distill_jsd", tmp_path)
+    matches, code = _check_recognised(fn, True, "distill_jsd", tmp_path, compiler)
     assert all(m.detail["mode"] == mode and abs(m.detail["beta"] - beta) < 1e-6 for m in matches), \
         [m.detail for m in matches]
     FileCheck().check("pair_jsd").check_not("pair_kl").run(code)
@@ -336,14 +344,14 @@ HARD_CE = {"hinton": (hinton, "distill_kl", False),
            "hinton_all_ignored": (hinton_all_ignored, "distill_kl", False)}
 
 
-@pytest.mark.parametrize("name", list(HARD_CE))
-def test_hard_ce_on_the_student_is_formed_by_the_pair_op(name, tmp_path):
+@pytest.mark.parametrize("name, compiler", compiler_params(HARD_CE, CODEGEN_HARD_CE))
+def test_hard_ce_on_the_student_is_formed_by_the_pair_op(name, compiler, tmp_path):
     """A cross-entropy on the student's logits at T = 1 beside a KL or JSD of them (Hinton
     KD) is formed by the same op, in the same sweep over the row pair (pairs.rewrite,
     ``hard=``), before or after the KL in the code, with ignored targets, class weights
     and any reduction; values and gradients as eager's (NaN where all are ignored)."""
     fn, pattern, teacher_grad = HARD_CE[name]
-    matches, code = _check_recognised(fn, teacher_grad, pattern, tmp_path)
+    matches, code = _check_recognised(fn, teacher_grad, pattern, tmp_path, compiler)
     assert all("same sweep" in m.detail.get("hard_ce", "") for m in matches), [m.detail for m in matches]
     ce = [m for r in ger_inductor.reports() for m in r.matches if m.pattern == "cross_entropy"]
     assert ce and all("formed_by" in m.detail for m in ce), [m.detail for m in ce]

@@ -355,7 +355,8 @@ def test_ddp_split_graph_trains_like_eager_and_reports_the_cut(job):
 
 
 def test_ddp_without_graph_splitting_rewrites_every_block(job):
-    """torch._dynamo.config.optimize_ddp = False: one graph, every pattern rewritten
+    """torch._dynamo.config.optimize_ddp = False: one graph, every pattern rewritten (run
+    with compiler="aot_eager": the split test compiled the same blocks through Inductor)
     (DDP's own bucketing caps the first bucket at 1 MiB whatever bucket_cap_mb says, so
     a larger bucket_cap_mb does not remove this model's cut)."""
     for r, res in enumerate(_results(job, "ddp")):

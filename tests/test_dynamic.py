@@ -378,13 +378,16 @@ def test_cnn_varying_image_and_batch_sizes(train, dynamic, seed):
     """demo.SmallCNN (4 conv -> BN -> ReLU blocks) over changing image and batch sizes: at most two compiles
     (one with dynamic=True), fold (eval: oneDNN conv with the fused ReLU) or fused BN+ReLU
     (train) on the dynamic graph, float64-eager numbers (outputs, parameter gradients,
-    running statistics). Batch 1 is Dynamo's specialisation (one more graph, rewritten
-    as well). In training ger keeps Inductor from specialising: no channels_last layout
+    running statistics). Batch 1 (eval only) is Dynamo's specialisation (one more graph,
+    rewritten as well). In training ger keeps Inductor from specialising: no channels_last layout
     optimisation, convolution_backward as its ATen kernel (the report says why).
     (Training with dynamic=True: tests/test_conv_bn_act.py::test_dynamic_shapes_eval_and_train;
     here it took 40 s of the suite for the same claims.)"""
     model = randomize_bn_statistics(SmallCNN(width=4)).train(train)
-    batches = [(torch.randn(s),) for s in CNN_SHAPES]
+    # batch 1 in eval only: its specialised graph is Dynamo's, rewritten like the others
+    # (a training compile of it cost ~10 s of the suite for the same claim)
+    shapes = CNN_SHAPES if not train else CNN_SHAPES[:-1]
+    batches = [(torch.randn(s),) for s in shapes]
     ref = run_steps(copy.deepcopy(model).double(), batches, _cnn_step(train), backend=None)
     ger = run_steps(model, batches, _cnn_step(train), backend="ger", dynamic=dynamic, options=_options())
     for i, (a, b) in enumerate(zip(ger.outputs, ref.outputs)):
@@ -393,7 +396,7 @@ def test_cnn_varying_image_and_batch_sizes(train, dynamic, seed):
         for name in gb:
             assert _rel(ga[name], gb[name]) <= FP32_REL, (i, name)
     expected = [1, 1, 1, 1, 2] if dynamic else [1, 2, 2, 2, 3]
-    assert ger.compiles == expected
+    assert ger.compiles == expected[: len(shapes)]
     pattern = conv_bn_act.PATTERN_TRAIN if train else conv_bn_act.PATTERN_EVAL
     rep = _assert_symbolic_rewrite("conv_bn_act", {pattern})
     assert rep.match_count("conv_bn_act", pattern) == 4

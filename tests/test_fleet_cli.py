@@ -71,18 +71,20 @@ def _cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "ger_inductor", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_env_and_fleet():
-    r = _cli("env")
+def test_cli_env_and_fleet(capsys):
+    r = _cli("env")  # one run as a module, in its own interpreter
     assert r.returncode == 0, r.stderr
     assert "torch " in r.stdout and "profile for cpu" in r.stdout
-    r = _cli("fleet", "--json")
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)
+    from ger_inductor.__main__ import main  # the rest in this process: the same entry, no new interpreter
+
+    assert main(["fleet", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     by = {(x["profile"], x["family"]): x for x in rows}
     assert by[("h100", "loss_entropy")]["chunk"] == 1024 and by[("cpu-avx512", "loss_entropy")]["chunk"] == 0
     assert any(x["profile"].endswith("(detected)") for x in rows)
-    r = _cli("fleet")
-    assert "why:" in r.stdout and "mi300x" in r.stdout
+    assert main(["fleet"]) == 0
+    out = capsys.readouterr().out
+    assert "why:" in out and "mi300x" in out
 
 
 def test_cli_dump_a_script(tmp_path):
@@ -104,8 +106,8 @@ def test_cli_demo_one_workload():
     """The demo CLI end to end on its loss workload (``--only``; the LM step's fused head
     is tested on the same TinyLM in tests/test_dynamic.py, without the CLI's timing):
     one table, eager / inductor / ger rows, eager's numbers, the rewrite named, progress
-    on stderr."""
-    r = _cli("demo", "--only", "h(p) LOSS", "--repeat", "1", timeout=900)
+    on stderr. At 1/16 of its rows (``--scale``): the numbers, not the speed."""
+    r = _cli("demo", "--only", "h(p) LOSS", "--repeat", "1", "--scale", "0.0625", timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "all results match eager" in r.stdout
     assert r.stdout.count("workload ") == 1  # one table
@@ -115,12 +117,15 @@ def test_cli_demo_one_workload():
     assert not any(line.startswith(("LM train step ", "CNN ")) for line in r.stdout.splitlines()), r.stdout
     assert "loss_entropy/entropy x1" in rows[2]
     assert "[" in r.stderr and f"{workload}: ger" in r.stderr  # progress, on stderr
+    assert "128x32000 fp32 logits" in r.stdout  # the scaled workload is the one described
 
 
 def test_cli_demo_only_names_a_workload():
     r = _cli("demo", "--only", "no such workload")
     assert r.returncode == 2
     assert "names no workload" in r.stderr and "LM train step" in r.stderr
+    r = _cli("demo", "--scale", "0")
+    assert r.returncode == 2 and "must be in (0, 1]" in r.stderr
 
 
 def test_profile_layout_choice_reaches_inductor_config():
