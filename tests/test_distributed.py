@@ -270,7 +270,10 @@ def test_vocab_parallel_distill_unequal_shards_dtensors_and_errors(job):
 
 def test_vocab_parallel_distill_compiled_with_ger(job):
     """torch.compile(backend="ger") traces each into one graph with eager's numbers: the
-    distillation loss with three all-reduces, the PPO-like token objective with two."""
+    distillation loss with three all-reduces, the PPO-like token objective with two
+    (compiler="aot_eager": ger's rewrites and the traced collectives, no code generation;
+    Inductor compiles the vocabulary-parallel CE with its collectives in
+    test_vocab_parallel_loss_compiled_with_ger)."""
     for r, res in enumerate(_results(job, "vocab_parallel_distill")):
         c = res["compiled"]
         torch.testing.assert_close(c["out"], c["ref"], rtol=1e-5, atol=1e-6)
