@@ -189,6 +189,8 @@ def _register(model_key: str) -> None:
             Variant("inductor(freezing)", _inference("inductor", False, freezing=True), "torch._inductor.config.freezing"),
             Variant("ger", _inference("ger", False), "the graph timed with and without the rewrites at compile time"),
             Variant("ger_prior", _inference("ger_prior", False), "runtime fold, oneDNN post-op conv on CPU (autotune=False)"),
+            Variant("ger(freezing)", _inference("ger", False, freezing=True),
+                    "backend=ger with torch._inductor.config.freezing: the parameters are constants"),
             *([Variant("ger(reparameterize)", _inference("ger_reparam", False), "summed branches merged into one conv")]
               if model_key == "r" else []),
         ],

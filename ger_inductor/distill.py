@@ -912,12 +912,14 @@ def kl_estimate(logp: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
     return torch.expm1(d) - d
 
 
-def _check_token_args(who, logits, target, temperature, ref_logprobs, kl_estimator):
+def _check_token_args(who, logits, target, temperature, ref_logprobs, kl_estimator, shard: bool = False):
+    """``shard``: a vocabulary shard, which may hold no class (the vocabulary is checked
+    after the ranks agree on it)."""
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{who}: logits and target must be tensors")
     if logits.dtype not in _losses.LOGIT_DTYPES:
         raise TypeError(f"{who}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if logits.dim() == 0 or logits.shape[-1] == 0:
+    if logits.dim() == 0 or (logits.shape[-1] == 0 and not shard):
         raise ValueError(f"{who}: logits must be (..., V) with V >= 1, got {list(logits.shape)}")
     return _check_token_rest(who, tuple(logits.shape[:-1]), logits.device,
                              f"the logits {list(logits.shape)} without their last dimension", target, temperature,

@@ -61,7 +61,12 @@ def _shard_stats(z: Tensor, y: Tensor, u: Tensor, lu: Tensor, ulu: Tensor, alpha
     M = z.amax(1) if Vr > 0 else z.new_full((R,), -math.inf)
     mx = _all_reduce(torch.cat([M, z.new_tensor([V, -V])]), dist.ReduceOp.MAX, group)
     M, v_max, v_min = mx[:R], mx[R], -mx[R + 1]
-    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # all -inf rows: keep exp finite
+    # a row whose maximum is not finite (+inf or NaN anywhere in it, or all -inf) has
+    # L = NaN, as log_softmax gives it (and ger_loss): its nll, lse and gradient are NaN.
+    # M itself is clamped for the exponentials only (a +inf maximum made 0 gave L = +inf,
+    # an inf nll and finite gradients on the other ranks' classes)
+    bad_row = ~torch.isfinite(M)
+    M = torch.where(bad_row, torch.zeros_like(M), M)
     zm = z - M.unsqueeze(1)
     e = zm.exp()
 
@@ -87,7 +92,7 @@ def _shard_stats(z: Tensor, y: Tensor, u: Tensor, lu: Tensor, ulu: Tensor, alpha
     # every condition below is the same on all ranks (reduced values): all raise or none
     _check_tiling(v_max, v_min, total_v, n_owners, valid)
     logS = S.log()
-    L = M + logS
+    L = torch.where(bad_row, torch.full_like(M, math.nan), M + logS)
     nll = torch.where(valid, L - zy, torch.zeros_like(L))
     T = sums[:, 3] if need_t else None
     ent = (logS - T / S) if extras else z.new_empty((0,))
@@ -163,6 +168,7 @@ class _VocabParallelRows(torch.autograd.Function):
         return nll, reg, lse, ent, aux
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not ger.loss_bwd's
     def backward(ctx, g_nll, g_reg, g_lse, g_ent, _g_aux):
         z, local_t, u, lu, lse, ent, reg, aux = ctx.saved_tensors
         if not ctx.extras:
@@ -303,7 +309,8 @@ def ger_loss_vocab_parallel(
 
     loss_args = dict(alpha=alpha, beta=beta, ignore_index=ignore_index, reduction=reduction,
                      label_smoothing=label_smoothing, who=_NAME)
-    _losses.loss_params(logits, target, base=None, weight=None, V=logits.shape[-1], **loss_args)  # before any rank talks
+    # before any rank talks (a shard may hold no class: V_r = 0 when V < world with DTensor's split)
+    _losses.loss_params(logits, target, base=None, weight=None, V=max(logits.shape[-1], 1), **loss_args)
 
     Vr = logits.shape[-1]
     vocab_start, V = _place(Vr, group, vocab_start, vocab_size, _NAME)
@@ -327,7 +334,7 @@ def ger_loss_vocab_parallel(
     y = target.reshape(-1)
     if y.dtype == torch.uint8:  # F.cross_entropy's other index dtype: read as int64
         y = y.long()
-    z = logits.reshape(-1, Vr)
+    z = logits.reshape(y.numel(), Vr)  # (not -1: a shard may hold no class)
     if torch.compiler.is_compiling():  # no host sync in a graph: an async assert
         bad = (y != ignore_index) & ((y < 0) | (y >= V))
         torch._assert_async(~bad.any(), f"{_NAME}: a target is out of bounds for {V} classes")
@@ -552,7 +559,8 @@ def ger_distill_loss_vocab_parallel(
     y, valid = _distill._rows_target(target, ignore_index)
     if cfg.hard:
         _distill._check_target_range(who, target.reshape(-1).long(), V, ignore_index)
-    D, nll = _VocabParallelDistillRows.apply(zs.reshape(-1, Vr), zt.reshape(-1, Vr), y, valid, cfg, vocab_start, V,
+    R = math.prod(rows_shape)  # (not -1 in the reshapes: a shard may hold no class)
+    D, nll = _VocabParallelDistillRows.apply(zs.reshape(R, Vr), zt.reshape(R, Vr), y, valid, cfg, vocab_start, V,
                                              group, who)
     return _distill.combine(D, nll, valid, cfg, rows_shape, zs.dtype)
 
@@ -641,12 +649,14 @@ def ger_token_stats_vocab_parallel(
     z, group, vocab_start, vocab_size = _shard_of(logits, process_group, vocab_start, vocab_size, who)
     if hasattr(target, "full_tensor"):
         target = target.full_tensor()
-    T, rows_shape = _distill._check_token_args(who, z, target, temperature, ref_logprobs, kl_estimator)
+    T, rows_shape = _distill._check_token_args(who, z, target, temperature, ref_logprobs, kl_estimator,
+                                               shard=True)
     Vr = z.shape[-1]
     vocab_start, V = _place(Vr, group, vocab_start, vocab_size, who)
     y = target.reshape(-1).long()
     _distill._check_target_range(who, y, V, None)
-    logp, H = _VocabParallelTokenRows.apply(z.reshape(-1, Vr), y, T, vocab_start, V, group, who)
+    # (not -1 in the reshape: a shard may hold no class)
+    logp, H = _VocabParallelTokenRows.apply(z.reshape(y.numel(), Vr), y, T, vocab_start, V, group, who)
     logp, H = logp.reshape(rows_shape), H.reshape(rows_shape)
     kl = None
     if ref_logprobs is not None:

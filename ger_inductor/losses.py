@@ -187,6 +187,10 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
             raise ValueError(f"{who}: pass either label_smoothing or (alpha, beta), not both")
         eps = check_number("label_smoothing", label_smoothing, 0.0, 1.0)
         alpha_f = 1.0
+        if eps == 0.0:
+            # F.cross_entropy forms no smoothing term at 0 (its `label_smoothing > 0` test):
+            # 0 * an infinite smoothing term (a -inf logit) would be NaN where it gives inf
+            eps, beta = None, 0.0
     else:
         if alpha is None or beta is None:
             raise TypeError(f"{who}: alpha and beta are required (or pass label_smoothing)")

@@ -197,6 +197,55 @@ def scenario_vocab_parallel(rank: int, world: int) -> dict:
         "sum": ger_loss_vocab_parallel(shard, y, label_smoothing=0.1, reduction="sum"),
     }
 
+    # rows whose maximum is not finite, as F.cross_entropy / ger_loss give them (NaN loss,
+    # lse and gradient row): +inf in rank 1's shard only (the target on rank 0), a row
+    # all -inf on every rank, a NaN in rank 0's shard
+    z = torch.randn(4, 10, generator=torch.Generator().manual_seed(3)) * 2
+    z[0, 7], z[1, :], z[2, 3] = float("inf"), -float("inf"), float("nan")
+    y = torch.tensor([1, 2, 8, 4])
+    bad = {}
+    for name, kw in {"ls": dict(label_smoothing=0.1, reduction="none"), "ce": dict(alpha=0.5, beta=0.0, reduction="none"),
+                     "extras": dict(alpha=0.5, beta=0.3, return_extras=True, reduction="none")}.items():
+        zf = z.clone().requires_grad_()
+        ref = ger_loss(zf, y, **kw)
+        _backward_of(ref).backward()
+        shard = z.chunk(world, -1)[rank].clone().requires_grad_()
+        out = ger_loss_vocab_parallel(shard, y, **kw)
+        _backward_of(out).backward()
+        outs = tuple(out) if isinstance(out, tuple) else (out,)
+        refs = tuple(ref) if isinstance(ref, tuple) else (ref,)
+        bad[name] = {"out": [o.detach() for o in outs], "ref": [r.detach() for r in refs], "grad": shard.grad,
+                     "ref_grad": zf.grad.chunk(world, -1)[rank]}
+    results["non_finite_rows"] = bad
+
+    # a rank whose shard holds no class (vocab 6 = 6 + 0, explicit offsets): each function
+    # equals its single-process value on every rank (a DTensor split gives V_r = 0 when V < world)
+    from ger_inductor import ger_distill_loss, ger_token_stats
+
+    zs, zt, y, _ = _distill_inputs("e0", (6, 6), dict(target=True), torch.float32)
+    ytok = y.clamp(min=0)  # token statistics: every target a class
+    start, size = (0, 6) if rank == 0 else (6, 0)
+    cut = (lambda t: t[:, start: start + size].clone())
+    empty = {}
+    for name, call_vp, call_ref in (
+        ("loss", lambda a, b: ger_loss_vocab_parallel(a, y, label_smoothing=0.1, vocab_start=start, vocab_size=6),
+         lambda a, b: ger_loss(a, y, label_smoothing=0.1)),
+        ("distill", lambda a, b: ger_distill_loss_vocab_parallel(a, b, y, beta=0.5, hard_weight=0.3, vocab_start=start,
+                                                                  vocab_size=6),
+         lambda a, b: ger_distill_loss(a, b, y, beta=0.5, hard_weight=0.3)),
+        ("token", lambda a, b: ger_token_stats_vocab_parallel(a, ytok, temperature=0.7, vocab_start=start,
+                                                               vocab_size=6).logp.sum(),
+         lambda a, b: ger_token_stats(a, ytok, temperature=0.7).logp.sum()),
+    ):
+        a = cut(zs).requires_grad_()
+        out = call_vp(a, cut(zt))
+        out.backward()
+        af = zs.clone().requires_grad_()
+        ref = call_ref(af, zt)
+        ref.backward()
+        empty[name] = {"out": out.detach(), "ref": ref.detach(), "grad": a.grad, "ref_grad": cut(af.grad)}
+    results["empty_shard"] = empty
+
     # shards that do not tile the vocabulary: every rank raises the same error
     errors = {}
     for case, (shard_size, kw) in {

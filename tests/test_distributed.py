@@ -163,6 +163,32 @@ def test_vocab_parallel_loss_unequal_shards_and_dtensor(job):
         assert res["unequal_shards"]["grad"].shape == (6, 6 if r == 0 else 5)
 
 
+def test_vocab_parallel_loss_rows_with_non_finite_maximum_are_nan_as_ger_loss(job):
+    """A +inf logit in one rank's shard, a row all -inf on every rank, a NaN: NaN loss,
+    lse and gradient rows on every rank, as ger_loss (and F.cross_entropy) give them.
+    Before, a +inf row maximum was clamped to 0 with the -inf ones: loss +inf and finite
+    gradients on the other rank's classes."""
+    for r, res in enumerate(_results(job, "vocab_parallel")):
+        for name, c in res["non_finite_rows"].items():
+            for got, ref in zip(c["out"], c["ref"]):
+                torch.testing.assert_close(got, ref, equal_nan=True, msg=lambda m: f"rank {r} {name}: {m}")
+            torch.testing.assert_close(c["grad"], c["ref_grad"], equal_nan=True,
+                                       msg=lambda m: f"rank {r} {name} grad: {m}")
+            assert c["grad"][:3].isnan().all() and c["grad"][3].isfinite().all(), (name, c["grad"])
+
+
+def test_vocab_parallel_functions_take_a_shard_without_classes(job):
+    """Vocabulary 6 split 6 + 0 (what a DTensor split gives when V < world): the loss, the
+    distillation loss and the token statistics equal their single-process values on both
+    ranks (before, the empty rank raised and the other waited in its all-reduce)."""
+    for r, res in enumerate(_results(job, "vocab_parallel")):
+        for name, c in res["empty_shard"].items():
+            torch.testing.assert_close(c["out"], c["ref"], rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {r} {name}: {m}")
+            torch.testing.assert_close(c["grad"], c["ref_grad"], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"rank {r} {name} grad: {m}")
+            assert c["grad"].shape == (6, 6 if r == 0 else 0)
+
+
 def test_vocab_parallel_loss_all_positions_ignored(job):
     for res in _results(job, "vocab_parallel"):
         assert torch.isnan(res["all_ignored"]["mean"]) and res["all_ignored"]["sum"].item() == 0.0

@@ -159,6 +159,27 @@ def test_weighted_label_smoothing_ger_loss_compiled_inductor():
     _assert_same(g, gref)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_label_smoothing_zero_is_the_plain_cross_entropy_at_a_minus_inf_target(reduction):
+    """F.cross_entropy(label_smoothing=0.0) forms no smoothing term: a -inf logit at the
+    target gives +inf, not 0 * inf = NaN; ger_loss(label_smoothing=0.0) and the plain
+    ger_linear_loss (label smoothing 0 inside) give the same, gradients included."""
+    z0, y = _logits(), _targets()
+    y[0] = 2  # the -inf class of row 0
+    z0[0, 2] = -math.inf
+    ref, gref = _value_and_grad(lambda z: F.cross_entropy(z, y, reduction=reduction, label_smoothing=0.0), z0)
+    assert ref.isinf().any()
+    got, g = _value_and_grad(lambda z: ger_loss(z, y, reduction=reduction, label_smoothing=0.0), z0)
+    _assert_same(got, ref)
+    _assert_same(g, gref)
+    # the fused head: W's row 2 at -inf and h > 0 give the -inf logit
+    h = torch.rand(N, 4) + 0.1
+    W = torch.randn(V, 4)
+    W[2] = -math.inf
+    eager = F.cross_entropy(h @ W.T, y, reduction=reduction)
+    _assert_same(ger_linear_loss(h, W, y, reduction=reduction), eager)
+
+
 def test_label_smoothing_with_weight_and_base_is_the_soft_target_cross_entropy():
     """With a base b the smoothing target is (1 - eps) onehot + eps b, weighted per class."""
     z0, y = _logits(dtype=torch.float64), _targets()
