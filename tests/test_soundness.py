@@ -202,9 +202,10 @@ def test_returned_logits_written_before_backward_under_inductor():
 
 
 def test_returned_input_logits_are_not_copied():
-    """Logits that are a graph input and returned as they are: the op saves the caller's
-    own tensor (a write bumps its version counter and autograd raises), no copy; logits
-    the graph does not return: no copy either."""
+    """Logits that are a graph input (returned as they are or not): the op saves the
+    caller's own tensor, no copy; its row outputs check the logits' version (a write
+    raises autograd's error: test_input_logits_written_before_backward_raise_never_a_new_gradient);
+    logits computed in the graph and not returned: neither."""
     from .conftest import rewrite_backend
 
     def strategy():
@@ -214,7 +215,8 @@ def test_returned_input_logits_are_not_copied():
     q.requires_grad_()
     out = torch.compile(lambda q, y: (F.cross_entropy(q, y, label_smoothing=0.1), q),
                         backend=rewrite_backend({}))(q, y)
-    assert out[1] is q and _matches("loss_entropy") == 1 and "saved_logits" not in strategy()
+    assert out[1] is q and _matches("loss_entropy") == 1
+    assert strategy()["saved_logits"].startswith("copied for row_stats (version check)")
     torch._dynamo.reset()
     torch.compile(lambda q, y: F.cross_entropy(q * 2.0, y, label_smoothing=0.1), backend=rewrite_backend({}))(q, y)
     assert _matches("loss_entropy") == 1 and "saved_logits" not in strategy()
@@ -222,6 +224,31 @@ def test_returned_input_logits_are_not_copied():
     torch.compile(lambda q, y: (lambda z: (F.cross_entropy(z, y, label_smoothing=0.1), z.view(-1)))(q * 2.0),
                   backend=rewrite_backend({}))(q, y)
     assert _matches("loss_entropy") == 1 and "copied for" in strategy()["saved_logits"]
+
+
+@pytest.mark.parametrize("spelling", ["ls", "ce_entropy"])
+def test_input_logits_written_before_backward_raise_never_a_new_gradient(spelling):
+    """A loss compiled on its own takes the logits as an input; the caller writes them
+    (under no_grad) between the forward and the backward. Eager's log_softmax saved its
+    output: the old gradient. The op saves the logits themselves: compiled by Inductor it
+    gave the gradient of the written logits, silently (stop-36 review). Now autograd's
+    error, as plain Inductor gives for a plain cross-entropy (a copy would hold N x V
+    where Inductor holds the input itself)."""
+    def loss(z, y):
+        lv = z.view(-1, z.shape[-1])
+        if spelling == "ls":
+            return F.cross_entropy(lv, y.view(-1), label_smoothing=0.1)
+        return F.cross_entropy(lv, y.view(-1)) + 0.1 * (F.softmax(lv, -1) * F.log_softmax(lv, -1)).sum(-1).mean()
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 5, requires_grad=True)
+    y = torch.tensor([[1, 0, 2], [3, 4, 0]])
+    out = torch.compile(loss, backend="ger", options={"strict": True})(z, y)
+    assert _matches("loss_entropy") >= 1
+    with torch.no_grad():
+        z.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
 
 
 # ----------------------------------------------------------------------------- conv -> BN

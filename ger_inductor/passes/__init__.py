@@ -204,7 +204,7 @@ def _protect_saved_logits(gm: fx.GraphModule, ctx: PassContext) -> None:
     if copied:
         gm.graph.lint()
         gm.recompile()
-        record.strategy["saved_logits"] = (f"copied for {', '.join(copied)}: the graph returns the logits, and a write "
+        record.strategy["saved_logits"] = (f"copied for {', '.join(copied)}: the graph returns (or takes) the logits, and a write "
                                            "to them before the backward must not change the loss's gradient")
 
 

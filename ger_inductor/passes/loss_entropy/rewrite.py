@@ -559,6 +559,20 @@ _SCALED = {"mul", "div", "__mul__", "__rmul__", "__truediv__", torch.mul, torch.
 EAGER_SAVES_LOGITS = "ger_eager_saves_logits"
 
 
+def _guard_row_outputs(g: fx.Graph, stats: fx.Node, logits: fx.Node) -> None:
+    """Each floating row output of ``stats`` (a ``losses.row_stats`` call) read through
+    ``ger::version_guard(out, [logits])``: the backward of any of them checks the logits'
+    version (``protect_saved_logits``)."""
+    for u in list(stats.users):
+        val = _val(u)
+        if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+            continue
+        with g.inserting_after(u):
+            guarded = g.call_function(torch.ops.ger.version_guard.default, (u, [logits]))
+        graph.copy_meta(guarded, u, values=True)
+        u.replace_all_uses_with(guarded, delete_user_cb=lambda user: user is not guarded)
+
+
 def _eager_saves_logits(logits: fx.Node, nodes) -> bool:
     """Whether eager's spelling of the loss saves the logits (or a view of them) for its
     backward: a product with them, a logsumexp of them, ``Categorical(logits=z)``...; a
@@ -614,9 +628,20 @@ def protect_saved_logits(gm: fx.GraphModule) -> list[str]:
         logits = n.args[0]
         v = _val(logits)
         base = alias_base(logits)
-        # (logits that are a graph input are the caller's own tensor: a write to it bumps
-        # the version counter the op's saved tensor shares, and autograd raises)
-        if not (isinstance(v, torch.Tensor) and v.requires_grad) or base not in returned or base.op == "placeholder":
+        if not (isinstance(v, torch.Tensor) and v.requires_grad):
+            continue
+        if base.op == "placeholder":
+            # logits that are a graph input are the caller's own tensor: a write to it
+            # before the backward (z.mul_(0.5) under no_grad) changes what the op saved.
+            # Compiled by Inductor, nothing checked it (a silently different gradient);
+            # eager's log_softmax saved its output and gives the old gradient. No copy
+            # (it would hold N x V where Inductor holds the input itself): the op's row
+            # outputs pass a version check of the logits (O(rows) copies), so the write
+            # raises autograd's error, as plain Inductor's cross-entropy does
+            _guard_row_outputs(g, n, logits)
+            copied.append(f"{n.name} (version check)")
+            continue
+        if base not in returned:
             continue
         # where eager's spelling saved the logits themselves, the copy keeps them for
         # autograd's version check (eager raises on the caller's write; so does ger)
