@@ -78,6 +78,11 @@ class Vocab:
     # ``nan``: (forward, backward) conditions where products p * (-inf) made it NaN
     # (losses.row_statistic reproduces them per row)
     nan: tuple = (None, None)
+    # ``clamped``: a clamp was read as changing nothing (clamp(p, min<=tiny), a
+    # log-probability's clamp(min=finfo.min)): true only where the value is then
+    # multiplied by p (p log p, Categorical's entropy); read directly (a gather, a sum
+    # over the classes) the clamped entries differ (log(tiny) = -87.3, finfo.min vs -inf)
+    clamped: bool = False
 
     def is_(self, **expect) -> bool:
         return set(self.terms) == set(expect) and all(coef_eq(self.terms[k], v) for k, v in expect.items())
@@ -236,14 +241,22 @@ def vadd(a: Vocab, b: Vocab, sign: float = 1.0) -> Vocab:
         raise NotRepresentable("combines two different logits tensors" + TWO_DISTRIBUTIONS_HINT)
     if a.alpha is not None and b.alpha is not None and a.alpha != b.alpha:
         raise NotRepresentable("two different mixtures")
+    za, zb = a.terms.get("z", 0.0), b.terms.get("z", 0.0)
+    if a.inf is not None and b.inf is not None and isinstance(za, float) and isinstance(zb, float) \
+            and za * sign * zb < 0:
+        # both -inf where a logit is -inf, combined with opposite signs: eagerly
+        # -inf - (-inf) = NaN there (also where the z terms cancel), which the row
+        # statistics do not show
+        raise NotRepresentable("a difference of two -inf-carrying terms of the same logits (log-probabilities): "
+                               "eagerly NaN where a logit is -inf")
     terms = dict(a.terms)
     for k, v in b.terms.items():
         terms[k] = add_coef(terms.get(k, 0.0), scale_coef(v, sign))
     return Vocab(a.root, terms, a.alpha if a.alpha is not None else b.alpha, _join_inf(a.inf, b.inf),
-                 join_nan(a.nan, b.nan))
+                 join_nan(a.nan, b.nan), a.clamped or b.clamped)
 
 
 def vscale(a: Vocab, s: float) -> Vocab:
-    return Vocab(a.root, {k: scale_coef(v, s) for k, v in a.terms.items()}, a.alpha, a.inf, a.nan)
+    return Vocab(a.root, {k: scale_coef(v, s) for k, v in a.terms.items()}, a.alpha, a.inf, a.nan, a.clamped)
 
 

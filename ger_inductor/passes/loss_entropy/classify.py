@@ -281,6 +281,10 @@ def _classify_ce(ev: Evaluator, n: fx.Node, nll: bool) -> Candidate:
         v = ev.value(x)
         if not (isinstance(v, Vocab) and v.is_(z=1.0, one=lse_row(v.root, -1.0))):
             raise NotRepresentable("nll_loss of something other than log_softmax(logits)", n)
+        try:
+            refuse_log_of_probabilities(dataclasses.replace(v, inf=None), "nll_loss")  # (clamped)
+        except NotRepresentable as e:
+            raise NotRepresentable(e.reason, n) from None
         if v.inf == "p0":
             raise NotRepresentable("nll_loss of log(softmax(...)): eagerly inf where the target's probability "
                                    "underflows to 0; written with log_softmax it is rewritten", n)
@@ -324,6 +328,8 @@ def _classify_kl_one(ev: Evaluator, n: fx.Node) -> Candidate:
     if reduction not in ("sum", "batchmean", "mean"):
         raise NotRepresentable(f"kl_div with reduction={reduction!r} is not per row", n)
     a, b = ev.value(inp), ev.value(tgt)
+    if (isinstance(a, Vocab) and a.clamped) or (isinstance(b, Vocab) and b.clamped):
+        raise NotRepresentable("kl_div of a clamped (log-)probability: the clamp changes the entries it reads", n)
     if not isinstance(a, Vocab) or not isinstance(b, Vocab):
         raise NotRepresentable("kl_div between tensors that are not both vocabulary-level", n)
     # elementwise: target * (log target - input)   (log_target: exp(t) * (t - input))

@@ -179,6 +179,9 @@ class Evaluator:
                 raise NotRepresentable("softmax over a dimension other than the last (classes)")
             if _arg(n, 2, "dtype") not in (None, torch.float32):
                 raise NotRepresentable("softmax with a dtype other than float32")
+            if _arg(n, 2, "dtype") is not None and _dtype(x) == torch.float64:
+                # eager casts the logits down first (1e39 becomes inf: a NaN row)
+                raise NotRepresentable("softmax(dtype=float32) of float64 logits (a cast to lower precision)")
             root = self._shifted_root(x) or self.root_of(x)
             return log_softmax(root) if t in LOG_SOFTMAX else probs(root)
         if t in LOGSUMEXP:
@@ -196,7 +199,8 @@ class Evaluator:
             v = self.value(n.args[0])
             if isinstance(v, Vocab):
                 if v.is_(p=1.0):
-                    return log_softmax(v.root, inf=v.inf)  # -inf where p is 0 (unless clamped)
+                    # -inf where p is 0 (unless clamped)
+                    return dataclasses.replace(log_softmax(v.root, inf=v.inf), clamped=v.clamped)
                 c = v.terms.get("one")
                 if set(v.terms) == {"one"} and isinstance(c, float) and c > 0:
                     return Vocab(v.root, {"one": math.log(c)})  # log of a constant, e.g. u = 1/V
@@ -209,11 +213,13 @@ class Evaluator:
             lo, hi = _arg(n, 1, "min"), _arg(n, 2, "max")
             tiny = torch.finfo(_dtype(n) or torch.float32)
             # Categorical's clamp(min=finfo.min) of log-probabilities changes no finite value
+            # (inside p * (...) only: ``Vocab.clamped``)
             if isinstance(v, Vocab) and hi is None and isinstance(lo, float) and lo <= tiny.min:
-                return dataclasses.replace(v, inf=None) if lo > -math.inf else v  # -inf becomes finite
+                # -inf becomes finite
+                return dataclasses.replace(v, inf=None, clamped=True) if lo > -math.inf else v
             if isinstance(v, Vocab) and v.is_(p=1.0) and hi is None and isinstance(lo, float) and lo <= tiny.tiny:
                 # clamp(p, min=eps) only changes probabilities below the smallest normal
-                return dataclasses.replace(v, inf=None) if lo > 0 else v
+                return dataclasses.replace(v, inf=None, clamped=True) if lo > 0 else v
             raise NotRepresentable("clamp that can change the log-probabilities")
         if t in ENTR:
             v = self.value(n.args[0])
@@ -248,6 +254,8 @@ class Evaluator:
         if t in MUL:
             return self._mul(*self._with_raw_logits(n.args[0], n.args[1]))
         if t in DIV:
+            if n.kwargs.get("rounding_mode") is not None:
+                raise NotRepresentable("division with a rounding mode")
             a, b = self.value(n.args[0]), self.value(n.args[1])
             if isinstance(b, float) and b != 0:
                 return self._scale(a, 1.0 / b)
@@ -261,7 +269,7 @@ class Evaluator:
             if not isinstance(fill, (int, float)) or shp is None:
                 raise NotRepresentable("a constant tensor with an unknown value")
             v = self.value(like)
-            if not isinstance(v, Vocab):
+            if not isinstance(v, Vocab) or not shapes.known_equal(shp, _shape(like)):
                 raise NotRepresentable("a constant not shaped like the logits")
             return Vocab(v.root, {"one": float(fill)})
         if t in _VIEWS or t in _CASTS:
@@ -414,5 +422,9 @@ def refuse_log_of_probabilities(v, what: str) -> None:
     if isinstance(v, Vocab) and v.inf == "p0" and "z" in v.terms and v.terms["z"] != 0.0:
         raise NotRepresentable(f"log(softmax(...)) read by {what}: eagerly -inf where a probability underflows to 0; "
                                "written with log_softmax it is rewritten")
+    if isinstance(v, Vocab) and v.clamped:
+        raise NotRepresentable(f"a clamped (log-)probability read by {what}: the clamp changes the entries it "
+                               "reads (log(tiny) or finfo.min where eager's are smaller or -inf); only a product "
+                               "with p hides it")
 
 
