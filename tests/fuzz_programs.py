@@ -465,6 +465,17 @@ def check(p: Program, stricts=(False, True)) -> str | None:
             plain = run_program(p, "aot_eager")
             if compare(p, ref, plain) is not None:
                 continue  # torch.compile itself differs from eager here: not ger's doing
+            if p.bad_x and p.conv is not None and not why.startswith("errors differ"):
+                # a NaN conv input: eager's activation backward kernels are position
+                # dependent there (hardtanh_backward's vectorised body zeroes a NaN, its
+                # scalar tail passes it; bf16 under autocast takes the zeroing path) and
+                # ger is held to Inductor's decompositions, which pass it everywhere
+                # (docs/patterns.md, conv NaN conventions): accepted where plain Inductor
+                # gives ger's numbers
+                _compat.dynamo_reset()
+                ind = run_program(p, "inductor")
+                if ind.error is None and compare(p, ind, got) is None:
+                    continue
             if p.context == "autocast" and not why.startswith("errors differ"):
                 exact = run_program(p, None, float64=True)
                 if _closer_than_eager(ref, got, exact):
