@@ -82,6 +82,7 @@ def ger(
 
         eager_nodes = fallback.plan_eager_nodes(gm, settings)
         transform = fallback.functorch_node(gm) if eager_nodes else None
+        blocker = fallback.cut_blocker(gm) if eager_nodes and transform is None else None
         measured = None
         if reattach is None and not eager_nodes:
             measured = _select_graph(gm, pristine, example_inputs, settings, profile, report, config_patches, inner)
@@ -96,6 +97,14 @@ def ger(
             )
             report.eager_nodes = [f"{n.name} ({reason})" for n, reason in eager_nodes.items()]
             compiled = gm.forward
+        elif blocker is not None:
+            node, what = blocker
+            report.add_fallback("eager_cut", fallback.CUT_BLOCKED_WHY.format(what=what, node=node.name), node=node.name)
+            report.eager_nodes = [f"{n.name} ({reason})" for n, reason in eager_nodes.items()]
+            gm.graph = pristine  # as written: eager's numbers, none of ger's rewrites
+            gm.recompile()
+            compiled = gm.forward
+            reattach = None  # (the pristine graph returns its outputs with their autograd)
         elif eager_nodes:
             compiled: Callable[..., Any] = fallback.split_into_regions(
                 gm, eager_nodes, compile_region, report, settings, dumper

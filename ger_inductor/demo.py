@@ -201,7 +201,8 @@ def workloads(scale: float = 1.0) -> list[Workload]:
         model = TinyLM(vocab=32000, d=64, layers=2)
         tokens = torch.randint(0, 32000, (8, seq))
         targets = torch.randint(0, 32000, (8, seq))
-        targets[:, -min(16, seq - 1):] = -100  # padding
+        if seq > 1:
+            targets[:, -min(16, seq - 1):] = -100  # padding (a single token keeps its target)
         return model, (tokens, targets)
 
     def cnn_train():

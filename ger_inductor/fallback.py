@@ -107,6 +107,32 @@ def functorch_node(gm: fx.GraphModule) -> fx.Node | None:
     return (entering or found or [None])[0]
 
 
+CUT_BLOCKED_WHY = (
+    "the graph {what} ({node}): cutting it into regions around the eager nodes orders the regions by data edges "
+    "only, which could move that past an eager node (a read of a written tensor, an op outside its grad or "
+    "autocast block); the whole graph runs eagerly"
+)
+
+
+def cut_blocker(gm: fx.GraphModule) -> tuple[fx.Node, str] | None:
+    """The first node of ``gm`` that makes an eager cut unsafe, and what it does: an
+    in-place write (or a call of unknown effect) or a grad/autocast mode switch. The
+    partitioner (``split_into_regions``) keeps data dependencies only; such a node could
+    end up on the other side of an eager node that reads what it wrote or that ran
+    inside its block (found by the stop-36 review: ``x.add_(1)`` before an eager ``sin``
+    of x gave sin of the old x; an eager ``mm`` inside ``torch.autocast`` ran in fp32)."""
+    from .passes import graph as _graph
+
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if _graph.is_mode_switch(n):
+            return n, "switches grad or autocast mode"
+        if _graph.mutates(n):
+            return n, "writes a tensor in place (or calls something of unknown effect)"
+    return None
+
+
 def plan_eager_nodes(gm: fx.GraphModule, options: GerOptions) -> dict[fx.Node, str]:
     out = {}
     for node in gm.graph.nodes:

@@ -241,12 +241,59 @@ def _parse_eager_ops(value: Any) -> frozenset[str]:
         if isinstance(v, str):
             if not v:
                 raise ValueError("ger option 'eager_ops' holds an empty op name")
+            if not _names_an_op(v):
+                raise ValueError(
+                    f"ger option 'eager_ops': {v!r} names no op (looked up in torch, torch.Tensor, "
+                    "torch.nn.functional, operator, aten and the torch.ops namespaces): a misspelt name would "
+                    "force nothing"
+                )
             out.add(v)
         elif callable(v):
             out.add(op_name(v))
         else:
             raise TypeError(f"ger option 'eager_ops' entries must be str or callable, got {type(v).__name__}")
     return frozenset(out)
+
+
+def _names_an_op(name: str) -> bool:
+    """Whether an ``eager_ops`` name resolves to something a graph node can be (the names
+    ``fallback.node_op_aliases`` gives nodes: qualified, short, ``torch.``/``aten.``/
+    ``Tensor.`` prefixed, a ``torch.ops`` namespace's op)."""
+    import importlib
+    import operator
+
+    import torch
+
+    def resolve(dotted: str) -> bool:
+        head, *rest = dotted.split(".")
+        try:
+            obj = importlib.import_module(head)
+        except ImportError:
+            return False
+        for i, part in enumerate(rest):
+            nxt = getattr(obj, part, None)
+            if nxt is None:
+                try:  # a submodule not imported yet (torch.nn.functional, ...)
+                    nxt = importlib.import_module(".".join([head, *rest[: i + 1]]))
+                except ImportError:
+                    return False
+            obj = nxt
+        return True
+
+    def has_op(namespace: str, op: str) -> bool:
+        try:
+            return hasattr(getattr(torch.ops, namespace), op)
+        except (AttributeError, RuntimeError):
+            return False
+
+    parts = name.split(".")
+    if len(parts) == 1:
+        return any(hasattr(m, name) for m in (torch, torch.Tensor, torch.nn.functional, operator)) or has_op("aten", name)
+    if parts[0] == "Tensor":
+        return hasattr(torch.Tensor, parts[1])
+    if len(parts) in (2, 3) and has_op(parts[0], parts[1]):  # aten.mm, aten.mm.default, mylib.op
+        return True
+    return resolve(name)
 
 
 def _parse_inductor_config(value: Any) -> Mapping[str, Any]:
@@ -256,7 +303,18 @@ def _parse_inductor_config(value: Any) -> Mapping[str, Any]:
 
     cfg = _compat.inductor_config()
     current = cfg.get_config_copy()
-    for key in value:
+    for key, v in value.items():
         if key not in current:
             raise ValueError(f"ger option 'inductor_config': {key!r} is not a torch._inductor.config key")
+        if key == "post_grad_custom_post_pass":
+            raise ValueError("ger option 'inductor_config': 'post_grad_custom_post_pass' is ger's own (its post-grad "
+                             "passes run there); a pass of yours would be replaced, not run")
+        old = current[key]
+        ok = (isinstance(v, bool) if isinstance(old, bool) else
+              isinstance(v, int) and not isinstance(v, bool) if isinstance(old, int) else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(old, float) else
+              isinstance(v, str) if isinstance(old, str) else True)
+        if not ok:
+            raise TypeError(f"ger option 'inductor_config': {key!r} takes a {type(old).__name__} "
+                            f"(now {old!r}), got {type(v).__name__} {v!r}")
     return MappingProxyType(dict(value))

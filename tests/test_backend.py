@@ -102,6 +102,12 @@ def test_options_defaults_and_parse():
         ({"device_profile": 3}, TypeError, ["device_profile", "str"]),
         ({"dump_dir": 3}, TypeError, ["dump_dir"]),
         ({"inductor_config": {"no_such_key": 1}}, ValueError, ["no_such_key"]),
+        # stop 36: these were accepted silently (a misspelt op forced nothing; a string
+        # thread count fell back to eager at compile; the user's pass was replaced)
+        ({"eager_ops": ["torch.sinn"]}, ValueError, ["torch.sinn", "names no op"]),
+        ({"eager_ops": ["aten.no_such_op"]}, ValueError, ["aten.no_such_op"]),
+        ({"inductor_config": {"cpp.threads": "four"}}, TypeError, ["cpp.threads", "int", "four"]),
+        ({"inductor_config": {"post_grad_custom_post_pass": None}}, ValueError, ["post_grad_custom_post_pass"]),
         ({"reparameterize": 1}, TypeError, ["reparameterize", "bool"]),
         ([("strict", True)], TypeError, ["dict"]),
     ],
@@ -333,6 +339,56 @@ def test_eager_ops_cut_regions_and_keep_autograd():
     assert len(rep.eager_nodes) == 1 and "eager_ops" in rep.eager_nodes[0], rep.eager_nodes
     assert rep.regions >= 1
     assert any(i["kind"] == "backward" for i in rep.inductor)  # compiled regions were differentiated
+
+
+def _write_then_eager_sin(x):
+    y = x * 2
+    x.add_(1)  # no data edge to the eager sin below, which reads x after the write
+    return torch.sin(x) + y
+
+
+def _eager_mm_under_autocast(x, w):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.mm(x, w)
+    return y * 2
+
+
+def _eager_sin_under_no_grad(x, w):
+    y = x @ w
+    with torch.no_grad():
+        z = torch.sin(y)
+    return y + z
+
+
+@pytest.mark.parametrize("case", ["write", "autocast", "no_grad"])
+def test_eager_cut_refused_where_regions_could_reorder_writes_or_modes(case):
+    """The partitioner orders regions by data edges only: a write the eager node does not
+    depend on by an edge, or a grad/autocast block (enter/exit nodes), could land on the
+    other side of the eager node (stop-36 review: sin of the unwritten x, 0.0 vs 0.84; an
+    eager mm inside autocast ran in fp32; a no_grad block's sin took a gradient). Such a
+    graph runs eagerly as written, with a fallback that names the node."""
+    fn, eager_op, make = {
+        "write": (_write_then_eager_sin, "sin", lambda: (torch.arange(4.0),)),
+        "autocast": (_eager_mm_under_autocast, "mm", lambda: (torch.randn(4, 4), torch.randn(4, 4))),
+        "no_grad": (_eager_sin_under_no_grad, "sin",
+                    lambda: (torch.randn(3, 4), torch.randn(4, 4, requires_grad=True))),
+    }[case]
+    args, ref_args = make(), None
+    ref_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+    ref = fn(*ref_args)
+    got = torch.compile(fn, backend="ger", options={"eager_ops": [eager_op], "strict": True})(*args)
+    assert got.dtype == ref.dtype and got.requires_grad == ref.requires_grad
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(args, ref_args):  # written inputs, and the gradients through the graph
+        torch.testing.assert_close(a, b)
+    if case == "no_grad":
+        got.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(args[1].grad, ref_args[1].grad)
+    rep = ger_inductor.last_report()
+    [fb] = rep.fallbacks
+    assert fb.stage == "eager_cut" and "whole graph runs eagerly" in fb.reason, fb
+    assert ("writes a tensor in place" if case == "write" else "switches grad or autocast mode") in fb.reason
 
 
 def test_unsupported_device_runs_eagerly_rest_compiled():

@@ -86,6 +86,41 @@ def test_tuple_outputs_keep_their_positions_and_bad_input_is_refused():
         drop_logits_with_labels(lambda x: x)
 
 
+class _LossOnly(torch.nn.Module):
+    """Takes ``labels`` but is no transformers causal LM: returns the loss tensor alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        z = self.lin(x)
+        return z if labels is None else torch.nn.functional.cross_entropy(z, labels)
+
+
+_Out = __import__("collections").namedtuple("_Out", "loss logits hidden")
+
+
+class _NamedOut(_LossOnly):
+    def forward(self, x, labels=None):
+        z = self.lin(x)
+        return _Out(torch.nn.functional.cross_entropy(z, labels), z, x)
+
+
+def test_outputs_the_hook_does_not_know_are_left_as_the_module_gives_them():
+    """A bare tensor output is returned as is (the hook raised AttributeError on it); a
+    namedtuple keeps its type and fields with logits None (it became a plain tuple,
+    without ``.loss``). Stop-36 review."""
+    x, y = torch.randn(2, 4), torch.tensor([0, 2])
+    bare = _LossOnly()
+    own = bare(x, labels=y)
+    torch.testing.assert_close(drop_logits_with_labels(bare)(x, labels=y), own)
+    named = drop_logits_with_labels(_NamedOut())
+    out = named(x, labels=y)
+    assert type(out) is _Out and out.logits is None and out.hidden is x
+    torch.testing.assert_close(out.loss, restore(named)(x, labels=y).loss)
+
+
 def test_unmodified_labels_path_fuses_the_head_and_returns_the_logits():
     """No integration: Llama called with ``labels=`` returns its logits beside the loss;
     the fused op writes them as it forms them (eager's values), the loss and gradients

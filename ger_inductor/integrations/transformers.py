@@ -95,11 +95,15 @@ def _drop_logits(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any):
         labels = args[names.index("labels")]
     if labels is None:
         return out
-    if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
-        return (out[0], None, *out[2:])
-    # a new output without the logits (setting ``out.logits = None`` would leave them in
-    # the output's dict, and so among the compiled graph's outputs)
-    return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a namedtuple: its own type, logits None
+        return out._replace(logits=None) if "logits" in out._fields else out
+    if type(out) is tuple:  # return_dict=False: (loss, logits, ...)
+        return (out[0], None, *out[2:]) if len(out) >= 2 else out
+    if callable(getattr(out, "items", None)) and "logits" in out.keys():
+        # a new output without the logits (setting ``out.logits = None`` would leave them in
+        # the output's dict, and so among the compiled graph's outputs)
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+    return out  # an output this hook does not know (a tensor, ...): as the module gave it
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
