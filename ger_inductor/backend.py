@@ -101,6 +101,8 @@ def ger(
             node, what = blocker
             report.add_fallback("eager_cut", fallback.CUT_BLOCKED_WHY.format(what=what, node=node.name), node=node.name)
             report.eager_nodes = [f"{n.name} ({reason})" for n, reason in eager_nodes.items()]
+            for rec in report.passes:  # the rewrites do not run: no match stands
+                rec.matches = []
             gm.graph = pristine  # as written: eager's numbers, none of ger's rewrites
             gm.recompile()
             compiled = gm.forward

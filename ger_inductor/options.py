@@ -241,7 +241,14 @@ def _parse_eager_ops(value: Any) -> frozenset[str]:
         if isinstance(v, str):
             if not v:
                 raise ValueError("ger option 'eager_ops' holds an empty op name")
-            if not _names_an_op(v):
+            if not _names_an_op(v) and "." not in v:
+                # a short name may be a custom op's, a higher-order op's or an allowed
+                # function's (node_op_aliases gives their nodes one): said, not refused
+                import warnings
+
+                warnings.warn(f"ger option 'eager_ops': {v!r} names no torch, torch.Tensor, torch.nn.functional, "
+                              "operator or aten op; it forces only a custom op or function of that name", stacklevel=3)
+            elif not _names_an_op(v):
                 raise ValueError(
                     f"ger option 'eager_ops': {v!r} names no op (looked up in torch, torch.Tensor, "
                     "torch.nn.functional, operator, aten and the torch.ops namespaces): a misspelt name would "
@@ -310,10 +317,10 @@ def _parse_inductor_config(value: Any) -> Mapping[str, Any]:
             raise ValueError("ger option 'inductor_config': 'post_grad_custom_post_pass' is ger's own (its post-grad "
                              "passes run there); a pass of yours would be replaced, not run")
         old = current[key]
-        ok = (isinstance(v, bool) if isinstance(old, bool) else
+        ok = v is None or (isinstance(v, bool) if isinstance(old, bool) else
               isinstance(v, int) and not isinstance(v, bool) if isinstance(old, int) else
               isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(old, float) else
-              isinstance(v, str) if isinstance(old, str) else True)
+              isinstance(v, str) if isinstance(old, str) else True)  # (None: the Optional keys)
         if not ok:
             raise TypeError(f"ger option 'inductor_config': {key!r} takes a {type(old).__name__} "
                             f"(now {old!r}), got {type(v).__name__} {v!r}")

@@ -119,6 +119,14 @@ def test_bad_options_raise_clear_errors(options, exc, words):
         assert w in str(ei.value), (w, str(ei.value))
 
 
+def test_option_checks_accept_what_they_should():
+    """None for an Optional Inductor key; a short eager_ops name that is no torch op (a
+    custom op's, a higher-order op's, an allowed function's) warns instead of raising."""
+    assert GerOptions.parse({"inductor_config": {"compile_threads": None}}).inductor_config["compile_threads"] is None
+    with pytest.warns(UserWarning, match="names no torch"):
+        assert "my_custom_op" in GerOptions.parse({"eager_ops": ["my_custom_op"]}).eager_ops
+
+
 def test_bad_options_through_torch_compile():
     f = torch.compile(lambda x: x + 1, backend="ger", options={"bogus": 1})
     with pytest.raises(Exception) as ei:

@@ -420,6 +420,14 @@ def _two_log_softmaxes_subtracted(z, y):
     return F.cross_entropy(z, y) + (lp1.exp() * (lp1 - lp2)).sum(-1).mean()
 
 
+def _clamped_p_factor(z, y):
+    return F.cross_entropy(z, y) + 0.1 * (F.softmax(z, -1).clamp(min=_TINY) * F.log_softmax(z, -1)).sum(-1).mean()
+
+
+def _entr_of_clamped_p(z, y):
+    return F.cross_entropy(z, y) - 0.1 * torch.special.entr(F.softmax(z, -1).clamp(min=_TINY)).sum(-1).mean()
+
+
 #: look-alikes the evaluator read as a GER loss (stop-36 review): name -> (fn, logits, words of the near-miss)
 LOOK_ALIKES = {
     "clamped_p_at_target": (_clamped_tiny_at_target, "underflow", "clamped"),
@@ -430,7 +438,44 @@ LOOK_ALIKES = {
     "constant_of_larger_shape": (_constant_of_larger_shape, None, "not shaped like the logits"),
     "div_rounding_mode": (_div_rounding_mode, None, "rounding mode"),
     "two_log_softmaxes_subtracted": (_two_log_softmaxes_subtracted, "-inf", "-inf-carrying"),
+    "clamped_p_factor": (_clamped_p_factor, "-inf", "clamped probability as the factor"),
+    "entr_of_clamped_p": (_entr_of_clamped_p, "underflow", "entr of a clamped"),
 }
+
+
+@pytest.mark.parametrize("direction", ["u_p", "p_u"])
+def test_kl_to_a_constant_keeps_float64(direction):
+    """F.kl_div against a constant distribution on float64 logits: the per-row KL was
+    formed in float32 (1e-8 off eager; stop-36 review), now in the logits' float64."""
+    def fn(z, y):
+        if direction == "u_p":
+            lp = F.log_softmax(z, -1)
+            return F.kl_div(lp, torch.full_like(lp, 1.0 / z.shape[-1]), reduction="batchmean")
+        p = F.softmax(z, -1)
+        return F.kl_div(torch.full_like(p, -math.log(z.shape[-1])), p, reduction="sum")
+
+    z0, y = _logits(dtype=torch.float64), _targets()
+    ref, gref = _value_and_grad(fn, z0, y)
+    out, g = _value_and_grad(_compiled(fn, AOT), z0, y)
+    assert _matched() is None and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(g, gref, rtol=1e-13, atol=1e-14)
+
+
+def test_cancelled_minus_inf_terms_keep_eagers_nan():
+    """``lp - lp.clamp(min=finfo.min)``: the z terms cancel but the entry is still -inf
+    where a logit is (-inf - finfo.min); p times it is NaN eagerly. The product's NaN
+    condition now follows the -inf whatever the z coefficient (ger gave 4.61)."""
+    def fn(z, y):
+        lp = F.log_softmax(z, -1)
+        return F.cross_entropy(z, y) + (lp.exp() * (lp - lp.clamp(min=_MIN) + 1.0)).sum(-1).mean()
+
+    z0, y = _logits("-inf"), _targets()
+    ref, gref = _value_and_grad(fn, z0, y)
+    assert ref.isnan()
+    out, g = _value_and_grad(_compiled(fn, AOT), z0, y)
+    _assert_same(out, ref)
+    _assert_same(g, gref)
 
 
 @pytest.mark.parametrize("name", list(LOOK_ALIKES))

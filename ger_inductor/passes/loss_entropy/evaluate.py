@@ -223,12 +223,16 @@ class Evaluator:
             raise NotRepresentable("clamp that can change the log-probabilities")
         if t in ENTR:
             v = self.value(n.args[0])
+            if isinstance(v, Vocab) and v.clamped:
+                raise NotRepresentable("entr of a clamped probability: the clamp changes the entries it reads")
             if isinstance(v, Vocab) and v.is_(p=1.0):  # entr(p) = -p log p = -p z + p L
                 # entr(0) = 0, but its gradient -(1 + log 0) makes the row's gradient NaN
                 return Vocab(v.root, {"pz": -1.0, "p": lse_row(v.root, 1.0)}, nan=(None, v.inf))
             raise NotRepresentable("entr of something other than probabilities")
         if t in XLOGY:
             a, b = self.value(n.args[0]), self.value(n.args[1])
+            if any(isinstance(v, Vocab) and v.clamped for v in (a, b)):
+                raise NotRepresentable("xlogy of a clamped probability: the clamp changes the entries it reads")
             if isinstance(a, Vocab) and isinstance(b, Vocab) and a.is_(p=1.0) and b.is_(p=1.0) and a.root == b.root:
                 if a.inf != b.inf:
                     raise NotRepresentable("xlogy of a clamped and an unclamped probability")
@@ -351,6 +355,9 @@ class Evaluator:
             for x, y in ((a, b), (b, a)):
                 pc = x.terms.get("p")
                 if set(x.terms) <= {"p", "one"} and isinstance(pc, float):
+                    if x.clamped:  # clamp(p, min=tiny) holds tiny where eager's p is 0
+                        raise NotRepresentable("a clamped probability as the factor p of a product: the clamp "
+                                               "changes the entries it multiplies")
                     c = x.terms.get("one", 0.0)
                     if not isinstance(c, float):
                         continue
@@ -379,8 +386,9 @@ class Evaluator:
             else:
                 raise NotRepresentable("a product of probabilities (not an entropy term)")
         # p * y is NaN eagerly where p = 0 and y = -inf (0 * -inf): y's -inf rows
-        z = y.terms.get("z", 0.0)
-        cond = y.inf if (isinstance(z, (int, float)) and z != 0.0) or isinstance(z, VPoly) else None
+        # (also where y's z terms cancelled or were scaled by 0: lp - lp.clamp(min=finfo.min)
+        # or 0 * lp is still -inf (or NaN) there eagerly, and p * it NaN)
+        cond = y.inf
         return Vocab(y.root, out, y.alpha, None, join_nan(y.nan, (cond, cond)))
 
     # ---- reductions over the classes

@@ -475,7 +475,10 @@ def _rewrite(gm: fx.GraphModule, root: Root, group: list[Candidate], plan: Plan,
             else:
                 like = _viewed(g, c.root, views_cache)
                 coefs = tuple(sorted((k, v.encode() if isinstance(v, VPoly) else v) for k, v in c.row.coefs.items()))
-                out_dtype = _dtype(c.node) if c.kind == "row" else torch.float32
+                # a kl_div's per-row KL (reduced after): fp32, fp64 for fp64 logits (fp32 lost
+                # 1e-8 of a float64 KL, stop-36 review)
+                out_dtype = _dtype(c.node) if c.kind == "row" else (
+                    torch.float64 if _dtype(c.root.base) == torch.float64 else torch.float32)
                 nan_kw = {"nan": c.row.nan} if c.row.nan != (None, None) else {}
                 if plan.lse_inf_out and _bare_lse(c):
                     nan_kw["lse_raw"] = True
@@ -559,18 +562,22 @@ _SCALED = {"mul", "div", "__mul__", "__rmul__", "__truediv__", torch.mul, torch.
 EAGER_SAVES_LOGITS = "ger_eager_saves_logits"
 
 
-def _guard_row_outputs(g: fx.Graph, stats: fx.Node, logits: fx.Node) -> None:
-    """Each floating row output of ``stats`` (a ``losses.row_stats`` call) read through
-    ``ger::version_guard(out, [logits])``: the backward of any of them checks the logits'
-    version (``protect_saved_logits``)."""
+def _guard_row_outputs(g: fx.Graph, stats: fx.Node, logits: fx.Node) -> bool:
+    """Each floating row output of ``stats`` (a ``losses.row_stats`` call) that requires
+    grad read through ``ger::version_guard(out, [logits])``: the backward of any of them
+    checks the logits' version (``protect_saved_logits``). Whether any was guarded (none
+    in a graph traced under no_grad)."""
+    guarded_any = False
     for u in list(stats.users):
         val = _val(u)
-        if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+        if not (isinstance(val, torch.Tensor) and val.is_floating_point() and val.requires_grad):
             continue
+        guarded_any = True
         with g.inserting_after(u):
             guarded = g.call_function(torch.ops.ger.version_guard.default, (u, [logits]))
         graph.copy_meta(guarded, u, values=True)
         u.replace_all_uses_with(guarded, delete_user_cb=lambda user: user is not guarded)
+    return guarded_any
 
 
 def _eager_saves_logits(logits: fx.Node, nodes) -> bool:
@@ -638,8 +645,8 @@ def protect_saved_logits(gm: fx.GraphModule) -> list[str]:
             # (it would hold N x V where Inductor holds the input itself): the op's row
             # outputs pass a version check of the logits (O(rows) copies), so the write
             # raises autograd's error, as plain Inductor's cross-entropy does
-            _guard_row_outputs(g, n, logits)
-            copied.append(f"{n.name} (version check)")
+            if _guard_row_outputs(g, n, logits):
+                copied.append(f"{n.name} (version check)")
             continue
         if base not in returned:
             continue
