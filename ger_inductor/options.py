@@ -241,14 +241,15 @@ def _parse_eager_ops(value: Any) -> frozenset[str]:
         if isinstance(v, str):
             if not v:
                 raise ValueError("ger option 'eager_ops' holds an empty op name")
-            if not _names_an_op(v) and "." not in v:
+            known = _names_an_op(v)
+            if not known and "." not in v:
                 # a short name may be a custom op's, a higher-order op's or an allowed
                 # function's (node_op_aliases gives their nodes one): said, not refused
                 import warnings
 
                 warnings.warn(f"ger option 'eager_ops': {v!r} names no torch, torch.Tensor, torch.nn.functional, "
                               "operator or aten op; it forces only a custom op or function of that name", stacklevel=3)
-            elif not _names_an_op(v):
+            elif not known:
                 raise ValueError(
                     f"ger option 'eager_ops': {v!r} names no op (looked up in torch, torch.Tensor, "
                     "torch.nn.functional, operator, aten and the torch.ops namespaces): a misspelt name would "
