@@ -36,9 +36,9 @@ class Head(torch.nn.Module):
         return F.cross_entropy(self.head(torch.tanh(self.proj(x))), y, label_smoothing=0.1)
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, rows=N):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, H, generator=g), torch.randint(0, V, (N,), generator=g)
+    return torch.randn(rows, H, generator=g), torch.randint(0, V, (rows,), generator=g)
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def _rewrite(model, store, rows=N, backward=True, **options):
     reports = []
     f = torch.compile(model, backend=rewrite_backend({"autotune": True, "autotune_store": store, **options},
                                                      reports=reports))
-    x, y = _inputs()
+    x, y = _inputs(rows=max(rows, N))
     loss = f(x[:rows], y[:rows])
     if backward and loss.requires_grad:
         loss.backward()
@@ -355,25 +355,29 @@ def test_measured_forms_compute_the_same_values(store, monkeypatch, model_cls, g
 
 
 
-def test_returned_logits_try_lean_chunks_then_the_largest(store, monkeypatch):
+@pytest.mark.parametrize("rows, slower", [(N, 1), (2 * N, 1), (2 * N, 2)])
+def test_returned_logits_try_lean_chunks_then_larger_ones(store, monkeypatch, rows, slower):
     """Logits returned: the lean chunking (a quarter of the rows, at least 128) is
-    measured first; slower, the largest chunk the memory rule allows is measured next,
-    and kept where it is not slower. Each chunking is a decision of its own."""
+    measured first; where it is slower, half of the rows per chunk, then the largest
+    chunk the memory rule allows (equal chunkings once): the first that is not slower
+    is kept. Each chunking is a decision of its own. (``slower``: how many of the
+    forms measure slower.)"""
     calls = []
 
     def fake_compile_and_time(forms, device, patches):
         calls.append(forms)
-        ger = 130.0 if len(calls) == 1 else 100.0  # lean chunks: slower; one chunk: a tie
+        ger = 130.0 if len(calls) <= slower else 100.0  # slower, then a tie
         return {"ger": _timing(ger), "inductor": _timing(100.0)}
 
     monkeypatch.setattr(autotune, "compile_and_time", fake_compile_and_time)
     torch.manual_seed(0)
-    report, _ = _rewrite(HeadLogits(), store, backward=False)
-    assert len(calls) == 2
-    assert [d["choice"] for d in report.decisions] == ["inductor", "ger"]
+    report, _ = _rewrite(HeadLogits(), store, rows=rows, backward=False)
+    chunkings = [rows // c for c in ([2, 1] if rows == N else [4, 2, 1])]  # 128 rows at least
+    assert len(calls) == slower + 1
+    assert [d["choice"] for d in report.decisions] == ["inductor"] * slower + ["ger"]
     keys = [json.loads(d["key"])["site"] for d in report.decisions]
-    assert [k["chunks"] for k in keys] == [2, 1] and all(k["returned"] for k in keys)
-    assert report.match_count("lm_head") == 1 and report.matches[-1].detail["chunk"] == N
+    assert [rows // k["chunks"] for k in keys] == chunkings[:slower + 1] and all(k["returned"] for k in keys)
+    assert report.match_count("lm_head") == 1 and report.matches[-1].detail["chunk"] == chunkings[slower]
 
 
 # ----------------------------------------------------------------------------- whole inference graphs (conv eval)

@@ -1031,9 +1031,10 @@ def _prior(plan: Plan, ctx) -> str | None:
 def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
     """Whether the site is rewritten: ``lm_head_chunk`` forces it; else the measured
     decision (``autotune``) where the site can be measured, else the profile's prior.
-    Where the logits are returned there are two fused forms, lean chunks first (a quarter
-    of the rows) and then the largest chunk the memory rule allows: the first that is
-    not slower than Inductor's form beyond noise is kept (``plan.chunk``)."""
+    Where the logits are returned there are up to three fused forms, leanest first: a
+    quarter of the rows per chunk, half of them, and the largest chunk the memory rule
+    allows; the first that is not slower than Inductor's form beyond noise is kept
+    (``plan.chunk``)."""
     if ctx.options.lm_head_chunk is not None:
         return True
     prior = _prior(plan, ctx)
@@ -1048,8 +1049,10 @@ def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
     N = shapes.hint(_val(plan.target).numel())
     V = shapes.hint(_val(plan.chain[0]).shape[-1])
     chunks = [_chunk_rows(ctx, V, N, plan, lean=True)]
-    if plan.returned and _chunk_rows(ctx, V, N, plan) != chunks[0]:
-        chunks.append(_chunk_rows(ctx, V, N, plan))
+    if plan.returned:
+        for c in (_chunk_rows(ctx, V, N, plan, lean=True, parts=2), _chunk_rows(ctx, V, N, plan)):
+            if c not in chunks:
+                chunks.append(c)
     d = None
     for chunk in chunks:
         site = _site_class(gm, plan, ctx, chunk)
@@ -1129,16 +1132,18 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx, chunk: int | None) -> dict 
             **({"symbolic_rows": True} if symbolic else {})}
 
 
-def _chunk_rows(ctx, V, rows, plan: Plan, lean: bool = False) -> int:
+def _chunk_rows(ctx, V, rows, plan: Plan, lean: bool = False, parts: int = 4) -> int:
     """Rows per chunk of the fused op: the profile's (or the option's), at most the rows.
     Where the logits are returned, the op's chunk buffers (the compute-dtype logits, a
     second one for the entropy and general-alpha terms, a low-precision copy of the
     gradient for bf16/fp16) hold at most one N x V tensor of the logits' dtype, half of
     what Inductor's unfused step adds to the logits (their zero gradient and the loss's);
-    ``lean``: at most a quarter of the rows (at least 128) as well. Chunks cost time on
+    ``lean``: at most 1/``parts`` of the rows (at least 128) as well. Chunks cost time on
     the CPU (2048 x 512 x 32000 fp32, warm allocator: a quarter of the rows per chunk
     1.05x Inductor's step, one chunk 1.01x; at 512 x 256 x 32000 the quarter was the
-    faster), so the selection measures both (``_selected``)."""
+    faster), so the selection measures them in turn (``_selected``). Peak of a Qwen3
+    config's ``labels=`` step (512 x 256 x 32000 fp32, logits returned; Inductor 138
+    MiB): a quarter 60 MiB, half 75, one chunk 106."""
     chunk = fleet.lm_head_chunk(ctx.profile, V, ctx.options.lm_head_chunk)
     if isinstance(rows, int) and rows > 0 and chunk:
         chunk = min(chunk, rows)
@@ -1149,7 +1154,7 @@ def _chunk_rows(ctx, V, rows, plan: Plan, lean: bool = False) -> int:
             per_row = csz * (2 if (plan.extras or plan.alpha != 1.0) else 1) + (isz if isz < csz else 0)
             chunk = max(1, min(chunk, (rows * isz) // per_row))
             if lean:
-                chunk = min(chunk, max(128, -(-rows // 4)))
+                chunk = min(chunk, max(128, -(-rows // parts)))
     return chunk
 
 
