@@ -1,4 +1,4 @@
-"""``python -m ger_inductor``: env | demo | dump SCRIPT | fleet.
+"""``python -m ger_inductor``: env | demo | dump SCRIPT | fleet | decisions.
 
     python -m ger_inductor env               versions, devices, detected profiles (for bug reports)
     python -m ger_inductor demo [--quick] [--only WORD] [--scale F]
@@ -6,6 +6,8 @@
     python -m ger_inductor dump [--out DIR] SCRIPT [ARGS...]
                                              run a script; every graph ger compiles is dumped
     python -m ger_inductor fleet [--json]    the strategy each pattern family uses per device profile
+    python -m ger_inductor decisions list|export FILE|import FILE|clear
+                                             the measured strategy decisions of this machine's store
 """
 
 from __future__ import annotations
@@ -131,6 +133,13 @@ def cmd_fleet(args) -> int:
 
 
 def cmd_decisions(args) -> int:
+    try:
+        return _decisions(args)
+    except (OSError, ValueError) as e:  # a missing / unreadable / foreign file: one line, no traceback
+        raise SystemExit(f"python -m ger_inductor decisions {args.action}: {e}") from None
+
+
+def _decisions(args) -> int:
     from ger_inductor import autotune
 
     store = args.store or autotune.default_store_path()

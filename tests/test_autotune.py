@@ -177,6 +177,12 @@ def test_export_import_round_trip_and_cli(store, tmp_path, capsys):
     assert ger_inductor.decisions(other)[0]["choice"] == "inductor"
     assert cli(["decisions", "clear", "--store", other]) == 0
     assert autotune.load(other) == {}
+    # a missing or foreign file: one line naming it, no traceback
+    with pytest.raises(SystemExit, match=r"decisions import: .*No such file.*missing\.json"):
+        cli(["decisions", "import", str(tmp_path / "missing.json"), "--store", other])
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(SystemExit, match="decisions import: .*not a ger decision export"):
+        cli(["decisions", "import", str(tmp_path / "bad.json"), "--store", other])
 
 
 def test_key_names_device_kind_torch_version_and_site():
