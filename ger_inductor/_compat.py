@@ -511,3 +511,31 @@ def autograd_function_hop():
     ``torch.autograd.Function`` it traced: forward and backward bodies as submodules), or
     None where this torch has none."""
     return getattr(torch.ops.higher_order, "autograd_function_apply", None)
+
+
+def profiler_active() -> bool:
+    """Whether a torch profiler session (the user's ``torch.profiler.profile``) is
+    recording in this thread: ger must not start or stop one of its own then."""
+    try:
+        return bool(torch._C._autograd._profiler_enabled())
+    except AttributeError:  # another layout: assume one is, and leave it alone
+        return True
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether elements of ``t`` share memory (a stride-0 ``expand``): such a tensor
+    cannot be copied into with ``copy_`` (2: torch cannot tell; counted as overlapping)."""
+    return torch._debug_has_internal_overlap(t) != 0
+
+
+def autocast_state() -> dict[str, Any]:
+    """The autocast state compiled code depends on: enabled and its dtype, per device
+    type that has one here."""
+    out: dict[str, Any] = {}
+    for dt in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(dt):
+                out[dt] = str(torch.get_autocast_dtype(dt))
+        except (RuntimeError, TypeError, AttributeError):
+            continue
+    return out

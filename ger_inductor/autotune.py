@@ -61,6 +61,11 @@ MAX_REPEAT = 20
 CHOICES = ("ger", "inductor")
 
 
+class NotMeasured(Exception):
+    """Raised by a measurement that must not run now (the reason is its message): the
+    caller keeps its prior, nothing is stored."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
     """Milliseconds of one form's step: median, min and max of the interleaved rounds."""
@@ -139,6 +144,12 @@ def enabled_by_default() -> bool:
     return v not in ("0", "false", "off", "no", "")
 
 
+def store_path(option: str | None) -> str:
+    """The store a compile uses: the option ``autotune_store`` (made absolute: a later
+    compile from another working directory finds the same file), else the default."""
+    return os.path.abspath(option) if option else default_store_path()
+
+
 def default_store_path() -> str:
     env = os.environ.get(STORE_ENV)
     if env:
@@ -153,8 +164,25 @@ def site_key(family: str, profile: DeviceProfile, shape_class: dict[str, Any]) -
                       sort_keys=True, default=str)
 
 
-def _decision_from(entry: dict[str, Any], key: str, source: str) -> Decision:
-    return Decision(entry["family"], key, entry["choice"], Timing(**entry["ger"]), Timing(**entry["inductor"]),
+def _timing_from(d: Any) -> Timing:
+    """A stored timing, checked: finite non-negative milliseconds, a positive count of
+    calls, a peak that is a number or None (ValueError otherwise: the entry is not used)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a timing must be an object, got {type(d).__name__}")
+    t = Timing(**d)
+    ms = (t.median_ms, t.min_ms, t.max_ms) + (() if t.peak_mib is None else (t.peak_mib,))
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in ms):
+        raise ValueError(f"a timing's figures must be finite non-negative numbers, got {d!r}")
+    if not isinstance(t.calls, int) or isinstance(t.calls, bool) or t.calls < 1:
+        raise ValueError(f"a timing's calls must be a positive int, got {t.calls!r}")
+    return t
+
+
+def _decision_from(entry: Any, key: str, source: str) -> Decision:
+    """A stored entry as a Decision (KeyError / TypeError / ValueError where it is not one)."""
+    if not isinstance(entry, dict) or entry.get("choice") not in CHOICES or not isinstance(entry.get("family"), str):
+        raise ValueError(f"not a decision: {entry!r}"[:200])
+    return Decision(entry["family"], key, entry["choice"], _timing_from(entry["ger"]), _timing_from(entry["inductor"]),
                     source)
 
 
@@ -166,7 +194,7 @@ def load(path: str) -> dict[str, dict[str, Any]]:
             data = json.load(f)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         log.warning("ger autotune: cannot read the decision store %s (%s); measuring afresh", path, e)
         return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("decisions"), dict):
@@ -237,8 +265,10 @@ def import_decisions(path: str, store: str | None = None) -> int:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("decisions"), dict):
         raise ValueError(f"{path} is not a ger decision export of format {FORMAT}")
     for k, e in data["decisions"].items():
-        if not isinstance(e, dict) or e.get("choice") not in CHOICES:
-            raise ValueError(f"{path}: entry {k!r} is not a decision")
+        try:
+            _decision_from(e, k, "stored")
+        except (KeyError, TypeError, ValueError) as why:
+            raise ValueError(f"{path}: entry {k!r} is not a decision ({why})") from None
     save(store or default_store_path(), data["decisions"])
     _memo.clear()
     return len(data["decisions"])
@@ -275,24 +305,33 @@ def fits(device: torch.device, nbytes: int) -> bool:
 _memo: dict[tuple[str, str], Decision] = {}
 
 
+def lookup(key: str, store: str) -> Decision | None:
+    """The decision for ``key`` from this process's memo or the store (an entry that is
+    not a well-formed decision is ignored: measured afresh), or None."""
+    hit = _memo.get((store, key))
+    if hit is not None:
+        return dataclasses.replace(hit, source="memo", seconds=0.0)
+    entry = load(store).get(key)
+    if entry is None:
+        return None
+    try:
+        d = _decision_from(entry, key, "stored")
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("ger autotune: ignoring a malformed entry of %s (%s); measuring afresh", store, e)
+        return None
+    _memo[(store, key)] = d
+    return d
+
+
 def decide(family: str, key: str, measure: Callable[[], tuple[Timing, Timing]], store: str,
            fused_leaner: bool = True) -> Decision:
     """The decision for ``key``: from this process's memo, the store, or ``measure()``
     (which returns the two forms' timings, or raises: the caller falls back to its
     prior) and :func:`choose`. A new measurement is saved to the store. (``key`` must
     determine ``fused_leaner``: a stored decision is reused as it is.)"""
-    hit = _memo.get((store, key))
-    if hit is not None:
-        return dataclasses.replace(hit, source="memo", seconds=0.0)
-    entry = load(store).get(key)
-    if entry is not None:
-        try:
-            d = _decision_from(entry, key, "stored")
-        except (KeyError, TypeError):
-            d = None
-        if d is not None and d.choice in CHOICES:
-            _memo[(store, key)] = d
-            return d
+    d = lookup(key, store)
+    if d is not None:
+        return d
     t0 = time.perf_counter()
     ger, ind = measure()
     d = Decision(family, key, choose(ger, ind, fused_leaner=fused_leaner), ger, ind, "measured",
@@ -371,41 +410,78 @@ def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patch
 GRAPH_FAMILY = "graph"
 
 
-def graph_shape_class(code: str, example_inputs, options_key: str, sources: str) -> dict[str, Any]:
+def compile_context(config_patches: dict[str, Any]) -> dict[str, Any]:
+    """What besides the graph shapes the compiled code and its speed, for a decision's key:
+    Inductor's settings as the backend patches them (the mode's, the option
+    ``inductor_config``; functions left out), the autocast state and the thread count."""
+    cfg = {k: repr(v) for k, v in sorted(config_patches.items()) if not callable(v)}
+    return {"config": cfg, "autocast": _compat.autocast_state(), "threads": torch.get_num_threads()}
+
+
+def graph_shape_class(code: str, example_inputs, options_key: str, sources: str,
+                      context: dict[str, Any] | None = None) -> dict[str, Any]:
     """The shape class of a whole graph: a hash of its code (before ger's passes), of its
     inputs' shapes, strides, dtypes and requires_grad, of the grad mode (the same code
-    compiles to an inference graph or a forward and a backward), of the options that
+    compiles to an inference graph or a forward and a backward), of ``context``
+    (:func:`compile_context`), of the options that
     shape ger's rewrites and of ger's sources (a changed ger measures again)."""
     import hashlib
 
     meta = [(tuple(x.shape), tuple(x.stride()), str(x.dtype), x.device.type, x.requires_grad)
             if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs]
     grad = torch.is_grad_enabled()
-    digest = hashlib.sha256(json.dumps([code, meta, grad, options_key, sources], default=str).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([code, meta, grad, options_key, sources, context or {}], default=str,
+                                       sort_keys=True).encode()).hexdigest()
     return {"graph": digest[:32], "inputs": len(meta), "grad": grad}
 
 
 def _twin(x: Any) -> Any:
-    """A tensor input's stand-in for the timing calls: the same sizes, strides, dtype,
-    device and requires_grad, the same values, its own storage (a graph that writes its
-    inputs - a train BN's running statistics - writes the twin; a backward accumulates
-    into the twin's .grad)."""
+    """A written tensor input's stand-in for the timing calls: the same sizes, strides,
+    dtype, device and requires_grad, the same values, its own storage (a graph that
+    writes its inputs - a train BN's running statistics - writes the twin; a backward
+    accumulates into the twin's .grad). An input whose elements overlap (a stride-0
+    ``expand``) gets a copy of the memory its elements span, viewed alike."""
     if not isinstance(x, torch.Tensor):
         return x
-    t = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
     with torch.no_grad():
-        t.copy_(x)
+        if x.numel() and _compat.has_internal_overlap(x):
+            extent = 1 + sum((n - 1) * st for n, st in zip(x.size(), x.stride()))
+            flat = torch.empty(extent, dtype=x.dtype, device=x.device)
+            flat.copy_(x.as_strided((extent,), (1,), x.storage_offset()))
+            t = flat.as_strided(x.size(), x.stride())
+        else:
+            t = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+            t.copy_(x)
     return t.requires_grad_(x.requires_grad)
+
+
+def _alias(x: Any) -> Any:
+    """An input the graph does not write: the timing calls read its storage (no copy) as
+    a leaf of its own, so a backward accumulates into the stand-in's .grad, never the
+    user's."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.detach().requires_grad_(x.requires_grad)
+
+
+def twin_bytes(example_inputs: list, written: set[int] | None) -> int:
+    """Bytes the timing calls' copies of the written inputs take (``written``: their
+    indices; None: every input)."""
+    return sum(x.numel() * x.element_size() for i, x in enumerate(example_inputs)
+               if isinstance(x, torch.Tensor) and (written is None or i in written))
 
 
 def compile_and_time_graphs(forms: dict[str, Any], example_inputs: list, device: torch.device,
                             compile_fn: Callable[[str, Any, list], Callable[..., Any]],
                             on_call: Callable[[str], None] = lambda name: None,
+                            written: set[int] | None = None,
                             ) -> tuple[dict[str, Timing], dict[str, Callable[..., Any]]]:
     """Whole graphs: compile each form with ``compile_fn(name, graph, example_inputs)``
     (the real example inputs, so the compiled code's assumptions are the graph's own)
-    and time a call on twins of the inputs (:func:`_twin`), with a backward (of ones) of
-    every output that requires grad, in interleaved rounds. ``on_call(name)`` runs after
+    and time a call on stand-ins of the inputs, with a backward (of ones) of every output
+    that requires grad, in interleaved rounds. The forms share one set of stand-ins:
+    copies (:func:`_twin`) of the inputs a form may write (``written``: their indices;
+    None: all), the others read in place (:func:`_alias`). ``on_call(name)`` runs after
     each compile and each call (a lazily compiled backward belongs to that form).
     Then one more call of each with its allocations recorded (``peak_mib``: a form that
     allocates more than the other beyond the memory tolerance is not kept, see
@@ -416,14 +492,15 @@ def compile_and_time_graphs(forms: dict[str, Any], example_inputs: list, device:
         for name, gm in forms.items():
             compiled[name] = compile_fn(name, gm, list(example_inputs))
             on_call(name)
-        twins = {name: [_twin(x) for x in example_inputs] for name in forms}
+        stand_ins = [_twin(x) if written is None or i in written else _alias(x)
+                     for i, x in enumerate(example_inputs)]
 
         def step(name: str) -> None:
-            out = compiled[name](*twins[name])
+            out = compiled[name](*stand_ins)
             leaves = [o for o in _compat.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
             if leaves:
                 torch.autograd.backward(leaves, [torch.ones_like(o) for o in leaves])
-                for t in twins[name]:
+                for t in stand_ins:
                     if isinstance(t, torch.Tensor):
                         t.grad = None
             on_call(name)

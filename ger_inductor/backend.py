@@ -60,7 +60,7 @@ def ger(
     pristine = passes.snapshot_graph(gm.graph)
     functorch_depth = _compat.functorch_layer_depth()
     try:
-        profile = _rewrite(gm, example_inputs, settings, report, dumper, devices)
+        profile = _rewrite(gm, example_inputs, settings, report, dumper, devices, mode_patches)
         # graph outputs whose autograd must be attached outside the compiled graph
         reattach = passes.detach_outputs(gm)
         shape_patches, report.dynamic_shapes = shapes.inductor_patches(gm, example_inputs)
@@ -165,9 +165,12 @@ def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequen
     device = fleet.devices_of(list(example_inputs))[0]
     baseline = fx.GraphModule(gm, passes.snapshot_graph(pristine))
     rewritten = fx.GraphModule(gm, passes.snapshot_graph(gm.graph))
-    shape_class = autotune.graph_shape_class(baseline.code, example_inputs, settings.cache_key(), passes.sources_hash())
+    shape_class = autotune.graph_shape_class(baseline.code, example_inputs, settings.cache_key(), passes.sources_hash(),
+                                             autotune.compile_context(config_patches))
     key = autotune.site_key(autotune.GRAPH_FAMILY, profile, shape_class)
-    store = settings.autotune_store or autotune.default_store_path()
+    store = autotune.store_path(settings.autotune_store)
+    # the timing calls copy only the inputs a form may write (a train BN's statistics)
+    written = passes.written_inputs([baseline, rewritten])
     compiled: dict[str, Callable[..., Any]] = {}
     n0 = len(report.inductor)
 
@@ -179,13 +182,24 @@ def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequen
             entry.setdefault("_form", name)
 
     def measure():
+        # (only where no decision is stored or remembered)
+        if not autotune.fits(device, autotune.twin_bytes(list(example_inputs), written)):
+            raise autotune.NotMeasured("not enough free memory for the timing calls' copies of the inputs the "
+                                       "graph writes")
+        if device.type == "cpu" and _compat.profiler_active():
+            raise autotune.NotMeasured("a profiler is recording: the timing calls would join its profile, and "
+                                       "measuring memory would end its session")
         t, fns = autotune.compile_and_time_graphs({"ger": rewritten, "inductor": baseline}, list(example_inputs),
-                                                  device, compile_form, tag)
+                                                  device, compile_form, tag, written)
         compiled.update(fns)
         return t["ger"], t["inductor"]
 
     try:
         d = autotune.decide(autotune.GRAPH_FAMILY, key, measure, store, fused_leaner=False)
+        passes.record_graph_decision(gm, pristine, report, d, profile)
+    except autotune.NotMeasured as e:
+        passes.note_graph_selection(report, f"prior ({e})")
+        return None
     except Exception as e:  # noqa: BLE001 - a failed measurement keeps the rewrites (the prior)
         if settings.strict:
             raise
@@ -193,13 +207,13 @@ def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequen
         report.add_fallback("autotune", "timing the graph with and without ger's conv rewrites failed; the "
                             "rewrites are kept (the prior)", exc=e)
         return None
-    passes.record_graph_decision(gm, pristine, report, d, profile)
     # measured now: only the kept form's Inductor entries describe this graph's code
     report.inductor[n0:] = [e for e in report.inductor[n0:] if e.pop("_form", d.choice) == d.choice]
     return compiled.get(d.choice)
 
 
-def _rewrite(gm, example_inputs, settings: GerOptions, report, dumper, devices) -> fleet.DeviceProfile:
+def _rewrite(gm, example_inputs, settings: GerOptions, report, dumper, devices,
+             mode_patches: dict[str, Any] | None = None) -> fleet.DeviceProfile:
     profile = fleet.select_profile(devices, settings.device_profile)
     report.profile = profile.to_json_dict()
     report.symbolic_inputs = shapes.symbolic_inputs(gm)
@@ -208,7 +222,8 @@ def _rewrite(gm, example_inputs, settings: GerOptions, report, dumper, devices) 
         report.add_fallback("functorch", fallback.FUNCTORCH_WHY.format(op=transform.name), node=transform.name)
         return profile
     # nodes the user forces to eager (or devices without Inductor) are not rewritten
-    ctx = passes.PassContext(settings, profile, report, eager=fallback.plan_eager_nodes(gm, settings))
+    ctx = passes.PassContext(settings, profile, report, eager=fallback.plan_eager_nodes(gm, settings),
+                             mode_patches=dict(mode_patches or {}))
     passes.run_pipeline(gm, ctx, dumper)
     return profile
 

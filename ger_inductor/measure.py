@@ -114,10 +114,15 @@ def peak_alloc_bytes(step: Callable[[], Any], device: torch.device) -> int | Non
     ``max_memory_allocated``; on CPUs the running sum of the profiler's allocation and
     free records (``profile_memory``: every c10 CPU allocation, Inductor's buffers
     included; a library's own scratch memory, e.g. oneDNN's, is not seen). None where
-    neither is available."""
+    neither is available, and on CPUs while a profiler records already (the user's: a
+    second session would end it)."""
     if device.type == "cuda":
         return peak_extra_bytes(step, device)
     if device.type != "cpu":
+        return None
+    from . import _compat
+
+    if _compat.profiler_active():  # the user's profiler: starting and stopping ours would end its session
         return None
     from torch.profiler import ProfilerActivity, profile
 

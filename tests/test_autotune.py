@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -599,6 +600,149 @@ def test_measured_graph_that_writes_its_input_writes_it_once(store):
     assert rep.decisions and rep.decisions[0]["source"] == "measured"
     torch.testing.assert_close(x, x_eager, rtol=0, atol=0)
     torch.testing.assert_close(out, ref)
+
+
+def test_written_inputs_are_copied_the_others_read_in_place():
+    """The timing calls copy only the inputs a form may write (one set shared by both
+    forms): a train BN's running statistics and an input written in place, not an eval
+    net's weights; an input whose elements overlap (a stride-0 expand) is copied as the
+    memory it spans, viewed alike."""
+    from ger_inductor import passes
+
+    def written(model, *xs, train=False):
+        seen = []
+
+        def backend(gm, example_inputs):
+            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+            seen.append(sorted(names[i] for i in passes.written_inputs([gm])))
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend)(*xs)
+        return seen[0]
+
+    x = torch.randn(2, 3, 8, 8)
+    assert written(_conv_net(), x) == []  # eval: nothing is written
+    w = written(_conv_net().train(), x)
+    assert len(w) == 6 and all("running" in n or "num_batches" in n for n in w), w  # two BNs x 3 buffers
+
+    def scale(x):
+        x.mul_(2.0)
+        return x.sum()
+
+    assert written(scale, x.clone()) == ["l_x_"]
+    y = torch.randn(1, 3, 4, 4).expand(5, 3, 4, 4)[1:]
+    t = autotune._twin(y)
+    assert t.shape == y.shape and t.stride() == y.stride() and t.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+    torch.testing.assert_close(t, y, rtol=0, atol=0)
+    p = torch.nn.Parameter(torch.randn(3))
+    a = autotune._alias(p)
+    assert a.data_ptr() == p.data_ptr() and a.requires_grad and a.is_leaf and a is not p
+    assert autotune.twin_bytes([x, p, 3], {1}) == 12
+
+
+def test_expanded_input_is_measured_with_eager_numbers(store):
+    """A stride-0 input (``expand``) of a measured graph: the timing calls get a copy
+    of the memory it spans (a copy into an empty_strided twin raised, which strict turned
+    into a compile error where eager runs)."""
+    model = _conv_net()
+    x = torch.randn(1, 3, 8, 8).expand(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    rep, out = _compile_conv(model, store, x)
+    assert rep.decisions and rep.decisions[0]["source"] == "measured"
+    torch.testing.assert_close(out, ref)
+
+
+def test_a_users_profiler_session_is_left_alone(store):
+    """Under the user's torch.profiler (CPU), a graph with no stored decision is not
+    measured (measuring memory would start and stop a profiler of ours, ending the
+    user's session; the timing calls would join the profile): the prior, with the reason,
+    and the user's profile keeps its events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _conv_net()
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    fn = torch.compile(model, backend="ger", options={"strict": True, "autotune": True, "autotune_store": store})
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.no_grad():
+        out = fn(x)
+    rep = ger_inductor.last_report()
+    assert not rep.decisions and autotune.load(store) == {}
+    assert rep.passes[0].strategy["graph_selection"].startswith("prior (a profiler is recording"), rep.passes[0].strategy
+    assert any(e.key.startswith("aten::") for e in prof.key_averages())
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+
+
+def test_graph_key_tells_compile_contexts_apart(store, monkeypatch):
+    """The whole-graph key holds what else shapes the compiled code: the mode's Inductor
+    settings, the autocast state, the thread count. Each context measures its own."""
+    calls = []
+
+    def fake(forms, example_inputs, device, compile_fn, on_call=lambda n: None, written=None):
+        calls.append(written)
+        return {"ger": _timing(1.0), "inductor": _timing(2.0)}, {}
+
+    monkeypatch.setattr(autotune, "compile_and_time_graphs", fake)
+    model = _conv_net()
+    x = torch.randn(2, 3, 8, 8)
+    keys = []
+
+    # (torch.compile takes a mode or options, not both: the mode's run takes the env's)
+    monkeypatch.setenv(autotune.STORE_ENV, store)
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+
+    def run(mode=None):
+        torch._dynamo.reset()
+        ger_inductor.clear_reports()
+        fn = (torch.compile(model, backend="ger", mode=mode) if mode else
+              torch.compile(model, backend="ger", options={"strict": True, "autotune": True}))
+        with torch.no_grad():
+            fn(x)
+        (d,) = ger_inductor.last_report().decisions
+        keys.append(d["key"])
+        return d["source"]
+
+    assert run() == "measured"
+    assert run() == "memo"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1) if threads > 1 else 2)
+    try:
+        assert run() == "measured"
+    finally:
+        torch.set_num_threads(threads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert run() == "measured"
+    assert run(mode="max-autotune-no-cudagraphs") == "measured"
+    assert len(set(keys)) == 4 and calls == [set()] * 4  # an eval graph: no input is copied
+    ctx = autotune.compile_context({"max_autotune": True, "post_grad_custom_post_pass": lambda g: None})
+    assert ctx["config"] == {"max_autotune": "True"} and ctx["threads"] == torch.get_num_threads()
+
+
+def test_malformed_stored_entries_are_measured_afresh_and_refused_on_import(store, tmp_path):
+    """A stored entry whose timings are not numbers (a hand-edited or foreign store) is
+    ignored (measured afresh), never served; an export holding one is refused whole."""
+    good = autotune.decide("graph", "k", lambda: (_timing(1.0), _timing(2.0)), store)
+    entries = autotune.load(store)
+    for bad in ("fast", None, float("nan"), -1.0):
+        entries["k"]["ger"]["median_ms"] = bad
+        autotune.save(store, {"k": entries["k"]})
+        autotune._memo.clear()
+        d = autotune.decide("graph", "k", lambda: (_timing(3.0), _timing(2.0)), store)
+        assert d.source == "measured" and d.choice == "inductor", bad
+    assert good.choice == "ger"
+    entries = autotune.load(store)
+    entries["k"]["inductor"]["calls"] = "many"
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"format": autotune.FORMAT, "decisions": entries}))
+    with pytest.raises(ValueError, match="entry 'k' is not a decision"):
+        autotune.import_decisions(str(path), str(tmp_path / "other.json"))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    assert autotune.load(str(deep)) == {}
+    assert autotune.store_path("rel/decisions.json") == os.path.abspath("rel/decisions.json")
 
 
 def test_graph_key_tells_grad_modes_and_requires_grad_apart():

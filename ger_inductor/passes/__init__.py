@@ -45,6 +45,8 @@ class PassContext:
     #: nodes that must run eagerly (eager_ops, devices without Inductor) -> why;
     #: passes leave them alone
     eager: dict = dataclasses.field(default_factory=dict)
+    #: Inductor settings the backend's mode implies (a measurement compiles with them)
+    mode_patches: dict = dataclasses.field(default_factory=dict)
 
     def eager_reason(self, node) -> str | None:
         return self.eager.get(node)
@@ -319,6 +321,22 @@ def graph_selection_scope(gm: fx.GraphModule, example_inputs, options: GerOption
     return ""
 
 
+def written_inputs(gms: list[fx.GraphModule]) -> set[int]:
+    """Indices of the placeholders that any of ``gms`` (forms of one graph, placeholders
+    alike) may write in place, through any alias (``graph.Effects``: an op of unknown
+    effect counts as writing all it reads)."""
+    from . import graph
+
+    out: set[int] = set()
+    for gm in gms:
+        eff = graph.Effects(gm)
+        written = frozenset().union(*eff.writes.values()) if eff.writes else frozenset()
+        for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+            if eff.roots.get(p, frozenset()) & written:
+                out.add(i)
+    return out
+
+
 def _conv_record(report: GraphReport) -> PassRecord | None:
     return next((r for r in report.passes if r.name == "conv_bn_act"), None)
 
@@ -334,6 +352,11 @@ def record_graph_decision(gm: fx.GraphModule, pristine: fx.Graph, report: GraphR
     graph before ger's passes and turn the measured matches into near-misses."""
     from .. import autotune
 
+    # (described first: nothing changes where a decision cannot be)
+    why = (f"measured on {profile.name}, the whole graph: ger's conv rewrites are "
+           + ("heavier (they allocate more)" if autotune.heavier(decision.ger, decision.inductor)
+              else "slower" if decision.ratio > 1.0 else "not faster beyond noise")
+           + f" here ({decision.one_line()}); Inductor's form is kept (option autotune=False keeps the rewrites)")
     report.add_decision("(graph)", decision)
     note_graph_selection(report, f"the whole graph, {decision.source}: {decision.choice}")
     if decision.choice == "ger":
@@ -341,10 +364,6 @@ def record_graph_decision(gm: fx.GraphModule, pristine: fx.Graph, report: GraphR
     gm.graph = snapshot_graph(pristine)
     gm.recompile()
     measured = _graph_measured_patterns()
-    why = (f"measured on {profile.name}, the whole graph: ger's conv rewrites are "
-           + ("heavier (they allocate more)" if autotune.heavier(decision.ger, decision.inductor)
-              else "slower" if decision.ratio > 1.0 else "not faster beyond noise")
-           + f" here ({decision.one_line()}); Inductor's form is kept (option autotune=False keeps the rewrites)")
     for rec in report.passes:
         kept = []
         for m in rec.matches:

@@ -1045,7 +1045,7 @@ def _selected(gm: fx.GraphModule, plan: Plan, ctx) -> bool:
         if prior is not None:
             ctx.near_miss("linear+loss", plan.src, prior)
         return prior is None
-    store = ctx.options.autotune_store or autotune.default_store_path()
+    store = autotune.store_path(ctx.options.autotune_store)
     N = shapes.hint(_val(plan.target).numel())
     V = shapes.hint(_val(plan.chain[0]).shape[-1])
     chunks = [_chunk_rows(ctx, V, N, plan, lean=True)]
@@ -1129,7 +1129,31 @@ def _site_class(gm: fx.GraphModule, plan: Plan, ctx, chunk: int | None) -> dict 
             # (only where set: the keys of earlier decisions stay as they were)
             **({"rowwise": True} if plan.rowwise else {}),
             **({"temperature": plan.temperature, "low_div": plan.low_div} if plan.temperature != 1.0 else {}),
-            **({"symbolic_rows": True} if symbolic else {})}
+            **({"symbolic_rows": True} if symbolic else {}),
+            # what else shapes the two forms' code: Inductor's settings (mode, options),
+            # ger's options and sources, the thread count (the site's graph carries its
+            # own casts: the context's autocast does not apply, see _measure)
+            "context": {**{k: v for k, v in autotune.compile_context(_measure_patches(ctx)).items()
+                           if k != "autocast"},
+                        "options": ctx.options.cache_key(), "sources": _sources()}}
+
+
+def _sources() -> str:
+    from . import sources_hash
+
+    return sources_hash()
+
+
+def _measure_patches(ctx) -> dict:
+    """Inductor settings a measurement compiles both forms with: the backend's (mode,
+    profile, option ``inductor_config``), CUDA graphs left out (the timing calls are
+    not recorded)."""
+    from . import cacheable_functions_patch
+
+    patches = {**ctx.mode_patches, **fleet.inductor_patches(ctx.profile), **cacheable_functions_patch(),
+               **dict(ctx.options.inductor_config)}
+    patches.pop("triton.cudagraphs", None)
+    return patches
 
 
 def _chunk_rows(ctx, V, rows, plan: Plan, lean: bool = False, parts: int = 4) -> int:
@@ -1174,7 +1198,7 @@ def _measure(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
 
 
 def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
-    from . import PassContext, cacheable_functions_patch, snapshot_graph
+    from . import PassContext, snapshot_graph
     from ..debug import GraphReport, PassRecord
 
     mini = None
@@ -1217,9 +1241,8 @@ def _measure_forms(gm: fx.GraphModule, plan: Plan, ctx, chunk: int) -> tuple:
         for t in leaves:
             t.grad = None
 
-    patches = {**fleet.inductor_patches(ctx.profile), **cacheable_functions_patch(), **dict(ctx.options.inductor_config)}
     t = autotune.compile_and_time({"ger": (fused, inputs, finish, wrap), "inductor": (mini, inputs, finish, None)},
-                                  _val(plan.h).device, patches)
+                                  _val(plan.h).device, _measure_patches(ctx))
     return t["ger"], t["inductor"]
 
 
