@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-_HOOK = "_ger_drop_logits_hook"  # the forward hook's id in the module's hook dicts
+_PATCH = "_ger_drop_logits"  # marks a patched model; holds the instance's earlier ``forward`` attribute (or None)
 _PARAMS = "_ger_forward_params"  # forward's parameter names (labels may come positionally)
 _ORIGINAL_LOSS_TYPE = "_ger_original_loss_type"
 
@@ -52,10 +52,14 @@ def _known_loss_types() -> set:
 
 def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` (a transformers causal LM) return ``logits=None`` whenever it is
-    called with ``labels``; calls without labels are unchanged. Registers a forward hook on
-    the instance (so it acts on ``model(...)`` calls, as training loops make them, not on
-    ``model.forward(...)``), returns it, and is undone by :func:`restore`; deep copies and
-    pickles of the model keep it. Call it before ``torch.compile``.
+    called with ``labels``; calls without labels are unchanged. Sets the instance's
+    ``forward`` to a small callable object (:class:`_ForwardWithoutLogits`: the class's
+    forward, then the logits dropped), returns the model, and is undone by
+    :func:`restore`; deep copies (an EMA or reference model: the copy's own weights) and
+    pickles of the model keep it. Call it before ``torch.compile``: the logits are then
+    dropped inside the compiled graph, which never returns them. (A forward hook would
+    not do: ``torch.compile(model)`` compiles the forward and runs the module's hooks
+    outside the graph, which then still returns the logits.)
 
     Code that reads ``outputs.logits`` of a call with labels (an evaluation loop computing
     accuracy, say) must not use it: it raises no error there, the logits are ``None``.
@@ -63,7 +67,7 @@ def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"drop_logits_with_labels: expected a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model, _HOOK):
+    if hasattr(model, _PATCH):
         return model  # already patched
     try:
         params = inspect.signature(model.forward).parameters
@@ -78,17 +82,29 @@ def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
             setattr(model, _ORIGINAL_LOSS_TYPE, loss_type)
             model.loss_type = "ForCausalLM"
     setattr(model, _PARAMS, tuple(params))
-    handle = model.register_forward_hook(_drop_logits, with_kwargs=True)
-    setattr(model, _HOOK, handle.id)
+    setattr(model, _PATCH, model.__dict__.get("forward"))
+    model.forward = _ForwardWithoutLogits(model)
     return model
 
 
-def _drop_logits(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any):
-    """The forward hook: the output without its logits when the call had labels.
+class _ForwardWithoutLogits:
+    """A patched model's ``forward``: the forward it had (an earlier instance attribute,
+    else its class's), then :func:`_drop_logits`. An object holding the model, not a
+    closure over a bound method: ``copy.deepcopy`` of the model rebinds it to the copy,
+    and ``torch.save(model)`` pickles it."""
 
-    A module-level function registered as a hook (not a closure over a bound
-    ``forward``), so ``copy.deepcopy`` of the model runs the copy's own weights (an EMA or
-    reference model) and ``torch.save(model)`` pickles it."""
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        m = self.module
+        inner = getattr(m, _PATCH, None)
+        out = inner(*args, **kwargs) if inner is not None else type(m).forward(m, *args, **kwargs)
+        return _drop_logits(m, args, kwargs, out)
+
+
+def _drop_logits(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any):
+    """The output without its logits when the call had labels."""
     names = getattr(module, _PARAMS, ())
     labels = kwargs.get("labels")
     if labels is None and "labels" in names and names.index("labels") < len(args):
@@ -99,7 +115,7 @@ def _drop_logits(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any):
         return out._replace(logits=None) if "logits" in out._fields else out
     if type(out) is tuple:  # return_dict=False: (loss, logits, ...)
         return (out[0], None, *out[2:]) if len(out) >= 2 else out
-    if callable(getattr(out, "items", None)) and "logits" in out.keys():
+    if isinstance(out, dict) and "logits" in out.keys():  # a ModelOutput (an OrderedDict); `callable` broke the graph
         # a new output without the logits (setting ``out.logits = None`` would leave them in
         # the output's dict, and so among the compiled graph's outputs)
         return type(out)(**{k: v for k, v in out.items() if k != "logits"})
@@ -108,12 +124,14 @@ def _drop_logits(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any):
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`drop_logits_with_labels` (a model it did not patch is returned as is)."""
-    if hasattr(model, _HOOK):
-        hook_id = getattr(model, _HOOK)
-        model._forward_hooks.pop(hook_id, None)
-        model._forward_hooks_with_kwargs.pop(hook_id, None)
-        delattr(model, _HOOK)
+    if hasattr(model, _PATCH):
+        earlier = getattr(model, _PATCH)
+        delattr(model, _PATCH)
         delattr(model, _PARAMS)
+        if earlier is not None:
+            model.forward = earlier
+        else:
+            model.__dict__.pop("forward", None)
     if hasattr(model, _ORIGINAL_LOSS_TYPE):
         old = getattr(model, _ORIGINAL_LOSS_TYPE)
         delattr(model, _ORIGINAL_LOSS_TYPE)
