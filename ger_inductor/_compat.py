@@ -539,3 +539,12 @@ def autocast_state() -> dict[str, Any]:
         except (RuntimeError, TypeError, AttributeError):
             continue
     return out
+
+
+def donated_buffers_on() -> bool:
+    """``torch._functorch.config.donated_buffer``: AOTAutograd lets a compiled backward
+    reuse saved buffers in place and raises on ``retain_graph`` (True where unknown)."""
+    try:
+        return bool(torch._functorch.config.donated_buffer)
+    except AttributeError:
+        return True

@@ -625,6 +625,44 @@ def test_returned_logits_without_gradients_are_a_near_miss():
     assert any("no gradient is needed" in n.reason for n in _lm_near_misses()), _lm_near_misses()
 
 
+def test_returned_logits_without_donated_buffers_are_a_near_miss(monkeypatch):
+    """With ``torch._functorch.config.donated_buffer = False`` (what torch's own
+    retain_graph error suggests) a second backward raises nothing; the fused head's
+    compiled backward had reused its saved gradient buffers in place (the scaled gradient
+    of h fused with the returned h's tangent), so the second backward's gradients above
+    the head were wrong (1.6e-1 vs eager's). Refused there; eager's numbers."""
+    import torch._functorch.config as fconfig
+
+    monkeypatch.setattr(fconfig, "donated_buffer", False)
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin, self.head = nn.Embedding(96, 16), nn.Linear(16, 16), nn.Linear(16, 96, bias=False)
+
+        def forward(self, x, y):
+            z = self.head(torch.tanh(self.lin(self.emb(x))))
+            return F.cross_entropy(z.view(-1, 96), y.view(-1)), z
+
+    torch.manual_seed(0)
+    ref = Body()
+    model = Body()
+    model.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 96, (2, 12), generator=g), torch.randint(0, 96, (2, 12), generator=g)
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    cm = torch.compile(model, backend="ger", options={"strict": True, "lm_head_chunk": 8, "autotune": False})
+    for m in (ref, cm):
+        loss, _ = m(x, y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert not _lm_matches()
+    assert any("donated_buffer is False" in n.reason for n in _lm_near_misses()), _lm_near_misses()
+    for (n, p), (_, p2) in zip(ref.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, msg=lambda s: f"{n}: {s}")
+
+
 # ----------------------------------------------------------------------------- end to end
 class TinyCausalLM(nn.Module):
     """embedding -> causal self-attention + MLP blocks -> lm head (no custom loss code)."""

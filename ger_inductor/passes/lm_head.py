@@ -170,6 +170,16 @@ def _try(gm: fx.GraphModule, src: fx.Node, ctx, library_call: bool = False) -> b
                       "loss code saves them (eager raises autograd's error when they are written before the "
                       f"backward) and its gradients are recomputed ({plan.why}): the lm head is left unfused")
         return False
+    if plan.returned and plan.mode != "no_grad" and not _compat.donated_buffers_on():
+        # measured: with donated buffers off, a second backward (retain_graph=True, which
+        # then raises no error) read saved gradient buffers the first had overwritten in
+        # place (the scaled gradient of h fused with the returned h's tangent): wrong
+        # gradients above the head, where eager and Inductor give them right
+        ctx.near_miss("linear+loss", src, f"the logits ({plan.chain[0].name}) are returned and "
+                      "torch._functorch.config.donated_buffer is False (so retain_graph=True raises no error): "
+                      "a second backward through the fused head would read gradient buffers the first reused; "
+                      "the lm head is left unfused")
+        return False
     if library_call:
         if plan.mode == "no_grad":
             ctx.near_miss("linear+loss", src, "no gradient is needed: the fused head would do what the call's own "
