@@ -548,3 +548,15 @@ def donated_buffers_on() -> bool:
         return bool(torch._functorch.config.donated_buffer)
     except AttributeError:
         return True
+
+
+def no_compiled_autograd():
+    """A context in which backward calls run autograd's own engine, not compiled autograd
+    (the timing calls of a measurement: with ``torch._dynamo.config.compiled_autograd``
+    on, their backwards would be captured and compiled as the user's)."""
+    try:
+        from torch._dynamo import compiled_autograd
+
+        return compiled_autograd._disable()
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()

@@ -390,7 +390,7 @@ def compile_and_time(forms: dict[str, tuple], device: torch.device, config_patch
     ``finish(wrap(compiled)(*inputs))`` (``finish`` runs the backward, or nothing;
     ``wrap``, when given and not None, is what the backend applies to the compiled graph).
     Runs inside the backend's own compile, isolated from it."""
-    with _compat.isolated_compile():
+    with _compat.isolated_compile(), _compat.no_compiled_autograd():
         steps = {}
         for name, (gm, inputs, finish, *rest) in forms.items():
             fn = _compat.compile_fx_standalone(gm, inputs, config_patches)
@@ -487,7 +487,7 @@ def compile_and_time_graphs(forms: dict[str, Any], example_inputs: list, device:
     allocates more than the other beyond the memory tolerance is not kept, see
     :func:`choose`). Returns the timings and the compiled callables. Inside the
     backend's compile, isolated from it, with the RNG states forked."""
-    with _compat.isolated_compile(), _compat.fork_rng(device):
+    with _compat.isolated_compile(), _compat.fork_rng(device), _compat.no_compiled_autograd():
         compiled: dict[str, Callable[..., Any]] = {}
         for name, gm in forms.items():
             compiled[name] = compile_fn(name, gm, list(example_inputs))

@@ -745,6 +745,35 @@ def test_malformed_stored_entries_are_measured_afresh_and_refused_on_import(stor
     assert autotune.store_path("rel/decisions.json") == os.path.abspath("rel/decisions.json")
 
 
+def test_timing_backwards_are_not_captured_by_compiled_autograd(store, monkeypatch):
+    """With compiled autograd on and the backward inside the compiled step, the
+    measurement's timing backwards run autograd's own engine: one capture, the user's,
+    as with the selection off (before: two captures and three more graphs compiled)."""
+    import torch._dynamo.config as dconfig
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(dconfig, "compiled_autograd", True)
+    model = _conv_net().train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref(x).sum().backward()
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    counters.clear()
+
+    @torch.compile(backend="ger", options={"autotune": True, "autotune_store": store})
+    def step(x):
+        loss = model(x).sum()
+        loss.backward()
+        return loss
+
+    step(x)
+    assert [d["source"] for r in ger_inductor.reports() for d in r.decisions] == ["measured"]
+    assert counters["compiled_autograd"]["captures"] == 1, dict(counters["compiled_autograd"])
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_graph_key_tells_grad_modes_and_requires_grad_apart():
     """The same graph code compiles to an inference graph or to a forward and a
     backward: a decision for one must not serve the other (the conv harness's
