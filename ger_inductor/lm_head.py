@@ -253,7 +253,7 @@ def ger_linear_loss(
     alpha: float | None = None,
     beta: float | Tensor | None = None,
     base: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     weight: Tensor | None = None,
     reduction: str = "mean",
     label_smoothing: float | None = None,
@@ -295,9 +295,12 @@ def ger_linear_loss(
         raise ValueError(f"ger_linear_loss: chunk must be a positive int (rows per chunk), got {chunk!r}")
     if alpha is None and beta is None and label_smoothing is None:
         label_smoothing = 0.0  # plain cross-entropy, as F.linear_cross_entropy
+    if ignore_index is None:  # F.linear_cross_entropy's default, which it maps to -100
+        ignore_index = -100
     params = losses.loss_params(input, target, alpha=alpha, beta=beta, base=base, ignore_index=ignore_index,
                                 weight=weight, reduction=reduction, label_smoothing=label_smoothing,
                                 V=linear_weight.shape[0], who="ger_linear_loss")
+    ignore_index = int(ignore_index)
     target2 = target.reshape(-1)
     if target2.dtype == torch.uint8:  # F.cross_entropy's other index dtype: read as int64
         target2 = target2.long()

@@ -15,6 +15,7 @@ also with class weights and ignore_index.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -87,13 +88,21 @@ def runtime_check(cond: Tensor, message: str) -> None:
 
 
 def check_number(name: str, value, lo: float, hi: float | None, who: str = "ger_loss") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number (a Python or NumPy int/float) in [lo, hi] (hi None: finite, >= lo)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, Tensor):
         raise TypeError(f"{who}: {name} must be a Python float, got {type(value).__name__}")
     v = float(value)
-    if not (v >= lo and (hi is None or v <= hi)):  # also rejects NaN
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{who}: {name} must be in {rng}, got {value}")
+    if not (v >= lo and (v <= hi if hi is not None else math.isfinite(v))):  # also rejects NaN
+        rng = f"be in [{lo}, {hi}]" if hi is not None else f"be finite and >= {lo}"
+        raise ValueError(f"{who}: {name} must {rng}, got {value}")
     return v
+
+
+def check_index(name: str, value, who: str) -> int:
+    """An int (a Python or NumPy integer; bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__}")
+    return int(value)
 
 
 def _class_dim(logits: Tensor, target: Tensor, class_dim: int | None) -> int:
@@ -143,15 +152,15 @@ def _as_rows(logits: Tensor, target: Tensor, class_dim: int | None) -> tuple[Ten
     return logits.reshape(A, V, D), target.reshape(A, D)
 
 
-def _check_distribution(name: str, t: Tensor, V: int, logits: Tensor) -> None:
+def _check_distribution(name: str, t: Tensor, V: int, logits: Tensor, who: str = "ger_loss") -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"ger_loss: {name} must be a tensor of shape ({V},)")
+        raise TypeError(f"{who}: {name} must be a tensor of shape ({V},)")
     if t.dim() != 1 or t.shape[0] != V:
-        raise ValueError(f"ger_loss: {name} must have shape ({V},) (one entry per class), got {list(t.shape)}")
+        raise ValueError(f"{who}: {name} must have shape ({V},) (one entry per class), got {list(t.shape)}")
     if not t.is_floating_point():
-        raise TypeError(f"ger_loss: {name} must be floating point, got {t.dtype}")
+        raise TypeError(f"{who}: {name} must be floating point, got {t.dtype}")
     if t.device != logits.device:
-        raise ValueError(f"ger_loss: {name} is on {t.device} but logits are on {logits.device}")
+        raise ValueError(f"{who}: {name} is on {t.device} but logits are on {logits.device}")
 
 
 class LossParams(NamedTuple):
@@ -180,8 +189,7 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
         raise ValueError(f"{who}: target is on {target.device} but logits are on {logits.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{who}: ignore_index must be an int")
+    check_index("ignore_index", ignore_index, who)
     if label_smoothing is not None:
         if alpha is not None or beta is not None:
             raise ValueError(f"{who}: pass either label_smoothing or (alpha, beta), not both")
@@ -207,10 +215,10 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
     if V == 0:
         raise ValueError(f"{who}: logits have 0 classes")
     if weight is not None:
-        _check_distribution("weight", weight, V, logits)
+        _check_distribution("weight", weight, V, logits, who)
     if base is not None:
-        _check_distribution("base", base, V, logits)
-        runtime_check((base >= 0).all(), f"{who}: base must be a distribution: found a negative entry")
+        _check_distribution("base", base, V, logits, who)
+        runtime_check((base >= 0).all(), f"{who}: base must be a distribution: found a negative or NaN entry")
         runtime_check(
             (base.to(torch.float64).sum() - 1).abs() <= BASE_SUM_TOL,
             f"{who}: base must sum to 1 (within {BASE_SUM_TOL})",
@@ -221,6 +229,15 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
                 f"{who}: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
             )
 
+    if torch.is_grad_enabled():
+        # (the op takes the base - and, with label smoothing, the class weights times it -
+        # as a constant: a gradient there would be dropped, silently)
+        if base is not None and base.requires_grad:
+            raise ValueError(f"{who}: base requires grad, but the loss is not differentiable with respect to the "
+                             "base: pass base.detach()")
+        if weight is not None and weight.requires_grad and eps is not None:
+            raise ValueError(f"{who}: weight requires grad, but with label_smoothing the loss is not differentiable "
+                             "with respect to the class weights (nor is F.cross_entropy's): pass weight.detach()")
     st = smoothing_target(eps, weight, base, V, cdt)
     return LossParams(alpha_f, beta, eps, st.u, st.scale, st.const, st.log_u, st.lse_coef)
 
@@ -267,11 +284,13 @@ def ger_loss(
     """
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError("ger_loss: logits and target must be tensors")
+    check_target_dtype(target, "ger_loss")  # (before the shapes: probability targets get their own message)
     logits3, target2 = _as_rows(logits, target, class_dim)
     A, V, D = logits3.shape
     p = loss_params(logits, target, alpha=alpha, beta=beta, base=base, ignore_index=ignore_index, weight=weight,
                     reduction=reduction, label_smoothing=label_smoothing, V=V, who="ger_loss")
     u, log_u, eps, beta = p.u, p.log_u, p.eps, p.beta
+    ignore_index = int(ignore_index)  # (a NumPy integer: the op's schema takes a Python int)
     if target2.dtype == torch.uint8:  # F.cross_entropy's other index dtype: read as int64
         target2 = target2.long()
 
@@ -407,7 +426,24 @@ class GERLoss(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"GERLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.alpha, self.beta = alpha, beta
+        # the hyper-parameters checked here already (the tensors' shapes against the logits
+        # at the call)
+        if label_smoothing is not None:
+            if alpha is not None or beta is not None:
+                raise ValueError("GERLoss: pass either label_smoothing or (alpha, beta), not both")
+            check_number("label_smoothing", label_smoothing, 0.0, 1.0, who="GERLoss")
+        else:
+            if alpha is None or beta is None:
+                raise TypeError("GERLoss: alpha and beta are required (or pass label_smoothing)")
+            check_number("alpha", alpha, 0.0, 1.0, who="GERLoss")
+            if not isinstance(beta, Tensor):
+                check_number("beta", beta, 0.0, None, who="GERLoss")
+        check_index("ignore_index", ignore_index, "GERLoss")
+        self.alpha = alpha
+        if isinstance(beta, Tensor) and not isinstance(beta, nn.Parameter):
+            self.register_buffer("beta", beta)  # (moved by .to(), kept in the state_dict)
+        else:
+            self.beta = beta
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.class_dim, self.return_extras = label_smoothing, class_dim, return_extras
         self.register_buffer("base", base)
@@ -422,8 +458,17 @@ class GERLoss(nn.Module):
 
     def extra_repr(self) -> str:
         if self.label_smoothing is not None:
-            return f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
-        return f"alpha={self.alpha}, beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+            parts = [f"label_smoothing={self.label_smoothing}"]
+        else:
+            b = self.beta
+            parts = [f"alpha={self.alpha}", f"beta={float(b) if isinstance(b, Tensor) and b.numel() == 1 else b}"]
+        parts += [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
+        parts += [f"{n}=({t.shape[0]},)" for n, t in (("weight", self.weight), ("base", self.base)) if t is not None]
+        if self.class_dim is not None:
+            parts.append(f"class_dim={self.class_dim}")
+        if self.return_extras:
+            parts.append("return_extras=True")
+        return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -472,8 +517,8 @@ def ger_loss_reference(
         per = -(w * q * lp).sum(-1)
     else:
         a = float(alpha)
-        if a == 0.0:
-            J = (p * (lp - torch.log(u))).sum(-1)
+        if a == 0.0:  # KL(p || u), 0 log 0 = 0 where p underflows (a -inf logit)
+            J = torch.where(p == 0, torch.zeros_like(p), p * (lp - torch.log(u))).sum(-1)  # (NaN stays NaN)
         elif a == 1.0:
             J = (torch.special.xlogy(u, u) - u * lp).sum(-1)
         else:

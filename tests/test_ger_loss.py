@@ -232,6 +232,18 @@ def test_module_matches_function_and_non_uniform_base():
         (lambda z, y: ger_loss(z, y, label_smoothing=0.1, weight=torch.ones(6)), ValueError, ["weight", "(7,)"]),
         (lambda z, y: ger_loss(z, torch.full_like(y, 7), alpha=0.5, beta=0.1), IndexError, ["out of bounds", "7"]),
         (lambda z, y: ger_loss(z, torch.full_like(y, -1), alpha=0.5, beta=0.1), IndexError, ["out of bounds"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=float("inf")), ValueError, ["beta", "finite"]),
+        (lambda z, y: ger_loss(z, torch.softmax(z, -1), label_smoothing=0.1), TypeError, ["soft targets"]),
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1, base=torch.full((7,), float("nan"))), ValueError,
+         ["negative or NaN"]),
+        # a gradient the op would drop: an error, never a silently partial gradient
+        (lambda z, y: ger_loss(z, y, alpha=0.5, beta=0.1, base=torch.full((7,), 1 / 7).requires_grad_()), ValueError,
+         ["base requires grad", "detach"]),
+        (lambda z, y: ger_loss(z, y, label_smoothing=0.1, weight=torch.ones(7).requires_grad_()), ValueError,
+         ["weight requires grad", "label_smoothing"]),
+        (lambda z, y: GERLoss(alpha=2.0, beta=0.1), ValueError, ["GERLoss", "alpha"]),
+        (lambda z, y: GERLoss(), TypeError, ["GERLoss", "alpha and beta"]),
+        (lambda z, y: GERLoss(alpha=0.5, beta=0.1, label_smoothing=0.1), ValueError, ["GERLoss", "either"]),
     ],
 )
 def test_bad_input_eager(call, exc, words):
@@ -240,6 +252,51 @@ def test_bad_input_eager(call, exc, words):
         call(z, y)
     for w in words:
         assert w in str(ei.value), (w, str(ei.value))
+
+
+def test_api_takes_numpy_scalars_and_torchs_conventions():
+    """NumPy scalars for the hyper-parameters and ignore_index (as torch's losses take
+    them); ger_linear_loss's ignore_index=None is F.linear_cross_entropy's default (-100);
+    the module's repr names every setting and a tensor beta is a buffer (state_dict,
+    .to()); with class weights (no smoothing) their gradient is formed, and a double
+    backward through the weighted loss (a jvp) works as F.cross_entropy's does."""
+    import numpy as np
+
+    z, y = _inputs(N=4, V=7, dtype=torch.float64)
+    torch.testing.assert_close(ger_loss(z, y, alpha=0.5, beta=np.float32(0.25), ignore_index=np.int64(-100)),
+                               ger_loss(z, y, alpha=0.5, beta=0.25))
+    h, W = torch.randn(4, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    torch.testing.assert_close(ger_inductor.ger_linear_loss(h, W, y, ignore_index=None),
+                               F.cross_entropy(h @ W.T, y))
+    crit = GERLoss(alpha=0.5, beta=torch.tensor(0.25), weight=torch.ones(7), class_dim=1)
+    assert all(w in repr(crit) for w in ("alpha=0.5", "beta=0.25", "weight=(7,)", "class_dim=1")), repr(crit)
+    assert "beta" in crit.state_dict() and crit.to(torch.float64).beta.dtype == torch.float64
+    w = (torch.rand(7, dtype=torch.float64) + 0.1).requires_grad_()
+    ger_loss(z, y, alpha=0.5, beta=0.25, weight=w).backward()
+    w2 = w.detach().clone().requires_grad_()
+    ger_loss_reference(z, y, alpha=0.5, beta=0.25, weight=w2).backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+    from torch.autograd.functional import jvp
+
+    v = torch.randn_like(z)
+    wd = w.detach()
+    torch.testing.assert_close(jvp(lambda t: ger_loss(t, y, weight=wd, label_smoothing=0.0), z, v)[1],
+                               jvp(lambda t: F.cross_entropy(t, y, weight=wd), z, v)[1])
+    assert torch.autograd.gradgradcheck(lambda t: ger_loss(t, y, weight=wd, alpha=0.5, beta=0.3),
+                                        (z.clone().requires_grad_(),))
+
+
+def test_reference_confidence_penalty_at_a_minus_inf_logit():
+    """ger_loss_reference at alpha = 0 with a -inf logit: 0 log 0 = 0, as ger_loss (and
+    docs/ger.md) give it, not NaN; a NaN logit stays NaN."""
+    z, y = _inputs(N=4, V=7, dtype=torch.float64)
+    z = z.detach().clone()
+    z[1, 3] = -math.inf
+    y[1] = 0
+    torch.testing.assert_close(ger_loss_reference(z, y, alpha=0.0, beta=0.3, reduction="none"),
+                               ger_loss(z, y, alpha=0.0, beta=0.3, reduction="none"))
+    z[2, 4] = math.nan
+    assert ger_loss_reference(z, y, alpha=0.0, beta=0.3, reduction="none")[2].isnan()
 
 
 def test_bad_input_compiled():

@@ -332,6 +332,23 @@ def _scaled_grad_fake(grad, g, keep):
     return torch.empty_like(grad)
 
 
+def _scaled_setup(ctx, inputs, output):
+    grad, g, keep = inputs
+    ctx.save_for_backward(grad, g)
+    ctx.n_keep = len(keep)
+
+
+def _scaled_backward(ctx, go):
+    """Its own derivative (a double backward, a jvp through a backward that scaled with it)."""
+    grad, g = ctx.saved_tensors
+    d_grad = go * g if ctx.needs_input_grad[0] else None
+    d_g = (go * grad).sum_to_size(g.shape) if ctx.needs_input_grad[1] else None
+    return d_grad, d_g, [None] * ctx.n_keep
+
+
+scaled_grad.register_autograd(_scaled_backward, setup_context=_scaled_setup)
+
+
 @torch.library.custom_op(f"{OPS_NAMESPACE}::version_guard", mutates_args=())
 def version_guard(x: Tensor, keep: list[Tensor]) -> Tensor:
     """``x`` (a copy); its backward passes the gradient through and reads ``keep``, so
