@@ -338,6 +338,66 @@ def test_conv_output_with_other_users(mode, seed):
         assert m.detail["fold_into"] == "output" and m.detail["conv_impl"] == "aten conv, kept"
 
 
+def test_training_refusals_empty_batch_and_written_activation(seed):
+    """Training candidates left to eager's ops (review, stop 37): an empty batch (eager's
+    BN returns early, its running statistics untouched; the fused update wrote NaN into
+    them), and an activation output written in place later where a gradient is needed
+    (eager's relu backward reads its saved result and raises autograd's version error;
+    the fused op recomputes the activation, so the write went unseen)."""
+
+    class Net(nn.Module):
+        def __init__(self, write):
+            super().__init__()
+            self.conv, self.bn, self.write = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), write
+
+        def forward(self, x):
+            y = F.relu(self.bn(self.conv(x)))
+            if self.write:
+                y.mul_(2.0)
+            return y
+
+    torch._dynamo.reset()
+    model = Net(False).train()
+    out = torch.compile(model, backend=rewrite_only())(torch.randn(0, 3, 8, 8))
+    assert out.shape == (0, 4, 8, 8)
+    torch.testing.assert_close(model.bn.running_mean, torch.zeros(4), rtol=0, atol=0)
+    torch.testing.assert_close(model.bn.running_var, torch.ones(4), rtol=0, atol=0)
+    assert not _report_matches() and any("an empty batch" in r for _, r in _near_misses()), _near_misses()
+
+    torch._dynamo.reset()
+    model = Net(True).train()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        model(x).sum().backward()  # eager
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.compile(model, backend=rewrite_only())(x).sum().backward()
+    assert not [m for m in _report_matches() if m.pattern == TRAIN]
+    assert any("written in place later" in r for _, r in _near_misses()), _near_misses()
+
+
+def test_bf16_eval_with_gradients_keeps_bn_in_fp32(seed):
+    """bf16 autocast, eval BN whose fp32 weight and bias require grad (frozen-statistics
+    fine-tuning): BN is applied after the conv in fp32 (``fold_into=output``), so its
+    parameters' gradients are eager's; folded into bf16 weights they were bf16-rounded
+    (bias gradient 14.125 vs 14.156) and the rounding moved relu's mask (12.3 vs 10.05)."""
+    model = randomize_bn_statistics(nn.Sequential(nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU())).eval()
+    x = torch.randn(4, 16, 12, 12)
+
+    def grads(fn):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(x).float().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = grads(model)
+    torch._dynamo.reset()
+    got = grads(torch.compile(model, backend=rewrite_only()))
+    [m] = _report_matches()
+    assert m.pattern == EVAL and m.detail["fold_into"] == "output", m.detail
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_output_written_between_conv_and_bn(seed):
     """An in-place write to the conv output between the conv and BN (the write is one more
     reader of the conv): BN reads the written value eagerly. Folding BN into the weights

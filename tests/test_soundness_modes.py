@@ -105,7 +105,9 @@ def _autocast_case(fold: str, train: bool, grad: bool, compiler: str, input_dtyp
     assert m.pattern == ("conv_bn_act.train" if train else "conv_bn_act.eval")
     assert m.detail["act"] == "relu"
     if not train:
-        assert m.detail["fold_into"] == fold
+        # bf16 with gradients: BN after the conv in fp32 whatever the sizes (folded into
+        # bf16 weights, BN's parameters got bf16-rounded gradients; stop 37)
+        assert m.detail["fold_into"] == ("output" if grad else fold)
     return m
 
 

@@ -480,6 +480,11 @@ def _fold_into(c: Candidate) -> tuple[str, str]:
         # w * scale and (b - mean) * scale rounded to fp16 can overflow its range (65504) or
         # lose the mean's cancellation where eager subtracts it first, in fp32
         return "output", "fp16: BN's scale and shift stay in fp32, after the conv, as eager applies them"
+    if _value(c.conv).dtype == torch.bfloat16 and _value(c.conv).requires_grad:
+        # folded weights rounded to bf16 carry the gradients too: BN's fp32 weight and bias
+        # got bf16-rounded gradients (bias 14.125 vs eager's 14.156), and the rounding moved
+        # relu's mask (a bias gradient 12.3 vs 10.05)
+        return "output", "bf16 with gradients: BN's scale and shift stay in fp32, after the conv, as eager applies them"
     weights, out = _value(c.conv_args["weight"]).numel(), _value(c.conv).numel()
     if isinstance(weights, int) and isinstance(out, int) and weights > out:
         return "output", f"weights ({weights} values) outweigh the output ({out})"
@@ -818,6 +823,29 @@ def _written_param(effects: graph.Effects, tensors, ignore) -> fx.Node | None:
     return None
 
 
+def _train_refusal(effects: graph.Effects, c: Candidate) -> str | None:
+    """Why a training candidate is left to eager's ops, or None:
+
+    * an empty batch (a static 0: Dynamo specialises it): eager's batch norm returns early
+      and leaves the running statistics alone; the fused update would blend the NaN
+      statistics of no values into them (review, stop 37);
+    * the activation's output written in place later, where a gradient is needed: eager's
+      relu (and in-place leaky_relu) backward reads its saved result, so the write raises
+      autograd's version error there; the fused op saves the conv output and recomputes
+      the activation, so the write would pass unseen (review, stop 37). Refused for every
+      activation: the fused op cannot say which eager spelling saved what."""
+    n = _value(c.conv).numel()
+    if isinstance(n, int) and n == 0:
+        return "an empty batch: eager's batch norm leaves the running statistics as they are (the fused update would write NaN)"
+    if _value(c.last).requires_grad:
+        writer = next((m for m in effects.writers_of(c.last) if m not in c.nodes), None)
+        if writer is not None:
+            return ("the activation's output is written in place later (" + graph.describe(writer) + "): eager's "
+                    "activation backward may read its saved result and raise autograd's version error; the fused op "
+                    "recomputes it")
+    return None
+
+
 def _other_bn_of_the_same_statistics(gm: fx.GraphModule, bn: fx.Node, ba: dict[str, Any]) -> fx.Node | None:
     """Another batch norm of the graph that updates ``bn``'s running statistics (one BN
     module applied to two inputs in a training step), or None. The fused training op
@@ -870,6 +898,10 @@ def run(gm: fx.GraphModule, ctx) -> bool:
             ctx.near_miss(pattern, bn, NEAR_MISS_REASONS["written_param"] + f" ({graph.describe(writer)})")
             continue
         if c.bn_args["training"]:
+            why = _train_refusal(effects, c)
+            if why is not None:
+                ctx.near_miss(pattern, bn, why)
+                continue
             _rewrite_train(gm, c, ctx)
         elif c.shared_conv:
             _rewrite_eval_shared_conv(gm, c, ctx)
