@@ -229,9 +229,10 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
                 f"{who}: alpha=0 (confidence penalty, KL(p||u)) needs a base with no zero entry: KL is infinite there",
             )
 
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and not (not is_compiling() and _compat.functorch_transformed(logits, base, weight)):
         # (the op takes the base - and, with label smoothing, the class weights times it -
-        # as a constant: a gradient there would be dropped, silently)
+        # as a constant: a gradient there would be dropped, silently; under torch.func
+        # transforms the op's math runs in torch ops, which differentiate them)
         if base is not None and base.requires_grad:
             raise ValueError(f"{who}: base requires grad, but the loss is not differentiable with respect to the "
                              "base: pass base.detach()")

@@ -286,6 +286,20 @@ def test_api_takes_numpy_scalars_and_torchs_conventions():
                                         (z.clone().requires_grad_(),))
 
 
+def test_base_and_weight_gradients_under_torch_func():
+    """Under torch.func transforms the op's math runs in torch ops, which differentiate
+    the base and the smoothing weights: their gradients are the reference's (the
+    requires-grad error is for the fused op only)."""
+    z, y = _inputs(N=4, V=7, dtype=torch.float64)
+    z = z.detach()
+    b = torch.softmax(torch.randn(7, dtype=torch.float64), 0)
+    w = torch.rand(7, dtype=torch.float64) + 0.1
+    torch.testing.assert_close(torch.func.grad(lambda b: ger_loss(z, y, alpha=0.5, beta=0.3, base=b))(b),
+                               torch.func.grad(lambda b: ger_loss_reference(z, y, alpha=0.5, beta=0.3, base=b))(b))
+    torch.testing.assert_close(torch.func.grad(lambda w: ger_loss(z, y, label_smoothing=0.2, weight=w))(w),
+                               torch.func.grad(lambda w: ger_loss_reference(z, y, label_smoothing=0.2, weight=w))(w))
+
+
 def test_reference_confidence_penalty_at_a_minus_inf_logit():
     """ger_loss_reference at alpha = 0 with a -inf logit: 0 log 0 = 0, as ger_loss (and
     docs/ger.md) give it, not NaN; a NaN logit stays NaN."""
