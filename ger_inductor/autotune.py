@@ -413,8 +413,10 @@ GRAPH_FAMILY = "graph"
 def compile_context(config_patches: dict[str, Any]) -> dict[str, Any]:
     """What besides the graph shapes the compiled code and its speed, for a decision's key:
     Inductor's settings as the backend patches them (the mode's, the option
-    ``inductor_config``; functions left out), the autocast state and the thread count."""
-    cfg = {k: repr(v) for k, v in sorted(config_patches.items()) if not callable(v)}
+    ``inductor_config``; functions and the list of cacheable helpers left out), the
+    autocast state and the thread count."""
+    skip = {_compat.mark_cacheable_functions_key()}  # (ger's helpers for the caches: its sources hash is keyed apart)
+    cfg = {k: repr(v) for k, v in sorted(config_patches.items()) if not callable(v) and k not in skip}
     return {"config": cfg, "autocast": _compat.autocast_state(), "threads": torch.get_num_threads()}
 
 
