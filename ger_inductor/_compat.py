@@ -560,3 +560,23 @@ def no_compiled_autograd():
         return compiled_autograd._disable()
     except (ImportError, AttributeError):
         return contextlib.nullcontext()
+
+
+def _same(t):
+    return t
+
+
+def neutral_saved_tensors_hooks():
+    """A context in which autograd saves tensors as they are, whatever saved-tensor hooks
+    the caller pushed (a non-reentrant ``torch.utils.checkpoint`` counts what its region
+    saves; ``save_on_cpu``): ger's own compile-time work - fake runs of the ops it
+    inserts, a measurement's timing calls - must not be seen by them. A no-op where no
+    hooks are pushed or where they are disabled."""
+    try:
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            return contextlib.nullcontext()
+        if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+            return contextlib.nullcontext()
+    except AttributeError:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)

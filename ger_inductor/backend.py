@@ -60,7 +60,11 @@ def ger(
     pristine = passes.snapshot_graph(gm.graph)
     functorch_depth = _compat.functorch_layer_depth()
     try:
-        profile = _rewrite(gm, example_inputs, settings, report, dumper, devices, mode_patches)
+        # (ger's compile-time work - fake runs of inserted ops, measurements - out of the
+        # caller's saved-tensor hooks: a non-reentrant checkpoint around the first call
+        # counted ger's fake tensors as its region's and raised at the backward)
+        with _compat.neutral_saved_tensors_hooks():
+            profile = _rewrite(gm, example_inputs, settings, report, dumper, devices, mode_patches)
         # graph outputs whose autograd must be attached outside the compiled graph
         reattach = passes.detach_outputs(gm)
         shape_patches, report.dynamic_shapes = shapes.inductor_patches(gm, example_inputs)
@@ -85,7 +89,9 @@ def ger(
         blocker = fallback.cut_blocker(gm) if eager_nodes and transform is None else None
         measured = None
         if reattach is None and not eager_nodes:
-            measured = _select_graph(gm, pristine, example_inputs, settings, profile, report, config_patches, inner)
+            with _compat.neutral_saved_tensors_hooks():
+                measured = _select_graph(gm, pristine, example_inputs, settings, profile, report, config_patches,
+                                         inner)
         if measured is not None:
             compiled = measured  # the measurement compiled the chosen form already
         elif transform is not None:

@@ -698,9 +698,12 @@ class _LinearDistillRows(torch.autograd.Function):
     incoming row gradients as coefficients (for reduction='none')."""
 
     @staticmethod
-    def forward(ctx, hs, Ws, bs, ht, Wt, bt, y, cfg, chunk):
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, y, cfg, chunk, kept_target):
         D, nll, _, _ = linear_distill_kernel(hs, Ws, bs, ht, Wt, bt, y, cfg, chunk)
-        ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, y)
+        # ``kept_target``: the caller's own target where a hard-label CE reads it (eager's
+        # nll_loss saves it: a write to it before the backward raises autograd's error);
+        # ``y`` is a copy (ignored rows read as class 0), which no caller can write
+        ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, y, kept_target)
         ctx.cfg, ctx.chunk = cfg, chunk
         ctx.set_materialize_grads(False)
         if not cfg.hard:
@@ -709,11 +712,11 @@ class _LinearDistillRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gD, gn):
-        hs, Ws, bs, ht, Wt, bt, y = ctx.saved_tensors
+        hs, Ws, bs, ht, Wt, bt, y, _ = ctx.saved_tensors
         cfg = ctx.cfg
         needs_s = _needs(ctx.needs_input_grad, 0, bs is not None)
         needs_t = _needs(ctx.needs_input_grad, 3, bt is not None)
-        none = (None,) * 9
+        none = (None,) * 10
         if not cfg.hard:
             gn = None
         if (gD is None and gn is None) or not (needs_s or needs_t):
@@ -734,7 +737,7 @@ class _LinearDistillRows(torch.autograd.Function):
 
         return (pick(gs[0], needs_s, _lin.NEED_H), pick(gs[1], needs_s, _lin.NEED_W), pick(gs[2], needs_s, _lin.NEED_B),
                 pick(gt[0], needs_t, _lin.NEED_H), pick(gt[1], needs_t, _lin.NEED_W), pick(gt[2], needs_t, _lin.NEED_B),
-                None, None, None)
+                None, None, None, None)
 
 
 def _check_head(who: str, name: str, h: Tensor, W: Tensor, b: Optional[Tensor]) -> None:
@@ -831,7 +834,7 @@ def ger_linear_distill_loss(
             D, nll, _, _ = linear_distill_kernel(*heads, y, cfg, chunk_size)
         return combine(D, nll, valid, cfg, rows_shape, out_dtype)
     if cfg.reduction == "none":
-        D, nll = _LinearDistillRows.apply(*heads, y, cfg, chunk_size)
+        D, nll = _LinearDistillRows.apply(*heads, y, cfg, chunk_size, target if cfg.hard else None)
         return combine(D, nll, valid, cfg, rows_shape, out_dtype)
 
     # precompute: the loss is sum_rows (cD D + cn nll), known coefficients; the forward
@@ -843,15 +846,19 @@ def ger_linear_distill_loss(
         scale = 1.0 / n
     else:
         scale = torch.ones((), dtype=cd, device=hs.device)
-    one = torch.ones(N, dtype=cd, device=hs.device)
-    row = one if valid is None else torch.where(valid, one, torch.zeros((), dtype=cd, device=hs.device))
-    row = row * scale
+    # the mask after the scale: with every row ignored, 'mean' has scale 1/0 = inf, and
+    # 0 * inf would make every gradient NaN where eager's are 0
+    row = torch.ones(N, dtype=cd, device=hs.device) * scale
+    if valid is not None:
+        row = torch.where(valid, row, torch.zeros((), dtype=cd, device=hs.device))
     coefs = torch.stack([row * ((1.0 - cfg.hw) * cfg.T * cfg.T), row * cfg.hw])
     detached = tuple(None if t is None else t.detach() for t in heads)
     with torch.no_grad():
         D, nll, gs, gt = linear_distill_kernel(*detached, y, cfg, chunk_size, coefs, needs_s, needs_t)
         loss = combine(D, nll, valid, cfg, rows_shape, out_dtype)
-    keep = [y] if isinstance(y, torch.Tensor) else []  # the target, as a hard-label CE saves it
+    # the caller's target where a hard-label CE reads it, as eager's nll_loss saves it (y is
+    # a copy no caller can write)
+    keep = [target] if cfg.hard else []
     if needs_s:
         loss = loss + torch.ops.ger.grad_carrier(hs, student_weight, student_bias, *gs, keep).to(loss.dtype)
     if needs_t:

@@ -487,6 +487,40 @@ def test_linear_without_target():
         _close(x, z, 2e-6)
 
 
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+def test_linear_all_rows_ignored_mean_has_zero_gradients(hard_weight):
+    """Every target ignore_index (an all-padding micro-batch), reduction 'mean': the loss
+    is NaN (0 / 0) as eagerly, and every gradient is 0 as eagerly; the row coefficients
+    were mask * (1/0) = 0 * inf = NaN (review, stop 37)."""
+    hs, Ws, bs, ht, Wt, bt, y = _heads()
+    y = torch.full_like(y, -100)
+    kw = dict(beta=0.4, temperature=1.5, hard_weight=hard_weight)
+    a = ger_linear_distill_loss(hs, Ws, ht, Wt, y, student_bias=bs, teacher_bias=bt, chunk_size=3, **kw)
+    r = ger_distill_loss(F.linear(hs, Ws, bs), F.linear(ht, Wt, bt), y, **kw)
+    assert a.isnan() and r.isnan()
+    params = [hs, Ws, bs, ht, Wt, bt]
+    for x, z in zip(_grads(a, params), _grads(r, params)):
+        assert torch.equal(x, z) and not x.any(), (x, z)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_target_written_before_backward(reduction):
+    """With a hard-label CE (hard_weight > 0) eager's nll_loss saves the target: a write
+    to it before the backward raises autograd's version error, and so here (the op kept
+    a copy of it, so the write went unseen and the old target was used; review, stop 37).
+    Without the CE eager saves nothing of it: no error here either."""
+    for hw, raises in ((0.5, True), (0.0, False)):
+        hs, Ws, bs, ht, Wt, bt, y = _heads()
+        loss = ger_linear_distill_loss(hs, Ws, ht, Wt, y, student_bias=bs, teacher_bias=bt, beta=0.4,
+                                       hard_weight=hw, reduction=reduction, chunk_size=3)
+        y[0, 0] = (y[0, 0] + 1) % 7
+        if raises:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.sum().backward()
+        else:
+            loss.sum().backward()
+
+
 # ----------------------------------------------------------------------------- per-token RL statistics
 def trainer_token_stats(logits, index, temperature):
     """Trainer-style code: log-probs by gather on log_softmax (TRL's selective_log_softmax

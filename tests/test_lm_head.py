@@ -663,6 +663,51 @@ def test_returned_logits_without_donated_buffers_are_a_near_miss(monkeypatch):
         torch.testing.assert_close(p2.grad, p.grad, msg=lambda s: f"{n}: {s}")
 
 
+@pytest.mark.parametrize("profile", ["auto", "h100"], ids=["kernel", "unrolled"])
+@pytest.mark.parametrize("spelling", ["categorical_entropy", "clamped_entropy"])
+def test_masked_vocabulary_entropy_through_the_fused_head(profile, spelling):
+    """A vocabulary masked by a -inf bias, an entropy term in the loss: the fused head's
+    E_p[z - m] and its gradient's B (z - m) term met 0 * -inf = NaN at the masked class
+    (loss and every gradient NaN where eager is finite; review, stop 37). The op reads
+    z - m = -inf as 0 there (0 log 0 = 0), in its kernel (CPU fp32) and in the unrolled
+    form (the h100 profile's, traced here by AOTAutograd)."""
+    from torch.distributions import Categorical
+
+    N_, H_, V_ = 8, 4, 10
+    g = torch.Generator().manual_seed(0)
+    h0, W0, b0 = torch.randn(N_, H_, generator=g), torch.randn(V_, H_, generator=g), torch.randn(V_, generator=g)
+    b0[3] = -math.inf
+    y = torch.randint(0, V_, (N_,), generator=g)
+    y[y == 3] = 0
+    adv = torch.randn(N_, generator=g)
+
+    def loss_fn(h, W, b):
+        z = F.linear(h, W, b)
+        if spelling == "categorical_entropy":
+            z = z / 0.7
+            logp = F.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
+            return -(logp * adv).mean() - 0.01 * Categorical(logits=z).entropy().mean()
+        p = F.softmax(z, -1)
+        ent = -(p * p.clamp(min=torch.finfo(p.dtype).tiny).log()).sum(-1)
+        return F.cross_entropy(z, y) - 0.01 * ent.mean()
+
+    def run(fn):
+        ts = [t.clone().requires_grad_() for t in (h0, W0, b0)]
+        loss = fn(*ts)
+        loss.backward()
+        return [loss] + [t.grad for t in ts]
+
+    ref = run(loss_fn)
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    got = run(torch.compile(loss_fn, backend="ger", options={
+        "strict": True, "compiler": "aot_eager", "lm_head_chunk": 4, "autotune": False, "device_profile": profile}))
+    assert any(m.pattern == "linear+loss" for r in ger_inductor.reports() for p in r.passes for m in p.matches)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- end to end
 class TinyCausalLM(nn.Module):
     """embedding -> causal self-attention + MLP blocks -> lm head (no custom loss code)."""

@@ -503,3 +503,65 @@ def test_gpu_check_soundness_cpu_check_logic():
     rec, steps = gpu_check_soundness.check_loss_write(torch.device("cpu"), (8, 12))
     assert rec["ok"], rec
     assert set(steps) == {"eager", "inductor", "ger"}
+
+
+# ----------------------------------------------------------------------------- saved-tensor hooks
+def test_first_call_inside_an_eager_checkpoint_runs_as_eager():
+    """The first call of a ger-compiled function inside an eager non-reentrant
+    ``checkpoint`` (which counts what its region saves, with saved-tensor hooks): ger's
+    compile-time fake runs of the ops it inserts were counted as the region's (14 saved
+    against 8 recomputed) and the backward raised CheckpointError where eager and Inductor
+    run (review, stop 37). ger's own work now runs outside the caller's hooks; a user's
+    pack hook sees no fake tensor."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    z0, y = torch.randn(6, 40, generator=g), torch.randint(0, 40, (6,), generator=g)
+
+    def loss_fn(z, y):
+        return F.cross_entropy(z, y, label_smoothing=0.1) - 0.05 * -(z.softmax(-1) * z.log_softmax(-1)).sum(-1).mean()
+
+    grads = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend="ger", options={"strict": True, "compiler": "aot_eager"})):
+        torch._dynamo.reset()
+        z = z0.clone().requires_grad_()
+        checkpoint(fn, z * 1.0, y, use_reentrant=False).backward()
+        grads.append(z.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert ger_inductor.last_report().match_count("loss_entropy") >= 1
+
+    seen = []
+
+    def pack(t):
+        seen.append(_compat.is_traced_tensor(t))
+        return t
+
+    torch._dynamo.reset()
+    f = torch.compile(loss_fn, backend="ger", options={"strict": True, "compiler": "aot_eager"})
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(z0.clone().requires_grad_(), y)
+    assert seen and not any(seen), seen
+
+
+def test_measured_graph_inside_an_eager_checkpoint(tmp_path):
+    """The same with the measured selection (default options): its timing calls ran real
+    forwards and backwards under the checkpoint's hooks (an autotune fallback, then
+    CheckpointError at the user's backward). Eager's gradient and running statistics."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).train()
+    block = copy.deepcopy(ref)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    ger_inductor.clear_reports()
+    cb = torch.compile(block, backend="ger", options={"autotune": True, "autotune_store": str(tmp_path / "d.json")})
+    outs = []
+    for m in (ref, cb):
+        xi = x.clone().requires_grad_()
+        checkpoint(m, xi, use_reentrant=False).square().sum().backward()
+        outs.append(xi.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    assert not [f for r in ger_inductor.reports() for f in r.fallbacks], \
+        [f.one_line() for r in ger_inductor.reports() for f in r.fallbacks]
+    assert [d["source"] for r in ger_inductor.reports() for d in r.decisions] == ["measured"]

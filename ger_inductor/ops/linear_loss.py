@@ -200,6 +200,10 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
         if buf2 is not None:
             zs = buf2[:r]
             zs.copy_(z)
+            # z - m = -inf (a -inf logit: a vocabulary masked by a -inf bias) read as 0
+            # where it meets its zero probability: 0 log 0 = 0 in E_p[z - m] and in the
+            # gradient's B (z - m) term, as the loss op's convention (NaN stays NaN)
+            zs.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=0.0)
         z.exp_()  # e = exp(z - m)
         ssum = z.sum(1)
         logs = ssum.log()
@@ -342,6 +346,11 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
         m = z.amax(1, keepdim=True)
         zs = z - m
         ex = zs.exp()
+        if extras or alpha != 1.0:
+            # -inf (a masked class) read as 0 where it meets its zero probability, as in
+            # the kernel (0 log 0 = 0); the skew-Jensen's log p is formed from zs below
+            # and takes the exact limits at p = 0 either way
+            zs = torch.nan_to_num(zs, nan=math.nan, posinf=math.inf, neginf=0.0)
         ssum = ex.sum(1, keepdim=True)
         logs = ssum.log()
         L = (m + logs).squeeze(1)
