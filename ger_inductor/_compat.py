@@ -580,3 +580,13 @@ def neutral_saved_tensors_hooks():
     except AttributeError:
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
+def is_higher_order_op(target) -> bool:
+    """Whether an FX call target is a higher-order op (``tag_activation_checkpoint``,
+    ``cond``, ``invoke_subgraph``, ...), whose subgraphs are attributes of the module."""
+    try:
+        from torch._ops import HigherOrderOperator
+    except ImportError:
+        return False
+    return isinstance(target, HigherOrderOperator)

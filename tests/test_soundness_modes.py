@@ -565,3 +565,34 @@ def test_measured_graph_inside_an_eager_checkpoint(tmp_path):
     assert not [f for r in ger_inductor.reports() for f in r.fallbacks], \
         [f.one_line() for r in ger_inductor.reports() for f in r.fallbacks]
     assert [d["source"] for r in ger_inductor.reports() for d in r.decisions] == ["measured"]
+
+
+def test_patterns_inside_checkpointed_regions_are_reported():
+    """ger's passes rewrite the graph's own nodes, not a higher-order op's subgraph (an
+    activation-checkpointed region under torch.compile): such a pattern runs as
+    Inductor compiles it, and the report says so with a near-miss per family instead of
+    nothing (review, stop 37). Eager's numbers either way."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .conftest import rewrite_backend
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x, y):
+            h = checkpoint(lambda t: F.relu(self.b(self.c(t))), x, use_reentrant=False)
+            return checkpoint(lambda z: F.cross_entropy(z, y, label_smoothing=0.1), h.mean((2, 3)), use_reentrant=False)
+
+    torch.manual_seed(0)
+    m = M().train()
+    ref = copy.deepcopy(m)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    reports = []
+    torch._dynamo.reset()
+    out = torch.compile(m, backend=rewrite_backend({}, reports=reports))(x, y)
+    torch.testing.assert_close(out, ref(x, y))
+    misses = {(n.family, n.pattern) for r in reports for n in r.near_misses}
+    assert {("conv_bn_act", "subgraph"), ("loss_entropy", "subgraph")} <= misses, misses
+    assert not [m_ for r in reports for m_ in r.matches]

@@ -193,6 +193,37 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
         ctx.record = None
         dumper.graph(name, gm)
     _protect_saved_logits(gm, ctx)
+    _note_subgraph_patterns(gm, ctx)
+
+
+#: op names that mark a family's pattern inside a higher-order op's subgraph
+_SUBGRAPH_MARKS = {
+    "conv_bn_act": ("batch_norm", "_native_batch_norm_legit"),
+    "loss_entropy": ("cross_entropy", "log_softmax", "_log_softmax", "softmax", "_softmax", "kl_div", "nll_loss"),
+}
+
+
+def _note_subgraph_patterns(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """A near-miss for each family whose ops sit inside a higher-order op's subgraph (an
+    activation-checkpointed region, a ``torch.cond`` branch, ...): the passes rewrite
+    the graph's own nodes only, so those run as Inductor compiles them; said rather than
+    left silent (review, stop 37)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not _compat.is_higher_order_op(node.target):
+            continue
+        subs = [getattr(gm, a.target, None) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        names = {_compat.op_display_name(n.target).split(".")[-1] if not isinstance(n.target, str) else n.target
+                 for sub in subs if isinstance(sub, fx.GraphModule)
+                 for n in sub.graph.nodes if n.op in ("call_function", "call_method")}
+        hop = getattr(node.target, "__name__", None) or getattr(node.target, "name", lambda: str(node.target))()
+        for family, marks in _SUBGRAPH_MARKS.items():
+            rec = next((r for r in ctx.report.passes if r.name == family), None)
+            if rec is None or not any(m in names for m in marks):
+                continue
+            rec.near_misses.append(NearMiss(family, "subgraph", node.name,
+                                            f"ops of this family inside a higher-order op's subgraph ({hop}: an "
+                                            "activation-checkpointed region, a torch.cond branch, ...): ger's passes "
+                                            "rewrite the graph's own nodes only; they run as Inductor compiles them"))
 
 
 def _protect_saved_logits(gm: fx.GraphModule, ctx: PassContext) -> None:
