@@ -838,7 +838,12 @@ def _train_refusal(effects: graph.Effects, c: Candidate) -> str | None:
     if isinstance(n, int) and n == 0:
         return "an empty batch: eager's batch norm leaves the running statistics as they are (the fused update would write NaN)"
     if _value(c.last).requires_grad:
-        writer = next((m for m in effects.writers_of(c.last) if m not in c.nodes), None)
+        # (a higher-order op - torch.cond, an autograd.Function - counts as writing what it
+        # reads in the effect analysis; Dynamo admits no input mutation inside one, so it
+        # is no writer here: refusing there cost the fusion of a conv -> BN -> relu whose
+        # output feeds a custom autograd.Function)
+        writer = next((m for m in effects.writers_of(c.last)
+                       if m not in c.nodes and not _compat.is_higher_order_op(m.target)), None)
         if writer is not None:
             return ("the activation's output is written in place later (" + graph.describe(writer) + "): eager's "
                     "activation backward may read its saved result and raise autograd's version error; the fused op "
