@@ -374,6 +374,29 @@ def test_training_refusals_empty_batch_and_written_activation(seed):
     assert not [m for m in _report_matches() if m.pattern == TRAIN]
     assert any("written in place later" in r for _, r in _near_misses()), _near_misses()
 
+    class Residual(nn.Module):  # written, but eager saves no result: no error either way, rewritten
+        def __init__(self, act):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), act
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if self.act is not None:
+                y = self.act(y)
+            y += x  # the last BN of a residual block (torchvision / timm), or silu's output
+            return y
+
+    for act in (None, nn.SiLU()):
+        torch._dynamo.reset()
+        model = Residual(act).train()
+        ref = copy.deepcopy(model)
+        x = torch.randn(2, 4, 8, 8)
+        torch.compile(model, backend=rewrite_only())(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        assert [m.pattern for m in _report_matches()] == [TRAIN], _near_misses()
+        for p_, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p_.grad, q.grad, rtol=1e-4, atol=1e-5)
+
 
 def test_bf16_eval_with_gradients_keeps_bn_in_fp32(seed):
     """bf16 autocast, eval BN whose fp32 weight and bias require grad (frozen-statistics

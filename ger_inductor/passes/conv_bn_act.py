@@ -829,15 +829,19 @@ def _train_refusal(effects: graph.Effects, c: Candidate) -> str | None:
     * an empty batch (a static 0: Dynamo specialises it): eager's batch norm returns early
       and leaves the running statistics alone; the fused update would blend the NaN
       statistics of no values into them (review, stop 37);
-    * the activation's output written in place later, where a gradient is needed: eager's
-      relu (and in-place leaky_relu) backward reads its saved result, so the write raises
-      autograd's version error there; the fused op saves the conv output and recomputes
-      the activation, so the write would pass unseen (review, stop 37). Refused for every
-      activation: the fused op cannot say which eager spelling saved what."""
+    * the activation's output written in place later, where a gradient is needed and
+      eager's activation backward reads its saved result (relu in every spelling, an
+      in-place leaky_relu): the write raises autograd's version error there; the fused op
+      saves the conv output and recomputes the activation, so the write would pass
+      unseen (review, stop 37). Where the activation saves its input (silu, gelu, ...)
+      or there is none (``x = bn(conv(x)); x += shortcut``, the last BN of every residual
+      block), eager raises nothing and neither does the fused op: rewritten."""
     n = _value(c.conv).numel()
     if isinstance(n, int) and n == 0:
         return "an empty batch: eager's batch norm leaves the running statistics as they are (the fused update would write NaN)"
-    if _value(c.last).requires_grad:
+    saves_result = c.act_node is not None and (
+        c.act.name == "relu" or (c.act.name == "leaky_relu" and graph.classify(c.act_node)[0] == "write"))
+    if saves_result and _value(c.last).requires_grad:
         # (a higher-order op - torch.cond, an autograd.Function - counts as writing what it
         # reads in the effect analysis; Dynamo admits no input mutation inside one, so it
         # is no writer here: refusing there cost the fusion of a conv -> BN -> relu whose
