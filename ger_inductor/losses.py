@@ -89,7 +89,7 @@ def runtime_check(cond: Tensor, message: str) -> None:
 
 def check_number(name: str, value, lo: float, hi: float | None, who: str = "ger_loss") -> float:
     """A real number (a Python or NumPy int/float) in [lo, hi] (hi None: finite, >= lo)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, Tensor):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: {name} must be a Python float, got {type(value).__name__}")
     v = float(value)
     if not (v >= lo and (v <= hi if hi is not None else math.isfinite(v))):  # also rejects NaN
@@ -178,6 +178,24 @@ class LossParams(NamedTuple):
     smooth_lse: Tensor | None = None
 
 
+def check_hyper(alpha, beta, label_smoothing, who: str) -> tuple[float, float | Tensor | None, float | None]:
+    """(alpha, beta, eps) checked: either label_smoothing (alpha 1) or (alpha, beta), a
+    tensor beta 0-d floating and >= 0 (checked at run time when compiled)."""
+    if label_smoothing is not None:
+        if alpha is not None or beta is not None:
+            raise ValueError(f"{who}: pass either label_smoothing or (alpha, beta), not both")
+        return 1.0, None, check_number("label_smoothing", label_smoothing, 0.0, 1.0, who)
+    if alpha is None or beta is None:
+        raise TypeError(f"{who}: alpha and beta are required (or pass label_smoothing)")
+    alpha_f = check_number("alpha", alpha, 0.0, 1.0, who)
+    if isinstance(beta, Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise ValueError(f"{who}: a tensor beta must be a 0-d floating tensor, got shape {list(beta.shape)} {beta.dtype}")
+        runtime_check(beta >= 0, f"{who}: beta must be >= 0")
+        return alpha_f, beta, None
+    return alpha_f, check_number("beta", beta, 0.0, None, who), None
+
+
 def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_index, weight, reduction,
                 label_smoothing, V, who: str) -> LossParams:
     """Check ``ger_loss``'s arguments (``logits`` stands for whatever gives the dtype and
@@ -190,26 +208,11 @@ def loss_params(logits: Tensor, target: Tensor, *, alpha, beta, base, ignore_ind
     if reduction not in REDUCTIONS:
         raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_index("ignore_index", ignore_index, who)
-    if label_smoothing is not None:
-        if alpha is not None or beta is not None:
-            raise ValueError(f"{who}: pass either label_smoothing or (alpha, beta), not both")
-        eps = check_number("label_smoothing", label_smoothing, 0.0, 1.0)
-        alpha_f = 1.0
-        if eps == 0.0:
-            # F.cross_entropy forms no smoothing term at 0 (its `label_smoothing > 0` test):
-            # 0 * an infinite smoothing term (a -inf logit) would be NaN where it gives inf
-            eps, beta = None, 0.0
-    else:
-        if alpha is None or beta is None:
-            raise TypeError(f"{who}: alpha and beta are required (or pass label_smoothing)")
-        alpha_f = check_number("alpha", alpha, 0.0, 1.0)
-        eps = None
-        if isinstance(beta, Tensor):
-            if beta.dim() != 0 or not beta.is_floating_point():
-                raise ValueError(f"{who}: a tensor beta must be a 0-d floating tensor, got shape {list(beta.shape)} {beta.dtype}")
-            runtime_check(beta >= 0, f"{who}: beta must be >= 0")
-        else:
-            beta = check_number("beta", beta, 0.0, None)
+    alpha_f, beta, eps = check_hyper(alpha, beta, label_smoothing, who)
+    if eps == 0.0:
+        # F.cross_entropy forms no smoothing term at 0 (its `label_smoothing > 0` test):
+        # 0 * an infinite smoothing term (a -inf logit) would be NaN where it gives inf
+        eps, beta = None, 0.0
 
     cdt = _op.compute_dtype(logits.dtype)
     if V == 0:
@@ -429,16 +432,7 @@ class GERLoss(nn.Module):
             raise ValueError(f"GERLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         # the hyper-parameters checked here already (the tensors' shapes against the logits
         # at the call)
-        if label_smoothing is not None:
-            if alpha is not None or beta is not None:
-                raise ValueError("GERLoss: pass either label_smoothing or (alpha, beta), not both")
-            check_number("label_smoothing", label_smoothing, 0.0, 1.0, who="GERLoss")
-        else:
-            if alpha is None or beta is None:
-                raise TypeError("GERLoss: alpha and beta are required (or pass label_smoothing)")
-            check_number("alpha", alpha, 0.0, 1.0, who="GERLoss")
-            if not isinstance(beta, Tensor):
-                check_number("beta", beta, 0.0, None, who="GERLoss")
+        check_hyper(alpha, beta, label_smoothing, "GERLoss")
         check_index("ignore_index", ignore_index, "GERLoss")
         self.alpha = alpha
         if isinstance(beta, Tensor) and not isinstance(beta, nn.Parameter):

@@ -196,10 +196,10 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> N
     _note_subgraph_patterns(gm, ctx)
 
 
-#: op names that mark a family's pattern inside a higher-order op's subgraph
+#: parts of op names that mark a family's pattern inside a higher-order op's subgraph
 _SUBGRAPH_MARKS = {
-    "conv_bn_act": ("batch_norm", "_native_batch_norm_legit"),
-    "loss_entropy": ("cross_entropy", "log_softmax", "_log_softmax", "softmax", "_softmax", "kl_div", "nll_loss"),
+    "conv_bn_act": ("batch_norm",),
+    "loss_entropy": ("cross_entropy", "softmax", "kl_div", "nll_loss"),
 }
 
 
@@ -212,13 +212,13 @@ def _note_subgraph_patterns(gm: fx.GraphModule, ctx: PassContext) -> None:
         if node.op != "call_function" or not _compat.is_higher_order_op(node.target):
             continue
         subs = [getattr(gm, a.target, None) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
-        names = {_compat.op_display_name(n.target).split(".")[-1] if not isinstance(n.target, str) else n.target
+        names = [n.target if isinstance(n.target, str) else _compat.op_display_name(n.target)
                  for sub in subs if isinstance(sub, fx.GraphModule)
-                 for n in sub.graph.nodes if n.op in ("call_function", "call_method")}
-        hop = getattr(node.target, "__name__", None) or getattr(node.target, "name", lambda: str(node.target))()
+                 for n in sub.graph.nodes if n.op in ("call_function", "call_method")]
+        hop = _compat.op_display_name(node.target)
         for family, marks in _SUBGRAPH_MARKS.items():
             rec = next((r for r in ctx.report.passes if r.name == family), None)
-            if rec is None or not any(m in names for m in marks):
+            if rec is None or not any(m in name for name in names for m in marks):
                 continue
             rec.near_misses.append(NearMiss(family, "subgraph", node.name,
                                             f"ops of this family inside a higher-order op's subgraph ({hop}: an "
