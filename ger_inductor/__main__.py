@@ -105,19 +105,42 @@ def cmd_demo(args) -> int:
 
 def cmd_dump(args) -> int:
     import ger_inductor
+    from ger_inductor import debug
 
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    if not os.path.isfile(args.script):
+        raise SystemExit(f"python -m ger_inductor dump: no script {args.script!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"python -m ger_inductor dump: --out {args.out!r} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"python -m ger_inductor dump: cannot make --out {args.out!r}: {e}") from None
+    env_before, argv_before = os.environ.get("GER_DUMP_DIR"), sys.argv
     os.environ["GER_DUMP_DIR"] = out
     sys.argv = [args.script, *args.script_args]
+    script_dir = os.path.dirname(os.path.abspath(args.script))
+    sys.path.insert(0, script_dir)  # as `python SCRIPT` does
+    before = debug.report_count()
     try:
         runpy.run_path(args.script, run_name="__main__")
     finally:
-        reps = ger_inductor.reports()
-        print(f"\nger dump: {len(reps)} graph(s) compiled with backend='ger', dumps in {out}")
+        # (main() may run in a process that goes on: put back what the script's run set)
+        if env_before is None:
+            os.environ.pop("GER_DUMP_DIR", None)
+        else:
+            os.environ["GER_DUMP_DIR"] = env_before
+        sys.argv = argv_before
+        if script_dir in sys.path:
+            sys.path.remove(script_dir)
+        n = debug.report_count() - before
+        reps = ger_inductor.reports()[-n:] if n > 0 else []
+        shown = f" (the last {len(reps)} listed)" if len(reps) < n else ""
+        print(f"\nger dump: {n} graph(s) compiled with backend='ger', dumps in {out}{shown}")
         for r in reps:
+            errors = f", {len(r.dump_errors)} dump file(s) not written" if r.dump_errors else ""
             print(f"  {r.name}: {len(r.matches)} match(es), {len(r.near_misses)} near-miss(es), "
-                  f"{len(r.fallbacks)} fallback(s) -> {r.dump_path}")
+                  f"{len(r.fallbacks)} fallback(s){errors} -> {r.dump_path}")
     return 0
 
 
@@ -191,7 +214,7 @@ def main(argv=None) -> int:
     d.add_argument("--only", action="append", metavar="WORD",
                    help="the workloads whose name contains WORD (case-insensitive; repeatable)")
     d.add_argument("--repeat", type=_positive_int, default=5, help="timed steps per backend (median reported)")
-    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     d.add_argument("--scale", type=_scale, default=1.0, metavar="F",
                    help="shrink each workload's batch (tokens, images, logit rows) by F in (0, 1]: checks the numbers "
                         "quickly; the times are then not the demo's")

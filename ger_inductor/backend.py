@@ -55,7 +55,7 @@ def ger(
     report = debug.new_report(
         name=_graph_name(gm), devices=[str(d) for d in devices], options=settings.to_json_dict(), mode=mode
     )
-    dumper = debug.GraphDumper(settings.dump_dir, report)
+    dumper = debug.GraphDumper(settings.dump_dir, report, strict=settings.strict)
     timer = debug.Timer()
     pristine = passes.snapshot_graph(gm.graph)
     functorch_depth = _compat.functorch_layer_depth()
@@ -91,7 +91,7 @@ def ger(
         if reattach is None and not eager_nodes:
             with _compat.neutral_saved_tensors_hooks():
                 measured = _select_graph(gm, pristine, example_inputs, settings, profile, report, config_patches,
-                                         inner)
+                                         inner, dumper)
         if measured is not None:
             compiled = measured  # the measurement compiled the chosen form already
         elif transform is not None:
@@ -128,6 +128,7 @@ def ger(
         # report describes a graph that is thrown away
         _compat.restore_functorch_layer_depth(functorch_depth)
         debug.drop_report(report)
+        dumper.discard()
         raise
     except Exception as e:
         # a trace that failed inside a torch.func transform leaves its levels pushed
@@ -136,6 +137,9 @@ def ger(
             raise
         gm.graph = pristine
         gm.recompile()
+        for rec in report.passes:  # the graph runs as written: no rewrite stands
+            rec.matches = []
+        report.decisions = []
         report.add_fallback("graph", "compiling the graph failed; the whole graph runs eagerly", exc=e)
         compiled = gm.forward
     report.compile_seconds = timer.elapsed()
@@ -146,15 +150,17 @@ def ger(
 
 def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequence[Any], settings: GerOptions,
                   profile: fleet.DeviceProfile, report, config_patches: dict[str, Any],
-                  inner: Callable[..., Any]) -> Callable[..., Any] | None:
+                  inner: Callable[..., Any], dumper) -> Callable[..., Any] | None:
     """Measured selection of a whole graph that only the conv family's rewrites changed:
     their gains and losses interact through Inductor's fusions across sites, so the
     graph is timed with and without them (``autotune.decide``; a tie keeps Inductor's
     form; a backward is timed with the forward where the graph needs one) and the slower
     form is dropped: ``gm`` reverts to the graph before ger's passes, the matches become
     near-misses. Both forms compile as the backend compiles (``inner``: the fallback
-    guard, the report's Inductor entries, code dumps); the timing calls run on twins of
-    the inputs with the RNG states forked (``autotune.compile_and_time_graphs``), so no
+    guard, the report's Inductor entries, code dumps; the dropped form's code files are
+    renamed ``*.rejected_<form>_form.py``, the graph that runs is dumped as the
+    ``selection`` step); the timing calls run on twins of the inputs with the RNG states
+    forked (``autotune.compile_and_time_graphs``), so no
     user tensor, gradient, running statistic or random stream is touched. Returns the
     chosen form's compiled callable when measured now (the caller uses it), else None
     (compile ``gm`` as it is)."""
@@ -213,8 +219,15 @@ def _select_graph(gm: fx.GraphModule, pristine: fx.Graph, example_inputs: Sequen
         report.add_fallback("autotune", "timing the graph with and without ger's conv rewrites failed; the "
                             "rewrites are kept (the prior)", exc=e)
         return None
+    dumper.graph("selection", gm)  # the graph that runs (the one before ger's passes where Inductor's won)
     # measured now: only the kept form's Inductor entries describe this graph's code
-    report.inductor[n0:] = [e for e in report.inductor[n0:] if e.pop("_form", d.choice) == d.choice]
+    kept = []
+    for e in report.inductor[n0:]:
+        if e.pop("_form", d.choice) == d.choice:
+            kept.append(e)
+        elif e.get("dump_file"):
+            dumper.set_aside(e["dump_file"], "ger" if d.choice == "inductor" else "inductor")
+    report.inductor[n0:] = kept
     return compiled.get(d.choice)
 
 
@@ -252,7 +265,7 @@ def rewrite(
     report = debug.new_report(
         name=_graph_name(gm), devices=[str(d) for d in devices], options=settings.to_json_dict(), mode=None
     )
-    _rewrite(gm, example_inputs, settings, report, debug.GraphDumper(settings.dump_dir, report), devices)
+    _rewrite(gm, example_inputs, settings, report, debug.GraphDumper(settings.dump_dir, report, strict=settings.strict), devices)
     return gm, report
 
 

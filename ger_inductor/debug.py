@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from typing import Any
@@ -132,6 +133,8 @@ class GraphReport:
     #: sizes, and why (shapes.py): {setting: reason}
     dynamic_shapes: dict[str, str] = dataclasses.field(default_factory=dict)
     dump_path: str | None = None
+    #: dump files that could not be written (the compile goes on without them)
+    dump_errors: list[str] = dataclasses.field(default_factory=list)
     #: measured strategy selection (autotune.py): one entry per site, with both timings
     decisions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: compile time spent measuring (included in compile_seconds)
@@ -228,6 +231,8 @@ class GraphReport:
             lines.append(f"  inductor  {i.get('kind')}: cache {i.get('cache', '?')}" + (f", {i['kernels']} kernel(s)" if i.get("kernels") is not None else ""))
         if self.dump_path:
             lines.append(f"  dumps     {self.dump_path}")
+        for e in self.dump_errors:
+            lines.append(f"  dump      not written: {e}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -246,18 +251,23 @@ def _short(msg: str, limit: int = 500) -> str:
 
 _reports: collections.deque[GraphReport] = collections.deque(maxlen=MAX_REPORTS)
 _reports_lock = threading.Lock()
+_kept_count = 0  # reports made and not dropped, all of them (the deque keeps the last MAX_REPORTS)
 
 
 def new_report(name: str, devices: list[str], options: dict[str, Any], mode: str | None) -> GraphReport:
     rep = GraphReport(graph_id=next(_graph_counter), name=name, devices=devices, options=options, mode=mode)
+    global _kept_count
     with _reports_lock:
         _reports.append(rep)
+        _kept_count += 1
     return rep
 
 
 def drop_report(rep: GraphReport) -> None:
     """Forget the report of a compile attempt Dynamo throws away (it restarts tracing)."""
+    global _kept_count
     with _reports_lock:
+        _kept_count -= 1
         try:
             _reports.remove(rep)
         except ValueError:
@@ -275,6 +285,13 @@ def last_report() -> GraphReport | None:
     """
     with _reports_lock:
         return _reports[-1] if _reports else None
+
+
+def report_count() -> int:
+    """How many graphs ger has compiled in this process (:func:`reports` keeps the last
+    :data:`MAX_REPORTS` of them)."""
+    with _reports_lock:
+        return _kept_count
 
 
 def reports() -> list[GraphReport]:
@@ -299,18 +316,28 @@ class GraphDumper:
     """Writes one folder per graph under ``dump_dir``; a no-op without it.
 
     Layout: ``graph_<id>_<name>/00_input.py``, ``NN_<pass>.py`` (after each pass),
-    ``NN_<pass>.diff``, ``report.json``, ``inductor_<kind>_<n>.py``.
+    ``NN_<pass>.diff``, ``report.json``, ``inductor_<kind>_<n>.py``; under
+    ``rank<r>/`` in a process group of more than one rank.
+
+    The folder is made at the first write, emptied of an earlier run's files. A file
+    that cannot be written (a full disk, a ``dump_dir`` that is a file) never changes
+    the compile: it is logged and listed in the report's ``dump_errors``, and the rest
+    of that graph's dump is skipped; with ``strict`` the error is raised.
     """
 
-    def __init__(self, root: str | None, report: GraphReport):
+    def __init__(self, root: str | None, report: GraphReport, strict: bool = False):
         self.report = report
+        self.strict = strict
         self.step = 0
         self.last_text: str | None = None
         self.last_name = "input"
         self.path: str | None = None
+        self._made = False
         if root:
+            rank = _rank()
+            if rank is not None:  # the ranks of a job number their graphs alike: one folder each
+                root = os.path.join(root, f"rank{rank}")
             self.path = os.path.join(root, f"graph_{report.graph_id:03d}_{_safe(report.name)}")
-            os.makedirs(self.path, exist_ok=True)
             report.dump_path = self.path
 
     @property
@@ -329,7 +356,7 @@ class GraphDumper:
         _graphs_log().debug("ger graph %s after %s:\n%s", self.report.name, stage, text)
         log.debug("ger graph %s after %s:\n%s", self.report.name, stage, text)
         if self.enabled:
-            self._write(f"{self.step:02d}_{_safe(stage)}.py", text)
+            self.write(f"{self.step:02d}_{_safe(stage)}.py", text)
             if self.last_text is not None:
                 diff = "".join(
                     difflib.unified_diff(
@@ -339,27 +366,81 @@ class GraphDumper:
                         tofile=f"after_{stage}",
                     )
                 )
-                self._write(f"{self.step:02d}_{_safe(stage)}.diff", diff or "(no change)\n")
+                self.write(f"{self.step:02d}_{_safe(stage)}.diff", diff or "(no change)\n")
         self.last_text, self.last_name = text, stage
         self.step += 1
 
-    def inductor_code(self, kind: str, source: str | None, cache_key: str | None) -> None:
+    def inductor_code(self, kind: str, source: str | None, cache_key: str | None) -> str | None:
+        """Write Inductor's output code; the file's name (None where nothing was written)."""
         if not self.enabled or source is None:
-            return
+            return None
         n = sum(1 for i in self.report.inductor if i.get("kind") == kind)
         name = f"inductor_{kind}_{n}.py"
-        self._write(name, f"# Inductor output code ({kind}), FX graph cache key {cache_key}\n" + source)
+        self.write(name, f"# Inductor output code ({kind}), FX graph cache key {cache_key}\n" + source)
+        return name if self.enabled else None
+
+    def set_aside(self, name: str, form: str) -> str | None:
+        """Rename a written file ``x.py`` to ``x.rejected_<form>_form.py`` (a measured form
+        that was not kept)."""
+        if not self.enabled:
+            return None
+        stem, ext = os.path.splitext(name)
+        new = f"{stem}.rejected_{form}_form{ext}"
+        try:
+            os.replace(os.path.join(self.path, name), os.path.join(self.path, new))
+        except OSError as e:
+            if self.strict:
+                raise
+            self.report.dump_errors.append(f"renaming {name}: {type(e).__name__}: {e}")
+            return None
+        return new
 
     def finish(self) -> None:
         _compat.trace_structured("ger_report", lambda: self.report.to_json(), encoding="json")
         if self.enabled:
-            self._write("report.json", self.report.to_json())
-            self._write("report.txt", self.report.table() + "\n")
+            self.write("report.json", self.report.to_json())
+            self.write("report.txt", self.report.table() + "\n")
 
-    def _write(self, name: str, text: str) -> None:
-        assert self.path is not None
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(text)
+    def write(self, name: str, text: str) -> None:
+        """Write ``name`` in this graph's folder (nothing once a write has failed)."""
+        if self.path is None:
+            return
+        try:
+            if not self._made:
+                _fresh_dir(self.path)
+                self._made = True
+            with open(os.path.join(self.path, name), "w") as f:
+                f.write(text)
+        except OSError as e:
+            if self.strict:
+                raise
+            self.report.dump_errors.append(f"{os.path.join(self.path, name)}: {type(e).__name__}: {e}")
+            log.warning("ger could not write its dump of graph %s (%s); the rest of it is skipped",
+                        self.report.name, e)
+            self.path = None  # (the report keeps dump_path: where it would have been)
+
+    def discard(self) -> None:
+        """Remove this graph's folder: Dynamo threw the graph away (it traces again)."""
+        if self.path is not None and self._made:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path = None
+
+
+def _rank() -> int | None:
+    """This process's rank in an initialised process group of more than one rank."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank()
+    return None
+
+
+def _fresh_dir(path: str) -> None:
+    """Make ``path``; remove the files an earlier run left in it (a graph folder is one
+    compile's, and graph ids restart with each process)."""
+    os.makedirs(path, exist_ok=True)
+    for entry in os.scandir(path):
+        if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+            os.unlink(entry.path)
 
 
 def _safe(name: str) -> str:

@@ -183,7 +183,7 @@ class _VocabParallelRows(torch.autograd.Function):
 
         grad = torch.ops.ger.loss_bwd(
             col(g_nll), col(g_reg), col(g_lse), col(g_ent), z.view(R, Vr, 1), local_t.view(R, 1), u, lu,
-            col(lse), col(ent) if ctx.extras else ent, col(reg), col(aux), ctx.alpha, -1,
+            col(lse), col(ent) if ctx.extras else ent, col(reg), col(aux), ctx.alpha, -1, rev=_op.REV,
         )
         return (grad.view(R, Vr),) + none
 

@@ -384,7 +384,7 @@ def guarded_inner_compile(report: GraphReport, options: GerOptions, dumper: Grap
         )
         source = getattr(out, "source_code", None)
         key = getattr(out, "cache_key", None)
-        dumper.inductor_code(kind, source, key)
+        dumped = dumper.inductor_code(kind, source, key)
         report.inductor.append(
             {
                 "kind": kind,
@@ -392,6 +392,7 @@ def guarded_inner_compile(report: GraphReport, options: GerOptions, dumper: Grap
                 "cache_key": key,
                 "kernels": None if source is None else _count_kernels(source),
                 "seconds": round(timer.elapsed(), 3),
+                **({"dump_file": dumped} if dumped else {}),
             }
         )
         if kind == "backward":

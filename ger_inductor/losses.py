@@ -308,7 +308,7 @@ def ger_loss(
     else:
         # chunk=0: whole-row reductions; the ger backend sets the device profile's strategy
         nll, reg, lse, ent, _aux = torch.ops.ger.loss_fwd(logits3, target2, u, log_u, p.alpha, ignore_index,
-                                                         return_extras, 0)
+                                                         return_extras, 0, rev=_op.REV)
     loss = combine_rows(
         nll, reg, target2, target.shape, beta=beta, eps=eps, smooth_scale=p.smooth_scale, smooth_const=p.smooth_const,
         weight=weight, ignore_index=ignore_index, reduction=reduction, out_dtype=logits.dtype, lse=lse,
@@ -581,7 +581,7 @@ def row_stats(logits: Tensor, target: Tensor | None, alpha: float, ignore_index:
     out = torch.ops.ger.loss_fwd(
         logits.reshape(A, V, D), target.reshape(A, D), u, log_u,
         float(alpha), int(ignore_index), bool(extras), int(chunk),
-        *((bool(lse_inf), True) if lse_inf_out else (True,) if lse_inf else ()),
+        *((bool(lse_inf), True) if lse_inf_out else (True,) if lse_inf else ()), rev=_op.REV,
     )
     nll, reg, lse, ent, aux = out
     raw = None

@@ -106,7 +106,8 @@ class GerOptions:
         if dump_dir is not None:
             if not isinstance(dump_dir, (str, os.PathLike)):
                 raise TypeError(f"ger option 'dump_dir' must be a str or os.PathLike, got {type(dump_dir).__name__}")
-            kw["dump_dir"] = os.fspath(dump_dir)
+            # absolute now: a chdir before a backward compiles must not move the dump
+            kw["dump_dir"] = os.path.abspath(os.fspath(dump_dir)) if os.fspath(dump_dir) else None
         if "passes" in options:
             kw["passes"] = _parse_passes(options["passes"])
         if "eager_ops" in options:

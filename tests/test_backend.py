@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ger_inductor
+from ger_inductor import debug
 from ger_inductor import GerOptions, _compat, passes
 from ger_inductor.backend import ger
 
@@ -137,7 +138,8 @@ def test_bad_options_through_torch_compile():
 def test_dump_dir_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("GER_DUMP_DIR", str(tmp_path))
     assert GerOptions.parse({}).dump_dir == str(tmp_path)
-    assert GerOptions.parse({"dump_dir": "x"}).dump_dir == "x"
+    assert GerOptions.parse({"dump_dir": "x"}).dump_dir == os.path.abspath("x")  # a later chdir moves nothing
+    assert GerOptions.parse({"dump_dir": ""}).dump_dir is None
 
 
 def test_mode_forwarded_and_checked():
@@ -451,6 +453,51 @@ def test_report_table_and_json():
     assert d["devices"] == ["cpu"] and d["profile"]["device_type"] == "cpu"
     assert [p["name"] for p in d["passes"]] == ["conv_bn_act", "loss_entropy", "lm_head"]
     assert d["compile_seconds"] > 0
+
+
+def test_a_dump_that_cannot_be_written_never_changes_the_compile(tmp_path):
+    """A dump_dir that is a file (a full disk, a name clash alike): the graph compiles and
+    runs as without dumps - rewrites, numbers - and the report lists the files not
+    written; strict raises. (It raised NotADirectoryError out of the compile, and a
+    failed write of one file sent the graph, or its backward, to eager; stop-38 review.)"""
+    import torch.nn.functional as F
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+
+    def loss_fn(z, y):
+        return F.cross_entropy(z, y, label_smoothing=0.1)
+
+    z, y = torch.randn(8, 20, requires_grad=True), torch.arange(8)
+    ref = loss_fn(z, y)
+    (gref,) = torch.autograd.grad(ref, z)
+    out = torch.compile(loss_fn, backend="ger", options={"dump_dir": str(blocker)})(z, y)
+    (g,) = torch.autograd.grad(out, z)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, gref)
+    rep = ger_inductor.last_report()
+    assert rep.match_count("loss_entropy") == 1 and rep.fallbacks == []
+    assert rep.dump_errors and "Not a directory" in rep.dump_errors[0], rep.dump_errors
+    assert "dump      not written" in rep.table()
+    _compat.dynamo_reset()
+    with pytest.raises(Exception, match="Not a directory"):
+        torch.compile(loss_fn, backend="ger", options={"dump_dir": str(blocker), "strict": True,
+                                                       "compiler": "aot_eager"})(z, y)
+
+
+def test_a_graph_dynamo_traces_again_leaves_no_dump_folder(tmp_path):
+    """dynamic=True on a train-mode conv -> BN: Dynamo throws the first trace away (BN's
+    float hyper-parameters, first passed as symbols, are specialised when the pass reads
+    them); that attempt's folder is removed with its report."""
+    _compat.dynamo_reset()
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).train()
+    f = torch.compile(m, backend="ger", dynamic=True, options={"dump_dir": str(tmp_path), "compiler": "aot_eager"})
+    n0 = debug.report_count()
+    f(torch.randn(2, 3, 8, 8))
+    names = sorted(os.listdir(tmp_path))
+    reps = ger_inductor.reports()[-(debug.report_count() - n0):]
+    assert names == [os.path.basename(r.dump_path) for r in reps], names
+    assert all("report.json" in os.listdir(tmp_path / n) for n in names)
 
 
 @_FRESH

@@ -102,6 +102,33 @@ def test_cli_dump_a_script(tmp_path):
     assert {"00_input.py", "report.json"} <= set(os.listdir(out / folder))
 
 
+def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    """In-process: a missing script, an --out that is a file, --threads 0 exit with one
+    line, no traceback (stop-38 review); a script's own folder is importable under
+    ``dump``, as under ``python SCRIPT``."""
+    import pytest
+
+    from ger_inductor.__main__ import main
+
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="no script"):
+        main(["dump", "--out", str(tmp_path / "d"), str(tmp_path / "missing.py")])
+    with pytest.raises(SystemExit, match="is a file"):
+        main(["dump", "--out", str(a_file), str(a_file)])
+    with pytest.raises(SystemExit):
+        main(["demo", "--threads", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+    (tmp_path / "sibling_mod.py").write_text("VALUE = 41\n")
+    script = tmp_path / "uses_sibling.py"
+    script.write_text("import sibling_mod\nprint('value', sibling_mod.VALUE + 1)\n")
+    env, argv, path = os.environ.get("GER_DUMP_DIR"), sys.argv[:], sys.path[:]
+    assert main(["dump", "--out", str(tmp_path / "d"), str(script)]) == 0
+    assert (os.environ.get("GER_DUMP_DIR"), sys.argv, sys.path) == (env, argv, path)  # put back
+    out = capsys.readouterr().out
+    assert "value 42" in out and "0 graph(s)" in out
+
+
 def test_cli_demo_one_workload():
     """The demo CLI end to end on its loss workload (``--only``; the LM step's fused head
     is tested on the same TinyLM in tests/test_dynamic.py, without the CLI's timing):

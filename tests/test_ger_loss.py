@@ -72,6 +72,36 @@ def test_limits_are_continuous():
         assert _rel(a, b) < 1e-6 and _rel(ga, gb) < 1e-5, near
 
 
+@pytest.mark.parametrize("alpha, based", [(0.9, False), (1 - 1e-6, False), (0.1, True)], ids=["0.9", "1-1e-6", "0.1-base"])
+def test_subnormal_probability_beside_the_base_stays_finite(alpha, based):
+    """A probability (alpha > 3/4) or a base entry (alpha < 1/4) in float32's subnormal
+    range: the ratio u/p (p/u) overflowed to inf and the loss read -inf, its gradient
+    inf/NaN, eagerly and compiled (stop-38 review). The float64 reference is finite."""
+    V = 10
+    z = torch.zeros(3, V)
+    z[0, 0] = 95.0  # p of the other classes ~1e-41 (subnormal), u = 1/V
+    z[1, 0] = 110.0  # p underflows to 0: the exact limit
+    z[2] = torch.linspace(-1.0, 1.0, V)
+    y = torch.tensor([0, 3, 5])
+    base = None
+    if based:  # a base entry ~1e-41 beside p ~ 0.1: the mirror overflow p/u
+        base = torch.full((V,), 1.0)
+        base[1] = 1e-41
+        base = base / base.sum()
+        z[0] = torch.linspace(-1.0, 1.0, V)
+    kw = dict(alpha=alpha, beta=0.7, base=base)
+    zr = z.double().requires_grad_()
+    ref = ger_loss_reference(zr, y, **{**kw, "base": None if base is None else base.double()})
+    (gref,) = torch.autograd.grad(ref, zr)
+    assert torch.isfinite(ref) and torch.isfinite(gref).all()
+    for fn in (ger_loss, torch.compile(ger_loss, backend="inductor", dynamic=False)):
+        zz = z.clone().requires_grad_()
+        out = fn(zz, y, **kw)
+        (g,) = torch.autograd.grad(out, zz)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g.double(), gref, rtol=1e-5, atol=1e-7)
+
+
 def test_closed_forms_at_the_ends():
     z, y = _inputs(N=8, V=50, ignore=False)
     V = 50

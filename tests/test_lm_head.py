@@ -1108,3 +1108,43 @@ def test_empty_token_batch_gives_every_parameter_a_zero_gradient():
     assert [m.detail["gradients"] for m in ger_inductor.last_report().matches if m.family == "lm_head"] == ["in_forward"]
     for n, p in model.named_parameters():
         assert p.grad is not None and not p.grad.any(), n
+
+
+class _LowHead(nn.Module):
+    def __init__(self, V_, H_, dtype):
+        super().__init__()
+        self.W = nn.Parameter((torch.randn(V_, H_, generator=torch.Generator().manual_seed(1)) / H_ ** 0.5).to(dtype))
+
+    def forward(self, h, y):
+        return F.cross_entropy(F.linear(h, self.W).float(), y)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.bfloat16, 1.0), (torch.float16, 65536.0)], ids=["bf16", "fp16-scaled"])
+def test_low_precision_head_gradients_round_as_eager(dtype, scale):
+    """bf16: each chunk's grad_W product was rounded to bf16 and the sum rounded again (1
+    ulp off eager on a third of the entries); now one rounding, as eager's one product.
+    fp16 under a loss scale (GradScaler's 65536): gradients formed in the forward at an
+    upstream gradient of 1 underflowed to 0 (W.grad 1e-2 off eager); an fp16 head forms
+    them in the backward, after the scale (stop-38 review)."""
+    V_, H_, N_ = 16384, 16, 96  # the CPU profile fuses heads from 16384 classes
+    m = _LowHead(V_, H_, dtype)
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(N_, H_, generator=g).to(dtype)
+    y = torch.randint(0, V_, (N_,), generator=g)
+
+    def step(fn):
+        m.zero_grad()
+        h = h0.clone().requires_grad_()
+        fn(h, y).backward(torch.tensor(scale))
+        return h.grad, m.W.grad.clone()
+
+    eh, ew = step(m)
+    torch._dynamo.reset()
+    gh, gw = step(torch.compile(m, backend="ger", options={"autotune": False, "lm_head_chunk": 32}))
+    (match,) = _lm_matches()[-1:]
+    assert match.detail["gradients"] == ("recompute" if dtype == torch.float16 else "in_forward"), match.detail
+    torch.testing.assert_close(gh, eh, rtol=0, atol=0) if dtype == torch.bfloat16 else \
+        torch.testing.assert_close(gh.float(), eh.float(), rtol=2e-3, atol=1e-3 * float(eh.float().abs().max()))
+    assert bool((gw == 0).sum() <= (ew == 0).sum()), "grad_W underflowed where eager's did not"
+    differ = float((gw != ew).float().mean())
+    assert differ < 0.02, f"{differ:.1%} of grad_W entries differ from eager's"

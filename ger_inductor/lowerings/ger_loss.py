@@ -37,7 +37,7 @@ import sympy
 import torch
 
 from .. import _compat
-from ..ops.ger_loss import LOG_FORM_ALPHAS, compute_dtype
+from ..ops.ger_loss import LOG_FORM_ALPHAS, RATIO_LOG_CAP, compute_dtype
 
 aten = torch.ops.aten
 
@@ -164,15 +164,28 @@ class _Row:
         if lo <= alpha <= hi:
             log_m = ops.log(ops.add(ops.mul(self.const(alpha), p), ops.mul(self.const(1.0 - alpha), u)))
             return ops.sub(lp, log_m), ops.sub(lu, log_m)
+        cap_t, cap = self.const(RATIO_LOG_CAP), self.const(math.exp(-RATIO_LOG_CAP))
         if alpha >= 0.5:
-            log_p_m = ops.neg(ops.log1p(ops.mul(self.const(1.0 - alpha), ops.sub(ops.truediv(u, p), one))))
+            t = ops.sub(lu, lp)
+            beyond = ops.gt(t, cap_t)
+            ratio = ops.truediv(u, ops.maximum(p, ops.mul(u, cap)))
+            log_p_m = ops.where(
+                beyond, ops.neg(ops.add(self.const(math.log1p(-alpha)), t)),
+                ops.neg(ops.log1p(ops.mul(self.const(1.0 - alpha), ops.sub(ratio, one)))),
+            )
             log_u_m = ops.where(
-                ops.eq(p, zero), self.const(-math.log1p(-alpha)), ops.add(ops.sub(lu, lp), log_p_m)
+                ops.logical_or(ops.eq(p, zero), beyond), self.const(-math.log1p(-alpha)), ops.add(t, log_p_m)
             )
         else:
-            log_u_m = ops.neg(ops.log1p(ops.mul(self.const(alpha), ops.sub(ops.truediv(p, u), one))))
+            t = ops.sub(lp, lu)
+            beyond = ops.gt(t, cap_t)
+            ratio = ops.truediv(p, ops.maximum(u, ops.mul(p, cap)))
+            log_u_m = ops.where(
+                beyond, ops.neg(ops.add(self.const(math.log(alpha)), t)),
+                ops.neg(ops.log1p(ops.mul(self.const(alpha), ops.sub(ratio, one)))),
+            )
             log_p_m = ops.where(
-                ops.eq(u, zero), self.const(-math.log(alpha)), ops.add(ops.sub(lp, lu), log_u_m)
+                ops.logical_or(ops.eq(u, zero), beyond), self.const(-math.log(alpha)), ops.add(t, log_u_m)
             )
         return log_p_m, log_u_m
 
@@ -302,7 +315,7 @@ def _register() -> None:
 
     @_compat.register_lowering(ops_fwd, type_promotion_kind=None)
     def loss_fwd(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False,
-                 lse_inf_out=False):
+                 lse_inf_out=False, rev=0):
         r = _Row(logits, target, base, log_base)
         ops = r.ops
         alpha = float(alpha)
@@ -397,7 +410,8 @@ def _register() -> None:
         return nll, reg, lse, ent, aux
 
     @_compat.register_lowering(ops_bwd, type_promotion_kind=None)
-    def loss_bwd(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base, log_base, lse, ent, reg, aux, alpha, ignore_index):
+    def loss_bwd(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base, log_base, lse, ent, reg, aux, alpha,
+                 ignore_index, rev=0):
         r = _Row(logits, target, base, log_base)
         ops = r.ops
         alpha = float(alpha)
@@ -479,7 +493,13 @@ def _register_scaled_grad() -> None:
 
     @_compat.register_lowering(torch.ops.ger.scaled_grad.default, type_promotion_kind=None)
     def _lower(grad, g, keep):
-        return _compat.inductor_lowerings()[aten.mul.Tensor](grad, g)
+        low = _compat.inductor_lowerings()
+        if grad.get_dtype() not in (torch.bfloat16, torch.float16) or g.get_dtype() != torch.float32:
+            return low[aten.mul.Tensor](grad, g)
+        # a low-precision gradient and a compute-dtype scale: the product in the scale's
+        # dtype, rounded once (aten.mul's lowering would cast the scale down first)
+        convert = low[torch.ops.prims.convert_element_type.default]
+        return convert(low[aten.mul.Tensor](convert(grad, g.get_dtype()), g), grad.get_dtype())
 
     @_compat.register_lowering(torch.ops.ger.version_guard.default, type_promotion_kind=None)
     def _lower_guard(x, keep):  # ``ger::version_guard``: a copy (the kept tensors only pin saved inputs)

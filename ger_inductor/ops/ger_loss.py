@@ -29,7 +29,9 @@ ops); ``lowerings/ger_loss.py`` lowers the same math into Inductor IR.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import pathlib
 from typing import Optional
 
 import torch
@@ -48,6 +50,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 LOG_FORM_ALPHAS = (0.25, 0.75)
 
 
+#: past this log-ratio the ratio u/p (p/u) is not formed: log(p/m) takes its asymptote
+RATIO_LOG_CAP = 60.0
+
+
 def log_ratio_p_m(lp: Tensor, lu: Tensor, p: Tensor, u: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     """(log(p/m), log(u/m)) for m = alpha p + (1-alpha) u, accurate for every alpha in (0, 1).
 
@@ -57,19 +63,31 @@ def log_ratio_p_m(lp: Tensor, lu: Tensor, p: Tensor, u: Tensor, alpha: float) ->
       alpha >= 1/2:  log(p/m) = -log1p((1-alpha) (u/p - 1)),  log(u/m) = log(u/p) + log(p/m)
       alpha <  1/2:  log(u/m) = -log1p(alpha (p/u - 1)),      log(p/m) = log(p/u) + log(u/m)
     The term divided by the small (1-alpha) or alpha is the log1p one, so the division
-    never amplifies a cancellation. Underflowed p (or zero u) take the exact limits.
+    never amplifies a cancellation. Where t = log u - log p exceeds RATIO_LOG_CAP (p
+    subnormal beside u: u/p would overflow to inf and log(p/m) read -inf), the ratio is
+    capped and the asymptotes are taken, exact to the working precision there
+    (m/p = (1-alpha) e^t (1 + alpha e^-t / (1-alpha))):
+      log(p/m) = -(log(1-alpha) + t),  log(u/m) = -log(1-alpha)
+    and the mirror for alpha < 1/2. Underflowed p (or zero u) take the exact limits.
     The lowering spells the same expressions in Inductor IR.
     """
     lo, hi = LOG_FORM_ALPHAS
     if lo <= alpha <= hi:
         log_m = torch.log(alpha * p + (1.0 - alpha) * u)
         return lp - log_m, lu - log_m
+    cap = math.exp(-RATIO_LOG_CAP)
     if alpha >= 0.5:
-        log_p_m = -torch.log1p((1.0 - alpha) * (u / p - 1.0))
-        log_u_m = torch.where(p == 0, torch.full_like(lp, -math.log1p(-alpha)), (lu - lp) + log_p_m)
+        t = lu - lp
+        far = (p == 0) | (t > RATIO_LOG_CAP)
+        log_p_m = torch.where(t > RATIO_LOG_CAP, -(math.log1p(-alpha) + t),
+                              -torch.log1p((1.0 - alpha) * (u / torch.maximum(p, u * cap) - 1.0)))
+        log_u_m = torch.where(far, torch.full_like(lp, -math.log1p(-alpha)), t + log_p_m)
     else:
-        log_u_m = -torch.log1p(alpha * (p / u - 1.0))
-        log_p_m = torch.where(u == 0, torch.full_like(lp, -math.log(alpha)), (lp - lu) + log_u_m)
+        t = lp - lu
+        far = (u == 0) | (t > RATIO_LOG_CAP)
+        log_u_m = torch.where(t > RATIO_LOG_CAP, -(math.log(alpha) + t),
+                              -torch.log1p(alpha * (p / torch.maximum(u, p * cap) - 1.0)))
+        log_p_m = torch.where(far, torch.full_like(lp, -math.log(alpha)), t + log_u_m)
     return log_p_m, log_u_m
 
 
@@ -178,6 +196,22 @@ def fwd_math(logits: Tensor, target: Tensor, base: Optional[Tensor], log_base: O
     return nll, reg, lse_out, ent, aux
 
 
+def _source_rev() -> int:
+    """A hash of the sources that decide these ops' generated code, passed as ``rev`` by
+    every call: part of the graph, so of Inductor's FX-graph cache key. Under
+    ``backend="inductor"`` (which knows nothing of ger's lowerings) a changed lowering
+    then never reuses a kernel compiled from the old one (as ``ops.distill.REV``)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in ("ops/ger_loss.py", "lowerings/ger_loss.py"):
+        h.update((root / rel).read_bytes())
+    return int(h.hexdigest()[:12], 16)
+
+
+#: pass as ``rev`` to loss_fwd / loss_bwd
+REV = _source_rev()
+
+
 @torch.library.custom_op(f"{OPS_NAMESPACE}::loss_fwd", mutates_args=())
 def loss_fwd(
     logits: Tensor,
@@ -190,16 +224,18 @@ def loss_fwd(
     chunk: int,
     lse_inf: bool = False,
     lse_inf_out: bool = False,
+    rev: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # ``chunk`` selects the lowering's reduction strategy (0: whole rows, K: chunks of
-    # K classes); the math, and so this eager kernel, do not depend on it.
+    # K classes); the math, and so this eager kernel, do not depend on it. ``rev``: REV,
+    # a hash of the lowering's sources (only for the cache key).
     check_targets(target, logits.shape[1], ignore_index)
     return fwd_math(logits, target, base, log_base, alpha, ignore_index, extras, lse_inf, lse_inf_out)
 
 
 @loss_fwd.register_fake
 def _loss_fwd_fake(logits, target, base, log_base, alpha, ignore_index, extras, chunk, lse_inf=False,
-                   lse_inf_out=False):
+                   lse_inf_out=False, rev=0):
     _ensure_lowerings()  # a trace is under way: Inductor may lower this op next
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
@@ -225,6 +261,7 @@ def loss_bwd(
     aux: Tensor,
     alpha: float,
     ignore_index: int,
+    rev: int = 0,
 ) -> Tensor:
     A, V, D = logits.shape
     cd = compute_dtype(logits.dtype)
@@ -260,7 +297,8 @@ def loss_bwd(
 
 
 @loss_bwd.register_fake
-def _loss_bwd_fake(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base, log_base, lse, ent, reg, aux, alpha, ignore_index):
+def _loss_bwd_fake(grad_nll, grad_reg, grad_lse, grad_ent, logits, target, base, log_base, lse, ent, reg, aux, alpha,
+                   ignore_index, rev=0):
     _ensure_lowerings()
     return torch.empty_like(logits)
 
@@ -297,7 +335,8 @@ def _backward(ctx, g_nll, g_reg, g_lse, g_ent, g_aux):
         # forward math in torch ops (loss_bwd has no derivative), so a double backward works
         return (_differentiable_grad(ctx, logits, target, base, log_base, (g_nll, g_reg, g_lse, g_ent)),) + (None,) * (_N_ARGS - 1)
     grad = loss_bwd(
-        g_nll, g_reg, g_lse, g_ent, logits, target, base, log_base, lse, ent, reg, aux, ctx.alpha, ctx.ignore_index
+        g_nll, g_reg, g_lse, g_ent, logits, target, base, log_base, lse, ent, reg, aux, ctx.alpha, ctx.ignore_index,
+        rev=REV,
     )
     return (grad,) + (None,) * (_N_ARGS - 1)
 

@@ -138,7 +138,8 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     # low-precision inputs: grad_W accumulates in the compute dtype; each chunk's product
     # is formed in the input dtype (the fast matmul) a block of classes at a time
     vb = max(1, GRAD_W_BLOCK_BYTES // max(1, H * h.element_size()))
-    gw_tmp = torch.empty(min(vb, V), H, dtype=h.dtype, device=dev) if need_w and h.dtype != cd else None
+    gw_tmp = torch.empty(min(vb, V), H, dtype=_w_product_dtype(h.dtype, cd, dev), device=dev) \
+        if need_w and h.dtype != cd else None
     wt = weight.t()
     # ``temperature`` != 1: the statistics are of (h @ W.T + b) / temperature, divided in
     # the compute dtype, or in the input dtype before the upcast (``low_div``: bf16/fp16
@@ -275,10 +276,11 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
             if gw_tmp is None:
                 gw.addmm_(dz.t(), hc)
             else:
+                hcw = hc.to(cd) if gw_tmp.dtype == cd else hc
                 for v0 in range(0, V, vb):
                     v1 = min(v0 + vb, V)
                     tmp = gw_tmp[: v1 - v0]
-                    torch.mm(dz[:, v0:v1].t(), hc, out=tmp)
+                    torch.mm(dz[:, v0:v1].t().to(gw_tmp.dtype), hcw, out=tmp)
                     gw[v0:v1].add_(tmp)
         if need_b:
             gb.add_(z.sum(0))
@@ -287,6 +289,24 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     if need_b and bias.dtype != cd:
         gb = gb.to(bias.dtype)
     return nll, reg, lse, ent, aux, gh, gw, gb, lo
+
+
+def _w_product_dtype(dtype: torch.dtype, cd: torch.dtype, dev: torch.device) -> torch.dtype:
+    """The dtype of a chunk's grad_W product of ``dtype`` inputs. On CPUs the compute
+    dtype: eager forms grad_W in one product over all rows, rounded once to bf16/fp16;
+    a product per chunk rounded to bf16 and then summed rounds twice (1 ulp off eager's
+    on a third of the entries, stop-38 review), so each chunk's product is formed from
+    the upcast inputs (exact products, fp32 sums) and the sum is rounded once. On GPUs
+    the input dtype (the tensor-core matmul; an fp32 one would cost several times more):
+    a documented deviation of one ulp (docs/patterns.md)."""
+    return cd if dev.type == "cpu" else dtype
+
+
+def _w_product(a_t: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
+    """``a_t @ b`` (a chunk's grad_W product) in the compute dtype (``_w_product_dtype``)."""
+    if _w_product_dtype(b.dtype, cd, b.device) == cd:
+        return a_t.to(cd) @ b.to(cd)
+    return (a_t @ b).to(cd)
 
 
 # ----------------------------------------------------------------------------- traced form
@@ -404,7 +424,7 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
             if gw is not None and hc.dtype == cd:  # one extern addmm: no separate pass adding the (V, H) product
                 gw = torch.addmm(gw, dzl.t(), hc)
             else:
-                part = (dzl.t() @ hc).to(cd)
+                part = _w_product(dzl.t(), hc, cd)
                 gw = part if gw is None else gw + part
         if need_b:
             part_b = dz.sum(0)
@@ -645,7 +665,10 @@ def _carrier_backward(ctx, g):
         # in place when running eagerly; a compiled backward reuses the saved buffer itself,
         # and reads h, the weight and the kept tensors (so it saves them, and checks their
         # versions)
-        return scaled_grad(gr, g.to(gr.dtype), [h, weight, *keep]) if traced else gr.mul_(g.to(gr.dtype))
+        # (g as it comes, a 0-d tensor in the compute dtype: a bf16/fp16 gradient is scaled
+        # in fp32 and rounded once, as eager scales its fp32 logits gradient; g cast to bf16
+        # first was off by up to 2^-9 relative, stop-38 review)
+        return scaled_grad(gr, g, [h, weight, *keep]) if traced else gr.mul_(g)
 
     gh, gw, gb = grads
     return (scaled(gh, 0), scaled(gw, 1), scaled(gb, 2) if ctx.has_bias else None, None, None, None,

@@ -289,7 +289,7 @@ def make_post_grad_pass(options: GerOptions, profile: DeviceProfile, dumper: Gra
                 if fn(graph):
                     dumper.report.dynamic_shapes[name] = POST_GRAD_WHY[name]
             if dumper.enabled:
-                dumper._write(f"post_grad_{self.count}.py", str(graph))
+                dumper.write(f"post_grad_{self.count}.py", str(graph))
             self.count += 1
 
         def uuid(self) -> Any:

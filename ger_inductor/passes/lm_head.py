@@ -726,6 +726,13 @@ def _value_edge(n: fx.Node, u: fx.Node) -> bool:
 
 def _choose_gradient_mode(gm: fx.GraphModule, plan: Plan) -> None:
     plan.mode, plan.why = "recompute", ""
+    if any(isinstance(_val(n), torch.Tensor) and _val(n).dtype == torch.float16 for n in (plan.h, plan.chain[0])):
+        # gradients formed in the forward are at an upstream gradient of 1: in float16 the
+        # small ones underflow (p / N of a 32000-class row is ~1e-9), where eager scales
+        # first by the loss scale (GradScaler's 65536) and keeps them (stop-38 review)
+        plan.why = ("float16 head: gradients formed in the forward would underflow where a loss scale keeps them; "
+                    "they are formed in the backward, scaled first, as eagerly")
+        return
     D = _forward_closure(plan.src)
     in_d = set(D)
     out = next(n for n in gm.graph.nodes if n.op == "output")
