@@ -4,10 +4,12 @@ step compiled with backend="ger", next to the same step run eagerly.
 
     python examples/distill.py [--steps 10] [--beta 0.5] [--temperature 2.0]
 
-``ger_distill_loss`` is a library call: ger does not yet find a distillation loss
-written by hand in user code (see docs/ger.md). Under torch.compile the loss runs as
-ger's chunked autograd function inside the compiled step; the rest of the step goes to
-Inductor with ger's other rewrites.
+``ger_distill_loss`` is the library call; ``backend="ger"`` also finds distillation
+losses written by hand (TRL's ``generalized_jsd_loss``, ``F.kl_div`` of two softmaxes:
+docs/patterns.md). Under torch.compile the loss is ger's op inside the compiled step;
+the rest of the step goes to Inductor with ger's other rewrites. "eager" below runs the
+same step (``ger_distill_loss``'s eager kernel) without torch.compile; the loss itself
+is tested against its float64 reference in tests/test_distill.py.
 """
 
 import argparse

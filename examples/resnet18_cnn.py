@@ -6,10 +6,16 @@ The model is written the way torchvision writes it (``nn.Conv2d`` without bias -
 ``nn.BatchNorm2d`` -> ``nn.ReLU(inplace=True)``, basic blocks with a residual add,
 1x1 conv + BN downsampling when the shape changes), so Dynamo hands ger the same graph
 it would get from ``torchvision.models.resnet18()``. Importable:
-``from examples.resnet18_cnn import resnet18``. What ger does with it: every
+``from examples.resnet18_cnn import resnet18``. What ger can do with it: every
 conv -> BN [-> ReLU] becomes one folded convolution in eval mode, and the fused
 batch-norm ops in training; the ReLU after each residual add is no BN activation
-and stays as it is (the report lists the matches).
+and stays as it is. By default ger times each graph with and without these rewrites at
+its first compile and keeps the faster (on a 2-core CPU it often keeps Inductor's form:
+the report then lists the rewrites as near-misses with both timings; ``options=
+{"autotune": False}`` keeps them). The gradients are compared with eager's relative to
+their size: a training step's BN backward through 20 layers amplifies rounding, and
+Inductor's own code differs from eager by ~1e-2 of the largest gradient here too
+(tests/test_zoo.py checks a residual net's step against a float64 oracle).
 """
 
 from __future__ import annotations
@@ -116,8 +122,10 @@ def main() -> None:
     ref, out = eager(x), compiled(x)
     ref.sum().backward()
     out.sum().backward()
-    grad_err = max(float((a.grad - b.grad).abs().max()) for a, b in zip(eager.parameters(), trained.parameters()))
-    print("training step: max |ger - eager| output", float((out - ref).abs().max()), "parameter gradients", grad_err)
+    grad_err = max(float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12))
+                   for a, b in zip(eager.parameters(), trained.parameters()))
+    print("training step: max |ger - eager| output", float((out - ref).detach().abs().max()),
+          "; parameter gradients, relative to each tensor's largest", f"{grad_err:.1e}")
     print(ger_inductor.last_report())
 
 

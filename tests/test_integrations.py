@@ -89,6 +89,25 @@ def test_tuple_outputs_keep_their_positions_and_bad_input_is_refused():
         drop_logits_with_labels(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         drop_logits_with_labels(lambda x: x)
+    with pytest.raises(ValueError, match="before torch.compile"):
+        drop_logits_with_labels(torch.compile(_model("llama"), backend="ger"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_of_a_patched_model_gives_eager_tokens(kind):
+    """transformers reads forward's signature (generate builds the attention mask and
+    position ids, passes logits_to_keep, only for parameters it names): the patched
+    forward keeps it. Before, left-padded prompts generated other tokens (stop-38 review)."""
+    import inspect
+
+    ref, pat = _model(kind).eval(), drop_logits_with_labels(_model(kind).eval())
+    assert inspect.signature(pat.forward) == inspect.signature(ref.forward)
+    ids = torch.randint(3, V, (2, 10), generator=torch.Generator().manual_seed(0))
+    ids[0, :4] = 0  # left padding
+    for kw in (dict(input_ids=ids), dict(input_ids=ids, attention_mask=(ids != 0).long())):
+        a = ref.generate(**kw, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = pat.generate(**kw, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(a, b), (a, b)
 
 
 class _LossOnly(torch.nn.Module):

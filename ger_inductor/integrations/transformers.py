@@ -62,11 +62,17 @@ def drop_logits_with_labels(model: torch.nn.Module) -> torch.nn.Module:
     outside the graph, which then still returns the logits.)
 
     Code that reads ``outputs.logits`` of a call with labels (an evaluation loop computing
-    accuracy, say) must not use it: it raises no error there, the logits are ``None``.
-    With ``return_dict=False`` the tuple keeps its positions, with ``None`` for the logits.
+    accuracy, transformers' Trainer ``prediction_step``) must not use it: it raises no
+    error there, the logits are ``None``, and the output holds one field fewer, so
+    ``outputs[1]`` and ``outputs.to_tuple()`` shift (read fields by name). With
+    ``return_dict=False`` the tuple keeps its positions, with ``None`` for the logits.
+    Forward's signature is kept (``generate`` and the Trainer read it).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"drop_logits_with_labels: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+        raise ValueError("drop_logits_with_labels: got a compiled model (torch.compile's wrapper); apply it to the "
+                         "model before torch.compile, or to `compiled._orig_mod`")
     if hasattr(model, _PATCH):
         return model  # already patched
     try:
@@ -95,6 +101,16 @@ class _ForwardWithoutLogits:
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The wrapped forward's: transformers reads it (``generate`` builds the attention
+        mask and position ids, and passes ``logits_to_keep``, only for parameters forward
+        names; the Trainer keeps a dataset's columns by it). Without it generation
+        changed tokens on a patched model (stop-38 review)."""
+        m = self.module
+        inner = getattr(m, _PATCH, None)
+        return inspect.signature(inner if inner is not None else type(m).forward.__get__(m))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.module
