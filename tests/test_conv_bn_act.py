@@ -73,6 +73,11 @@ def _report_matches(pattern=None):
     return [m for m in rep.matches if pattern is None or m.pattern == pattern]
 
 
+def _report_near_misses(pattern=None):
+    rep = ger_inductor.last_report()
+    return [m for m in rep.near_misses if pattern is None or m.pattern == pattern]
+
+
 # ----------------------------------------------------------------------------- the matrix
 #: name -> (conv factory, input shape)
 CONVS = {
@@ -1194,7 +1199,7 @@ def _assert_same_with_nans(got, want, what, atol=1e-5, rtol=1e-4):
     torch.testing.assert_close(got.nan_to_num(0.0), want.nan_to_num(0.0), atol=atol, rtol=rtol, msg=what)
 
 
-@pytest.mark.parametrize("act", ["relu", "relu6", "hardsigmoid", "leaky_relu", "hardswish"])
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardsigmoid", "leaky_relu", "leaky_relu0", "hardswish"])
 @pytest.mark.parametrize("mode", ["eval_nograd", "eval_grad", "train"])
 def test_nan_inputs_keep_eagers_nan_positions_and_gradients(act, mode, seed):
     """A NaN in the input (review, stop 35): oneDNN's relu / hardtanh / hardsigmoid post-ops
@@ -1206,6 +1211,7 @@ def test_nan_inputs_keep_eagers_nan_positions_and_gradients(act, mode, seed):
     scalar tail passes it; Inductor's decompositions and ger's fused backwards pass it at
     every position, so relu6's and hardswish's gradients are not compared with eager's."""
     acts = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "hardsigmoid": nn.Hardsigmoid(), "leaky_relu": nn.LeakyReLU(0.2),
+            "leaky_relu0": nn.LeakyReLU(0.0),  # oneDNN's leaky_relu at slope 0 is its relu: NaN to 0 (stop 38)
             "hardswish": nn.Hardswish()}
     model = randomize_bn_statistics(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), acts[act]))
     model.train(mode == "train")
@@ -1344,3 +1350,54 @@ def test_known_gap_summed_branches_with_an_infinite_input(seed):
         got = torch.compile(copy.deepcopy(model), backend=rewrite_only())(x)
     assert _report_matches(conv_bn_act.PATTERN_BRANCHES)
     assert torch.equal(got.isnan(), want.isnan()), (int(got.isnan().sum()), int(want.isnan().sum()))
+
+
+def test_train_running_mean_keeps_eagers_infinities(seed):
+    """A -inf in the input of a training BN (review, stop 38): eager's batch mean is a sum
+    over the count (-inf, and so a -inf running mean); the op's eager kernel took it from
+    var_mean, whose update reads -inf - (-inf) = NaN."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2), nn.ReLU()).train()
+    test = copy.deepcopy(model)
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 1, 1] = float("-inf")
+    model(x).sum().backward()
+    torch.compile(test, backend=rewrite_only())(x).sum().backward()
+    assert len(_report_matches(TRAIN)) == 1
+    assert model[1].running_mean.isinf().all()  # the case: one channel +inf, the other -inf
+    for (n, b), b0 in zip(test.named_buffers(), model.buffers()):
+        _assert_same_with_nans(b, b0, n)
+
+
+def test_eps_zero_with_a_dead_channel_folds_after_the_conv(seed):
+    """eps = 0 and a channel of running variance 0 (review, stop 38): folded into the
+    weights, w * inf held inf of both signs and the conv summed inf - inf (a NaN channel);
+    the scale now stays after the conv, as eager applies it (its ±inf / NaN pattern)."""
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2, eps=0.0)).eval()
+    with torch.no_grad():
+        model[1].running_var[0] = 0.0
+        model[1].running_mean[0] = 0.25
+    test = copy.deepcopy(model)
+    x = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y0, y1 = model(x), torch.compile(test, backend=rewrite_only())(x)
+    (m,) = _report_matches(EVAL)
+    assert m.detail["fold_into"] == "output", m.detail
+    assert y0[0, 0].isinf().any() and y0[0, 0].isnan().any()  # the case
+    _assert_same_with_nans(y1, y0, "output")
+    assert torch.equal(y1.isinf(), y0.isinf())
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval_grad", "train"])
+def test_in_place_leaky_relu_with_a_negative_slope_raises_as_eagerly(train, seed):
+    """Eager's in-place leaky_relu backward raises for a negative slope; the fused op
+    recomputed the activation and did not (review, stop 38): such an activation is a
+    near-miss (conv and BN are still fused), and the backward raises as eagerly."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(-0.1, inplace=True))
+    model.train(train)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="negative slope"):
+        model(x).sum().backward()
+    out = torch.compile(copy.deepcopy(model), backend=rewrite_only())(x)
+    assert any("negative slope" in n.reason for n in _report_near_misses(ACT)), _report_near_misses(ACT)
+    with pytest.raises(RuntimeError, match="negative slope"):
+        out.sum().backward()

@@ -65,7 +65,8 @@ ONEDNN_POST_OPS = {
 
 #: post-ops whose oneDNN kernels give a number for a NaN input (relu 0, hardtanh and
 #: hardsigmoid a bound), where eager's activation keeps the NaN: oneDNN's conv runs with
-#: no post-op and the activation follows as its own op (eager's NaN kept)
+#: no post-op and the activation follows as its own op (eager's NaN kept). leaky_relu with
+#: a slope of 0 is oneDNN's relu too (``_onednn_conv_then_act``; review, stop 38)
 ONEDNN_POST_OP_DROPS_NAN = frozenset({"relu", "hardtanh", "hardsigmoid"})
 
 
@@ -363,7 +364,7 @@ def bn_act_eval(
 def _onednn_conv_then_act(x, w, b, padding, stride, dilation, groups, act, act_min, act_max) -> Tensor:
     """oneDNN's conv with ``act`` as post-op, or (``ONEDNN_POST_OP_DROPS_NAN``) with none
     and the activation after it."""
-    post = "none" if act in ONEDNN_POST_OP_DROPS_NAN else act
+    post = "none" if act in ONEDNN_POST_OP_DROPS_NAN or (act == "leaky_relu" and act_min == 0.0) else act
     y = onednn_conv_act(x, w, b, list(padding), list(stride), list(dilation), groups, post, act_min, act_max)
     return y if post == act else _eval_activation(y, act, act_min, act_max)
 
@@ -480,7 +481,12 @@ def batch_norm_train_stats(
     unbiased (Bessel-corrected) batch variance, as ``F.batch_norm`` updates them.
     """
     cd = compute_dtype(x.dtype)
-    var, mean = torch.var_mean(x.to(cd), _reduce_dims(x), correction=0)
+    xc = x.to(cd)
+    var, _ = torch.var_mean(xc, _reduce_dims(x), correction=0)
+    # the mean as a sum over the count, as eager's batch norm forms it: var_mean's running
+    # update reads -inf - (-inf) = NaN where an input holds -inf (eager: a -inf mean, and
+    # so a -inf running mean; review, stop 38)
+    mean = xc.mean(_reduce_dims(x))
     invstd = torch.rsqrt(var + eps)
     n = _values_per_channel(x)
     new_mean = (1 - momentum) * running_mean.to(cd) + momentum * mean

@@ -399,6 +399,13 @@ def _candidate(conv: fx.Node, bn: fx.Node, ctx) -> Candidate:
             found = _activation(user, bn)
             if found is not None and ctx.eager_reason(user):
                 raise NearMiss("eager", f"{user.name}: {ctx.eager_reason(user)}")
+            if (found is not None and found.name == "leaky_relu" and found.lo < 0 and _value(user).requires_grad
+                    and graph.classify(user)[0] == "write"):
+                # eager's in-place leaky_relu backward raises for a negative slope (it
+                # reads its result, which a negative slope makes ambiguous); the fused op
+                # recomputes it and would not (review, stop 38)
+                raise NearMiss("activation", f"{_name(user)} in place with a negative slope ({found.lo}) where a "
+                               "gradient is needed: eager's backward raises there; left as written")
         except NearMiss as miss:
             ctx.near_miss(PATTERN_ACT, user, miss.reason)
             found = None
@@ -476,6 +483,12 @@ def _fold_into(c: Candidate) -> tuple[str, str]:
     """Where BN goes, and why: into the weights (a pass over the weights per call) unless
     they outweigh the conv's output (then one FMA on the output, fused with the
     activation). Symbolic shapes fold into the weights."""
+    eps = c.bn_args["eps"]
+    if isinstance(eps, (int, float)) and eps == 0:
+        # scale = 1 / sqrt(running_var) is inf where a channel's variance is 0: w * inf puts
+        # inf of both signs (and 0 * inf) into the kernel, whose sums read inf - inf (a
+        # NaN channel; eager's y * inf + shift keeps its ±inf and NaN pattern; review, stop 38)
+        return "output", "eps = 0: an infinite scale (a channel of variance 0) stays after the conv, as eager applies it"
     if _value(c.conv).dtype == torch.float16:
         # w * scale and (b - mean) * scale rounded to fp16 can overflow its range (65504) or
         # lose the mean's cancellation where eager subtracts it first, in fp32
