@@ -27,6 +27,7 @@ from ger_inductor.demo import RepVGGStage
 from ger_inductor.measure import saved_for_backward
 
 from .cases import register
+from .compiling import compile_apart
 from .harness import Case, Variant
 
 
@@ -92,12 +93,14 @@ def _compile(model: nn.Module, backend: str | None, freezing: bool, example: Cal
     """``model`` compiled (and run once, so that freezing applies at compile time)."""
     if backend is None:
         return model
+    # (compile_apart: graphs of its own - a freezing variant built after the plain one
+    # ran the plain one's graph, stop-38 review)
     if backend == "ger_prior":  # the rewrites always: no whole-graph measurement
-        compiled = torch.compile(model, backend="ger", options={"autotune": False})
+        compiled = compile_apart(model, "ger", tag=backend, options={"autotune": False})
     elif backend == "ger_reparam":  # summed branches merged into one conv (opt-in since stop 35)
-        compiled = torch.compile(model, backend="ger", options={"reparameterize": True})
+        compiled = compile_apart(model, "ger", tag=backend, options={"reparameterize": True})
     else:
-        compiled = torch.compile(model, backend=backend)
+        compiled = compile_apart(model, backend, tag=backend + ("_freezing" if freezing else ""))
     if freezing:
         # freezing is read from the global config by some of Inductor's passes (the
         # ``options`` dict does not reach them): set it for the compiling call only

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ger_inductor import ger_distill_loss, ger_linear_distill_loss, ger_linear_token_stats, ger_token_stats
 
 from .cases import register
+from .compiling import compile_apart
 from .harness import Case, Variant
 
 B, T, V = 8, 256, 32000
@@ -59,7 +60,7 @@ def _setup(dtype: torch.dtype = torch.float32, with_labels: bool = False):
 
 def _step(loss_fn: Callable, backend: str | None) -> Callable[[dict], Callable[[], Any]]:
     def build(inp):
-        f = loss_fn if backend is None else torch.compile(loss_fn, backend=backend)
+        f = loss_fn if backend is None else compile_apart(loss_fn, backend)
         zs, zt, y = inp["zs"], inp["zt"], inp.get("y")
 
         def step():
@@ -165,7 +166,7 @@ def _head_setup(two: bool):
 
 def _head_step(fn: Callable, backend: str | None) -> Callable[[dict], Callable[[], Any]]:
     def build(inp):
-        f = fn if backend is None else torch.compile(fn, backend=backend)
+        f = fn if backend is None else compile_apart(fn, backend)
         h, W = inp["h"], inp["W"]
 
         def step():

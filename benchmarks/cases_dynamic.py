@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from ger_inductor import _compat
 from ger_inductor.demo import TinyLM
 
+from .compiling import compile_apart
 from .cases import _check_close, _loss_setup, hand_written_confidence_penalty, register
 from .harness import Case, Variant
 
@@ -32,10 +32,10 @@ LOSS_ONLY = {"passes": ["conv_bn_act", "loss_entropy"]}
 
 
 def _compile(fn: Callable, backend: str, warmups: list[tuple], options: dict | None = None) -> Callable:
-    """``fn`` compiled by ``backend``, first called on ``warmups`` (other sizes: the
-    second compiles Dynamo's dynamic graph)."""
-    _compat.dynamo_reset()
-    compiled = torch.compile(fn, backend=backend, options=options)
+    """``fn`` compiled by ``backend`` with graphs of its own (``compile_apart``: the static
+    variant never runs the dynamic one's graph), first called on ``warmups`` (other
+    sizes: the second compiles Dynamo's dynamic graph)."""
+    compiled = compile_apart(fn, backend, tag=f"{backend}_{'dyn' if warmups else 'static'}", options=options)
     for args in warmups:
         out = compiled(*args)
         if out.requires_grad:

@@ -9,13 +9,15 @@ peak extra memory of one call:
 
 * CPU: growth of the process's peak resident set (VmHWM, reset through
   /proc/self/clear_refs) over the resident set before the call. Meaningful with the
-  default glibc allocator, which returns large blocks to the OS; under the warm
-  allocator freed blocks stay resident, so memory is reported from default-allocator
-  runs only.
+  default glibc allocator, which returns large blocks to the OS - run with its mmap
+  threshold fixed at the initial 128 KiB (``EXACT_ENV``), so that what ran before in the
+  process does not decide which blocks stay resident; under the warm allocator freed
+  blocks stay resident, so memory is reported from default-allocator runs only.
 * CUDA: torch.cuda.max_memory_allocated() over memory_allocated() before the call.
 
-Allocators (CPU): ``--alloc default|warm|both``. ``warm`` re-runs the process with
-MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set high, as jemalloc/tcmalloc give
+Allocators (CPU): ``--alloc default|warm|both``; the process re-runs itself with
+exactly the named allocator's settings when it did not start with them. ``warm`` sets
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ high, as jemalloc/tcmalloc give
 CPU deployments (and the caching allocator gives GPUs): a fresh 250 MiB tensor then
 costs no page faults. Kernels are judged warm; both are reported.
 """
@@ -37,6 +39,12 @@ import torch._dynamo
 from ger_inductor.measure import peak_extra_bytes, time_step  # one definition, shared with the demo
 
 WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
+#: the default allocator with glibc's mmap threshold fixed at its initial 128 KiB: glibc
+#: raises it each time a large block is freed (up to 32 MiB), after which blocks of that
+#: size stay on the heap, so a peak (and the page faults a call pays) depended on what ran
+#: before it in the process (the same graph read 12 MiB, then 0 MiB measured next; stop-38
+#: review). Fixed, every block above 128 KiB is a fresh mapping, in every variant alike.
+EXACT_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 @dataclasses.dataclass
@@ -193,11 +201,7 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
     if device.type == "cpu" and args.alloc == "both":
         results: list[dict[str, Any]] = []
         for alloc in ("default", "warm"):
-            env = dict(os.environ)
-            env.update(WARM_ENV if alloc == "warm" else {})
-            if alloc == "default":
-                for k in WARM_ENV:
-                    env.pop(k, None)
+            env = _alloc_env(alloc)
             tmp = f"/tmp/ger_bench_{os.getpid()}_{alloc}.json"
             cmd = [sys.executable, "-m", "benchmarks", *names, "--device", args.device, "--alloc", alloc,
                    "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--rounds", str(args.rounds),
@@ -219,8 +223,9 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
         return 0
 
     alloc = args.alloc
-    if device.type == "cpu" and alloc == "warm" and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], {**os.environ, **WARM_ENV})
+    if device.type == "cpu" and not _runs_with(alloc):
+        # (glibc reads these at start: the process runs again with exactly the allocator named)
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], _alloc_env(alloc))
     all_results: list[Result] = []
     for name in names:
         case = cases[name]
@@ -235,6 +240,21 @@ def main(cases: dict[str, Case], argv: list[str] | None = None) -> int:
     print(format_table(all_results))
     _write(args.json, all_results, device)
     return 0
+
+
+def _alloc_env(alloc: str) -> dict[str, str]:
+    """This process's environment with exactly the allocator ``alloc`` names: WARM_ENV
+    for ``warm``, EXACT_ENV for ``default`` (an inherited setting of either replaced,
+    never mixed in)."""
+    out = {k: v for k, v in os.environ.items() if k not in WARM_ENV}
+    out.update(WARM_ENV if alloc == "warm" else EXACT_ENV)
+    return out
+
+
+def _runs_with(alloc: str) -> bool:
+    """Whether this process started with exactly that allocator's settings."""
+    want = WARM_ENV if alloc == "warm" else EXACT_ENV
+    return {k: os.environ[k] for k in WARM_ENV if k in os.environ} == want
 
 
 def _write(path: str | None, results: list[Result], device: torch.device) -> None:

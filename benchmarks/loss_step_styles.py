@@ -67,7 +67,9 @@ def main() -> None:
     for r in range(R):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
-            z.grad = None
+            # bwd_acc: every timed call accumulates into an existing .grad (a None before
+            # the block made its first call allocate instead; stop-38 review)
+            z.grad = torch.zeros_like(z) if k.endswith("[bwd_acc]") else None
             for _ in range(3):
                 t0 = time.perf_counter(); steps[k](); times[k].append((time.perf_counter() - t0) * 1e3)
     F_ = statistics.median(times["floor"])

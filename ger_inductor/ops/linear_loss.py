@@ -138,8 +138,8 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     # low-precision inputs: grad_W accumulates in the compute dtype; each chunk's product
     # is formed in the input dtype (the fast matmul) a block of classes at a time
     vb = max(1, GRAD_W_BLOCK_BYTES // max(1, H * h.element_size()))
-    gw_tmp = torch.empty(min(vb, V), H, dtype=_w_product_dtype(h.dtype, cd, dev), device=dev) \
-        if need_w and h.dtype != cd else None
+    w_dtype = _w_product_dtype(h.dtype, cd, dev, _compat.ceil_div(N, c))
+    gw_tmp = torch.empty(min(vb, V), H, dtype=w_dtype, device=dev) if need_w and h.dtype != cd else None
     wt = weight.t()
     # ``temperature`` != 1: the statistics are of (h @ W.T + b) / temperature, divided in
     # the compute dtype, or in the input dtype before the upcast (``low_div``: bf16/fp16
@@ -291,20 +291,22 @@ def _kernel(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, b
     return nll, reg, lse, ent, aux, gh, gw, gb, lo
 
 
-def _w_product_dtype(dtype: torch.dtype, cd: torch.dtype, dev: torch.device) -> torch.dtype:
-    """The dtype of a chunk's grad_W product of ``dtype`` inputs. On CPUs the compute
-    dtype: eager forms grad_W in one product over all rows, rounded once to bf16/fp16;
-    a product per chunk rounded to bf16 and then summed rounds twice (1 ulp off eager's
-    on a third of the entries, stop-38 review), so each chunk's product is formed from
-    the upcast inputs (exact products, fp32 sums) and the sum is rounded once. On GPUs
-    the input dtype (the tensor-core matmul; an fp32 one would cost several times more):
-    a documented deviation of one ulp (docs/patterns.md)."""
-    return cd if dev.type == "cpu" else dtype
+def _w_product_dtype(dtype: torch.dtype, cd: torch.dtype, dev: torch.device, chunks: int) -> torch.dtype:
+    """The dtype of a chunk's grad_W product of ``dtype`` inputs, over ``chunks`` chunks.
+    Eager forms grad_W in one product over all rows, rounded once to bf16/fp16. One chunk:
+    the same product (the input dtype, the fast matmul). Several, on CPUs: a product per
+    chunk rounded to bf16 and then summed rounds twice (1 ulp off eager's on a third of
+    the entries, stop-38 review), so each chunk's product is formed from the upcast
+    inputs (exact products, fp32 sums; ~1.3x the bf16 matmul's time on an AVX-512-bf16
+    CPU) and the sum is rounded once. On GPUs the input dtype (an fp32 matmul costs
+    several times the tensor cores' one): a documented deviation of one ulp
+    (docs/patterns.md)."""
+    return cd if dev.type == "cpu" and chunks > 1 else dtype
 
 
-def _w_product(a_t: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
+def _w_product(a_t: Tensor, b: Tensor, cd: torch.dtype, chunks: int) -> Tensor:
     """``a_t @ b`` (a chunk's grad_W product) in the compute dtype (``_w_product_dtype``)."""
-    if _w_product_dtype(b.dtype, cd, b.device) == cd:
+    if _w_product_dtype(b.dtype, cd, b.device, chunks) == cd:
         return a_t.to(cd) @ b.to(cd)
     return (a_t @ b).to(cd)
 
@@ -365,6 +367,7 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
             z = z / temperature
         m = z.amax(1, keepdim=True)
         zs = z - m
+        zs0 = zs
         ex = zs.exp()
         if extras or alpha != 1.0:
             # -inf (a masked class) read as 0 where it meets its zero probability, as in
@@ -374,7 +377,9 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
         ssum = ex.sum(1, keepdim=True)
         logs = ssum.log()
         L = (m + logs).squeeze(1)
-        p = ex / ssum
+        # exp(log_softmax), as eager's softmax in its backward, and recomputed where read:
+        # ex / ssum made Inductor write ex, an fp32 chunk-sized buffer, for its two readers
+        p = (zs0 - logs).exp()
         nll = torch.where(vc, L - z.gather(1, tc.unsqueeze(1)).squeeze(1), zero)
         ezs = (p * zs).sum(1) if (extras or alpha == 0.0) else None
         H_ = None if ezs is None else logs.squeeze(1) - ezs
@@ -424,7 +429,7 @@ def unrolled(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
             if gw is not None and hc.dtype == cd:  # one extern addmm: no separate pass adding the (V, H) product
                 gw = torch.addmm(gw, dzl.t(), hc)
             else:
-                part = _w_product(dzl.t(), hc, cd)
+                part = _w_product(dzl.t(), hc, cd, _compat.ceil_div(N, c))
                 gw = part if gw is None else gw + part
         if need_b:
             part_b = dz.sum(0)
