@@ -1119,10 +1119,12 @@ class _LowHead(nn.Module):
         return F.cross_entropy(F.linear(h, self.W).float(), y)
 
 
-@pytest.mark.parametrize("dtype, scale", [(torch.bfloat16, 1.0), (torch.float16, 65536.0)], ids=["bf16", "fp16-scaled"])
-def test_low_precision_head_gradients_round_as_eager(dtype, scale):
+@pytest.mark.parametrize("dtype, scale, chunk", [(torch.bfloat16, 1.0, 32), (torch.bfloat16, 1.0, 4096),
+                                                (torch.float16, 65536.0, 32)], ids=["bf16", "bf16-one-chunk", "fp16-scaled"])
+def test_low_precision_head_gradients_round_as_eager(dtype, scale, chunk):
     """bf16: each chunk's grad_W product was rounded to bf16 and the sum rounded again (1
-    ulp off eager on a third of the entries); now one rounding, as eager's one product.
+    ulp off eager on a third of the entries); now one rounding, as eager's one product
+    (several chunks: products of the upcast inputs; one chunk: eager's own product).
     fp16 under a loss scale (GradScaler's 65536): gradients formed in the forward at an
     upstream gradient of 1 underflowed to 0 (W.grad 1e-2 off eager); an fp16 head forms
     them in the backward, after the scale (stop-38 review)."""
@@ -1140,7 +1142,7 @@ def test_low_precision_head_gradients_round_as_eager(dtype, scale):
 
     eh, ew = step(m)
     torch._dynamo.reset()
-    gh, gw = step(torch.compile(m, backend="ger", options={"autotune": False, "lm_head_chunk": 32}))
+    gh, gw = step(torch.compile(m, backend="ger", options={"autotune": False, "lm_head_chunk": chunk}))
     (match,) = _lm_matches()[-1:]
     assert match.detail["gradients"] == ("recompute" if dtype == torch.float16 else "in_forward"), match.detail
     torch.testing.assert_close(gh, eh, rtol=0, atol=0) if dtype == torch.bfloat16 else \

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import FileCheck
 
 import ger_inductor
@@ -311,3 +312,53 @@ class GraphModule(torch.nn.Module):
         add: "f32[]" = mul + mul_1;  mul = mul_1 = None
         return (add,)
 """)
+
+
+def _fairseq_unreduced(z, y, eps=0.1):
+    """fairseq's criterion as it calls label_smoothed_nll_loss: the (B, T, V) log-probs
+    viewed as rows, ignore_index=None, reduce=False, then a weighted sum per token."""
+    lprobs = F.log_softmax(z, dim=-1)
+    lprobs, target = lprobs.view(-1, lprobs.size(-1)), y.view(-1)
+    target = target.unsqueeze(-1)
+    nll_loss = -lprobs.gather(dim=-1, index=target)
+    smooth_loss = -lprobs.sum(dim=-1, keepdim=True)
+    eps_i = eps / (lprobs.size(-1) - 1)
+    loss = (1.0 - eps - eps_i) * nll_loss + eps_i * smooth_loss
+    return (loss.squeeze(-1) * torch.linspace(0.5, 2.0, loss.shape[0])).sum()
+
+
+def _single_step_weighted(z, y):
+    """T = 1: (B, 1, V) log-probs viewed as (B, V); the per-row nll weighted by (B, 1)."""
+    nll = -F.log_softmax(z, -1).view(-1, z.shape[-1]).gather(-1, y.view(-1, 1))
+    return (nll * torch.linspace(0.5, 2.0, z.shape[0]).view(-1, 1)).sum()
+
+
+def _split_rows(z, y):
+    """(N, V) log-probs split into (B, T, V), a mean per position, weighted per (B, T)."""
+    lp = F.log_softmax(z.view(-1, z.shape[-1]), -1).view(z.shape[0], z.shape[1], -1)
+    return (lp.mean(-1) * torch.arange(float(z.shape[0] * z.shape[1])).view(z.shape[0], z.shape[1])).sum()
+
+
+@pytest.mark.parametrize("fn, shape", [
+    (_fairseq_unreduced, (4, 6, 50)),
+    (_single_step_weighted, (5, 1, 50)),
+    (_split_rows, (4, 6, 50)),
+], ids=["fairseq_unreduced", "single_step_weighted", "split_rows"])
+def test_a_view_of_the_log_probabilities_that_changes_rows_is_a_near_miss(fn, shape):
+    """A view after log_softmax that changes the rows (fairseq's ``lprobs.view(-1, V)`` of
+    (B, T, V) log-probs) was dropped by the rewrite: the statistic kept the rows before it
+    - a (B, T) result where eager's is (B * T,), a (B, 1, 1) one broadcast into (B, B, 1):
+    a wrong loss and gradient (review, stop 38). Now a near-miss that says to view the
+    logits before the softmax; eager's numbers."""
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(shape, generator=g) * 2).requires_grad_()
+    y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    ref = fn(z, y)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    _compat.dynamo_reset()
+    out = torch.compile(fn, backend="ger", options={"strict": True, "compiler": "aot_eager"})(z, y)
+    (g_out,) = torch.autograd.grad(out, z)
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+    rep = ger_inductor.last_report()
+    assert any("changes their rows" in n.reason for n in rep.near_misses), [n.reason for n in rep.near_misses]

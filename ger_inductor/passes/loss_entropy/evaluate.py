@@ -65,6 +65,20 @@ def _static_classes(root: Root) -> int:
 
 
 #: the near-miss of a constant the user computes from a symbolic size (1 / V, log V)
+#: a view after log_softmax / softmax that changes the rows (fairseq's ``lprobs.view(-1, V)``)
+ROW_VIEW_REASON = ("a view of the log-probabilities that changes their rows (e.g. lprobs.view(-1, V)): the "
+                   "statistics keep the rows of the logits; view the logits before the softmax instead")
+
+
+def changes_rows(n: fx.Node) -> bool:
+    """A view (classes kept last) whose rows differ from its input's: the single-root
+    statistics, shaped by the logits' rows, would keep the rows before it (a (B, T)
+    result where eager's is (B * T,), a (B, 1, 1) one broadcast into (B, B, 1): a wrong
+    loss; review, stop 38)."""
+    if not _is(n, _VIEWS) or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    a, b = _shape(n), _shape(n.args[0])
+    return a is None or b is None or not shapes.known_equal(tuple(a), tuple(b))
 SYMBOLIC_SCALAR_REASON = (
     "a constant computed from a symbolic size (e.g. 1 / logits.size(-1) with dynamic shapes) is a graph value, "
     "not a number the rewrite can check: mark the class dimension static "
@@ -281,6 +295,8 @@ class Evaluator:
             if isinstance(v, Vocab) and _shape(n) and _shape(n.args[0]) and shapes.known_equal(_shape(n)[-1], _shape(n.args[0])[-1]):
                 if t in _CASTS and not self._is_upcast(n):
                     raise NotRepresentable("a cast to lower precision")
+                # (a view that changes the rows is refused by the single-root rewrite's plan,
+                # ``changes_rows``; the two-distribution rewrite shapes its terms by it)
                 return v
             if isinstance(v, Row) and t in _CASTS and self._is_upcast(n):
                 return v

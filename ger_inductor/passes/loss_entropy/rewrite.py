@@ -22,7 +22,7 @@ from ..graph import (
 )
 from . import pairs
 from .algebra import TWO_DISTRIBUTIONS_HINT, NotRepresentable, Root, VPoly, Vocab
-from .evaluate import KL, MEAN, NLL, SUB, SUM, Evaluator
+from .evaluate import KL, MEAN, NLL, ROW_VIEW_REASON, SUB, SUM, Evaluator, changes_rows
 from .classify import Candidate, _softmax_roots, classify
 
 
@@ -317,6 +317,9 @@ def _plan(ev: Evaluator, root: Root, group: list[Candidate], ctx) -> Plan | None
     vocab = set()
     for c in group:
         vocab |= _vocab_closure(ev, c.operands)
+    viewed = next((v for v in vocab if changes_rows(v)), None)
+    if viewed is not None:
+        return refuse(f"{ROW_VIEW_REASON} ({viewed.name})")
     for v in vocab:
         for u in v.users:
             if u not in inside and u not in vocab and not _is(u, _SHAPE_ONLY):
