@@ -94,7 +94,9 @@ def test_subnormal_probability_beside_the_base_stays_finite(alpha, based):
     ref = ger_loss_reference(zr, y, **{**kw, "base": None if base is None else base.double()})
     (gref,) = torch.autograd.grad(ref, zr)
     assert torch.isfinite(ref) and torch.isfinite(gref).all()
-    for fn in (ger_loss, torch.compile(ger_loss, backend="inductor", dynamic=False)):
+    # the lowering once per branch (alpha > 1/2 and its mirror; 1 - 1e-6 takes 0.9's)
+    fns = (ger_loss,) if alpha == 1 - 1e-6 else (ger_loss, torch.compile(ger_loss, backend="inductor", dynamic=False))
+    for fn in fns:
         zz = z.clone().requires_grad_()
         out = fn(zz, y, **kw)
         (g,) = torch.autograd.grad(out, zz)
